@@ -1,0 +1,126 @@
+"""Samplers: plain functions with one signature.
+
+    sample_x(denoise, x, timesteps, diffusion, *, randn=None, eta=..., callback=None) -> x_start
+
+`denoise(x_t, t) -> (pred_x_start, pred_eps)` (see `gaussian.make_denoiser`; guidance and clamping
+live there), `x` is the starting noise at `timesteps[0]`, `timesteps` a descending list of the
+original training timesteps (respacing is only the choice of this list), `randn()` draws fresh noise
+shaped like x (from per-image generators, so an image does not depend on its batch), and
+`callback(i, total)` reports progress.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from unclip_cli.diffusion.gaussian import Denoiser, GaussianDiffusion
+
+Callback = Callable[[int, int], None] | None
+
+
+def _next(timesteps: list[int], i: int) -> int:
+    return timesteps[i + 1] if i + 1 < len(timesteps) else -1  # -1: the clean image
+
+
+@torch.no_grad()
+def sample_ddpm(denoise: Denoiser, x, timesteps, diffusion: GaussianDiffusion, *, randn=None, eta=1.0, callback: Callback = None):
+    """Ancestral sampling from the DDPM posterior q(x_s | x_t, x_start) (Ho et al. 2020), on respaced steps."""
+    for i, t in enumerate(timesteps):
+        s = _next(timesteps, i)
+        x_start, _ = denoise(x, t)
+        a_t, a_s = diffusion.abar(t, x), diffusion.abar(s, x)
+        if s < 0:
+            x = x_start
+        else:
+            beta = 1 - a_t / a_s
+            mean = (a_s.sqrt() * beta / (1 - a_t)) * x_start + ((1 - beta).sqrt() * (1 - a_s) / (1 - a_t)) * x
+            var = beta * (1 - a_s) / (1 - a_t)
+            x = mean + var.sqrt() * randn()
+        if callback:
+            callback(i + 1, len(timesteps))
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(denoise: Denoiser, x, timesteps, diffusion: GaussianDiffusion, *, randn=None, eta=0.0, callback: Callback = None):
+    """DDIM (Song et al. 2021, eq. 12): deterministic at eta = 0, DDPM-like at eta = 1."""
+    for i, t in enumerate(timesteps):
+        s = _next(timesteps, i)
+        x_start, eps = denoise(x, t)
+        a_t, a_s = diffusion.abar(t, x), diffusion.abar(s, x)
+        sigma = eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).sqrt()
+        x = a_s.sqrt() * x_start + (1 - a_s - sigma**2).clamp(min=0).sqrt() * eps
+        if eta > 0 and s >= 0:
+            x = x + sigma * randn()
+        if callback:
+            callback(i + 1, len(timesteps))
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoise: Denoiser, x, timesteps, diffusion: GaussianDiffusion, *, randn=None, eta=0.0, callback: Callback = None):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): second-order multistep in log-SNR, data prediction."""
+
+    def lam(a):  # log(alpha / sigma)
+        return 0.5 * (torch.log(a) - torch.log1p(-a))
+
+    prev_x_start, h_prev = None, None
+    for i, t in enumerate(timesteps):
+        s = _next(timesteps, i)
+        x_start, _ = denoise(x, t)
+        if s < 0:
+            x = x_start
+        else:
+            a_t, a_s = diffusion.abar(t, x), diffusion.abar(s, x)
+            h = lam(a_s) - lam(a_t)
+            d = x_start
+            if prev_x_start is not None:
+                r = h_prev / h
+                d = (1 + 1 / (2 * r)) * x_start - (1 / (2 * r)) * prev_x_start
+            x = ((1 - a_s) / (1 - a_t)).sqrt() * x - a_s.sqrt() * torch.expm1(-h) * d
+            prev_x_start, h_prev = x_start, h
+        if callback:
+            callback(i + 1, len(timesteps))
+    return x
+
+
+SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
+
+
+@torch.no_grad()
+def ddim_invert(denoise: Denoiser, x_start, timesteps, diffusion: GaussianDiffusion, *, callback: Callback = None):
+    """DDIM inversion (Dhariwal & Nichol 2021, App. F): run deterministic DDIM backwards, image -> x_T.
+
+    `timesteps` is the same descending list the sampler will use; sampling the result with
+    `sample_ddim(eta=0)` on that list reconstructs the image up to the model's error (unCLIP §3)."""
+    ts = list(reversed(timesteps))
+    x = x_start
+    for i in range(len(ts) - 1):
+        t, t_next = ts[i], ts[i + 1]
+        pred_x_start, eps = denoise(x, t)
+        a_next = diffusion.abar(t_next, x)
+        x = a_next.sqrt() * pred_x_start + (1 - a_next).sqrt() * eps
+        if callback:
+            callback(i + 1, len(ts) - 1)
+    return x
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, theta: float) -> torch.Tensor:
+    """Spherical interpolation along the last dimension (Shoemake 1985), as unCLIP §3 does for z_i and x_T.
+
+    Unit-norm inputs give unit-norm outputs; other inputs are interpolated on the great circle
+    through their directions, with their norms interpolated linearly."""
+    na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
+    ua, ub = a / na, b / nb
+    cos = (ua * ub).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0)
+    omega = torch.acos(cos)
+    so = torch.sin(omega)
+    # Nearly parallel vectors: fall back to the linear path, which is then the same curve.
+    safe = so.abs() > 1e-6
+    wa = torch.where(safe, torch.sin((1 - theta) * omega) / so.where(safe, torch.ones_like(so)), torch.full_like(so, 1 - theta))
+    wb = torch.where(safe, torch.sin(theta * omega) / so.where(safe, torch.ones_like(so)), torch.full_like(so, theta))
+    direction = wa * ua + wb * ub
+    return direction / direction.norm(dim=-1, keepdim=True).clamp(min=1e-12) * ((1 - theta) * na + theta * nb)

@@ -1,0 +1,43 @@
+"""Noise schedules, in float64 (Nichol & Dhariwal 2021 §3.2 for the cosine one)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    """alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) * pi/2); betas clipped at 0.999 to avoid a singularity at t = T."""
+
+    def alpha_bar(u):
+        return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+    return np.array(
+        [min(1 - alpha_bar((i + 1) / timesteps) / alpha_bar(i / timesteps), max_beta) for i in range(timesteps)],
+        dtype=np.float64,
+    )
+
+
+def linear_betas(timesteps: int) -> np.ndarray:
+    """DDPM's linear schedule, rescaled so that any number of steps spans the same noise range."""
+    scale = 1000 / timesteps
+    return np.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=np.float64)
+
+
+SCHEDULES = {"cosine": cosine_betas, "linear": linear_betas}
+
+
+def make_betas(name: str, timesteps: int) -> np.ndarray:
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown noise schedule {name!r}; choose from {sorted(SCHEDULES)}")
+    return SCHEDULES[name](timesteps)
+
+
+def spaced_timesteps(timesteps: int, steps: int) -> list[int]:
+    """`steps` evenly strided timesteps from T-1 down to 0, descending (the sampling order)."""
+    if not 1 <= steps <= timesteps:
+        raise ValueError(f"steps must be between 1 and {timesteps}, got {steps}")
+    if steps == 1:
+        return [timesteps - 1]
+    return [int(round(x)) for x in np.linspace(timesteps - 1, 0, steps)]

@@ -1,0 +1,220 @@
+"""The decoder and upsampler UNets (unCLIP §2.1, App. C; ADM/GLIDE architecture).
+
+One network class serves both stages; they differ only in configuration:
+
+- decoder: conditioned on the CLIP image embedding z_i, which is "projected and added to the timestep
+  embedding" and "projected into four extra tokens of context" that, with the projected CLIP text
+  token states, the attention layers attend to (GLIDE style: context keys/values are concatenated to
+  the spatial ones). Inpainting is native (GLIDE §4.3): 4 extra input channels hold the known image
+  and the known-pixel mask; they are zero for plain generation.
+- upsampler: convolutions only ("we use only spatial convolutions in the model (i.e., no attention
+  layers)"), conditioned on the bilinearly upsampled low-resolution image as 3 extra input channels,
+  so it runs at any multiple of its training crop size.
+
+The network predicts whatever the diffusion parameterisation asks for; it knows nothing of noise
+schedules (those live in `unclip_cli.diffusion`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from unclip_cli.models.layers import TimestepMLP, attention, zero_module
+
+
+@dataclass
+class UNetConfig:
+    image_size: int = 32  # training resolution (the upsampler's is its crop size)
+    in_channels: int = 3
+    out_channels: int = 3
+    extra_channels: int = 0  # decoder: 4 (known image + mask); upsampler: 3 (low-res image)
+    model_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 3, 4)
+    num_res_blocks: int = 2
+    attention_ds: tuple[int, ...] = (4, 8)  # downsampling factors that get self-attention
+    head_channels: int = 32
+    dropout: float = 0.0
+    clip_dim: int = 0  # 0: no CLIP image embedding (upsampler)
+    num_clip_tokens: int = 4
+    text_width: int = 0  # 0: no text token states
+    context_dim: int = 256
+
+    def __post_init__(self):
+        self.channel_mult = tuple(self.channel_mult)
+        self.attention_ds = tuple(self.attention_ds)
+
+    @property
+    def has_context(self) -> bool:
+        return self.clip_dim > 0 or self.text_width > 0
+
+
+def norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, ch), ch)
+
+
+class ResBlock(nn.Module):
+    """ADM residual block with scale-shift norm: h = norm(h) * (1 + scale) + shift, from the embedding."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.in_layers = nn.Sequential(norm(in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_ch))
+        self.out_norm = norm(out_ch)
+        self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1)))
+        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, ctx=None) -> torch.Tensor:
+        h = self.in_layers(x)  # (B, C, H, W)
+        scale, shift = self.emb_layers(emb)[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
+        h = self.out_norm(h) * (1 + scale) + shift
+        return self.skip(x) + self.out_layers(h)
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over pixels, with context tokens' keys/values appended (GLIDE's text attention)."""
+
+    def __init__(self, ch: int, head_channels: int, context_dim: int | None):
+        super().__init__()
+        self.heads = max(1, ch // head_channels)
+        self.norm = norm(ch)
+        self.qkv = nn.Conv1d(ch, 3 * ch, 1)
+        self.context_kv = nn.Linear(context_dim, 2 * ch) if context_dim else None
+        self.proj = zero_module(nn.Conv1d(ch, ch, 1))
+
+    def forward(self, x: torch.Tensor, emb=None, ctx: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x).view(B, C, H * W)).transpose(1, 2).chunk(3, dim=-1)  # (B, HW, C) each
+        mask = None
+        if self.context_kv is not None and ctx is not None:
+            tokens, token_mask = ctx  # (B, S, context_dim), (B, S) True = attend
+            ck, cv = self.context_kv(tokens).chunk(2, dim=-1)  # (B, S, C) each
+            k, v = torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)  # (B, S + HW, C)
+            pixels = torch.ones(B, H * W, dtype=torch.bool, device=x.device)
+            mask = torch.cat([token_mask, pixels], dim=1)[:, None, :]  # (B, 1, S + HW)
+        h = attention(q, k, v, self.heads, mask)  # (B, HW, C)
+        return x + self.proj(h.transpose(1, 2)).view(B, C, H, W)
+
+
+class Down(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.op = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x, emb=None, ctx=None):
+        return self.op(x)
+
+
+class Up(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x, emb=None, ctx=None):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class Stage(nn.ModuleList):
+    """A sequence of blocks that all take (x, emb, ctx)."""
+
+    def forward(self, x, emb, ctx):
+        for layer in self:
+            x = layer(x, emb, ctx)
+        return x
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch0 = cfg.model_channels
+        emb_dim = 4 * ch0
+        self.time_embed = TimestepMLP(ch0, emb_dim)
+        ctx_dim = cfg.context_dim if cfg.has_context else None
+
+        if cfg.clip_dim:
+            self.clip_to_emb = nn.Linear(cfg.clip_dim, emb_dim)
+            self.clip_to_tokens = nn.Linear(cfg.clip_dim, cfg.num_clip_tokens * cfg.context_dim)
+            # Replaces z_i when it is dropped for classifier-free guidance (unCLIP §2.1: "a learned embedding").
+            self.null_clip = nn.Parameter(torch.randn(cfg.clip_dim) / math.sqrt(cfg.clip_dim))
+        if cfg.text_width:
+            self.text_proj = nn.Sequential(nn.Linear(cfg.text_width, cfg.context_dim), nn.LayerNorm(cfg.context_dim))
+
+        self.input_conv = nn.Conv2d(cfg.in_channels + cfg.extra_channels, ch0, 3, padding=1)
+
+        def attn_or_none(ch, ds):
+            return [AttentionBlock(ch, cfg.head_channels, ctx_dim)] if ds in cfg.attention_ds else []
+
+        self.down = nn.ModuleList()
+        skip_chs, ch, ds = [ch0], ch0, 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(Stage([ResBlock(ch, mult * ch0, emb_dim, cfg.dropout), *attn_or_none(mult * ch0, ds)]))
+                ch = mult * ch0
+                skip_chs.append(ch)
+            if level < len(cfg.channel_mult) - 1:
+                self.down.append(Stage([Down(ch)]))
+                skip_chs.append(ch)
+                ds *= 2
+        # The middle block attends whenever the model has attention at all (the upsampler has none).
+        mid_attn = [AttentionBlock(ch, cfg.head_channels, ctx_dim)] if cfg.attention_ds else []
+        self.middle = Stage([ResBlock(ch, ch, emb_dim, cfg.dropout), *mid_attn, ResBlock(ch, ch, emb_dim, cfg.dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                blocks = [ResBlock(ch + skip_chs.pop(), mult * ch0, emb_dim, cfg.dropout)]
+                ch = mult * ch0
+                blocks += attn_or_none(ch, ds)
+                if level > 0 and i == cfg.num_res_blocks:
+                    blocks.append(Up(ch))
+                    ds //= 2
+                self.up.append(Stage(blocks))
+        self.out = nn.Sequential(norm(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)))
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.cfg.channel_mult) - 1)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, 3, H, W) the noised image x_t
+        t: torch.Tensor,  # (B,) timesteps
+        extra: torch.Tensor | None = None,  # (B, extra_channels, H, W)
+        z_i: torch.Tensor | None = None,  # (B, clip_dim) unit-norm CLIP image embedding
+        z_keep: torch.Tensor | None = None,  # (B,) bool, False = use the learned null embedding
+        text_states: torch.Tensor | None = None,  # (B, L, text_width)
+        text_mask: torch.Tensor | None = None,  # (B, L) bool, True = a real token; all False = text dropped
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        B = x.shape[0]
+        if cfg.extra_channels:
+            if extra is None:
+                extra = x.new_zeros(B, cfg.extra_channels, *x.shape[2:])
+            x = torch.cat([x, extra], dim=1)
+        emb = self.time_embed(t)  # (B, 4*ch0)
+        ctx = None
+        if cfg.clip_dim:
+            if z_keep is not None:
+                z_i = torch.where(z_keep[:, None], z_i, self.null_clip.to(z_i.dtype)[None])
+            z = z_i * math.sqrt(cfg.clip_dim)  # unit-norm -> unit variance per dimension
+            emb = emb + self.clip_to_emb(z)
+            tokens = self.clip_to_tokens(z).view(B, cfg.num_clip_tokens, cfg.context_dim)  # (B, 4, ctx)
+            token_mask = torch.ones(B, cfg.num_clip_tokens, dtype=torch.bool, device=x.device)
+            if cfg.text_width and text_states is not None:
+                tokens = torch.cat([tokens, self.text_proj(text_states)], dim=1)  # (B, 4 + L, ctx)
+                token_mask = torch.cat([token_mask, text_mask], dim=1)
+            ctx = (tokens, token_mask)
+
+        h = self.input_conv(x)
+        skips = [h]
+        for stage in self.down:
+            h = stage(h, emb, ctx)
+            skips.append(h)
+        h = self.middle(h, emb, ctx)
+        for stage in self.up:
+            h = stage(torch.cat([h, skips.pop()], dim=1), emb, ctx)
+        return self.out(h)  # (B, out_channels, H, W)
