@@ -71,12 +71,14 @@ def save(
     path: str | Path, kind: str, model: nn.Module, config, diffusion: DiffusionConfig | None = None,
     extra: dict | None = None, dtype: torch.dtype | None = None,
 ) -> None:
+    """Write a model with its config. With `dtype` (e.g. fp16 for shipping), weight tensors are cast;
+    tensors under 1,024 values (norms, biases, the prior's statistics) stay fp32: they cost nothing."""
     from safetensors.torch import save_file
 
     tensors = {}
     for k, v in model.state_dict().items():
         v = v.detach().cpu()
-        if dtype is not None and v.is_floating_point():
+        if dtype is not None and v.is_floating_point() and v.numel() >= 1024:
             v = v.to(dtype)
         tensors[k] = v.contiguous()
     meta = {

@@ -1,0 +1,368 @@
+"""The four training objectives. Each task owns its model, reads its data from the memory-mapped image
+cache, and turns a list of sample indices into a loss; the loop in `loop.py` does everything else.
+
+- clip: open_clip's ClipLoss on (image, random caption) pairs.
+- prior (§2.2): MSE on the standardised clean image embedding; the caption dropped 10% of the time.
+- decoder (§2.1): MSE on eps; z_i replaced by the learned null 10% of the time, text dropped 50% of
+  the time, and random inpainting masks for a quarter of the batch (GLIDE §4.3).
+- upsampler (§2.1): MSE on eps, on random crops a quarter of the target side, conditioned on the
+  blurred (kernel 3, sigma 0.6) and bilinearly upsampled low-resolution image.
+
+CLIP embeddings for the prior and decoder come from one frozen CLIP and are computed once into
+`RUN/embeddings/` (z_i per image; z_t and token states per distinct caption), never per step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unclip_cli import checkpoint
+from unclip_cli.checkpoint import config_from_dict
+from unclip_cli.diffusion.gaussian import DiffusionConfig, GaussianDiffusion
+from unclip_cli.errors import UnclipError
+from unclip_cli.models.clip import Clip, ClipConfig
+from unclip_cli.models.prior import Prior, PriorConfig
+from unclip_cli.models.unet import UNet, UNetConfig
+
+STAGES = ("clip", "prior", "decoder", "upsampler")
+PRIOR_TEXT_DROP = 0.1
+DECODER_Z_DROP = 0.1
+DECODER_TEXT_DROP = 0.5
+INPAINT_FRACTION = 0.25
+
+
+# -- data ---------------------------------------------------------------------------------------------
+def open_cache(data: str, size: int, cache_root: Path):
+    """The decoded images of `data` (shards) at size x size, built once into `cache_root`."""
+    from unclip_cli.data.cache import build_image_cache
+    from unclip_cli.data.shards import expand_shards
+
+    shards = [p for p in expand_shards(data) if not Path(p).name.startswith("val-")]
+    if not shards:
+        raise UnclipError(f"no training shards found in {data}", hint="build a corpus with `unclip data emoji`")
+    return build_image_cache(shards, size, cache_root)
+
+
+def to_unit(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def blur(x: torch.Tensor, sigma: float = 0.6) -> torch.Tensor:
+    """3x3 Gaussian blur, the upsampler's low-res corruption (unCLIP App. C, after SR3 and CDM)."""
+    k = torch.exp(-torch.tensor([-1.0, 0.0, 1.0]) ** 2 / (2 * sigma**2))
+    k = (k[:, None] * k[None]) / (k.sum() ** 2)
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k.to(x)[None, None].repeat(x.shape[1], 1, 1, 1), groups=x.shape[1])
+
+
+def random_keep_masks(B: int, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Known-pixel masks (B, 1, s, s), 1 = known: one to three random rectangles erased per image."""
+    keep = torch.ones(B, 1, size, size)
+    for b in range(B):
+        for _ in range(int(torch.randint(1, 4, (1,), generator=gen))):
+            h, w = (int(v) for v in torch.randint(size // 4, size * 3 // 4 + 1, (2,), generator=gen))
+            y, x = int(torch.randint(0, size - h + 1, (1,), generator=gen)), int(torch.randint(0, size - w + 1, (1,), generator=gen))
+            keep[b, :, y : y + h, x : x + w] = 0
+    return keep
+
+
+# -- tasks --------------------------------------------------------------------------------------------
+class Task:
+    kind: str
+    model: torch.nn.Module
+    config: object
+    diffusion_cfg: DiffusionConfig | None = None
+    extra: dict
+    n: int  # training samples
+
+    def __init__(self, preset: dict, data: str, run: Path, device: torch.device):
+        self.preset, self.data, self.run, self.device = preset, data, Path(run), device
+        self.cache_root = self.run / "cache"
+        self.net = None  # the model as called in training (DDP-wrapped under torchrun)
+
+    def train_indices(self) -> np.ndarray:
+        return np.arange(self.n)
+
+    def loss(self, idx: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample_grid(self, ema_model, path: Path) -> None:
+        """Write a small grid of samples (image stages only)."""
+
+    def after_step(self) -> None:
+        """Stage-specific fix-ups after an optimiser step."""
+
+
+class ClipTask(Task):
+    kind = "clip"
+
+    def __init__(self, preset, data, run, device):
+        super().__init__(preset, data, run, device)
+        self.config = config_from_dict(ClipConfig, preset["clip"])
+        self.model = Clip(self.config).to(device)
+        self.cache = open_cache(data, self.config.image_size, self.cache_root)
+        self.n = len(self.cache)
+        # Every caption tokenised once; sample i draws one of its captions per step.
+        self.captions = [self.cache.captions(i) for i in range(self.n)]
+        self.kept_tokens = self.model.fit_vocab([c for cs in self.captions for c in cs])
+        unique = sorted({c for cs in self.captions for c in cs})
+        row = {c: r for r, c in enumerate(unique)}
+        self.tokens, _ = self.model.tokenize(unique)
+        self.caption_rows = [[row[c] for c in cs] for cs in self.captions]
+        self.extra = {"vocab_tokens": self.kept_tokens}
+        from open_clip.loss import ClipLoss
+
+        self.loss_fn = ClipLoss()
+
+    def configure_distributed(self, rank: int, world_size: int) -> None:
+        from open_clip.loss import ClipLoss
+
+        self.loss_fn = ClipLoss(gather_with_grad=True, rank=rank, world_size=world_size)
+
+    def loss(self, idx, gen):
+        images = to_unit(self.cache.images[np.sort(idx)]).to(self.device)
+        rows = [self.caption_rows[i][int(torch.randint(len(self.caption_rows[i]), (1,), generator=gen))] for i in np.sort(idx)]
+        image_f, text_f, scale = self.net(images, self.tokens[rows].to(self.device))
+        return self.loss_fn(image_f, text_f, scale)
+
+    def after_step(self):
+        with torch.no_grad():  # as open_clip's trainer does: keep the temperature at most 100
+            self.model.model.logit_scale.clamp_(0, math.log(100))
+
+
+class Embeddings:
+    """z_i per image and (z_t, token states) per distinct caption, from one frozen CLIP, computed once."""
+
+    def __init__(self, root: Path, clip: Clip, clip_uid: str, cache, device: torch.device):
+        root.mkdir(parents=True, exist_ok=True)
+        meta_path = root / "meta.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        if meta.get("clip_uid") != clip_uid or meta.get("n") != len(cache):
+            self._compute(root, clip, clip_uid, cache, device)
+            meta = json.loads(meta_path.read_text())
+        cfg = clip.cfg
+        self.z_i = torch.from_numpy(np.load(root / "z_i.npy"))  # (N, D)
+        self.z_t = torch.from_numpy(np.load(root / "z_t.npy"))  # (U, D)
+        self.lengths = torch.from_numpy(np.load(root / "lengths.npy"))  # (U,) tokens up to EOT inclusive
+        self.states = np.memmap(root / "states.f16", dtype=np.float16, mode="r", shape=(len(self.z_t), cfg.context_length, cfg.text_width))
+        self.caption_rows = meta["caption_rows"]
+
+    @staticmethod
+    @torch.no_grad()
+    def _compute(root, clip, clip_uid, cache, device):
+        from unclip_cli.checkpoint import atomic_write
+
+        clip = clip.to(device).eval()
+        n = len(cache)
+        z_i = torch.cat([clip.encode_image(to_unit(cache.images[s : s + 256]).to(device)).cpu() for s in range(0, n, 256)])
+        captions = [cache.captions(i) for i in range(n)]
+        unique = sorted({c for cs in captions for c in cs})
+        row = {c: r for r, c in enumerate(unique)}
+        cfg = clip.cfg
+        states = np.lib.format.open_memmap(root / "states.tmp.npy", mode="w+", dtype=np.float16, shape=(len(unique), cfg.context_length, cfg.text_width))
+        z_t, lengths = [], []
+        for s in range(0, len(unique), 512):
+            tokens, _ = clip.tokenize(unique[s : s + 512])
+            zt, st, mask = clip.encode_text(tokens.to(device))
+            z_t.append(zt.cpu())
+            lengths.append(mask.sum(1).cpu())
+            states[s : s + 512] = (st * mask[..., None]).cpu().numpy().astype(np.float16)
+        states.flush()
+        # Raw array for np.memmap: drop the .npy header by rewriting (cheap next to the encoding above).
+        arr = np.load(root / "states.tmp.npy", mmap_mode="r")
+        atomic_write(root / "states.f16", lambda tmp: arr.tofile(tmp))
+        (root / "states.tmp.npy").unlink()
+        np.save(root / "z_i.npy", z_i.numpy())
+        np.save(root / "z_t.npy", torch.cat(z_t).numpy())
+        np.save(root / "lengths.npy", torch.cat(lengths).numpy())
+        meta = {"clip_uid": clip_uid, "n": n, "captions": len(unique), "caption_rows": [[row[c] for c in cs] for cs in captions]}
+        atomic_write(root / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))
+
+    def text(self, rows: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        st = torch.from_numpy(self.states[np.asarray(rows)].astype(np.float32))  # (B, L, W)
+        L = st.shape[1]
+        mask = torch.arange(L)[None] < self.lengths[rows][:, None]
+        return self.z_t[rows].to(device), st.to(device), mask.to(device)
+
+
+def frozen_clip(run: Path, device) -> tuple[Clip, str, dict]:
+    """The CLIP the prior and decoder train against: a frozen copy of the run's CLIP EMA, made once, so
+    that both stages (and the exported set) agree even while CLIP training goes on."""
+    path = run / "frozen_clip.safetensors"
+    if not path.is_file():
+        from unclip_cli.train.common import load_ema_weights
+
+        state = run / "clip" / "state.safetensors"
+        if not state.is_file():
+            raise UnclipError(f"no CLIP in {run}", hint=f"train it first: unclip train clip --run {run} ...")
+        meta = json.loads((run / "clip" / "run.json").read_text())
+        clip = Clip(config_from_dict(ClipConfig, meta["config"]))
+        smeta = load_ema_weights(state, clip)
+        uid = f"{meta['uid']}-step{smeta['step']}"
+        checkpoint.save(path, "clip", clip, clip.cfg, None, {"uid": uid, "trained_steps": smeta["step"], "images_seen": smeta.get("images_seen")})
+    ck = checkpoint.load(path, "clip", device=device)
+    ck.model.requires_grad_(False)
+    return ck.model, ck.extra["uid"], ck.extra
+
+
+class PriorTask(Task):
+    kind = "prior"
+
+    def __init__(self, preset, data, run, device):
+        super().__init__(preset, data, run, device)
+        self.config = config_from_dict(PriorConfig, preset["prior"]["model"])
+        self.diffusion_cfg = config_from_dict(DiffusionConfig, preset["prior"]["diffusion"])
+        self.diffusion = GaussianDiffusion(self.diffusion_cfg)
+        clip, clip_uid, _ = frozen_clip(self.run, device)
+        cache = open_cache(data, clip.cfg.image_size, self.cache_root)
+        self.emb = Embeddings(self.run / "embeddings", clip, clip_uid, cache, device)
+        self.n = len(self.emb.z_i)
+        self.model = Prior(self.config).to(device)
+        with torch.no_grad():  # standardisation statistics of the training embeddings (karlo's clip_mean/std)
+            self.model.emb_mean.copy_(self.emb.z_i.mean(0))
+            self.model.emb_std.copy_(self.emb.z_i.std(0).clamp(min=1e-4))
+        self.extra = {"clip_uid": clip_uid}
+
+    def loss(self, idx, gen):
+        B = len(idx)
+        rows = [self.emb.caption_rows[i][int(torch.randint(len(self.emb.caption_rows[i]), (1,), generator=gen))] for i in idx]
+        z_t, states, mask = self.emb.text(rows, self.device)
+        x_start = self.model.standardize(self.emb.z_i[idx].to(self.device))
+        t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=gen).to(self.device)
+        noise = torch.randn(x_start.shape, generator=gen).to(self.device)
+        keep = (torch.rand(B, generator=gen) >= PRIOR_TEXT_DROP).to(self.device)
+        losses = self.diffusion.training_losses(lambda x, tt: self.net(x, tt, z_t, states, mask, keep), x_start, t, noise)
+        return losses.mean()
+
+
+class DecoderTask(Task):
+    kind = "decoder"
+
+    def __init__(self, preset, data, run, device):
+        super().__init__(preset, data, run, device)
+        self.config = config_from_dict(UNetConfig, preset["decoder"]["model"])
+        self.diffusion_cfg = config_from_dict(DiffusionConfig, preset["decoder"]["diffusion"])
+        self.diffusion = GaussianDiffusion(self.diffusion_cfg)
+        clip, clip_uid, _ = frozen_clip(self.run, device)
+        self.emb = Embeddings(self.run / "embeddings", clip, clip_uid, open_cache(data, clip.cfg.image_size, self.cache_root), device)
+        self.cache = open_cache(data, self.config.image_size, self.cache_root)
+        self.n = len(self.cache)
+        self.model = UNet(self.config).to(device)
+        self.extra = {"clip_uid": clip_uid}
+
+    def loss(self, idx, gen):
+        B, s = len(idx), self.config.image_size
+        idx = np.sort(idx)
+        x_start = to_unit(self.cache.images[idx]).to(self.device)
+        z_i = self.emb.z_i[idx].to(self.device)
+        rows = [self.emb.caption_rows[i][int(torch.randint(len(self.emb.caption_rows[i]), (1,), generator=gen))] for i in idx]
+        _, states, mask = self.emb.text(rows, self.device)
+        z_keep = (torch.rand(B, generator=gen) >= DECODER_Z_DROP).to(self.device)
+        mask = mask & (torch.rand(B, generator=gen) >= DECODER_TEXT_DROP).to(self.device)[:, None]
+        extra = None
+        if self.config.extra_channels:
+            keep = random_keep_masks(B, s, gen).to(self.device)
+            inpaint = (torch.rand(B, generator=gen) < INPAINT_FRACTION).to(self.device)[:, None, None, None].float()
+            extra = torch.cat([x_start * keep, keep], dim=1) * inpaint  # zero for plain generation
+        t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=gen).to(self.device)
+        noise = torch.randn(x_start.shape, generator=gen).to(self.device)
+        fn = lambda x, tt: self.net(x, tt, extra=extra, z_i=z_i, z_keep=z_keep, text_states=states, text_mask=mask)  # noqa: E731
+        return self.diffusion.training_losses(fn, x_start, t, noise).mean()
+
+    @torch.no_grad()
+    def sample_grid(self, ema_model, path):
+        """Top row: real images; bottom row: decoded from their z_i (20 DDIM steps, guidance 3)."""
+        from unclip_cli.diffusion.guidance import guided
+        from unclip_cli.diffusion.gaussian import make_denoiser
+        from unclip_cli.diffusion.samplers import sample_ddim
+        from unclip_cli.diffusion.schedule import spaced_timesteps
+
+        idx = np.linspace(0, self.n - 1, 8).astype(int)
+        z = self.emb.z_i[idx].to(self.device)
+        L = self.emb.states.shape[1]
+        states = torch.zeros(8, L, self.emb.states.shape[2], device=self.device)
+        no_text = torch.zeros(8, L, dtype=torch.bool, device=self.device)
+
+        def model_fn(x, t, keep):
+            r = x.shape[0] // 8
+            return ema_model(x, t, z_i=z.repeat(r, 1), z_keep=keep, text_states=states.repeat(r, 1, 1), text_mask=no_text.repeat(r, 1))
+
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(8, 3, self.config.image_size, self.config.image_size, generator=gen).to(self.device)
+        denoise = make_denoiser(self.diffusion, guided(model_fn, 3.0), clip_x_start=1.0)
+        x = sample_ddim(denoise, x, spaced_timesteps(self.diffusion.num_timesteps, 20), self.diffusion)
+        save_grid(torch.cat([to_unit(self.cache.images[idx]), x.cpu()]), path, cols=8)
+
+
+class UpsamplerTask(Task):
+    kind = "upsampler"
+
+    def __init__(self, preset, data, run, device):
+        super().__init__(preset, data, run, device)
+        self.config = config_from_dict(UNetConfig, preset["upsampler"]["model"])
+        self.diffusion_cfg = config_from_dict(DiffusionConfig, preset["upsampler"]["diffusion"])
+        self.diffusion = GaussianDiffusion(self.diffusion_cfg)
+        self.scale = preset["upsampler"]["scale"]
+        self.low_res = preset["decoder"]["model"]["image_size"]
+        self.size = self.low_res * self.scale
+        self.cache = open_cache(data, self.size, self.cache_root)
+        self.n = len(self.cache)
+        self.model = UNet(self.config).to(device)
+        self.extra = {"scale": self.scale, "low_res": self.low_res}
+
+    def low_res_condition(self, hi: torch.Tensor) -> torch.Tensor:
+        low = F.interpolate(hi, size=(self.low_res,) * 2, mode="bilinear", antialias=True, align_corners=False)
+        return F.interpolate(blur(low), size=hi.shape[-2:], mode="bilinear", align_corners=False).clamp(-1, 1)
+
+    def loss(self, idx, gen):
+        B, c = len(idx), self.config.image_size
+        hi = to_unit(self.cache.images[np.sort(idx)]).to(self.device)  # (B, 3, S, S)
+        cond = self.low_res_condition(hi)
+        # One random crop per image, a quarter of the target side (App. C); the network is convolutional.
+        ys = torch.randint(0, self.size - c + 1, (B,), generator=gen)
+        xs = torch.randint(0, self.size - c + 1, (B,), generator=gen)
+        x_start = torch.stack([hi[b, :, y : y + c, x : x + c] for b, (y, x) in enumerate(zip(ys.tolist(), xs.tolist()))])
+        extra = torch.stack([cond[b, :, y : y + c, x : x + c] for b, (y, x) in enumerate(zip(ys.tolist(), xs.tolist()))])
+        t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=gen).to(self.device)
+        noise = torch.randn(x_start.shape, generator=gen).to(self.device)
+        return self.diffusion.training_losses(lambda x, tt: self.net(x, tt, extra=extra), x_start, t, noise).mean()
+
+    @torch.no_grad()
+    def sample_grid(self, ema_model, path):
+        """Rows: real, its blurred low-res condition, the upsampled result (8 DDIM steps, full size)."""
+        from unclip_cli.diffusion.gaussian import make_denoiser
+        from unclip_cli.diffusion.samplers import sample_ddim
+        from unclip_cli.diffusion.schedule import spaced_timesteps
+
+        idx = np.linspace(0, self.n - 1, 4).astype(int)
+        hi = to_unit(self.cache.images[idx]).to(self.device)
+        cond = self.low_res_condition(hi)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(hi.shape, generator=gen).to(self.device)
+        denoise = make_denoiser(self.diffusion, lambda x_t, t: ema_model(x_t, t, extra=cond), clip_x_start=1.0)
+        x = sample_ddim(denoise, x, spaced_timesteps(self.diffusion.num_timesteps, 8), self.diffusion)
+        save_grid(torch.cat([hi, cond, x]).cpu(), path, cols=4)
+
+
+TASKS = {"clip": ClipTask, "prior": PriorTask, "decoder": DecoderTask, "upsampler": UpsamplerTask}
+
+
+def save_grid(x: torch.Tensor, path: Path, cols: int) -> None:
+    from PIL import Image
+
+    from unclip_cli.checkpoint import atomic_write
+
+    B, _, H, W = x.shape
+    rows = math.ceil(B / cols)
+    grid = torch.ones(3, rows * H, cols * W)
+    for i, img in enumerate(x):
+        r, c = divmod(i, cols)
+        grid[:, r * H : (r + 1) * H, c * W : (c + 1) * W] = img.clamp(-1, 1)
+    arr = ((grid + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    atomic_write(Path(path), lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
