@@ -35,18 +35,35 @@ def _register() -> None:
                 raise
 
 
+def _advice(e: BaseException) -> tuple[str, str] | None:
+    """Known failures of the model run that deserve advice rather than a traceback: (message, hint)."""
+    text = str(e)
+    low = text.lower()
+    if isinstance(e, MemoryError) or "out of memory" in low or "can't allocate memory" in low or type(e).__name__ == "OutOfMemoryError":
+        return (
+            "ran out of memory while running the model",
+            "lower --batch-size (e.g. --batch-size 1), ask for fewer images with -n, use --quality fast, or try --device cpu",
+        )
+    if isinstance(e, FloatingPointError):  # the engine itself reports NaN/inf outputs as an UnclipError
+        return (f"the model produced invalid numbers ({text})",
+                "try --device cpu (full precision) or a lower --guidance, and check the weights with `unclip info`")
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and map errors to exit codes."""
     from unclip_cli.errors import UnclipError
 
     _register()
+    debug = os.environ.get("UNCLIP_DEBUG") == "1"
     try:
-        app(args=argv, prog_name="unclip", standalone_mode=False)
+        # Non-standalone mode returns the exit code of `typer.Exit` (Ctrl-C arrives as 130) instead of
+        # exiting, and raises usage errors, so that all the mapping happens here.
+        rc = app(args=argv, prog_name="unclip", standalone_mode=False)
     except KeyboardInterrupt:
-        print("Interrupted.", file=sys.stderr)
-        sys.exit(130)
+        rc = 130
     except UnclipError as e:
-        if os.environ.get("UNCLIP_DEBUG") == "1":
+        if debug:
             raise
         print(f"Error: {e}", file=sys.stderr)
         if e.hint:
@@ -54,19 +71,26 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except SystemExit:
         raise
-    except Exception as e:  # click's usage errors and aborts come through here in non-standalone mode
-        import click
-
-        if isinstance(e, click.exceptions.Abort):
-            print("Interrupted.", file=sys.stderr)
-            sys.exit(130)
-        if isinstance(e, click.ClickException):
+    except Exception as e:
+        # Recent Typer vendors its own copy of click, so click's usage errors are recognised by their shape.
+        if isinstance(e, typer.Abort):
+            rc = 130
+        elif hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
             e.show()
+            sys.exit(getattr(e, "exit_code", 2))
+        elif isinstance(e, typer.Exit):
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if os.environ.get("UNCLIP_DEBUG") == "1":
-            raise
-        print(f"Error: {type(e).__name__}: {e}", file=sys.stderr)
-        print("Hint: this is a bug in unclip; rerun with UNCLIP_DEBUG=1 for the traceback and report it.", file=sys.stderr)
-        sys.exit(1)
+        else:
+            advice = _advice(e)
+            if debug:
+                raise
+            if advice is not None:
+                print(f"Error: {advice[0]}", file=sys.stderr)
+                print(f"Hint: {advice[1]}", file=sys.stderr)
+            else:
+                print(f"Error: {type(e).__name__}: {e}", file=sys.stderr)
+                print("Hint: this is a bug in unclip; rerun with UNCLIP_DEBUG=1 for the traceback and report it.", file=sys.stderr)
+            sys.exit(1)
+    if rc == 130:
+        print("Interrupted.", file=sys.stderr)
+    sys.exit(rc if isinstance(rc, int) else 0)

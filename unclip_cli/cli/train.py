@@ -19,7 +19,7 @@ train_app = typer.Typer(
 app.add_typer(train_app, name="train")
 
 Data = Annotated[str, typer.Option("--data", help="Shards: a folder, a glob, or a brace range like data/train-{000000..000009}.tar")]
-Run = Annotated[Path, typer.Option("--run", help="Run folder (keep it outside the repo), shared by all stages of one stack")]
+Run = Annotated[Path, typer.Option("--run", "--run-dir", help="Run folder (keep it outside the repo), shared by all stages of one stack; under torchrun spell it --run-dir (torchrun claims --run as an abbreviation of its --run-path)")]
 Preset = Annotated[str, typer.Option("--preset", help="tiny, emoji, base, or a .json file")]
 MaxMinutes = Annotated[Optional[float], typer.Option("--max-minutes", help="Stop (with a checkpoint) after this many minutes")]
 MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many optimiser steps in total")]

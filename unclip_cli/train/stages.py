@@ -46,12 +46,12 @@ def open_cache(data: str, size: int, cache_root: Path):
     shards = [p for p in expand_shards(data) if not Path(p).name.startswith("val-")]
     if not shards:
         raise UnclipError(f"no training shards found in {data}", hint="build a corpus with `unclip data emoji`")
-    return build_image_cache(shards, size, cache_root)
+    return build_image_cache(shards, size, cache_root / f"cache-{size}")
 
 
 def to_unit(images: np.ndarray) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def blur(x: torch.Tensor, sigma: float = 0.6) -> torch.Tensor:

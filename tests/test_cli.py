@@ -1,0 +1,465 @@
+"""The `unclip` command on a tiny random model set: every command, every listed bad input, the file contract.
+
+Commands run in-process through `unclip_cli.cli.main` inside typer's CliRunner isolation, so exit
+codes, stdout and stderr are exactly what a shell sees. Sampling uses 2 steps per stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from unclip_cli import imageio
+from unclip_cli.cli import _register, app, main
+from unclip_cli.errors import InputError
+
+FAST = ["--prior-steps", "2", "--decoder-steps", "2", "--upsampler-steps", "2", "--device", "cpu"]
+runner = CliRunner()
+
+
+@dataclass
+class Res:
+    code: int
+    out: str
+    err: str
+
+
+def cli(*args: str, env: dict | None = None) -> Res:
+    """Run `unclip ARGS` as the console script does; return exit code, stdout and stderr."""
+    with runner.isolation(env=env) as (out, err, _):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        return Res(code, out.getvalue().decode(), err.getvalue().decode())
+
+
+def ok(*args: str, **kw) -> Res:
+    r = cli(*args, **kw)
+    assert r.code == 0, r.err
+    return r
+
+
+def fails(*args: str, match: str, **kw) -> Res:
+    """The command fails with one `Error:` line (plus a hint), exit 1, and no traceback."""
+    r = cli(*args, **kw)
+    assert r.code == 1, (r.code, r.out, r.err)
+    errors = [line for line in r.err.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and match in errors[0], r.err
+    assert "Traceback" not in r.err
+    return r
+
+
+def files(d: Path) -> list[str]:
+    """All files under `d`, hidden temporary ones included."""
+    return sorted(p.name for p in d.rglob("*") if p.is_file()) if d.exists() else []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny model is far faster on one thread, above all on a machine busy with other jobs."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _no_env_weights(monkeypatch):
+    monkeypatch.delenv("UNCLIP_WEIGHTS", raising=False)
+    monkeypatch.delenv("UNCLIP_DEBUG", raising=False)
+
+
+@pytest.fixture
+def w(tiny_weights) -> list[str]:
+    return ["--weights", str(tiny_weights)]
+
+
+# -- input files made in the test ---------------------------------------------------------------------
+def _noise(w: int, h: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+@pytest.fixture(scope="module")
+def pics(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("pics")
+    p = {}
+    p["png"] = d / "photo.png"
+    _noise(40, 24).save(p["png"])
+    p["cmyk"] = d / "cmyk.jpg"
+    Image.new("CMYK", (30, 20), (0, 255, 255, 0)).save(p["cmyk"])  # pure red in CMYK
+    p["g16"] = d / "gray16.png"
+    Image.fromarray((np.linspace(0, 65535, 32 * 32).reshape(32, 32)).astype(np.uint16)).save(p["g16"])
+    p["pal"] = d / "palette.png"
+    pal = Image.new("P", (20, 20), 1)
+    pal.putpalette([0, 0, 0, 0, 128, 0] + [0] * 762)
+    pal.paste(0, (0, 0, 10, 20))  # left half: index 0, transparent
+    pal.save(p["pal"], transparency=0)
+    p["exif"] = d / "rotated.jpg"
+    im = Image.new("RGB", (40, 20), (255, 0, 0))
+    im.paste((0, 0, 255), (20, 0, 40, 20))  # red left, blue right as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90° clockwise
+    im.save(p["exif"], exif=exif)
+    p["trunc"] = d / "truncated.png"
+    buf = p["png"].with_name("big.png")
+    _noise(64, 64).save(buf)
+    data = buf.read_bytes()
+    p["trunc"].write_bytes(data[: len(data) // 2])
+    p["text"] = d / "notes.png"
+    p["text"].write_text("this is not an image\n")
+
+    def chunk(t: bytes, b: bytes) -> bytes:
+        return struct.pack(">I", len(b)) + t + b + struct.pack(">I", zlib.crc32(t + b) & 0xFFFFFFFF)
+
+    p["bomb"] = d / "bomb.png"  # a header claiming 100000×100000 pixels
+    p["bomb"].write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 1, 0, 0, 0, 0)) + chunk(b"IEND", b""))
+    # Masks for the 40×24 photo: white box = repaint.
+    m = Image.new("L", (40, 24), 0)
+    m.paste(255, (10, 4, 30, 20))
+    p["mask"] = d / "mask.png"
+    m.save(p["mask"])
+    p["mask_small"] = d / "mask_small.png"
+    m.resize((20, 12), Image.Resampling.NEAREST).save(p["mask_small"])
+    rgba = Image.new("RGBA", (40, 24), (0, 0, 0, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 10, 24))  # transparent left quarter = repaint (DALL-E convention)
+    p["mask_rgba"] = d / "mask_rgba.png"
+    rgba.save(p["mask_rgba"])
+    p["mask_empty"] = d / "mask_empty.png"
+    Image.new("L", (40, 24), 0).save(p["mask_empty"])
+    p["mask_full"] = d / "mask_full.png"
+    Image.new("L", (40, 24), 255).save(p["mask_full"])
+    return p
+
+
+# -- imageio, without a model -------------------------------------------------------------------------
+def test_load_image_odd_modes(pics):
+    im, _ = imageio.load_image(pics["cmyk"], fit=None)
+    assert im.mode == "RGB" and im.getpixel((5, 5)) == (255, 0, 0)
+    im, _ = imageio.load_image(pics["g16"], fit=None)
+    assert im.mode == "RGB" and im.getpixel((0, 0)) == (0, 0, 0) and im.getpixel((31, 31)) == (255, 255, 255)
+    im, _ = imageio.load_image(pics["pal"], fit=None)
+    assert im.getpixel((2, 2)) == (255, 255, 255) and im.getpixel((15, 2)) == (0, 128, 0)  # transparent -> white
+    im, _ = imageio.load_image(pics["exif"], fit=None)
+    assert im.size == (20, 40)  # upright, as viewers show it
+    assert im.getpixel((10, 2))[0] > 200 and im.getpixel((10, 37))[2] > 200  # red on top, blue below
+
+
+def test_fit_square_says_what_it_did(pics):
+    im, notes = imageio.load_image(pics["png"], fit="crop")
+    assert im.size == (24, 24) and "cropped 8 px on the left and 8 px on the right" in notes[0]
+    im, notes = imageio.load_image(pics["png"], fit="pad")
+    assert im.size == (40, 40) and im.getpixel((0, 0)) == (255, 255, 255) and "padded" in notes[0]
+
+
+@pytest.mark.parametrize(
+    "key, message", [("trunc", "truncated or corrupt"), ("text", "not an image"), ("bomb", "decompression bomb")]
+)
+def test_load_image_bad_files(pics, key, message):
+    with pytest.raises(InputError, match=message):
+        imageio.load_image(pics[key])
+
+
+def test_load_mask(pics):
+    mask, frac, notes = imageio.load_mask(pics["mask"], (40, 24))
+    assert mask.mode == "L" and set(np.unique(mask)) == {0, 255} and frac == pytest.approx(20 * 16 / (40 * 24))
+    _, frac_inv, _ = imageio.load_mask(pics["mask"], (40, 24), invert=True)
+    assert frac_inv == pytest.approx(1 - frac)
+    small, frac_small, notes = imageio.load_mask(pics["mask_small"], (40, 24))
+    assert small.size == (40, 24) and frac_small == pytest.approx(frac) and "resized" in notes[0]
+    rgba, frac_rgba, notes = imageio.load_mask(pics["mask_rgba"], (40, 24))
+    assert frac_rgba == pytest.approx(0.25) and np.asarray(rgba)[0, 0] == 255 and "transparent" in notes[0]
+    with pytest.raises(InputError, match="nothing to repaint"):
+        imageio.load_mask(pics["mask_empty"], (40, 24))
+    with pytest.raises(InputError, match="whole image"):
+        imageio.load_mask(pics["mask_full"], (40, 24))
+
+
+def test_slugify():
+    assert imageio.slugify("A red apple!") == "a-red-apple"
+    assert imageio.slugify("Crème brûlée") == "creme-brulee"
+    assert imageio.slugify("红色的 苹果") == "红色的-苹果"
+    assert imageio.slugify("🐱") == "cat-face"
+    assert imageio.slugify("?!") == "image"
+    long = imageio.slugify("a very long prompt about a great many things that goes on and on " * 3)
+    assert len(long) <= 40 and not long.endswith("-")
+
+
+def test_output_set_never_overwrites_and_cleans_up(tmp_path):
+    out = tmp_path / "o"
+    img = _noise(8, 8)
+    with imageio.OutputSet(out) as outs:
+        outs.add_png(img, "x-1", index=True)
+        outs.add_png(img, "x-1", index=True)
+    with imageio.OutputSet(out) as outs:
+        outs.add_png(img, "x-1", index=True)
+    assert files(out) == ["x-1-0.png", "x-1-1.png", "x-1-2.png"]
+    with pytest.raises(RuntimeError):
+        with imageio.OutputSet(tmp_path / "new" / "dir") as outs:
+            outs.add_png(img, "y", index=True)
+            raise RuntimeError("boom")
+    assert not (tmp_path / "new").exists()  # temp files and the folders made for the run are gone
+
+
+# -- the commands -------------------------------------------------------------------------------------
+def test_help_shows_examples():
+    _register()
+    for cmd in ("generate", "vary", "blend", "edit", "nudge", "info"):
+        r = runner.invoke(app, [cmd, "--help"])
+        assert r.exit_code == 0 and "Examples" in r.output and f"unclip {cmd}" in r.output, cmd
+
+
+def test_generate_writes_images_grid_and_recipe(w, tmp_path):
+    out = tmp_path / "out"
+    r = ok("generate", "a red apple", "-n", "2", "--seed", "7", "--out", out, *FAST, *w)
+    paths = r.out.split()
+    assert [Path(p).name for p in paths] == ["a-red-apple-7-0.png", "a-red-apple-7-1.png", "a-red-apple-7-grid.png"]
+    assert files(out) == sorted(Path(p).name for p in paths)  # nothing else, no temp files
+    assert "Seed: 7" in r.err
+    with Image.open(paths[1]) as im:
+        recipe = json.loads(im.text["unclip"])
+        params = im.text["parameters"]
+    assert recipe["op"] == "generate" and recipe["seed"] == 8 and recipe["prompt"] == "a red apple"
+    assert recipe["steps"] == {"prior": 2, "decoder": 2, "upsampler": 2}
+    assert params.splitlines()[0] == "a red apple" and "Seed: 8" in params and "Steps: 2" in params and "Model hash: " in params
+    grid = Image.open(paths[2])
+    assert grid.width > Image.open(paths[0]).width
+
+    # The stored recipe reruns to identical pixels; so does the same seed alone, at any batch size.
+    again = ok("generate", "--from", paths[1], "--out", out, "--device", "cpu", *w).out.split()
+    assert np.array_equal(np.asarray(Image.open(again[0])), np.asarray(Image.open(paths[1])))
+    alone = ok("generate", "a red apple", "--seed", "8", "--batch-size", "1", "--out", out, *FAST, *w).out.split()
+    assert np.array_equal(np.asarray(Image.open(alone[0])), np.asarray(Image.open(paths[1])))
+    info = ok("info", paths[1])
+    assert "made by `unclip generate`" in info.out and "a red apple" in info.out and "--from" in info.out
+
+
+def test_never_overwrite_unless_force(w, tmp_path):
+    out = tmp_path / "out"
+    first = ok("generate", "cat face", "--seed", "3", "--out", out, *FAST, *w).out.split()
+    before = Path(first[0]).read_bytes()
+    second = ok("generate", "cat face", "--seed", "3", "--out", out, *FAST, *w).out.split()
+    assert Path(first[0]).name == "cat-face-3-0.png" and Path(second[0]).name == "cat-face-3-1.png"
+    assert Path(first[0]).read_bytes() == before
+    forced = ok("generate", "cat face", "--seed", "3", "--out", out, "--force", "--no-metadata", *FAST, *w).out.split()
+    assert forced[0] == first[0]
+    with Image.open(forced[0]) as im:
+        assert not getattr(im, "text", {})  # --no-metadata
+    r = ok("info", forced[0])
+    assert "no stored recipe" in r.out
+
+
+def test_json_output_parses(w, tmp_path):
+    r = ok("generate", "猫", "-n", "2", "--seed", "5", "--json", "--out", tmp_path, *FAST, *w)
+    res = json.loads(r.out)
+    assert res["command"] == "generate" and res["seed"] == 5
+    assert [i["seed"] for i in res["images"]] == [5, 6]
+    assert Path(res["images"][0]["path"]).name == "猫-5-0.png" and Path(res["grid"]).exists()
+    assert set(res["files"]) == {i["path"] for i in res["images"]} | {res["grid"]}
+
+
+def test_long_prompt_is_truncated_with_a_warning(w, tmp_path):
+    r = ok("generate", " ".join(["apple"] * 200), "--out", tmp_path, *FAST, *w)
+    assert "Warning: prompt truncated" in r.err
+    assert len(Path(r.out.split()[0]).name) < 60
+
+
+@pytest.mark.parametrize("key", ["cmyk", "g16", "pal", "exif"])
+def test_vary_accepts_odd_modes(w, tmp_path, pics, key):
+    r = ok("vary", pics[key], "--seed", "1", "--out", tmp_path, *FAST, *w)
+    (path,) = r.out.split()
+    with Image.open(path) as im:
+        assert im.mode == "RGB"
+        recipe = json.loads(im.text["unclip"])
+    assert recipe["op"] == "vary" and recipe["input"] == pics[key].name
+
+
+def test_vary_fit_and_recipe_rerun(w, tmp_path, pics):
+    r = ok("vary", pics["png"], "-n", "2", "--strength", "0.3", "--fit", "pad", "--seed", "4", "--out", tmp_path, *FAST, *w)
+    assert "padded with white" in r.err
+    paths = r.out.split()
+    assert len(paths) == 3 and paths[-1].endswith("-grid.png")
+    again = ok("vary", pics["png"], "--from", paths[1], "--out", tmp_path, "--device", "cpu", *w).out.split()  # fit from the recipe
+    assert np.array_equal(np.asarray(Image.open(again[0])), np.asarray(Image.open(paths[1])))
+
+
+def test_blend_writes_frames_strip_and_animations(w, tmp_path, pics):
+    r = ok("blend", pics["png"], pics["exif"], "--steps", "3", "--seed", "2", "--json", "--out", tmp_path, *FAST, *w)
+    res = json.loads(r.out)
+    frames = [Image.open(i["path"]) for i in res["images"]]
+    assert len(frames) == 3 and [i["recipe"]["frame"] for i in res["images"]] == [0, 1, 2]
+    side = frames[0].width
+    assert Image.open(res["strip"]).size == (3 * side, side)
+    gif = Image.open(res["gif"])
+    assert gif.n_frames == 4  # A, mid, B, mid: loops without a jump
+    if res["webp"]:
+        assert Image.open(res["webp"]).n_frames == 4
+    assert len(res["files"]) == len(files(tmp_path))
+
+
+def test_edit_keeps_unmasked_pixels_at_input_size(w, tmp_path, pics):
+    r = ok("edit", pics["png"], "--mask", pics["mask_small"], "a hat", "-n", "2", "--seed", "9", "--out", tmp_path, *FAST, *w)
+    assert "Warning: mask mask_small.png is 20×12 but the image is 40×24: resized" in r.err
+    assert "Repainting 33% of photo.png" in r.err
+    src = np.asarray(Image.open(pics["png"]).convert("RGB"))
+    keep = np.asarray(Image.open(pics["mask"])) == 0
+    paths = r.out.split()
+    assert len(paths) == 3
+    for p in paths[:2]:
+        out = np.asarray(Image.open(p))
+        assert out.shape == src.shape
+        assert np.array_equal(out[keep], src[keep])
+
+
+def test_edit_rgba_mask_and_invert(w, tmp_path, pics):
+    r = ok("edit", pics["png"], "--mask", pics["mask_rgba"], "sky", "--out", tmp_path, *FAST, *w)
+    assert "transparent area" in r.err and "Repainting 25%" in r.err
+    out = np.asarray(Image.open(r.out.split()[0]))
+    src = np.asarray(Image.open(pics["png"]).convert("RGB"))
+    assert np.array_equal(out[:, 10:], src[:, 10:])  # the opaque part is kept
+    r = ok("edit", pics["png"], "--mask", pics["mask_rgba"], "--invert-mask", "sky", "--out", tmp_path, *FAST, *w)
+    assert "Repainting 75%" in r.err
+    out = np.asarray(Image.open(r.out.split()[0]))
+    assert np.array_equal(out[:, :10], src[:, :10])
+
+
+def test_nudge(w, tmp_path, pics):
+    r = ok("nudge", pics["png"], "--to", "a tiger", "--from", "noise", "--amount", "0.4", "-n", "2", "--json", "--out", tmp_path, *FAST, *w)
+    res = json.loads(r.out)
+    recipes = [i["recipe"] for i in res["images"]]
+    assert [rc["amount"] for rc in recipes] == pytest.approx([0.2, 0.4])
+    assert recipes[0]["to"] == "a tiger" and recipes[0]["from"] == "noise" and res["grid"]
+
+
+def test_info_model(w):
+    r = ok("info", *w)
+    assert "Hash:" in r.out and "decoder" in r.out and "parameters" in r.out
+    res = json.loads(ok("info", "--json", *w).out)
+    assert {"name", "model_hash", "stages"} <= set(res)
+
+
+# -- errors: one line, exit 1, nothing written -------------------------------------------------------
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["generate", ""], "the prompt is empty"),
+        (["generate", "   "], "the prompt is empty"),
+        (["generate"], "the prompt is missing"),
+        (["generate", "x", "-n", "0"], "-n must be between 1 and 64, not 0"),
+        (["generate", "x", "-n", "65"], "-n must be between 1 and 64"),
+        (["generate", "x", "--decoder-steps", "0"], "--decoder-steps must be between"),
+        (["generate", "x", "--guidance", "-1"], "--guidance must be between"),
+        (["vary", "{trunc}"], "truncated or corrupt"),
+        (["vary", "{text}"], "is not an image file"),
+        (["vary", "{bomb}"], "decompression bomb"),
+        (["vary", "{missing}"], "does not exist"),
+        (["vary", "{png}", "--strength", "2"], "--strength must be between 0 and 1"),
+        (["blend", "{png}", "{trunc}"], "truncated"),
+        (["blend", "{png}", "{png}", "--steps", "1"], "--steps must be between 2 and 64"),
+        (["edit", "{png}", "--mask", "{mask_empty}", "x"], "marks nothing to repaint"),
+        (["edit", "{png}", "--mask", "{mask_full}", "x"], "marks the whole image"),
+        (["edit", "{png}", "--mask", "{mask}", ""], "the prompt is empty"),
+        (["edit", "{png}", "x"], "edit needs a mask"),
+        (["nudge", "{png}"], "--to is missing"),
+        (["nudge", "{png}", "--to", "x", "--amount", "0"], "--amount must be more than 0"),
+        (["generate", "--from", "{png}"], "holds no unclip recipe"),
+        (["info", "{text}"], "is not an image file"),
+    ],
+)
+def test_bad_input(w, tmp_path, pics, args, match):
+    out = tmp_path / "out"
+    names = {**{k: str(v) for k, v in pics.items()}, "missing": str(tmp_path / "missing.png")}
+    args = [a.format(**names) for a in args]
+    if args[0] == "info":
+        r = fails(*args, match=match)
+    else:  # the options under test come last, so they win over the shared ones
+        r = fails(args[0], *FAST, *w, "--out", out, *args[1:], match=match)
+    assert r.out == "" and not out.exists()
+
+
+def test_unwritable_out(w, tmp_path, pics):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    fails("generate", "x", "--out", blocker / "sub", *FAST, *w, match="is a file, not a folder")
+    fails("generate", "x", "--out", blocker, *FAST, *w, match="is a file, not a folder")
+    if os.geteuid() != 0:  # root ignores permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        try:
+            fails("generate", "x", "--out", ro, *FAST, *w, match="cannot write to --out")
+            fails("generate", "x", "--out", ro / "sub", *FAST, *w, match="is not writable")
+        finally:
+            ro.chmod(0o700)
+
+
+def test_weights_errors(tiny_weights, tmp_path, monkeypatch):
+    fails("generate", "x", "--weights", tmp_path / "nope", match="does not exist")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in tiny_weights.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    data = (bad / "decoder.safetensors").read_bytes()
+    (bad / "decoder.safetensors").write_bytes(data[: len(data) // 3])
+    r = fails("generate", "x", "--out", tmp_path / "out", *FAST, match="decoder.safetensors", env={"UNCLIP_WEIGHTS": str(bad)})
+    assert not (tmp_path / "out").exists()
+    # Without --weights and with no shipped model, say so; never pretend.
+    import unclip_cli.cli.images as images
+
+    monkeypatch.setattr(images, "shipped_weights_candidates", lambda: [tmp_path / "weights" / "emoji"])
+    r = fails("generate", "x", match="no trained model is shipped")
+    assert "--weights DIR" in r.err
+
+
+def test_env_weights(tiny_weights, tmp_path):
+    r = ok("generate", "x", "--out", tmp_path, *FAST, env={"UNCLIP_WEIGHTS": str(tiny_weights)})
+    assert len(r.out.split()) == 1
+
+
+def test_ctrl_c_leaves_no_file(w, tmp_path, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(imageio, "save_gif", interrupted)  # after the frames and strip were staged
+    r = cli("blend", _png_file(tmp_path), _png_file(tmp_path, 1), "--steps", "2", "--out", tmp_path / "out", *FAST, *w)
+    assert r.code == 130 and "Interrupted" in r.err
+    assert files(tmp_path / "out") == []
+
+
+def test_out_of_memory_becomes_advice(w, tmp_path, monkeypatch):
+    from unclip_cli.engine import Engine
+
+    def oom(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Engine, "generate", oom)
+    r = fails("generate", "x", "--out", tmp_path / "out", *FAST, *w, match="ran out of memory")
+    assert "--batch-size" in r.err and not (tmp_path / "out").exists()
+
+
+def test_usage_errors_exit_2(w):
+    r = cli("generate", "x", "--no-such-option")
+    assert r.code == 2 and "No such option" in r.err
+    r = cli("generate", "x", "-n", "many")
+    assert r.code == 2
+
+
+def _png_file(d: Path, seed: int = 0) -> Path:
+    p = d / f"in{seed}.png"
+    _noise(16, 16, seed).save(p)
+    return p

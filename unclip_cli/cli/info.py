@@ -1,0 +1,105 @@
+"""`unclip info`: the recipe stored in a PNG, or the model set's facts and card."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from unclip_cli.cli import app
+from unclip_cli.cli.images import JsonOpt, WeightsOpt, rerun_command, resolve_weights
+
+INFO_EXAMPLES = """\
+[b]Examples[/b]
+
+  unclip info                               [dim]# the shipped model set and its card[/dim]
+  unclip info --weights runs/my-model --json
+  unclip info outputs/a-red-apple-42-0.png  [dim]# how an image was made[/dim]
+"""
+
+# Recipe fields in the order a person reads them; others follow alphabetically.
+RECIPE_ORDER = ["op", "prompt", "to", "from", "input", "inputs", "mask", "invert_mask", "mask_fraction", "seed",
+                "strength", "amount", "frames", "frame", "theta", "quality", "steps", "guidance", "prior_guidance",
+                "sampler", "size", "fit", "model", "model_hash", "version"]
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {val}" for k, val in v.items())
+    if isinstance(v, list):
+        return "×".join(map(str, v)) if all(isinstance(x, int) for x in v) and len(v) == 2 else ", ".join(map(str, v))
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def _show_png(path: Path, as_json: bool) -> None:
+    from unclip_cli.imageio import PARAMETERS_KEY, RECIPE_KEY, read_png_text, read_recipe
+
+    text = read_png_text(path)
+    recipe = read_recipe(path) if RECIPE_KEY in text else None
+    params = text.get(PARAMETERS_KEY)
+    if as_json:
+        sys.stdout.write(json.dumps({"file": str(path), "recipe": recipe, "parameters": params}, indent=2, ensure_ascii=False) + "\n")
+        return
+    if recipe is None:
+        if params:
+            print(f"{path} has no unclip recipe; its `parameters` text (from another tool) reads:")
+            print(params)
+        else:
+            print(f"{path} has no stored recipe (it was not written by unclip, or was written with --no-metadata).")
+        return
+    keys = [k for k in RECIPE_ORDER if k in recipe] + sorted(k for k in recipe if k not in RECIPE_ORDER)
+    width = max(len(k) for k in keys)
+    print(f"{path}: made by `unclip {recipe.get('op')}`")
+    for k in keys:
+        print(f"  {k:<{width}}  {_fmt(recipe[k])}")
+    print(f"Rerun: {rerun_command(path, recipe)}")
+
+
+def _show_model(weights: Optional[Path], as_json: bool) -> None:
+    from unclip_cli.engine import Engine
+
+    info = Engine.load(resolve_weights(weights), device="cpu").info()
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=2, ensure_ascii=False, default=str) + "\n")
+        return
+    print(f"Model:      {info['name']}")
+    print(f"Folder:     {info['path']}")
+    print(f"Hash:       {info['model_hash']}")
+    print(f"Image size: {info['image_size']}×{info['image_size']} (decoder at {info['base_size']}×{info['base_size']})")
+    print(f"Precision:  {info['dtype']} on {info['device']} (float16 on GPUs)")
+    total = sum(s["parameters"] for s in info["stages"].values())
+    print(f"Stages:     {total / 1e6:.2f} M parameters in all")
+    for name, s in info["stages"].items():
+        print(f"  {name:<11} {s['parameters'] / 1e6:7.2f} M  {s['file']}")
+    card = info.get("card")
+    print()
+    if not card:
+        print("This model set has no MODEL_CARD.md.")
+        return
+    from rich.console import Console
+
+    out = Console(highlight=False, soft_wrap=True)
+    if out.is_terminal:
+        from rich.markdown import Markdown
+
+        out.print(Markdown(card))
+    else:
+        print(card.rstrip())
+
+
+@app.command(epilog=INFO_EXAMPLES)
+def info(
+    file: Annotated[Optional[Path], typer.Argument(metavar="FILE.png", help="A PNG written by unclip.", show_default=False)] = None,
+    weights: WeightsOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Show how a PNG was made (its stored recipe), or, without a file, the model set and its card."""
+    if file is not None:
+        _show_png(file, json_)
+    else:
+        _show_model(weights, json_)

@@ -1,0 +1,505 @@
+"""Reading the user's images and masks, writing outputs (PNG with the recipe, grids, strips, GIF/WebP).
+
+Everything here is plain Pillow and file handling; no model code. Reading turns any common file into an
+RGB image (or an L mask) and every problem into an `InputError` naming the file. Writing is atomic and
+never overwrites: see `OutputSet`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import unicodedata
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from unclip_cli.errors import InputError
+
+RECIPE_KEY = "unclip"  # PNG text chunk holding our recipe as JSON
+PARAMETERS_KEY = "parameters"  # PNG text chunk in the form other image tools read
+WHITE = (255, 255, 255)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    """Open and fully decode one image file, or raise a one-line InputError naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} {path} does not exist", hint="check the path and the spelling")
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder, not an image file")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns above MAX_IMAGE_PIXELS and errors at twice that; we refuse both.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+            im.load()  # decode now, so a truncated file fails here and not halfway through the model
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(
+            f"{what} {path} is too large to open safely (possible decompression bomb)",
+            hint=f"use an image of at most {Image.MAX_IMAGE_PIXELS:,} pixels",
+        ) from None
+    except UnidentifiedImageError:
+        raise InputError(
+            f"{what} {path} is not an image file that can be read",
+            hint="use a PNG, JPEG, WebP, GIF, BMP or TIFF file",
+        ) from None
+    except PermissionError:
+        raise InputError(f"{what} {path} cannot be read (permission denied)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        # Pillow reports truncated and corrupt data as OSError ("image file is truncated"), SyntaxError
+        # (broken headers) or ValueError, depending on the format.
+        raise InputError(
+            f"{what} {path} is truncated or corrupt ({e})", hint="re-export or re-download the file"
+        ) from None
+    return im
+
+
+def _to_rgb(im: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is flattened onto `background`."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        if im.mode == "F" and a.max(initial=0) <= 1.0:
+            hi = 1.0
+        im = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" or im.mode == "PA":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "La", "RGBa"):
+        im = im.convert("RGBA")
+        flat = Image.new("RGBA", im.size, background + (255,))
+        flat.alpha_composite(im)
+        return flat.convert("RGB")
+    if im.mode != "RGB":
+        im = im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+    return im
+
+
+def _upright(im: Image.Image, path: Path, what: str) -> Image.Image:
+    """Apply the EXIF orientation tag, as viewers do."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # a broken EXIF block does not make the pixels unusable: keep them as stored
+        return im
+
+
+def fit_square(im: Image.Image, fit: str, name: str = "image") -> tuple[Image.Image, list[str]]:
+    """Make `im` square: "crop" keeps the centre, "pad" adds white bars. Returns notes saying what changed."""
+    w, h = im.size
+    if w == h:
+        return im, []
+    if fit == "crop":
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        out = im.crop((left, top, left + s, top + s))
+        if w > h:
+            cut = f"{left} px on the left and {w - s - left} px on the right"
+        else:
+            cut = f"{top} px at the top and {h - s - top} px at the bottom"
+        return out, [f"{name} is {w}×{h}: cropped {cut} to a {s}×{s} square (use --fit pad to keep it all)"]
+    if fit == "pad":
+        s = max(w, h)
+        out = Image.new("RGB", (s, s), WHITE)
+        out.paste(im, ((s - w) // 2, (s - h) // 2))
+        return out, [f"{name} is {w}×{h}: padded with white to a {s}×{s} square"]
+    raise InputError(f"unknown fit {fit!r}", hint="use --fit crop or --fit pad")
+
+
+def load_image(path: str | Path, fit: str | None = "crop") -> tuple[Image.Image, list[str]]:
+    """Read an image of any common format and mode as RGB, upright, optionally fitted to a square.
+
+    `fit`: "crop" (centre square), "pad" (white bars) or None (keep the shape). Returns (image, notes),
+    where the notes say in words what was done to the input (first frame taken, square fitting).
+    """
+    path = Path(path)
+    im = _open(path, "image")
+    notes: list[str] = []
+    frames = getattr(im, "n_frames", 1)
+    if frames > 1:
+        im.seek(0)
+        notes.append(f"{path.name} has {frames} frames: using the first")
+    im = _to_rgb(_upright(im, path, "image"))
+    if fit is not None:
+        im, fit_notes = fit_square(im, fit, path.name)
+        notes += fit_notes
+    return im, notes
+
+
+def load_mask(
+    path: str | Path, size: tuple[int, int], invert: bool = False
+) -> tuple[Image.Image, float, list[str]]:
+    """Read an edit mask: returns (mask "L" with 255 = repaint and 0 = keep, repainted fraction, notes).
+
+    White marks what to repaint. A mask with real transparency (some pixels see-through) marks the
+    transparent area instead, as the DALL-E edits API does. `invert` swaps the two. A mask of another
+    size is resized (nearest neighbour) with a note. An empty or full mask is an InputError.
+    """
+    path = Path(path)
+    im = _upright(_open(path, "mask"), path, "mask")
+    notes: list[str] = []
+    alpha = None
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
+        alpha = np.asarray(im.convert("RGBA").getchannel("A"))
+        if alpha.min() >= 128:  # fully opaque: the alpha channel carries no mask
+            alpha = None
+    if alpha is not None:
+        repaint = alpha < 128
+        how = "its transparent area"
+        notes.append(
+            f"mask {path.name} has transparency: repainting its transparent area, as the DALL-E edits API does"
+            + ("" if invert else " (use --invert-mask for the opposite)")
+        )
+    else:
+        gray = np.asarray(_to_rgb(im, background=(0, 0, 0)).convert("L"))
+        repaint = gray >= 128
+        how = "its white area"
+    if invert:
+        repaint = ~repaint
+        how = "everything but " + how
+    mask = Image.fromarray(repaint.astype(np.uint8) * 255, "L")
+    if mask.size != tuple(size):
+        notes.append(
+            f"mask {path.name} is {mask.size[0]}×{mask.size[1]} but the image is {size[0]}×{size[1]}: "
+            "resized the mask (nearest neighbour)"
+        )
+        mask = mask.resize(tuple(size), Image.Resampling.NEAREST)
+    m = np.asarray(mask) > 127
+    fraction = float(m.mean())
+    if not m.any():
+        raise InputError(
+            f"mask {path.name} marks nothing to repaint ({how} is empty)",
+            hint="paint the area to change white on black (or make it transparent)"
+            + (", or drop --invert-mask" if invert else ", or add --invert-mask if you painted what to keep"),
+        )
+    if m.all():
+        raise InputError(
+            f"mask {path.name} marks the whole image: nothing would be kept",
+            hint="leave some of the mask black (or opaque); for a whole new image use `unclip generate` or `unclip vary`"
+            + (", or drop --invert-mask" if invert else ""),
+        )
+    return mask, fraction, notes
+
+
+def read_png_text(path: str | Path) -> dict[str, str]:
+    """All text chunks of a PNG (empty for other formats)."""
+    im = _open(Path(path), "image")
+    text = getattr(im, "text", None)
+    return dict(text) if text else {}
+
+
+def read_recipe(path: str | Path) -> dict:
+    """The unclip recipe stored in a PNG, or an InputError saying it has none."""
+    path = Path(path)
+    raw = read_png_text(path).get(RECIPE_KEY)
+    if raw is None:
+        raise InputError(
+            f"{path} holds no unclip recipe",
+            hint="only PNGs written by unclip without --no-metadata carry one; see `unclip info FILE`",
+        )
+    try:
+        recipe = json.loads(raw)
+    except json.JSONDecodeError:
+        raise InputError(f"{path} has a damaged unclip recipe (not valid JSON)") from None
+    if not isinstance(recipe, dict) or "op" not in recipe:
+        raise InputError(f"{path} has a damaged unclip recipe (no 'op' field)")
+    return recipe
+
+
+# ----------------------------------------------------------------------------------------------------
+# Names
+
+
+def _word(ch: str) -> str:
+    """One character of a slug: ASCII letters and digits as is, accented Latin without the accent,
+    other letters and digits (Chinese, Cyrillic, ...) kept, symbols such as emoji by their Unicode name."""
+    if ch.isascii():
+        return ch.lower() if ch.isalnum() else " "
+    base = "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
+    if base.isascii() and base.isalnum():
+        return base.lower()
+    if ch.isalnum():
+        return ch.lower()
+    if unicodedata.category(ch) == "So":  # emoji and other pictographs: 🐱 -> cat face
+        return f" {unicodedata.name(ch, '').lower()} "
+    return " "
+
+
+def slugify(text: str, max_len: int = 40, fallback: str = "image") -> str:
+    """A short, safe file-name stem: lower-case words joined by '-', at most `max_len` characters."""
+    text = unicodedata.normalize("NFKC", text)
+    words = "".join(_word(c) for c in text).split()
+    slug = ""
+    for w in words:
+        cand = f"{slug}-{w}" if slug else w
+        if len(cand) > max_len:
+            if not slug:  # one very long word: cut it
+                slug = w[:max_len]
+            break
+        slug = cand
+    return slug or fallback
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing
+
+
+def parameters_text(recipe: dict) -> str:
+    """The recipe in the `parameters` form other image tools read: the prompt, then one line of fields."""
+    steps = recipe.get("steps") or {}
+    sampler = recipe.get("sampler")
+    fields = [
+        ("Steps", steps.get("decoder")),
+        ("Sampler", sampler.get("decoder") if isinstance(sampler, dict) else sampler),
+        ("CFG scale", recipe.get("guidance")),
+        ("Seed", recipe.get("seed")),
+        ("Size", "{0}x{1}".format(*recipe["size"]) if isinstance(recipe.get("size"), (list, tuple)) else recipe.get("size")),
+        ("Model hash", recipe.get("model_hash")),
+        ("Model", recipe.get("model")),
+        ("Prior steps", steps.get("prior")),
+        ("Prior CFG scale", recipe.get("prior_guidance")),
+        ("Upsampler steps", steps.get("upsampler")),
+        ("Operation", recipe.get("op")),
+        ("Version", f"unclip {recipe['version']}" if recipe.get("version") else None),
+    ]
+    line = ", ".join(f"{k}: {v}" for k, v in fields if v is not None and v != "")
+    prompt = recipe.get("prompt") or ""
+    if recipe.get("op") == "nudge":  # the closest thing to a prompt
+        prompt = recipe.get("to") or prompt
+    return f"{prompt}\n{line}"
+
+
+def _png_info(recipe: dict | None) -> PngImagePlugin.PngInfo | None:
+    if recipe is None:
+        return None
+    info = PngImagePlugin.PngInfo()
+    info.add_text(RECIPE_KEY, json.dumps(recipe, ensure_ascii=False, sort_keys=True))
+    info.add_text(PARAMETERS_KEY, parameters_text(recipe))  # becomes iTXt (UTF-8) when not Latin-1
+    return info
+
+
+def grid(images: Sequence[Image.Image], cols: int | None = None, gap: int = 2) -> Image.Image:
+    """A contact sheet: the images in rows of `cols` (default: about square), white gaps between."""
+    if not images:
+        raise ValueError("grid of no images")
+    n = len(images)
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    w = max(im.width for im in images)
+    h = max(im.height for im in images)
+    sheet = Image.new("RGB", (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), WHITE)
+    for k, im in enumerate(images):
+        r, c = divmod(k, cols)
+        sheet.paste(im.convert("RGB"), (c * (w + gap), r * (h + gap)))
+    return sheet
+
+
+def strip(images: Sequence[Image.Image], gap: int = 0) -> Image.Image:
+    """The images side by side, left to right."""
+    return grid(images, cols=len(images), gap=gap)
+
+
+def _loop_frames(frames: Sequence[Image.Image]) -> list[Image.Image]:
+    """A -> B -> A, so the animation loops without a jump."""
+    frames = [f.convert("RGB") for f in frames]
+    return frames + frames[-2:0:-1] if len(frames) > 2 else frames
+
+
+def save_gif(frames: Sequence[Image.Image], fp, fps: float = 6.0) -> None:
+    seq = _loop_frames(frames)
+    seq[0].save(fp, format="GIF", save_all=True, append_images=seq[1:], duration=round(1000 / fps), loop=0)
+
+
+def save_webp(frames: Sequence[Image.Image], fp, fps: float = 6.0) -> None:
+    seq = _loop_frames(frames)
+    seq[0].save(
+        fp, format="WEBP", save_all=True, append_images=seq[1:], duration=round(1000 / fps), loop=0, lossless=True
+    )
+
+
+def webp_supported() -> bool:
+    from PIL import features
+
+    return bool(features.check("webp"))
+
+
+def check_out_dir(out: str | Path) -> Path:
+    """Make sure `out` is (or can become) a writable folder, before any work is done. Creates nothing."""
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"--out {out} is a file, not a folder", hint="pass a folder with --out DIR")
+        try:
+            fd, probe = tempfile.mkstemp(dir=out, prefix=".unclip-probe-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise InputError(
+                f"cannot write to --out {out} ({e.strerror or e})", hint="pass a writable folder with --out DIR"
+            ) from None
+        return out
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(
+            f"cannot create --out {out}: {parent} is a file, not a folder", hint="pass another folder with --out DIR"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(
+            f"cannot create --out {out}: {parent} is not writable", hint="pass a writable folder with --out DIR"
+        )
+    return out
+
+
+class OutputSet:
+    """The files of one run, written all-or-nothing.
+
+    Each `add_*` writes to a hidden temporary file in the output folder; leaving the `with` block
+    normally moves them all to their final names, never replacing an existing file unless `force`.
+    On any exception (Ctrl-C included) the temporary files, anything already moved and any folder
+    created for the run are removed, so a failed run leaves nothing behind.
+
+        with OutputSet("outputs") as outs:
+            outs.add_png(image, "a-red-apple-42", index=True, recipe=recipe)
+        print(outs.paths)
+    """
+
+    def __init__(self, out_dir: str | Path, force: bool = False, metadata: bool = True):
+        self.out_dir = Path(out_dir)
+        self.force = force
+        self.metadata = metadata
+        self.paths: list[Path] = []  # final paths, in the order added, once committed
+        self._staged: list[tuple[Path, Path]] = []  # (temporary file, wanted final path)
+        self._reserved: set[Path] = set()
+        self._next_index: dict[str, int] = {}
+        self._made_dirs: list[Path] = []
+        umask = os.umask(0)
+        os.umask(umask)
+        self._mode = 0o666 & ~umask
+
+    # -- naming
+    def _taken(self, p: Path) -> bool:
+        return p in self._reserved or (not self.force and os.path.lexists(p))
+
+    def _name(self, stem: str, ext: str, index: bool) -> Path:
+        """`stem-<i>.ext` with the first free i (index=True), else `stem.ext`, `stem-2.ext`, ..."""
+        if index:
+            i = self._next_index.get(stem, 0)
+            while self._taken(self.out_dir / f"{stem}-{i}{ext}"):
+                i += 1
+            self._next_index[stem] = i + 1
+            p = self.out_dir / f"{stem}-{i}{ext}"
+        else:
+            p, k = self.out_dir / f"{stem}{ext}", 2
+            while self._taken(p):
+                p, k = self.out_dir / f"{stem}-{k}{ext}", k + 1
+        self._reserved.add(p)
+        return p
+
+    # -- staging
+    def _ensure_dir(self) -> None:
+        missing = []
+        d = self.out_dir
+        while not d.exists():
+            missing.append(d)
+            d = d.parent
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot create --out {self.out_dir} ({e.strerror or e})") from None
+        self._made_dirs += reversed(missing)
+
+    def _stage(self, stem: str, ext: str, index: bool, write: Callable) -> Path:
+        self._ensure_dir()
+        final = self._name(stem, ext, index)
+        fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=f".{final.name}.", suffix=".part")
+        self._staged.append((Path(tmp), final))
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, self._mode)  # mkstemp makes 0600 files; outputs get the usual permissions
+        return final
+
+    def add_png(self, image: Image.Image, stem: str, index: bool = False, recipe: dict | None = None) -> Path:
+        info = _png_info(recipe) if self.metadata else None
+        return self._stage(stem, ".png", index, lambda f: image.save(f, format="PNG", pnginfo=info))
+
+    def add_gif(self, frames: Sequence[Image.Image], stem: str, fps: float = 6.0) -> Path:
+        return self._stage(stem, ".gif", False, lambda f: save_gif(frames, f, fps))
+
+    def add_webp(self, frames: Sequence[Image.Image], stem: str, fps: float = 6.0) -> Path:
+        return self._stage(stem, ".webp", False, lambda f: save_webp(frames, f, fps))
+
+    # -- commit / abort
+    def _place(self, tmp: Path, final: Path) -> Path:
+        """Move `tmp` to `final` atomically; without force, never replace a file that appeared meanwhile."""
+        if self.force:
+            os.replace(tmp, final)
+            return final
+        while True:
+            try:
+                os.link(tmp, final)  # fails if `final` exists: an atomic no-clobber rename
+                os.unlink(tmp)
+                return final
+            except FileExistsError:
+                stem, ext = final.stem, final.suffix
+                final = self._name(stem, ext, index=False)
+            except OSError:  # a filesystem without hard links
+                if os.path.lexists(final):
+                    final = self._name(final.stem, final.suffix, index=False)
+                    continue
+                os.replace(tmp, final)
+                return final
+
+    def commit(self) -> list[Path]:
+        done: list[Path] = []
+        try:
+            for tmp, final in self._staged:
+                done.append(self._place(tmp, final))
+        except BaseException:
+            for p in done:
+                _unlink(p)
+            raise
+        self._staged = []
+        self.paths = done
+        return done
+
+    def abort(self) -> None:
+        for tmp, _ in self._staged:
+            _unlink(tmp)
+        self._staged = []
+        for d in reversed(self._made_dirs):
+            try:
+                d.rmdir()  # only if empty
+            except OSError:
+                break
+
+    def __enter__(self) -> "OutputSet":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+            return
+        try:
+            self.commit()
+        except BaseException:
+            self.abort()
+            raise
+
+
+def _unlink(p: Path) -> None:
+    try:
+        os.unlink(p)
+    except OSError:
+        pass
