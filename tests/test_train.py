@@ -155,7 +155,7 @@ def test_torchrun_two_processes_agree(trained_run, shards, tmp_path):
     shutil.copy(trained_run / "frozen_clip.safetensors", run / "frozen_clip.safetensors")
     shutil.copytree(trained_run / "embeddings", run / "embeddings")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "-m", "unclip_cli",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "unclip_cli",
            "train", "prior", "--preset", "tiny", "--data", str(shards), "--run-dir", str(run), "--max-steps", "4", "--device", "cpu", "--quiet"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -106,7 +106,10 @@ def read_metadata(path: str | Path) -> dict:
         raise WeightsError(f"{path}: not a readable safetensors file ({e})", hint="the file is truncated or corrupted; re-export or re-download it") from None
     if meta.get("format") != FORMAT:
         raise WeightsError(f"{path}: not an unclip checkpoint (no unclip metadata)")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+    missing = [k for k in ("format_version", "kind", "config") if k not in meta]
+    if missing or not str(meta["format_version"]).isdigit():
+        raise WeightsError(f"{path}: damaged unclip metadata ({'missing ' + ', '.join(missing) if missing else 'bad format_version'})")
+    if int(meta["format_version"]) > FORMAT_VERSION:
         raise WeightsError(f"{path}: checkpoint format {meta['format_version']} is newer than this unclip supports ({FORMAT_VERSION})", hint="upgrade unclip")
     return meta
 

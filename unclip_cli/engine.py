@@ -433,6 +433,9 @@ class Engine:
         # An empty "from" caption: the paper notes that "a photo" or no caption also works as the origin.
         z_to, _, _, warnings = self.encode_text([texts[0]])
         z_from = self.models.clip.model.encode_text(self.models.clip.model.tokenize([texts[1]])[0].to(self.device))[0].float()
+        if (z_to - z_from).norm() < 1e-6:
+            raise InputError("--to and --from have the same CLIP embedding, so there is no direction to move in",
+                             hint="use texts that differ in meaning")
         z_d = F.normalize(z_to - z_from, dim=-1)
         img = square(image.convert("RGB"))
         z_i = self.encode_image(img)

@@ -58,7 +58,10 @@ def _run_stage(stage: str, data, run, preset, max_minutes, max_steps, resume, ba
         summary = train(opts, on_progress)
     if summary["interrupted"]:
         console.print(f"{stage}: interrupted; state saved at step {summary['step']}. Resume with --resume.")
-    typer.echo(json.dumps(summary))
+    import os
+
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        typer.echo(json.dumps(summary))
     if summary["interrupted"]:
         sys.exit(130)
 

@@ -66,13 +66,15 @@ class BatchOrder:
         self.epoch, self.offset = epoch, offset
 
     def next(self) -> np.ndarray:
-        perm = np.random.default_rng(self.seed + self.epoch).permutation(self.indices)[self.rank :: self.world]
-        if self.offset + self.batch > len(perm):
-            self.epoch, self.offset = self.epoch + 1, 0
-            return self.next()
-        out = perm[self.offset : self.offset + self.batch]
-        self.offset += self.batch
-        return out
+        out = []
+        while len(out) < self.batch:  # a batch may run into the next epoch (or several, for tiny data)
+            perm = np.random.default_rng(self.seed + self.epoch).permutation(self.indices)[self.rank :: self.world]
+            take = perm[self.offset : self.offset + self.batch - len(out)]
+            out.extend(take.tolist())
+            self.offset += len(take)
+            if self.offset >= len(perm):
+                self.epoch, self.offset = self.epoch + 1, 0
+        return np.asarray(out)
 
 
 def rank_checksums(model: torch.nn.Module, world_size: int) -> list[float]:
