@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,7 @@ class Embeddings:
     def _compute(root, clip, clip_uid, cache, device):
         from unclip_cli.checkpoint import atomic_write
 
+        (root / "meta.json").unlink(missing_ok=True)  # meta.json last: a half-computed cache is never taken as whole
         clip = clip.to(device).eval()
         n = len(cache)
         z_i = torch.cat([clip.encode_image(to_unit(cache.images[s : s + 256]).to(device)).cpu() for s in range(0, n, 256)])
@@ -165,7 +167,8 @@ class Embeddings:
         unique = sorted({c for cs in captions for c in cs})
         row = {c: r for r, c in enumerate(unique)}
         cfg = clip.cfg
-        states = np.lib.format.open_memmap(root / "states.tmp.npy", mode="w+", dtype=np.float16, shape=(len(unique), cfg.context_length, cfg.text_width))
+        tmp = root / "states.f16.tmp"
+        states = np.memmap(tmp, mode="w+", dtype=np.float16, shape=(len(unique), cfg.context_length, cfg.text_width))
         z_t, lengths = [], []
         for s in range(0, len(unique), 512):
             tokens, _ = clip.tokenize(unique[s : s + 512])
@@ -174,10 +177,8 @@ class Embeddings:
             lengths.append(mask.sum(1).cpu())
             states[s : s + 512] = (st * mask[..., None]).cpu().numpy().astype(np.float16)
         states.flush()
-        # Raw array for np.memmap: drop the .npy header by rewriting (cheap next to the encoding above).
-        arr = np.load(root / "states.tmp.npy", mmap_mode="r")
-        atomic_write(root / "states.f16", lambda tmp: arr.tofile(tmp))
-        (root / "states.tmp.npy").unlink()
+        del states
+        os.replace(tmp, root / "states.f16")
         np.save(root / "z_i.npy", z_i.numpy())
         np.save(root / "z_t.npy", torch.cat(z_t).numpy())
         np.save(root / "lengths.npy", torch.cat(lengths).numpy())
