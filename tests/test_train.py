@@ -157,8 +157,14 @@ def test_torchrun_two_processes_agree(trained_run, shards, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "unclip_cli",
            "train", "prior", "--preset", "tiny", "--data", str(shards), "--run-dir", str(run), "--max-steps", "4", "--device", "cpu", "--quiet"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # Its own session, so that a hang kills torchrun's workers too, not just torchrun.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, stderr[-2000:]
     meta = read_state_meta(run / "prior" / "state.safetensors")
     checksums = meta["rank_checksums"]  # float64 sum of every weight, gathered from each rank at the end
     assert len(checksums) == 2 and checksums[0] == checksums[1]
