@@ -1,0 +1,72 @@
+"""Make the README gallery from the shipped weights: real output of the real commands.
+
+    .venv/bin/python docs/gallery.py [--weights weights/emoji]
+
+Writes docs/gallery/*.png and docs/GALLERY.md (each picture with the command that made it). Inputs for
+vary, blend, edit and nudge are images generated in the same run, so nothing outside the repo is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "gallery"
+PROMPTS = ["cat face", "red heart", "pizza", "rocket", "猫脸", "红心", "披萨", "火箭"]
+SEED = 0
+
+
+def run(args: list[str], weights: str) -> list[Path]:
+    cmd = [sys.executable, "-m", "unclip_cli", *args, "--weights", weights, "--out", str(OUT), "--quiet", "--force"]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return [Path(line) for line in done.stdout.split()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--weights", default=str(HERE.parent / "weights" / "emoji"))
+    weights = ap.parse_args().weights
+    shutil.rmtree(OUT, ignore_errors=True)
+    OUT.mkdir(parents=True)
+    rows = []
+
+    def show(title: str, args: list[str], pick) -> Path:
+        paths = run(args, weights)
+        shown = pick(paths)
+        rows.append(f"### {title}\n\n`unclip {' '.join(shlex.quote(a) for a in args)}`\n\n![{title}](gallery/{shown.name})\n")
+        return shown
+
+    def grid(paths):
+        return next(p for p in paths if p.name.endswith("-grid.png"))
+
+    firsts = {}
+    for prompt in PROMPTS:
+        shown = show(f"generate: {prompt}", ["generate", prompt, "-n", "4", "--seed", str(SEED)], grid)
+        firsts[prompt] = next(p for p in OUT.glob(f"{shown.name.replace('-grid.png', '')}-0.png"))
+    cat, pizza = firsts["cat face"], firsts["pizza"]
+    show("vary", ["vary", str(cat.relative_to(HERE.parent)), "-n", "4", "--seed", str(SEED)], grid)
+    show("blend", ["blend", str(cat.relative_to(HERE.parent)), str(pizza.relative_to(HERE.parent)), "--steps", "5", "--seed", str(SEED)],
+         lambda ps: next(p for p in ps if p.name.endswith("-strip.png")))
+    mask = OUT / "mask-lower-half.png"
+    size = Image.open(cat).size
+    m = Image.new("L", size, 0)
+    m.paste(255, (0, size[1] // 2, size[0], size[1]))
+    m.save(mask)
+    show("edit (lower half repainted)", ["edit", str(cat.relative_to(HERE.parent)), "--mask", str(mask.relative_to(HERE.parent)), "red heart", "-n", "4", "--seed", str(SEED)], grid)
+    show("nudge", ["nudge", str(cat.relative_to(HERE.parent)), "--to", "dog face", "--from", "cat face", "--amount", "0.5", "-n", "4", "--seed", str(SEED)], grid)
+    (HERE / "GALLERY.md").write_text(
+        "# Gallery\n\nReal output of the shipped `weights/emoji` model, made by `docs/gallery.py` "
+        "(rerun it to reproduce; same seeds, same pictures on the same device).\n\n" + "\n".join(rows)
+    )
+    print(HERE / "GALLERY.md")
+
+
+if __name__ == "__main__":
+    main()
