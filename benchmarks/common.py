@@ -1,0 +1,128 @@
+"""Shared pieces of the benchmark scripts: the machine, its matmul peak, FLOP counting, the weights to
+time, and appending to RESULTS.md. Run the scripts from the repository root (`python benchmarks/...`)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+sys.path.insert(0, str(REPO))
+
+from unclip_cli.evaluate import machine_info  # noqa: E402
+
+
+def matmul_peak(n: int = 2048, repeats: int = 8) -> dict:
+    """The machine's fp32 matmul throughput: the best of `repeats` (n x n) @ (n x n) products."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up: thread pool, caches
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return {"flops_per_s": 2 * n**3 / best, "n": n, "repeats": repeats, "threads": torch.get_num_threads()}
+
+
+def flop_counter():
+    """torch's FlopCounterMode, taught the CPU flash-attention kernels it does not count by itself
+    (scaled_dot_product_attention on CPU dispatches to them, and they would count as zero)."""
+    import torch.utils.flop_counter as fc
+
+    aten = torch.ops.aten
+    mapping = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = \
+            lambda q, k, v, *args, out_shape=None, **kw: fc.sdpa_flop_count(q, k, v)
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = \
+            lambda g, q, k, v, *args, out_shape=None, **kw: fc.sdpa_backward_flop_count(g, q, k, v)
+    return fc.FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+class NetworkFlops:
+    """Count the calls of named networks and, inside a FlopCounterMode (`counter`), attribute the FLOPs
+    counted to the network that ran them: forward hooks read the counter's running total before and
+    after each call. With `counter=None` only calls are counted (cheap enough for timed runs)."""
+
+    def __init__(self, networks: dict[str, torch.nn.Module], counter=None):
+        self.counter, self.flops, self.calls, self.handles = counter, {k: 0 for k in networks}, {k: 0 for k in networks}, []
+        total = (lambda: counter.get_total_flops()) if counter is not None else (lambda: 0)
+        for name, net in networks.items():
+            start = {}
+            self.handles.append(net.register_forward_pre_hook(lambda m, a, start=start: start.__setitem__("f", total())))
+            self.handles.append(net.register_forward_hook(lambda m, a, o, name=name, start=start: self._done(name, total() - start["f"])))
+
+    def _done(self, name: str, flops: int) -> None:
+        self.flops[name] += flops
+        self.calls[name] += 1
+
+    def __enter__(self) -> "NetworkFlops":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def pick_weights(weights: str | None, random_preset: str | None) -> tuple[Path, list[str]]:
+    """The model set to time and notes about it: --random PRESET writes a randomly initialised set (its
+    speed is the trained model's); a missing --weights folder falls back to the tiny random set."""
+    from unclip_cli.modelset import write_random_model_set
+
+    notes = []
+    if random_preset:
+        path = write_random_model_set(Path(tempfile.mkdtemp(prefix="unclip-bench-")) / f"random-{random_preset}", preset=random_preset)
+        notes.append(f"timing a randomly initialised `{random_preset}` model set (same architecture, so the same speed as a "
+                     f"trained one; images are noise)")
+        return path, notes
+    path = Path(weights or "weights/emoji")
+    if path.is_dir() and any(path.glob("*.safetensors")):
+        return path, notes
+    fallback = write_random_model_set(Path(tempfile.mkdtemp(prefix="unclip-bench-")) / "random-tiny", preset="tiny")
+    notes.append(f"**{path} has no model set: timing a tiny random model set instead. These numbers say nothing about the "
+                 f"shipped model; rerun with --weights DIR (or --random emoji).**")
+    return fallback, notes
+
+
+def command_line() -> str:
+    return shlex.join(["python", *sys.argv])
+
+
+def load_note(start: tuple[float, float, float]) -> str:
+    """The 1-minute load average at the start and end of a run: other work on the machine skews timings."""
+    end = os.getloadavg()
+    cores = machine_info()["cores"] or 1
+    busy = max(start[0], end[0]) > 0.5 * cores
+    return (f"- Load average (1 min) at start / end: {start[0]:.1f} / {end[0]:.1f} on {cores} cores"
+            + (" — **the machine was busy with other work; timings are pessimistic and noisy**" if busy else ""))
+
+
+def machine_lines(peak: dict | None = None) -> list[str]:
+    m = machine_info()
+    lines = [
+        f"- Date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+        f"- Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}, Python {m['python']}, {m['platform']}",
+    ]
+    if peak:
+        lines.append(f"- fp32 matmul peak, measured in this run: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s "
+                     f"(best of {peak['repeats']} {peak['n']}×{peak['n']} products)")
+    lines.append(f"- Command: `{command_line()}`")
+    return lines
+
+
+def append_results(title: str, body: list[str], path: Path = RESULTS) -> Path:
+    """Append one section to RESULTS.md (created with a header if absent)."""
+    if not path.exists():
+        path.write_text("# Benchmark results\n\nWritten by the scripts in `benchmarks/`; each run appends a section, newest last. "
+                        "Each section names the machine, the date, the load average and the exact command.\n")
+    with open(path, "a") as f:
+        f.write("\n## " + title + "\n\n" + "\n".join(body).rstrip() + "\n")
+    return path

@@ -1,0 +1,271 @@
+"""Quality metrics on constructed cases with known answers, the batched runs against the engine, and one
+quick end-to-end `unclip eval` on the tiny random model set with fixture shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from unclip_cli import evaluate as ev
+
+# ---------------------------------------------------------------------------------------------------
+# Retrieval
+
+
+def test_perfect_retriever_scores_one_and_a_wrong_one_zero():
+    scores = np.eye(10)
+    positives = np.eye(10, dtype=bool)
+    assert ev.retrieval(scores, positives) == {"top1": 1.0, "top5": 1.0}
+    # Its own candidate always last: never in the top 5 of 10.
+    assert ev.retrieval(-np.eye(10), positives) == {"top1": 0.0, "top5": 0.0}
+
+
+def test_constant_retriever_scores_chance():
+    positives = np.eye(20, dtype=bool)
+    got = ev.retrieval(np.zeros((20, 20)), positives, ks=(1, 5))
+    assert got["top1"] == pytest.approx(1 / 20) and got["top5"] == pytest.approx(5 / 20)
+    # Two positives among 10, top 1: chance is 2/10; top 5: 1 - C(8,5)/C(10,5).
+    pos2 = np.zeros((1, 10), dtype=bool)
+    pos2[0, :2] = True
+    assert ev.topk_hits(np.zeros((1, 10)), pos2, 1)[0] == pytest.approx(0.2)
+    assert ev.topk_hits(np.zeros((1, 10)), pos2, 5)[0] == pytest.approx(1 - math.comb(8, 5) / math.comb(10, 5))
+
+
+def test_topk_counts_only_strictly_better_negatives_and_splits_ties():
+    s = np.array([[0.9, 0.5, 0.5, 0.5, 0.1]])
+    pos = np.array([[False, True, False, False, False]])
+    assert ev.topk_hits(s, pos, 1)[0] == 0.0  # one negative above
+    assert ev.topk_hits(s, pos, 2)[0] == pytest.approx(1 / 3)  # one place among three tied
+    assert ev.topk_hits(s, pos, 4)[0] == 1.0
+    with pytest.raises(ValueError):
+        ev.topk_hits(s, np.zeros_like(pos), 1)
+
+
+def test_candidate_draws_put_own_first_are_distinct_and_reproducible():
+    draws = ev.candidate_draws([3, 7, 3], 500, k=100, seed=0)
+    assert draws.shape == (3, 100)
+    assert list(draws[:, 0]) == [3, 7, 3]
+    assert all(len(set(row)) == 100 for row in draws)
+    assert 3 not in draws[0, 1:]
+    assert (draws[0] == draws[2]).all()  # same concept, same draw
+    assert (draws == ev.candidate_draws([3, 7, 3], 500, k=100, seed=0)).all()
+    assert ev.candidate_draws([1], 5, k=100).shape == (1, 5)  # fewer concepts than k: all of them
+
+
+def test_own_concept_rate_perfect_and_constant():
+    emb = np.eye(50)
+    draws = ev.candidate_draws(range(50), 50, k=10)
+    assert ev.own_concept_hits(emb, emb, draws).mean() == 1.0
+    const = np.ones((50, 50)) / np.sqrt(50)
+    assert ev.own_concept_hits(const, const, draws).mean() == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fréchet distance
+
+
+def test_frechet_identical_sets_are_zero_and_shifted_means_give_the_squared_shift():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 8))
+    assert ev.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    shift = np.arange(8) / 4
+    assert ev.frechet_distance(a, a + shift) == pytest.approx(float((shift**2).sum()), rel=1e-8)
+
+
+def test_frechet_covariance_term_against_a_closed_form():
+    # b = 2a + c has mean 2 mu + c and covariance 4 S, so Tr(S + 4S - 2 (4 S^2)^(1/2)) = Tr S.
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6))  # correlated features
+    c = np.full(6, 0.5)
+    b = 2 * a + c
+    expected = ((a.mean(0) + c) ** 2).sum() + np.trace(np.cov(a, rowvar=False))
+    assert ev.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    # More dimensions than samples (rank-deficient covariances) still works.
+    few = rng.normal(size=(5, 32))
+    assert ev.frechet_distance(few, few) == pytest.approx(0.0, abs=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Blend, edit, inversion
+
+
+def test_blend_monotonicity():
+    t = np.linspace(0, 1, 6)
+    assert ev.blend_monotonicity(1 - t, t) == 1.0
+    assert ev.blend_monotonicity(t, 1 - t) == 0.0  # backwards
+    assert ev.blend_monotonicity([1, 0.5, 0.6, 0.2], [0, 0.5, 0.4, 0.9]) == pytest.approx(2 / 3)
+    assert ev.blend_monotonicity([1, 1, 1], [0, 0, 0]) == 0.0  # standing still is not progress
+
+
+def test_an_edit_that_touches_an_unmasked_pixel_is_caught():
+    before = np.zeros((16, 16, 3), dtype=np.uint8)
+    repaint = ev.center_mask(16)
+    after = before.copy()
+    after[repaint] = 200  # inside: allowed
+    assert ev.pixels_changed_outside(before, after, repaint) == 0
+    after[0, 0, 2] = 1  # one channel of one outside pixel
+    assert ev.pixels_changed_outside(before, after, repaint) == 1
+    assert ev.mask_box(repaint) == (4, 4, 12, 12)
+
+
+def test_reconstruction_mse_is_on_the_unit_scale():
+    x = torch.full((3, 4, 4), -1.0)
+    assert ev.reconstruction_mse(x, x) == 0.0
+    assert ev.reconstruction_mse(x, torch.ones_like(x)) == pytest.approx(1.0)  # black vs white
+
+
+# ---------------------------------------------------------------------------------------------------
+# The batched runs are the engine's operations
+
+
+def _img(colour: str, shape: str, style: str, size: int = 32) -> Image.Image:
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    box = (6, 6, size - 6, size - 6)
+    kw = {"fill": colour} if style == "flat" else {"outline": colour, "width": 3}
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, **kw)
+    return img
+
+
+def _close(a: Image.Image, b: Image.Image, tol: int = 2) -> bool:
+    return int(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max()) <= tol
+
+
+def test_batched_runs_match_the_engine(tiny_engine):
+    from unclip_cli.engine import Steps
+
+    e, steps = tiny_engine, Steps(2, 3, 2)
+    ims, _ = ev.generate_batch(e, ["a red circle", "a blue square"], [5, 9], steps, 3.0, 1.5)
+    assert _close(ims[1], e.generate("a blue square", seed=9, steps=steps, guidance=3.0, prior_guidance=1.5).images[0])
+    a, b = _img("red", "circle", "flat"), _img("blue", "square", "outline")
+    var = ev.vary_batch(e, [a, b], [3, 40], 2, 0.5, steps, 3.0)
+    ref = e.vary(b, n=2, strength=0.5, seed=40, steps=steps, guidance=3.0).images
+    assert all(_close(x, y) for x, y in zip(var[1], ref))
+    frames = ev.blend_batch(e, [(a, b)], 3, steps, 3.0, seed=0)[0]
+    assert all(_close(x, y) for x, y in zip(frames, e.blend(a, b, 3, steps=steps, guidance=3.0).images))
+    repaint = ev.center_mask(32)
+    mask = Image.fromarray(repaint.astype(np.uint8) * 255, "L")
+    edited = ev.edit_batch(e, [a, b], repaint, ["green", "a blue square"], [1, 2], steps, 3.0, 1.5)
+    ref = e.edit(b, mask, "a blue square", seed=2, steps=steps, guidance=3.0, prior_guidance=1.5).images[0]
+    assert _close(edited[1], ref)
+    assert ev.pixels_changed_outside(np.asarray(a), np.asarray(edited[0]), repaint) == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# End to end on the tiny model set
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
+SHAPES = ["circle", "square"]
+STYLES = ["flat", "outline"]
+ZH = {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "purple": "紫色", "orange": "橙色", "circle": "圆", "square": "方块"}
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_eval_shards(root: Path) -> Path:
+    """12 concepts in two styles: the flat style of every third concept (and one outline) held out in
+    val-*.tar, the rest in train-*.tar, with an eval_prompts.json like the emoji corpus writes."""
+    from unclip_cli.data.shards import ShardWriter
+
+    prompts = []
+    with ShardWriter(root, "train", per_shard=100) as train, ShardWriter(root, "val", per_shard=100) as val:
+        n = 0
+        for c in COLOURS:
+            for s in SHAPES:
+                concept = f"{c}-{s}"
+                for style in STYLES:
+                    held = (n % 3 == 0 and style == "flat") or (n == 1 and style == "outline")
+                    caps = {"en": [f"{c} {s}", f"an emoji of {c} {s}", f"{c} {s}, {style} style"],
+                            "zh": [f"{ZH[c]}{ZH[s]}", f"{ZH[c]}{ZH[s]}的表情符号"]}
+                    meta = {"concept": concept, "style": style, "captions": caps, "split": "val" if held else "train"}
+                    key = f"{concept}_{style}"
+                    (val if held else train).write(key, _png(_img(c, s, style)), "png", text=f"an emoji of {c} {s} in {style} style", meta=meta)
+                    if held:
+                        prompts.append({"prompt": f"an emoji of {c} {s} in {style} style", "lang": "en", "concept": concept, "key": key})
+                        prompts.append({"prompt": f"{style}风格的{ZH[c]}{ZH[s]}表情符号", "lang": "zh", "concept": concept, "key": key})
+                n += 1
+    (root / "eval_prompts.json").write_text(json.dumps(prompts, ensure_ascii=False))
+    return root
+
+
+@pytest.fixture(scope="module")
+def eval_shards(tmp_path_factory) -> Path:
+    return write_eval_shards(tmp_path_factory.mktemp("corpus"))
+
+
+def test_load_eval_data_reads_held_out_images_concepts_and_partners(eval_shards):
+    data = ev.load_eval_data(eval_shards)
+    assert len(data.items) == 5 and len(data.concepts) == 12
+    assert data.concept_text["en"][data.concepts.index("red-circle")] == "red circle"
+    assert data.concept_text["zh"][data.concepts.index("red-circle")] == "红色圆"
+    assert len(data.prompts) == 10 and {p["lang"] for p in data.prompts} == {"en", "zh"}
+    # Every held-out image has its concept's other style (from train shards) as the reference pair.
+    assert set(data.partners) == {it.key for it in data.items}
+    assert data.notes == []
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    """Run `unclip ARGS` as the console script does: (exit code, stdout, stderr)."""
+    import sys
+
+    from typer.testing import CliRunner
+
+    from unclip_cli.cli import main
+
+    with CliRunner().isolation() as (out, err, _):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        return code, out.getvalue().decode(), err.getvalue().decode()
+
+
+def test_eval_quick_end_to_end(tiny_weights, eval_shards, tmp_path, monkeypatch):
+    import dataclasses
+
+    monkeypatch.setattr(ev, "QUICK", dataclasses.replace(ev.QUICK, steps=(2, 3, 2)))  # the same runs, fewer steps
+    out = tmp_path / "metrics.json"
+    code, stdout, stderr = _cli("eval", "--weights", tiny_weights, "--data", eval_shards, "--quick", "--out", out, "--json",
+                                "--device", "cpu")
+    assert code == 0, stderr
+    saved = json.loads(out.read_text())
+    assert json.loads(stdout) == saved  # stdout holds only the JSON; notes went to stderr
+    assert "Wrote" in stderr
+    assert saved["sampling"]["steps"] == {"prior": 2, "decoder": 3, "upsampler": 2}
+    assert saved["settings"]["mode"] == "quick" and saved["machine"]["cores"] >= 1
+    assert saved["command"].startswith("unclip eval --weights") and "--quick" in saved["command"]
+    m = saved["metrics"]
+    assert m["clip"]["n_images"] == 5 and m["clip"]["en"]["candidates"] == 12
+    for lang in ("en", "zh"):
+        for d in ("image_to_text", "text_to_image"):
+            assert 0 <= m["clip"][lang][d]["top1"] <= m["clip"][lang][d]["top5"] <= 1
+    g = m["generate"]
+    assert g["prompts"] == {"en": 5, "zh": 5} and g["n_generated"] == 10 and g["candidates"] == {"en": 12, "zh": 12}
+    assert 0 <= g["own_concept_rate"]["en"] <= 1 and 0 <= g["own_concept_rate_real"]["zh"] <= 1
+    assert g["frechet_clip"] > 0 and m["prior"]["n"] == 10
+    assert -1 <= m["vary"]["cosine_to_source"] <= 1 and m["vary"]["n_style_pairs"] == 5
+    assert m["inversion"]["mse"] >= 0 and m["inversion"]["resolution"] == 8
+    assert 0 <= m["blend"]["monotone_fraction"] <= 1 and m["blend"]["pairs"] == 2
+    assert m["edit"]["pixels_changed_outside_mask"] == 0 and m["edit"]["n"] == 5
+    # The readable table goes to stdout without --json.
+    code, stdout, _ = _cli("eval", "--weights", tiny_weights, "--data", eval_shards, "--quick", "--out", out, "--quiet")
+    assert code == 0 and "own concept among 12 (zh)" in stdout and "pixels changed outside the mask" in stdout
+
+
+def test_eval_without_data_is_a_clear_error(tiny_weights, tmp_path):
+    code, _, stderr = _cli("eval", "--weights", tiny_weights, "--data", tmp_path / "nothing", "--quick")
+    assert code == 1 and "\nError: Shard not found" in stderr and "Traceback" not in stderr
