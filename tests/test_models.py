@@ -305,3 +305,23 @@ def test_clip_handles_chinese_text():
         z_t, states, mask = clip.encode_text(tokens)
     assert torch.isfinite(z_t).all() and torch.isfinite(states).all()
     assert (z_t[0] - z_t[1]).abs().max() > 1e-4
+
+
+def test_space_to_depth_unet_matches_shapes_and_reads_every_pixel():
+    """patch_size 2 (the emoji upsampler): same output shape, at any multiple of its factor, and every
+    input pixel reaches the output (pixel_unshuffle / pixel_shuffle lose nothing)."""
+    from unclip_cli.models.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(image_size=8, extra_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                          attention_ds=(), patch_size=2))
+    for p in net.parameters():
+        if p.dim() > 1 and not p.any():
+            torch.nn.init.normal_(p, std=0.02)
+    assert net.downsample_factor == 4
+    for side in (8, 16, 24):
+        x = torch.randn(2, 3, side, side, requires_grad=True)
+        out = net(x, torch.tensor([10, 500]), extra=torch.zeros(2, 3, side, side))
+        assert out.shape == x.shape
+    out[0, :, 0, 1].sum().backward()
+    assert x.grad[0].abs().sum() > 0

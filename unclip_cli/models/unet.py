@@ -43,6 +43,9 @@ class UNetConfig:
     num_clip_tokens: int = 4
     text_width: int = 0  # 0: no text token states
     context_dim: int = 256
+    # Space-to-depth factor: the network runs on (C * p^2, H/p, W/p) and shuffles back at the end. The
+    # upsampler uses 2, which makes it 4x cheaper at 128 px on a CPU for the same widths.
+    patch_size: int = 1
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
@@ -144,7 +147,8 @@ class UNet(nn.Module):
         if cfg.text_width:
             self.text_proj = nn.Sequential(nn.Linear(cfg.text_width, cfg.context_dim), nn.LayerNorm(cfg.context_dim))
 
-        self.input_conv = nn.Conv2d(cfg.in_channels + cfg.extra_channels, ch0, 3, padding=1)
+        p2 = cfg.patch_size**2
+        self.input_conv = nn.Conv2d((cfg.in_channels + cfg.extra_channels) * p2, ch0, 3, padding=1)
 
         def attn_or_none(ch, ds):
             return [AttentionBlock(ch, cfg.head_channels, ctx_dim)] if ds in cfg.attention_ds else []
@@ -173,11 +177,12 @@ class UNet(nn.Module):
                     blocks.append(Up(ch))
                     ds //= 2
                 self.up.append(Stage(blocks))
-        self.out = nn.Sequential(norm(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)))
+        self.out = nn.Sequential(norm(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, cfg.out_channels * p2, 3, padding=1)))
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.cfg.channel_mult) - 1)
+        """Input sides must be multiples of this."""
+        return self.cfg.patch_size * 2 ** (len(self.cfg.channel_mult) - 1)
 
     def forward(
         self,
@@ -195,6 +200,8 @@ class UNet(nn.Module):
             if extra is None:
                 extra = x.new_zeros(B, cfg.extra_channels, *x.shape[2:])
             x = torch.cat([x, extra], dim=1)
+        if cfg.patch_size > 1:
+            x = F.pixel_unshuffle(x, cfg.patch_size)  # (B, C * p^2, H / p, W / p)
         emb = self.time_embed(t)  # (B, 4*ch0)
         ctx = None
         if cfg.clip_dim:
@@ -217,4 +224,7 @@ class UNet(nn.Module):
         h = self.middle(h, emb, ctx)
         for stage in self.up:
             h = stage(torch.cat([h, skips.pop()], dim=1), emb, ctx)
-        return self.out(h)  # (B, out_channels, H, W)
+        h = self.out(h)
+        if cfg.patch_size > 1:
+            h = F.pixel_shuffle(h, cfg.patch_size)
+        return h  # (B, out_channels, H, W)
