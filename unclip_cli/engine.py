@@ -45,10 +45,15 @@ class Steps:
 
 
 QUALITY = {
-    "fast": Steps(prior=8, decoder=10, upsampler=4),
-    "default": Steps(prior=16, decoder=20, upsampler=8),
-    "best": Steps(prior=32, decoder=50, upsampler=16),
+    "fast": Steps(prior=8, decoder=10, upsampler=3),
+    "default": Steps(prior=16, decoder=20, upsampler=4),
+    "best": Steps(prior=32, decoder=50, upsampler=8),
 }
+# The upsampler starts from the upsampled low-resolution image noised to this timestep, not from pure
+# noise: the low-res image already fixes the content, so only the detail needs sampling. Measured on the
+# emoji upsampler (128 px, DDIM): starting at t=999 with 8 steps gave MSE 0.52 to the real image
+# (textured backgrounds); starting at 400 with 4 steps gave 0.032, below the 0.047 of the bilinear input.
+UPSAMPLER_T_START = 400
 DEFAULT_GUIDANCE = 3.0  # decoder; the paper shows 1.0-4.0 (Fig. 9)
 DEFAULT_PRIOR_GUIDANCE = 1.5  # "we found that guiding the prior hurt results" at large scales; karlo uses 4.0
 PRIOR_CANDIDATES = 2  # §2.2: sample two z_i, keep the one closer to z_t
@@ -184,7 +189,8 @@ class Engine:
         return {
             "op": op, "seed": seed, "steps": dataclasses.asdict(steps), "quality": quality,
             "guidance": guidance, "prior_guidance": prior_guidance,
-            "sampler": {"prior": "dpmpp_2m", "decoder": "dpmpp_2m" if op in ("generate", "edit") else "ddim", "upsampler": "ddim"},
+            "sampler": {"prior": "dpmpp_2m", "decoder": "dpmpp_2m" if op in ("generate", "edit") else "ddim",
+                        "upsampler": f"ddim from t={UPSAMPLER_T_START}"},
             "model": self.name, "model_hash": self.models.model_hash, "version": unclip_cli.__version__,
             "size": [self.image_size, self.image_size],
             **kw,
@@ -319,9 +325,10 @@ class Engine:
                     x_start = k_keep * k_img + (1 - k_keep) * x_start
                     return x_start, diffusion.eps_from_x_start(x_t, t, x_start)
 
-            ts = spaced_timesteps(stage.diffusion.num_timesteps, steps)
+            ts = spaced_timesteps(stage.diffusion.num_timesteps, steps, start=UPSAMPLER_T_START)
+            x_start = stage.diffusion.q_sample(low, torch.full((low.shape[0],), ts[0]), noise(3, size, size))
             name = "upsampler" if len(self.models.upsamplers) == 1 else f"upsampler {k + 1}"
-            x = sample_ddim(denoise, noise(3, size, size), ts, stage.diffusion,
+            x = sample_ddim(denoise, x_start, ts, stage.diffusion,
                             callback=callback and (lambda i, n, name=name: callback(name, i, n)))
         return x
 

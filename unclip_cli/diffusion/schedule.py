@@ -34,10 +34,11 @@ def make_betas(name: str, timesteps: int) -> np.ndarray:
     return SCHEDULES[name](timesteps)
 
 
-def spaced_timesteps(timesteps: int, steps: int) -> list[int]:
-    """`steps` evenly strided timesteps from T-1 down to 0, descending (the sampling order)."""
+def spaced_timesteps(timesteps: int, steps: int, start: int | None = None) -> list[int]:
+    """`steps` evenly strided timesteps from `start` (default T-1) down to 0, descending (the sampling order)."""
     if not 1 <= steps <= timesteps:
         raise ValueError(f"steps must be between 1 and {timesteps}, got {steps}")
+    start = timesteps - 1 if start is None else min(start, timesteps - 1)
     if steps == 1:
-        return [timesteps - 1]
-    return [int(round(x)) for x in np.linspace(timesteps - 1, 0, steps)]
+        return [start]
+    return [int(round(x)) for x in np.linspace(start, 0, steps)]

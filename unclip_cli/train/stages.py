@@ -336,7 +336,7 @@ class UpsamplerTask(Task):
 
     @torch.no_grad()
     def sample_grid(self, ema_model, path):
-        """Rows: real, its blurred low-res condition, the upsampled result (8 DDIM steps, full size)."""
+        """Rows: real, its blurred low-res condition, the upsampled result (as the engine samples it)."""
         from unclip_cli.diffusion.gaussian import make_denoiser
         from unclip_cli.diffusion.samplers import sample_ddim
         from unclip_cli.diffusion.schedule import spaced_timesteps
@@ -344,10 +344,13 @@ class UpsamplerTask(Task):
         idx = np.linspace(0, self.n - 1, 4).astype(int)
         hi = to_unit(self.cache.images[idx]).to(self.device)
         cond = self.low_res_condition(hi)
+        from unclip_cli.engine import QUALITY, UPSAMPLER_T_START
+
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(hi.shape, generator=gen).to(self.device)
+        ts = spaced_timesteps(self.diffusion.num_timesteps, QUALITY["default"].upsampler, start=UPSAMPLER_T_START)
+        x = self.diffusion.q_sample(cond, torch.full((len(idx),), ts[0]), torch.randn(hi.shape, generator=gen).to(self.device))
         denoise = make_denoiser(self.diffusion, lambda x_t, t: ema_model(x_t, t, extra=cond), clip_x_start=1.0)
-        x = sample_ddim(denoise, x, spaced_timesteps(self.diffusion.num_timesteps, 8), self.diffusion)
+        x = sample_ddim(denoise, x, ts, self.diffusion)
         save_grid(torch.cat([hi, cond, x]).cpu(), path, cols=4)
 
 
