@@ -345,7 +345,7 @@ def generate_batch(engine, prompts: Sequence[str], seeds: Sequence[int], steps, 
     noise = Noise(list(seeds), engine.device)
     z_i = engine.run_prior(z_t, states, mask, noise, steps.prior, prior_guidance, callback)
     denoise = engine._decoder_denoiser(z_i, states, mask, guidance)
-    x = engine.run_decoder(denoise, noise(3, engine.base_size, engine.base_size), steps.decoder, callback=callback)
+    x = engine.run_decoder(denoise, noise(3, engine.base_size, engine.base_size), steps.decoder, noise=noise, callback=callback)
     x = engine.run_upsamplers(x, noise, steps.upsampler, callback=callback)
     return engine._finish(x), z_i
 
@@ -400,7 +400,7 @@ def blend_batch(engine, pairs: Sequence[tuple[Image.Image, Image.Image]], frames
     zs = torch.cat([slerp(z_a[p : p + 1], z_b[p : p + 1], th) for p in range(P) for th in thetas])  # (P*F, D)
     xs = torch.cat([slerp(x_a[p : p + 1].flatten(1), x_b[p : p + 1].flatten(1), th).view_as(x_a[:1]) for p in range(P) for th in thetas])
     states, mask = engine._text_dropped(P * frames)
-    x = engine.run_decoder(engine._decoder_denoiser(zs, states, mask, guidance), xs, steps.decoder, sampler="ddim", callback=callback)
+    x = engine.run_decoder(engine._decoder_denoiser(zs, states, mask, guidance), xs, steps.decoder, sampler="ddim", eta=0.0, callback=callback)
     out = engine._finish(engine.run_upsamplers(x, Noise([seed] * (P * frames), engine.device), steps.upsampler, callback=callback))
     return [out[p * frames : (p + 1) * frames] for p in range(P)]
 
@@ -423,7 +423,7 @@ def edit_batch(engine, images: Sequence[Image.Image], repaint: np.ndarray, promp
     noise = Noise(list(seeds), engine.device)
     z_i = engine.run_prior(z_t, states, tmask, noise, steps.prior, prior_guidance, callback)
     denoise = engine._decoder_denoiser(z_i, states, tmask, guidance, known=known, keep=keep)
-    x = engine.run_decoder(denoise, noise(3, base, base), steps.decoder, callback=callback)
+    x = engine.run_decoder(denoise, noise(3, base, base), steps.decoder, noise=noise, callback=callback)
     x = engine.run_upsamplers(x, noise, steps.upsampler, known=known_full, keep_full=keep_full, callback=callback)
     return [engine._paste_back(out, im.convert("RGB"), repaint) for out, im in zip(engine._finish(x), images)]
 
