@@ -106,13 +106,10 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3, help="in-process and whole-process runs per preset (medians reported)")
     ap.add_argument("-n", type=int, default=4, help="images per command")
     ap.add_argument("--prompt", default=PROMPT)
-    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
-    ap.add_argument("--no-results", action="store_true", help="print only; do not append to benchmarks/RESULTS.md")
+    common.add_run_options(ap)
     args = ap.parse_args(argv)
     load_start = os.getloadavg()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the timed subprocesses
+    common.apply_threads(args.threads)
 
     from unclip_cli.engine import QUALITY, Engine
 

@@ -107,13 +107,10 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed optimiser steps per stage")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--batch-size", type=int, help="per-stage batch size (default: the preset's)")
-    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
-    ap.add_argument("--no-results", action="store_true", help="print only; do not append to benchmarks/RESULTS.md")
+    common.add_run_options(ap)
     args = ap.parse_args(argv)
     load_start = os.getloadavg()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the timed subprocesses
+    common.apply_threads(args.threads)
 
     from unclip_cli.data.shards import expand_shards
     from unclip_cli.presets import load_preset

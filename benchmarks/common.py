@@ -126,3 +126,18 @@ def append_results(title: str, body: list[str], path: Path = RESULTS) -> Path:
     with open(path, "a") as f:
         f.write("\n## " + title + "\n\n" + "\n".join(body).rstrip() + "\n")
     return path
+
+
+def add_run_options(ap) -> None:
+    """The options every benchmark shares."""
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
+    ap.add_argument("--no-results", action="store_true", help="print only; do not append to benchmarks/RESULTS.md")
+
+
+def apply_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # for timed subprocesses
+
