@@ -203,6 +203,34 @@ def test_generate_reports_progress_per_stage(tiny_engine):
     assert [s for s in seen if s[0] == "upsampler"] == [("upsampler", i, 2) for i in (1, 2)]
 
 
+def test_decoding_from_noise_starts_from_the_noised_training_mean(tiny_engine):
+    """x at DECODER_T_START is sqrt(abar) * mean + sqrt(1 - abar) * eps, the mean from the checkpoint;
+    when inpainting, known pixels replace the mean."""
+    import torch
+
+    from unclip_cli.engine import DECODER_T_START, Noise
+
+    stage, s = tiny_engine.models.decoder, tiny_engine.base_size
+    a = float(stage.diffusion.alphas_cumprod[DECODER_T_START])
+    eps = Noise([5], tiny_engine.device)(3, s, s)
+    saved = stage.extra.get("x_start_mean")
+    try:
+        stage.extra["x_start_mean"] = [[[0.5] * 8] * 8, [[-0.5] * 8] * 8, [[0.0] * 8] * 8]
+        x = tiny_engine.decoder_start(Noise([5], tiny_engine.device))
+        mean = torch.tensor([0.5, -0.5, 0.0]).view(1, 3, 1, 1)
+        torch.testing.assert_close(x, a**0.5 * mean + (1 - a) ** 0.5 * eps)
+        known, keep = torch.ones(1, 3, s, s), torch.zeros(1, 1, s, s)
+        keep[..., : s // 2, :] = 1
+        x = tiny_engine.decoder_start(Noise([5], tiny_engine.device), known, keep)
+        torch.testing.assert_close(x, a**0.5 * (keep * known + (1 - keep) * mean) + (1 - a) ** 0.5 * eps)
+    finally:
+        stage.extra.pop("x_start_mean", None)
+        if saved is not None:
+            stage.extra["x_start_mean"] = saved
+    # A set without a recorded mean (random weights) starts from zeros.
+    torch.testing.assert_close(tiny_engine.decoder_start(Noise([5], tiny_engine.device)), (1 - a) ** 0.5 * eps)
+
+
 def test_vary_at_full_strength_and_at_zero(tiny_engine):
     for strength in (0.0, 1.0):
         res = tiny_engine.vary(IMG_A, strength=strength, seed=3, steps=ST)

@@ -265,6 +265,42 @@ def test_encode_image_any_size_unit_norm(clip):
             torch.testing.assert_close(z.norm(dim=-1), torch.ones(2), atol=1e-5, rtol=0)
 
 
+def test_towers_match_open_clips_clip_on_the_same_weights(clip):
+    """Our towers are open_clip's CLIP written out: same state-dict keys, same embeddings."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    c = clip.cfg
+    ref = CLIP(
+        embed_dim=c.embed_dim,
+        vision_cfg=CLIPVisionCfg(layers=c.vision_layers, width=c.vision_width, head_width=c.vision_head_width,
+                                 patch_size=c.patch_size, image_size=c.image_size),
+        text_cfg=CLIPTextCfg(context_length=c.context_length, vocab_size=c.vocab_size, width=c.text_width,
+                             heads=c.text_heads, layers=c.text_layers, pool_type="eos", eos_id=EOT, pad_id=PAD),
+    ).eval()
+    ref.load_state_dict(clip.model.state_dict(), strict=True)  # raises on any missing or extra key
+    tokens, _ = clip.tokenize(["a red circle", "猫"])
+    images = _rand(2, 3, c.image_size, c.image_size).clamp(-1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(clip.encode_text(tokens)[0], ref.encode_text(tokens, normalize=True), atol=1e-5, rtol=0)
+        torch.testing.assert_close(clip.encode_image(images), ref.encode_image(images, normalize=True), atol=1e-5, rtol=0)
+        torch.testing.assert_close(clip.model.attn_mask, ref.attn_mask)
+
+
+def test_inference_does_not_import_open_clips_model_zoo():
+    """open_clip's package import costs ~2 s (torchvision, timm); generating must not pay it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from unclip_cli.models.clip import Clip, ClipConfig, bpe_tokenizer; "
+        "Clip(ClipConfig(image_size=8, patch_size=4, vision_width=32, vision_layers=1, vision_head_width=16, "
+        "context_length=8, vocab_size=16, text_width=32, text_heads=2, text_layers=1)).tokenize(['a cat']); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('open_clip', 'torchvision', 'timm')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 CORPUS = ["a red circle", "a blue square emoji", "红色的圆", "蓝色 方块"]
 
 

@@ -82,6 +82,46 @@ def test_every_stage_trains_checkpoints_and_exports(trained_run, tmp_path):
         export(trained_run, tmp_path / "set")
 
 
+def test_the_decoder_records_its_training_mean_image_and_exports_it(trained_run, tmp_path):
+    from unclip_cli import checkpoint
+    from unclip_cli.train.export import export
+    from unclip_cli.train.stages import open_cache
+
+    extra = json.loads((trained_run / "decoder" / "run.json").read_text())["extra"]
+    mean = np.array(extra["x_start_mean"])  # (3, 8, 8) in [-1, 1]
+    images = open_cache(json.loads((trained_run / "decoder" / "run.json").read_text())["data"], 8, tmp_path / "cache").images
+    expected = (np.asarray(images, dtype=np.float64).mean(0) / 127.5 - 1).transpose(2, 0, 1)  # the tiny preset's base is 8 px
+    assert mean.shape == (3, 8, 8)
+    np.testing.assert_allclose(mean, expected, atol=1e-4)
+    export(trained_run, tmp_path / "set")
+    assert checkpoint.load(tmp_path / "set" / "decoder.safetensors").extra["x_start_mean"] == extra["x_start_mean"]
+
+
+def test_mean_image_averages_in_chunks_and_pools():
+    from unclip_cli.train.stages import mean_image
+
+    images = np.zeros((5, 4, 4, 3), dtype=np.uint8)
+    images[:, :2, :, 0] = 255  # red top half in every image
+    images[0] = 255  # one all-white image
+    mean = np.array(mean_image(images, size=2, chunk=2))  # (3, 2, 2)
+    np.testing.assert_allclose(mean[0], [[1, 1], [-0.6, -0.6]], atol=1e-4)
+    np.testing.assert_allclose(mean[1], [[-0.6, -0.6], [-0.6, -0.6]], atol=1e-4)
+
+
+def test_resume_adds_task_facts_that_the_run_predates(trained_run, shards, tmp_path):
+    import shutil
+
+    run = tmp_path / "old"
+    shutil.copytree(trained_run, run)
+    info_path = run / "decoder" / "run.json"
+    info = json.loads(info_path.read_text())
+    mean = info["extra"].pop("x_start_mean")
+    info_path.write_text(json.dumps(info))
+    train(_opts(run, shards, "decoder", max_steps=4, resume=True))
+    resumed = json.loads(info_path.read_text())
+    assert resumed["extra"]["x_start_mean"] == mean and resumed["uid"] == info["uid"]
+
+
 def test_resume_continues_exactly(trained_run, shards, tmp_path):
     """A run stopped after 3 steps and resumed to 6 ends where a straight 6-step run ends."""
     import shutil

@@ -1,6 +1,12 @@
-"""CLIP, trained from scratch: open_clip's own `CLIP` class built from a small custom config.
+"""CLIP, trained from scratch, laid out exactly like open_clip's `CLIP` (ViT image tower, causal text tower).
 
-This is the only module that imports open_clip. It adds three things the unCLIP stack needs:
+The towers are written out here instead of imported: importing open_clip pulls in torchvision and timm
+(~2.3 s on the 2-core machine), more than sampling `generate --quality fast` takes. Parameter names,
+shapes and arithmetic match open_clip's `CLIP` built with the same config (tests/test_clip.py checks
+both on the same weights), so checkpoints move between the two unchanged. open_clip still supplies the
+BPE tokenizer (its `tokenizer.py`, loaded on its own) and, in training, `ClipLoss`.
+
+On top of the towers this module adds what the unCLIP stack needs:
 
 - a compact vocabulary: open_clip's bundled BPE tokenizer (49,408 tokens) is kept, but its ids go through
   `token_map` into a small embedding table sized to the corpus (the emoji captions use a few thousand
@@ -15,8 +21,11 @@ Embeddings are returned unit-norm: the prior, decoder, slerp and text diffs all 
 from __future__ import annotations
 
 import functools
-from collections import Counter
+import importlib.util
+import math
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -43,26 +52,105 @@ class ClipConfig:
 
 @functools.lru_cache(maxsize=1)
 def bpe_tokenizer():
-    from open_clip.tokenizer import SimpleTokenizer
+    """open_clip's SimpleTokenizer, reading the BPE merges bundled in the package (no download).
 
-    return SimpleTokenizer()  # reads the BPE merges bundled inside the open_clip package; no download
+    `tokenizer.py` is self-contained, so it is loaded from its file: importing it the usual way would run
+    open_clip's `__init__`, which imports every model family (~2.3 s)."""
+    package = importlib.util.find_spec("open_clip")  # finds the package without importing it
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("open_clip_torch is not installed: pip install open_clip_torch")
+    path = Path(next(iter(package.submodule_search_locations))) / "tokenizer.py"
+    spec = importlib.util.spec_from_file_location("unclip_cli._open_clip_tokenizer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SimpleTokenizer()
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)). open_clip's names."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict(
+            c_fc=nn.Linear(width, 4 * width), gelu=nn.GELU(), c_proj=nn.Linear(4 * width, width),
+        ))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.ln_1(x)  # (B, N, W)
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=attn_mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int):
+        super().__init__()
+        self.width, self.layers = width, layers
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x, attn_mask)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """ViT: patches + class token -> transformer -> ln_post on the class token -> projection."""
+
+    def __init__(self, cfg: ClipConfig):
+        super().__init__()
+        W, grid = cfg.vision_width, cfg.image_size // cfg.patch_size
+        scale = W**-0.5
+        self.conv1 = nn.Conv2d(3, W, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(W))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, W))
+        self.ln_pre = nn.LayerNorm(W)
+        self.transformer = Transformer(W, cfg.vision_layers, W // cfg.vision_head_width)
+        self.ln_post = nn.LayerNorm(W)
+        self.proj = nn.Parameter(scale * torch.randn(W, cfg.embed_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # (B, grid², W)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, W)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1 + grid², W)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x)[:, 0] @ self.proj  # (B, D)
+
+
+class ClipTowers(nn.Module):
+    """Both towers under the attribute names of open_clip's `CLIP`, so state dicts are interchangeable."""
+
+    def __init__(self, cfg: ClipConfig):
+        super().__init__()
+        W, L = cfg.text_width, cfg.context_length
+        self.visual = VisionTransformer(cfg)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, W)
+        self.positional_embedding = nn.Parameter(torch.empty(L, W))
+        self.transformer = Transformer(W, cfg.text_layers, cfg.text_heads)
+        self.ln_final = nn.LayerNorm(W)
+        self.text_projection = nn.Parameter(torch.empty(W, cfg.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature 0.07
+        self.register_buffer("attn_mask", torch.full((L, L), float("-inf")).triu_(1), persistent=False)  # causal
+        # The text tower's initialisation from CLIP (Radford et al. 2021) as open_clip keeps it;
+        # the vision tower keeps PyTorch's defaults plus the scaled embeddings above, as open_clip does.
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        proj_std, attn_std, fc_std = W**-0.5 * (2 * cfg.text_layers) ** -0.5, W**-0.5, (2 * W) ** -0.5
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=W**-0.5)
 
 
 class Clip(nn.Module):
     def __init__(self, cfg: ClipConfig):
         super().__init__()
-        from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-
         self.cfg = cfg
-        vision = CLIPVisionCfg(
-            layers=cfg.vision_layers, width=cfg.vision_width, head_width=cfg.vision_head_width,
-            patch_size=cfg.patch_size, image_size=cfg.image_size,
-        )
-        text = CLIPTextCfg(
-            context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.text_width,
-            heads=cfg.text_heads, layers=cfg.text_layers, pool_type="eos", eos_id=EOT, pad_id=PAD,
-        )
-        self.model = CLIP(embed_dim=cfg.embed_dim, vision_cfg=vision, text_cfg=text)
+        self.model = ClipTowers(cfg)
         # Until `fit_vocab` is called the BPE ids are hashed into the table.
         ids = torch.arange(BPE_VOCAB)
         self.register_buffer("token_map", FIRST_WORD + ids % (cfg.vocab_size - FIRST_WORD))
@@ -99,7 +187,7 @@ class Clip(nn.Module):
         states = m.ln_final(x)  # (B, L, W) — the per-token states the prior and decoder read
         eot = (tokens == EOT).int().argmax(dim=1)  # (B,)
         pooled = states[torch.arange(tokens.shape[0]), eot]  # (B, W)
-        z_t = pooled @ m.text_projection if isinstance(m.text_projection, torch.Tensor) else m.text_projection(pooled)
+        z_t = pooled @ m.text_projection  # (B, D)
         mask = torch.arange(tokens.shape[1], device=tokens.device)[None] <= eot[:, None]  # (B, L)
         return F.normalize(z_t, dim=-1), states, mask
 

@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from unclip_cli.checkpoint import atomic_write
 from unclip_cli.errors import UnclipError
 from unclip_cli.presets import load_preset
 from unclip_cli.train.common import EMA, init_distributed, load_state, lr_at, save_state
@@ -134,6 +135,11 @@ def train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None = N
     if opts.resume:
         meta = load_state(state_path, model, ema, opt)
         info = {**json.loads((stage_dir / "run.json").read_text()), "resumed_at": meta["step"]}
+        # Facts the task records that the run predates (e.g. the decoder's mean image) join run.json.
+        missing = {k: v for k, v in task.extra.items() if k not in info["extra"]}
+        if missing and dist.is_main:
+            info["extra"] = {**info["extra"], **missing}
+            atomic_write(stage_dir / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
     elif dist.is_main:
         stage_dir.mkdir(parents=True, exist_ok=True)
         info["uid"] = uuid.uuid4().hex

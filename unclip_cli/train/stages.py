@@ -36,6 +36,7 @@ PRIOR_TEXT_DROP = 0.1
 DECODER_Z_DROP = 0.1
 DECODER_TEXT_DROP = 0.5
 INPAINT_FRACTION = 0.25
+MEAN_IMAGE_SIZE = 8
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -242,6 +243,16 @@ class PriorTask(Task):
         return losses.mean()
 
 
+def mean_image(images: np.ndarray, size: int = MEAN_IMAGE_SIZE, chunk: int = 4096) -> list:
+    """The training images' mean in [-1, 1], area-averaged to size x size: (3, size, size) as nested lists.
+    The engine starts decoding from it (see `engine.DECODER_T_START`); it is smooth, so 8x8 loses nothing."""
+    total = np.zeros(images.shape[1:], dtype=np.float64)
+    for s in range(0, len(images), chunk):
+        total += images[s : s + chunk].sum(axis=0, dtype=np.float64)
+    mean = torch.from_numpy(total / len(images) / 127.5 - 1).permute(2, 0, 1)[None]  # (1, 3, s, s) float64
+    return F.adaptive_avg_pool2d(mean, size)[0].round(decimals=4).tolist()
+
+
 class DecoderTask(Task):
     kind = "decoder"
 
@@ -255,7 +266,7 @@ class DecoderTask(Task):
         self.cache = open_cache(data, self.config.image_size, self.cache_root)
         self.n = len(self.cache)
         self.model = UNet(self.config).to(device)
-        self.extra = {"clip_uid": clip_uid}
+        self.extra = {"clip_uid": clip_uid, "x_start_mean": mean_image(self.cache.images)}
 
     def loss(self, idx, gen):
         B, s = len(idx), self.config.image_size
