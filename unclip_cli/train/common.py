@@ -35,6 +35,21 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank when it is True on any: time limits, signals and checkpoint clocks are
+        per-process, and a rank that stops or checkpoints alone leaves the others waiting in a collective."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([float(flag)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def close(self) -> None:
+        """Leave the process group together, so no rank exits while another is still talking to it."""
+        if self.enabled and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
 
 def init_distributed(device: torch.device) -> Dist:
     """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPUs."""

@@ -172,11 +172,10 @@ def train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None = N
     try:
         model.train()
         while True:
-            if stop["signal"] is not None:
-                break
             if opts.max_steps is not None and meta["step"] >= opts.max_steps:
                 break
-            if max_seconds is not None and time.time() - start >= max_seconds:
+            out_of_time = max_seconds is not None and time.time() - start >= max_seconds
+            if dist.any(stop["signal"] is not None or out_of_time, device):
                 break
             step = meta["step"]
             gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + dist.rank * 7919 + step)
@@ -211,13 +210,14 @@ def train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None = N
                 if on_progress:
                     on_progress(Progress(meta["step"], opts.max_steps, loss_avg, ips, now - start, max_seconds))
                 last_log, window_images, window_start = now, 0, now
-            if now - last_ckpt >= opts.checkpoint_minutes * 60:
+            if dist.any(now - last_ckpt >= opts.checkpoint_minutes * 60, device):
                 checkpoint("checkpoint")
                 last_ckpt = time.time()
         checkpoint("done")
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
+    dist.close()
     return {"stage": opts.stage, "run": str(run), "step": meta["step"], "images_seen": meta["images_seen"],
             "seconds": meta["seconds"], "loss": meta["last_loss"], "loss_avg": loss_avg,
             "interrupted": stop["signal"] is not None, "state": str(state_path)}
