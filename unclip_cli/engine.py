@@ -130,6 +130,16 @@ def square(img: Image.Image) -> Image.Image:
     return canvas
 
 
+def noised_mean(diffusion, mean: list | None, eps: torch.Tensor, known: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+    """q_sample at DECODER_T_START of the decoder's training mean image (nested lists (3, m, m), resized to
+    eps' size; None, as in untrained sets: zeros), with `keep` * `known` pixels in its place when inpainting."""
+    s = eps.shape[-1]
+    mean = torch.zeros(1, 3, s, s) if mean is None else F.interpolate(torch.tensor(mean)[None], size=(s, s), mode="bilinear", align_corners=False)
+    x_start = mean.to(eps) if known is None else keep * known + (1 - keep) * mean.to(eps)
+    return diffusion.q_sample(x_start.expand_as(eps), torch.full((eps.shape[0],), DECODER_T_START), eps)
+
+
 class Engine:
     def __init__(self, models: ModelSet, device: torch.device, dtype: torch.dtype):
         self.models = models
@@ -306,12 +316,8 @@ class Engine:
 
     def decoder_start(self, noise: Noise, known: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
         """x at DECODER_T_START: the training mean image (its known pixels when inpainting), noised. (B, 3, s, s)"""
-        stage, s = self.models.decoder, self.base_size
-        mean = stage.extra.get("x_start_mean")  # (3, 8, 8) nested lists; absent in untrained sets: zeros
-        mean = torch.zeros(1, 3, s, s) if mean is None else F.interpolate(torch.tensor(mean)[None], size=(s, s), mode="bilinear", align_corners=False)
-        eps = noise(3, s, s)
-        x_start = mean.to(eps) if known is None else keep * known + (1 - keep) * mean.to(eps)
-        return stage.diffusion.q_sample(x_start.expand_as(eps), torch.full((eps.shape[0],), DECODER_T_START), eps)
+        stage = self.models.decoder
+        return noised_mean(stage.diffusion, stage.extra.get("x_start_mean"), noise(3, self.base_size, self.base_size), known, keep)
 
     def run_decoder(self, denoise, x_T, steps: int, sampler: str = DECODER_SAMPLER, eta: float = 1.0, noise: Noise | None = None,
                     start: int | None = None, callback: Progress = None):

@@ -289,11 +289,13 @@ class DecoderTask(Task):
 
     @torch.no_grad()
     def sample_grid(self, ema_model, path):
-        """Top row: real images; bottom row: decoded from their z_i (20 DDIM steps, guidance 3)."""
+        """Top row: real images; bottom row: decoded from their z_i as `unclip generate` decodes (20 DDPM
+        steps from the noised mean image at DECODER_T_START, guidance 3)."""
         from unclip_cli.diffusion.guidance import guided
         from unclip_cli.diffusion.gaussian import make_denoiser
-        from unclip_cli.diffusion.samplers import sample_ddim
+        from unclip_cli.diffusion.samplers import sample_ddpm
         from unclip_cli.diffusion.schedule import spaced_timesteps
+        from unclip_cli.engine import DECODER_T_START, noised_mean
 
         idx = np.linspace(0, self.n - 1, 8).astype(int)
         z = self.emb.z_i[idx].to(self.device)
@@ -306,9 +308,11 @@ class DecoderTask(Task):
             return ema_model(x, t, z_i=z.repeat(r, 1), z_keep=keep, text_states=states.repeat(r, 1, 1), text_mask=no_text.repeat(r, 1))
 
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(8, 3, self.config.image_size, self.config.image_size, generator=gen).to(self.device)
+        shape = (8, 3, self.config.image_size, self.config.image_size)
+        x = noised_mean(self.diffusion, self.extra["x_start_mean"], torch.randn(shape, generator=gen)).to(self.device)
         denoise = make_denoiser(self.diffusion, guided(model_fn, 3.0), clip_x_start=1.0)
-        x = sample_ddim(denoise, x, spaced_timesteps(self.diffusion.num_timesteps, 20), self.diffusion)
+        ts = spaced_timesteps(self.diffusion.num_timesteps, 20, start=DECODER_T_START)
+        x = sample_ddpm(denoise, x, ts, self.diffusion, randn=lambda: torch.randn(shape, generator=gen).to(self.device))
         save_grid(torch.cat([to_unit(self.cache.images[idx]), x.cpu()]), path, cols=8)
 
 
