@@ -87,9 +87,10 @@ def test_the_decoder_records_its_training_mean_image_and_exports_it(trained_run,
     from unclip_cli.train.export import export
     from unclip_cli.train.stages import open_cache
 
-    extra = json.loads((trained_run / "decoder" / "run.json").read_text())["extra"]
+    info = json.loads((trained_run / "decoder" / "run.json").read_text())
+    extra = info["extra"]
     mean = np.array(extra["x_start_mean"])  # (3, 8, 8) in [-1, 1]
-    images = open_cache(json.loads((trained_run / "decoder" / "run.json").read_text())["data"], 8, tmp_path / "cache").images
+    images = open_cache(info["data"], 8, tmp_path / "cache").images
     expected = (np.asarray(images, dtype=np.float64).mean(0) / 127.5 - 1).transpose(2, 0, 1)  # the tiny preset's base is 8 px
     assert mean.shape == (3, 8, 8)
     np.testing.assert_allclose(mean, expected, atol=1e-4)
@@ -106,6 +107,8 @@ def test_mean_image_averages_in_chunks_and_pools():
     mean = np.array(mean_image(images, size=2, chunk=2))  # (3, 2, 2)
     np.testing.assert_allclose(mean[0], [[1, 1], [-0.6, -0.6]], atol=1e-4)
     np.testing.assert_allclose(mean[1], [[-0.6, -0.6], [-0.6, -0.6]], atol=1e-4)
+    # Capped: rows 0, 2 and 4 only (one white of three).
+    np.testing.assert_allclose(np.array(mean_image(images, size=2, max_images=3))[1], np.full((2, 2), -1 / 3), atol=1e-4)
 
 
 def test_resume_adds_task_facts_that_the_run_predates(trained_run, shards, tmp_path):

@@ -2,7 +2,7 @@
 
 The towers are written out here instead of imported: importing open_clip pulls in torchvision and timm
 (~2.3 s on the 2-core machine), more than sampling `generate --quality fast` takes. Parameter names,
-shapes and arithmetic match open_clip's `CLIP` built with the same config (tests/test_clip.py checks
+shapes and arithmetic match open_clip's `CLIP` built with the same config (tests/test_models.py checks
 both on the same weights), so checkpoints move between the two unchanged. open_clip still supplies the
 BPE tokenizer (its `tokenizer.py`, loaded on its own) and, in training, `ClipLoss`.
 
@@ -87,7 +87,6 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int):
         super().__init__()
-        self.width, self.layers = width, layers
         self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:

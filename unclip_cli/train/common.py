@@ -35,14 +35,15 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
-    def any(self, flag: bool, device: torch.device) -> bool:
-        """True on every rank when it is True on any: time limits, signals and checkpoint clocks are
-        per-process, and a rank that stops or checkpoints alone leaves the others waiting in a collective."""
+    def any(self, flags: list[bool], device: torch.device) -> list[bool]:
+        """Each flag True on every rank when it is True on any, in one collective: time limits, signals and
+        checkpoint clocks are per-process, and a rank that stops or checkpoints alone leaves the others
+        waiting in a collective."""
         if not self.enabled:
-            return flag
-        t = torch.tensor([float(flag)], device=device)
+            return list(flags)
+        t = torch.tensor([float(f) for f in flags], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return [bool(v) for v in t.tolist()]
 
     def close(self) -> None:
         """Leave the process group together, so no rank exits while another is still talking to it."""

@@ -174,9 +174,6 @@ def train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None = N
         while True:
             if opts.max_steps is not None and meta["step"] >= opts.max_steps:
                 break
-            out_of_time = max_seconds is not None and time.time() - start >= max_seconds
-            if dist.any(stop["signal"] is not None or out_of_time, device):
-                break
             step = meta["step"]
             gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + dist.rank * 7919 + step)
             idx = order.next()
@@ -210,7 +207,11 @@ def train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None = N
                 if on_progress:
                     on_progress(Progress(meta["step"], opts.max_steps, loss_avg, ips, now - start, max_seconds))
                 last_log, window_images, window_start = now, 0, now
-            if dist.any(now - last_ckpt >= opts.checkpoint_minutes * 60, device):
+            out_of_time = max_seconds is not None and now - start >= max_seconds
+            stop_now, checkpoint_due = dist.any([stop["signal"] is not None or out_of_time, now - last_ckpt >= opts.checkpoint_minutes * 60], device)
+            if stop_now:
+                break  # the final checkpoint follows
+            if checkpoint_due:
                 checkpoint("checkpoint")
                 last_ckpt = time.time()
         checkpoint("done")

@@ -243,13 +243,16 @@ class PriorTask(Task):
         return losses.mean()
 
 
-def mean_image(images: np.ndarray, size: int = MEAN_IMAGE_SIZE, chunk: int = 4096) -> list:
+def mean_image(images: np.ndarray, size: int = MEAN_IMAGE_SIZE, max_images: int = 16384, chunk: int = 4096) -> list:
     """The training images' mean in [-1, 1], area-averaged to size x size: (3, size, size) as nested lists.
-    The engine starts decoding from it (see `engine.DECODER_T_START`); it is smooth, so 8x8 loses nothing."""
+    The engine starts decoding from it (see `engine.DECODER_T_START`); it is smooth, so 8x8 loses nothing.
+    At most `max_images`, evenly spaced, are read: it is computed at every (re)start, and a large corpus
+    must not cost a pass over its cache."""
+    rows = np.unique(np.linspace(0, len(images) - 1, min(len(images), max_images)).round().astype(np.int64))
     total = np.zeros(images.shape[1:], dtype=np.float64)
-    for s in range(0, len(images), chunk):
-        total += images[s : s + chunk].sum(axis=0, dtype=np.float64)
-    mean = torch.from_numpy(total / len(images) / 127.5 - 1).permute(2, 0, 1)[None]  # (1, 3, s, s) float64
+    for s in range(0, len(rows), chunk):
+        total += images[rows[s : s + chunk]].sum(axis=0, dtype=np.float64)
+    mean = torch.from_numpy(total / len(rows) / 127.5 - 1).permute(2, 0, 1)[None]  # (1, 3, s, s) float64
     return F.adaptive_avg_pool2d(mean, size)[0].round(decimals=4).tolist()
 
 
