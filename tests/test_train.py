@@ -125,6 +125,48 @@ def test_resume_adds_task_facts_that_the_run_predates(trained_run, shards, tmp_p
     assert resumed["extra"]["x_start_mean"] == mean and resumed["uid"] == info["uid"]
 
 
+def test_a_run_started_from_a_model_set_goes_on_from_its_weights_and_steps(trained_run, shards, tmp_path):
+    """--init-from: the decoder starts from the set's weights (against the set's CLIP), counts on from its
+    steps and warms the learning rate up again; export --base takes the untrained stages from the set."""
+    from unclip_cli import checkpoint
+    from safetensors.torch import load_file
+
+    from unclip_cli.modelset import load_model_set, write_random_model_set
+    from unclip_cli.train.export import export
+    from unclip_cli.train.stages import STAGES
+
+    base = tmp_path / "set"
+    export(trained_run, base, dtype=torch.float32)
+    run = tmp_path / "finetune"
+    summary = train(_opts(run, shards, "decoder", max_steps=4, init_from=base))
+    assert summary["step"] == 4  # 3 from the set, 1 here
+    lines = [json.loads(line) for line in (run / "decoder" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["step"] == 4 and abs(lines[0]["lr"] - 1e-3 / 5) < 1e-9  # the tiny preset warms up over 5 steps
+    info = json.loads((run / "decoder" / "run.json").read_text())
+    assert info["init_from"]["trained_steps"] == 3 and info["uid"] not in info["init_from"]["uid"]
+    # One step away from the set's weights, not from a fresh initialisation.
+    start = checkpoint.load(base / "decoder.safetensors").model.state_dict()
+    tensors = {k[6:]: v for k, v in load_file(str(run / "decoder" / "state.safetensors")).items() if k.startswith("model.")}
+    assert max((tensors[k] - v).abs().max().item() for k, v in start.items()) < 0.05
+
+    with pytest.raises(UnclipError, match="no trained prior, upsampler"):
+        export(run, tmp_path / "out")
+    written = export(run, tmp_path / "out", base=base)
+    assert sorted(p.name for p in written) == sorted(f"{s}.safetensors" for s in STAGES)
+    out = load_model_set(tmp_path / "out")  # a consistent set: the decoder was trained against the set's CLIP
+    assert out.decoder.extra["trained_steps"] == 4 and out.prior.extra["uid"] == load_model_set(base).prior.extra["uid"]
+    export(run, base, base=base, force=True)  # the set itself can be replaced in place
+    assert load_model_set(base).decoder.extra["trained_steps"] == 4
+
+    with pytest.raises(UnclipError, match="starts a new run"):
+        train(_opts(run, shards, "decoder", max_steps=5, init_from=base, resume=True))
+    with pytest.raises(UnclipError, match="CLIP cannot"):
+        train(_opts(tmp_path / "other", shards, "clip", max_steps=5, init_from=base))
+    other = write_random_model_set(tmp_path / "random", "tiny")  # a set with a CLIP of its own
+    with pytest.raises(UnclipError, match="another CLIP"):
+        train(_opts(run, shards, "prior", max_steps=5, init_from=other))
+
+
 def test_resume_continues_exactly(trained_run, shards, tmp_path):
     """A run stopped after 3 steps and resumed to 6 ends where a straight 6-step run ends."""
     import shutil

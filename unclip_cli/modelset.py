@@ -27,6 +27,9 @@ from unclip_cli.models.unet import UNet, UNetConfig
 from unclip_cli.presets import load_preset
 
 
+FILES = {"clip": "clip.safetensors", "prior": "prior.safetensors", "decoder": "decoder.safetensors", "upsampler": "upsampler.safetensors"}
+
+
 @dataclass
 class Stage:
     model: torch.nn.Module
@@ -81,9 +84,9 @@ def load_model_set(root: str | Path, device: str | torch.device = "cpu", dtype: 
         diffusion = GaussianDiffusion(ck.diffusion) if ck.diffusion else None
         return Stage(ck.model, diffusion, ck.extra, path)
 
-    clip = stage(root / "clip.safetensors", "clip")
-    prior = stage(root / "prior.safetensors", "prior")
-    decoder = stage(root / "decoder.safetensors", "decoder")
+    clip = stage(root / FILES["clip"], "clip")
+    prior = stage(root / FILES["prior"], "prior")
+    decoder = stage(root / FILES["decoder"], "decoder")
     ups = [stage(p, "upsampler") for p in upsampler_files(root)]
     for s in (prior, decoder):
         if s.extra.get("clip_uid") != clip.extra.get("uid"):

@@ -24,6 +24,7 @@ Preset = Annotated[str, typer.Option("--preset", help="tiny, emoji, base, or a .
 MaxMinutes = Annotated[Optional[float], typer.Option("--max-minutes", help="Stop (with a checkpoint) after this many minutes")]
 MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many optimiser steps in total")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the stage's saved state: step, optimiser, EMA, data position, RNG")]
+InitFrom = Annotated[Optional[Path], typer.Option("--init-from", metavar="SET", help="Start a new run from a model set's weights (e.g. weights/emoji), to train it further or on your own images")]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Per-process batch size (default: the preset's)")]
 Lr = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: the preset's)")]
 CkptMinutes = Annotated[float, typer.Option("--checkpoint-minutes", help="Minutes between checkpoints")]
@@ -32,14 +33,14 @@ Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar")]
 
 
-def _run_stage(stage: str, data, run, preset, max_minutes, max_steps, resume, batch_size, lr, checkpoint_minutes, seed, device, quiet):
+def _run_stage(stage: str, data, run, preset, max_minutes, max_steps, resume, init_from, batch_size, lr, checkpoint_minutes, seed, device, quiet):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from unclip_cli.train.loop import TrainOptions, train
 
     opts = TrainOptions(stage=stage, run=run.expanduser(), data=str(Path(data).expanduser()), preset=preset, max_minutes=max_minutes,
-                        max_steps=max_steps, resume=resume, batch_size=batch_size, lr=lr, checkpoint_minutes=checkpoint_minutes,
+                        max_steps=max_steps, resume=resume, init_from=init_from and init_from.expanduser(), batch_size=batch_size, lr=lr, checkpoint_minutes=checkpoint_minutes,
                         seed=seed, device=device)
     console = Console(stderr=True)
     show = not quiet and console.is_terminal
@@ -69,10 +70,10 @@ def _run_stage(stage: str, data, run, preset, max_minutes, max_steps, resume, ba
 def _register(stage: str, doc: str) -> None:
     def command(
         data: Data, run: Run, preset: Preset = "emoji", max_minutes: MaxMinutes = None, max_steps: MaxSteps = None,
-        resume: Resume = False, batch_size: BatchSize = None, lr: Lr = None, checkpoint_minutes: CkptMinutes = 10.0,
+        resume: Resume = False, init_from: InitFrom = None, batch_size: BatchSize = None, lr: Lr = None, checkpoint_minutes: CkptMinutes = 10.0,
         seed: Seed = 0, device: Device = "auto", quiet: Quiet = False,
     ):
-        _run_stage(stage, data, run, preset, max_minutes, max_steps, resume, batch_size, lr, checkpoint_minutes, seed, device, quiet)
+        _run_stage(stage, data, run, preset, max_minutes, max_steps, resume, init_from, batch_size, lr, checkpoint_minutes, seed, device, quiet)
 
     command.__doc__ = doc
     train_app.command(stage)(command)
@@ -90,11 +91,13 @@ def export_cmd(
     to: Annotated[Path, typer.Option("--to", help="Destination model-set folder, e.g. weights/emoji")],
     fp32: Annotated[bool, typer.Option("--fp32", help="Keep float32 weights (default: fp16, small tensors fp32)")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing model set")] = False,
+    base: Annotated[Optional[Path], typer.Option("--base", metavar="SET", help="Take the stages the run has not trained from this model set (the one given to --init-from)")] = None,
 ):
     """Write the run's EMA weights as an inference model set (clip/prior/decoder/upsampler .safetensors)."""
     import torch
 
     from unclip_cli.train.export import export
 
-    for path in export(run.expanduser(), to.expanduser(), dtype=torch.float32 if fp32 else torch.float16, force=force):
+    for path in export(run.expanduser(), to.expanduser(), dtype=torch.float32 if fp32 else torch.float16, force=force,
+                       base=base and base.expanduser()):
         typer.echo(str(path))

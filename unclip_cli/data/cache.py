@@ -89,7 +89,7 @@ def build_image_cache(
             pass  # the images file went missing: rebuild below
     progress = progress or (lambda stage, done, total: None)
 
-    images_tmp = out_dir / f"images-{size}.u8.tmp"
+    images_tmp = out_dir / f"images-{size}.u8.{os.getpid()}.tmp"  # per process: two stages may build it at once
     records: list[dict] = []
     jobs = [(str(p), size, background) for p in shards]
     with open(images_tmp, "wb") as f, multiprocessing.Pool(max(1, min(workers, len(shards)))) as pool:
@@ -102,7 +102,7 @@ def build_image_cache(
             progress("cache", i + 1, len(shards))
 
     header = {"format": CACHE_FORMAT, "size": size, "shards": fingerprint, "records": records}
-    records_tmp = out_dir / "records.json.tmp"
+    records_tmp = out_dir / f"records.json.{os.getpid()}.tmp"
     records_tmp.write_text(json.dumps(header, ensure_ascii=False))
     os.replace(images_tmp, out_dir / f"images-{size}.u8")
     os.replace(records_tmp, out_dir / "records.json")

@@ -11,45 +11,61 @@ from unclip_cli import checkpoint
 from unclip_cli.checkpoint import config_from_dict
 from unclip_cli.diffusion.gaussian import DiffusionConfig
 from unclip_cli.errors import UnclipError
+from unclip_cli.modelset import FILES
 from unclip_cli.train.common import load_ema_weights
 from unclip_cli.train.stages import STAGES
 
-FILES = {"clip": "clip.safetensors", "prior": "prior.safetensors", "decoder": "decoder.safetensors", "upsampler": "upsampler.safetensors"}
 
-
-def export(run: str | Path, to: str | Path, dtype: torch.dtype = torch.float16, force: bool = False) -> list[Path]:
+def export(run: str | Path, to: str | Path, dtype: torch.dtype = torch.float16, force: bool = False,
+           base: str | Path | None = None) -> list[Path]:
     """Write clip/prior/decoder/upsampler .safetensors into `to` from the run's latest states.
 
     The CLIP written is the frozen copy the prior and decoder were trained against, so the set is
-    consistent by construction; a run whose prior or decoder lacks it cannot be exported."""
+    consistent by construction. With `base` (a model set, e.g. the one the run was started from with
+    --init-from), the files the run has not trained come from it, if they share its CLIP."""
     run, to = Path(run), Path(to)
     if not run.is_dir():
         raise UnclipError(f"{run}: no such training run")
+    sources: dict[str, Path] = {}  # stage -> a training state or a base checkpoint
     frozen = run / "frozen_clip.safetensors"
-    if not frozen.is_file():
-        raise UnclipError(f"{run} has no frozen CLIP yet", hint="train the prior or decoder first: they freeze the run's CLIP")
-    missing = [s for s in STAGES[1:] if not (run / s / "state.safetensors").is_file()]
+    sources["clip"] = frozen if frozen.is_file() else Path(base) / FILES["clip"] if base else frozen
+    for stage in STAGES[1:]:
+        state = run / stage / "state.safetensors"
+        sources[stage] = state if state.is_file() or not base else Path(base) / FILES[stage]
+    missing = [s for s, p in sources.items() if not p.is_file()]
+    if "clip" in missing:
+        raise UnclipError(f"{run} has no frozen CLIP yet", hint="train the prior or decoder first (they freeze the run's CLIP), or pass --base SET")
     if missing:
-        raise UnclipError(f"{run} has no trained {', '.join(missing)}", hint=f"train them: unclip train {missing[0]} --run {run} ...")
+        raise UnclipError(f"{run} has no trained {', '.join(missing)}",
+                          hint=f"train them (unclip train {missing[0]} --run {run} ...), or take them from a model set with --base SET")
     existing = [to / f for f in FILES.values() if (to / f).exists()]
     if existing and not force:
         raise UnclipError(f"{to} already holds a model set", hint="pass --force to replace it")
-    written = []
-    clip = checkpoint.load(frozen, "clip")
-    checkpoint.save(to / FILES["clip"], "clip", clip.model, clip.config, None, clip.extra, dtype=dtype)
-    written.append(to / FILES["clip"])
+    # Everything is read before anything is written: `to` may be `base` itself.
+    clip = checkpoint.load(sources["clip"], "clip")
+    outputs = {"clip": (clip.model, clip.config, None, clip.extra)}
     for stage in STAGES[1:]:
-        info = json.loads((run / stage / "run.json").read_text())
-        cfg_cls, model_cls = checkpoint.KINDS[stage]
-        cfg = config_from_dict(cfg_cls, info["config"])
-        model = model_cls(cfg)
-        meta = load_ema_weights(run / stage / "state.safetensors", model)
-        extra = {**info["extra"], "uid": f"{info['uid']}-step{meta['step']}", "trained_steps": meta["step"],
-                 "images_seen": meta["images_seen"], "train_seconds": round(meta["seconds"], 1),
-                 "final_loss": meta.get("last_loss"), "world_size": info.get("world_size", 1)}
+        if sources[stage].parent == run / stage:
+            info = json.loads((run / stage / "run.json").read_text())
+            cfg_cls, model_cls = checkpoint.KINDS[stage]
+            cfg = config_from_dict(cfg_cls, info["config"])
+            model = model_cls(cfg)
+            meta = load_ema_weights(sources[stage], model)
+            extra = {**info["extra"], "uid": f"{info['uid']}-step{meta['step']}", "trained_steps": meta["step"],
+                     "images_seen": meta["images_seen"], "train_seconds": round(meta["seconds"], 1),
+                     "final_loss": meta.get("last_loss"), "world_size": info.get("world_size", 1)}
+            if info.get("init_from"):
+                extra["init_from"] = info["init_from"]["uid"]
+            diffusion = config_from_dict(DiffusionConfig, info["diffusion"]) if info.get("diffusion") else None
+        else:
+            ck = checkpoint.load(sources[stage], stage)
+            model, cfg, diffusion, extra = ck.model, ck.config, ck.diffusion, ck.extra
         if stage in ("prior", "decoder") and extra.get("clip_uid") != clip.extra["uid"]:
-            raise UnclipError(f"{run / stage} was trained with another CLIP than {frozen.name}", hint=f"retrain {stage} against the current frozen CLIP")
-        diffusion = config_from_dict(DiffusionConfig, info["diffusion"]) if info.get("diffusion") else None
+            raise UnclipError(f"{sources[stage]} was trained with another CLIP than {sources['clip']}",
+                              hint=f"retrain {stage} against the run's frozen CLIP")
+        outputs[stage] = (model, cfg, diffusion, extra)
+    written = []
+    for stage, (model, cfg, diffusion, extra) in outputs.items():
         checkpoint.save(to / FILES[stage], stage, model, cfg, diffusion, extra, dtype=dtype)
         written.append(to / FILES[stage])
     return written

@@ -25,7 +25,7 @@ from unclip_cli.checkpoint import atomic_write
 from unclip_cli.errors import UnclipError
 from unclip_cli.presets import load_preset
 from unclip_cli.train.common import EMA, init_distributed, load_state, lr_at, save_state
-from unclip_cli.train.stages import STAGES, TASKS
+from unclip_cli.train.stages import STAGES, TASKS, adopt_clip, init_from_set
 
 
 @dataclass
@@ -37,6 +37,7 @@ class TrainOptions:
     max_minutes: float | None = None
     max_steps: int | None = None
     resume: bool = False
+    init_from: Path | None = None  # a model set whose weights start a new run (fine-tuning)
     batch_size: int | None = None
     lr: float | None = None
     checkpoint_minutes: float = 10.0
@@ -109,14 +110,19 @@ def train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None = N
         raise UnclipError(f"{stage_dir} already has a training state", hint="pass --resume to continue it, or choose another --run")
     if opts.resume and not state_path.exists():
         raise UnclipError(f"nothing to resume in {stage_dir}", hint="drop --resume to start a new run")
+    if opts.init_from is not None and opts.resume:
+        raise UnclipError("--init-from starts a new run and --resume continues one", hint="pass only one of them")
 
     torch.manual_seed(opts.seed)
     # Rank 0 builds the caches and embeddings first; the others then read them.
     if not dist.is_main:
         dist.barrier()
+    if opts.init_from is not None and dist.is_main:
+        adopt_clip(run, Path(opts.init_from), opts.stage)
     task = TASKS[opts.stage](preset, opts.data, run, device)
     if dist.is_main:
         dist.barrier()
+    started_from = init_from_set(task, Path(opts.init_from)) if opts.init_from is not None else None
     model = task.model
     task.net = model
     if dist.enabled:
@@ -131,7 +137,13 @@ def train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None = N
     info = {"stage": opts.stage, "preset": opts.preset, "config": dataclasses.asdict(task.config),
             "diffusion": dataclasses.asdict(task.diffusion_cfg) if task.diffusion_cfg else None,
             "extra": task.extra, "batch_size": batch, "world_size": dist.world_size, "data": str(opts.data)}
-    meta = {"step": 0, "epoch": 0, "offset": 0, "images_seen": 0, "seconds": 0.0, "last_loss": None}
+    meta = {"step": 0, "epoch": 0, "offset": 0, "images_seen": 0, "seconds": 0.0, "last_loss": None, "warmup_from": 0}
+    if started_from is not None:
+        # The step count goes on from the set's, so exports and model cards count all of its training;
+        # the optimiser's moments are new, so the learning rate warms up again from here.
+        meta.update(step=started_from["trained_steps"], images_seen=started_from["images_seen"],
+                    seconds=started_from["train_seconds"], warmup_from=started_from["trained_steps"])
+        info["init_from"] = started_from
     if opts.resume:
         meta = load_state(state_path, model, ema, opt)
         info = {**json.loads((stage_dir / "run.json").read_text()), "resumed_at": meta["step"]}
@@ -157,6 +169,7 @@ def train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None = N
     last_ckpt = last_log = start
     max_seconds = opts.max_minutes * 60 if opts.max_minutes else None
     window_images, window_start, loss_avg = 0, start, None
+    first_step = meta["step"] + 1  # logged at once, whatever the step count a run starts or resumes from
 
     def checkpoint(event: str) -> None:
         meta.update(epoch=order.epoch, offset=order.offset, seconds=seconds0 + time.time() - start)
@@ -178,7 +191,7 @@ def train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None = N
             gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + dist.rank * 7919 + step)
             idx = order.next()
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, base_lr, hp.get("warmup", 0))
+                g["lr"] = lr_at(step - meta.get("warmup_from", 0), base_lr, hp.get("warmup", 0))
             loss = task.loss(idx, gen)
             if not torch.isfinite(loss):
                 raise UnclipError(
@@ -197,7 +210,7 @@ def train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None = N
             meta.update(step=step + 1, images_seen=meta["images_seen"] + len(idx) * dist.world_size, last_loss=value)
             window_images += len(idx) * dist.world_size
             now = time.time()
-            if now - last_log >= opts.log_seconds or meta["step"] == 1:
+            if now - last_log >= opts.log_seconds or meta["step"] == first_step:
                 ips = window_images / max(now - window_start, 1e-9)
                 if dist.is_main:
                     with open(stage_dir / "metrics.jsonl", "a") as f:

@@ -168,21 +168,30 @@ class Embeddings:
         unique = sorted({c for cs in captions for c in cs})
         row = {c: r for r, c in enumerate(unique)}
         cfg = clip.cfg
-        tmp = root / "states.f16.tmp"
-        states = np.memmap(tmp, mode="w+", dtype=np.float16, shape=(len(unique), cfg.context_length, cfg.text_width))
         z_t, lengths = [], []
-        for s in range(0, len(unique), 512):
-            tokens, _ = clip.tokenize(unique[s : s + 512])
-            zt, st, mask = clip.encode_text(tokens.to(device))
-            z_t.append(zt.cpu())
-            lengths.append(mask.sum(1).cpu())
-            states[s : s + 512] = (st * mask[..., None]).cpu().numpy().astype(np.float16)
-        states.flush()
-        del states
-        os.replace(tmp, root / "states.f16")
-        np.save(root / "z_i.npy", z_i.numpy())
-        np.save(root / "z_t.npy", torch.cat(z_t).numpy())
-        np.save(root / "lengths.npy", torch.cat(lengths).numpy())
+
+        def write_states(tmp):
+            states = np.memmap(tmp, mode="w+", dtype=np.float16, shape=(len(unique), cfg.context_length, cfg.text_width))
+            for s in range(0, len(unique), 512):
+                tokens, _ = clip.tokenize(unique[s : s + 512])
+                zt, st, mask = clip.encode_text(tokens.to(device))
+                z_t.append(zt.cpu())
+                lengths.append(mask.sum(1).cpu())
+                states[s : s + 512] = (st * mask[..., None]).cpu().numpy().astype(np.float16)
+            states.flush()
+
+        def save_npy(name, array):
+            def write(tmp):
+                with open(tmp, "wb") as f:
+                    np.save(f, array)
+            atomic_write(root / name, write)
+
+        # Every file through its own temporary name: two stages started together both compute the
+        # (identical) embeddings, and neither may truncate a file the other is writing or reading.
+        atomic_write(root / "states.f16", write_states)
+        save_npy("z_i.npy", z_i.numpy())
+        save_npy("z_t.npy", torch.cat(z_t).numpy())
+        save_npy("lengths.npy", torch.cat(lengths).numpy())
         meta = {"clip_uid": clip_uid, "n": n, "captions": len(unique), "caption_rows": [[row[c] for c in cs] for cs in captions]}
         atomic_write(root / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))
 
@@ -211,6 +220,42 @@ def frozen_clip(run: Path, device) -> tuple[Clip, str, dict]:
     ck = checkpoint.load(path, "clip", device=device)
     ck.model.requires_grad_(False)
     return ck.model, ck.extra["uid"], ck.extra
+
+
+def adopt_clip(run: Path, model_set: Path, stage: str) -> None:
+    """Start a run from a model set (`unclip train STAGE --init-from DIR`): its CLIP becomes the run's
+    frozen CLIP, so the prior and decoder go on training against the embeddings they were trained on."""
+    from unclip_cli.modelset import FILES
+
+    if stage == "clip":
+        raise UnclipError("CLIP cannot be started from a model set", hint="a new CLIP needs a new prior and decoder: train it from scratch")
+    if stage == "upsampler":
+        return  # the upsampler never sees CLIP
+    src = checkpoint.load(model_set / FILES["clip"], "clip")
+    path = run / "frozen_clip.safetensors"
+    if path.is_file():
+        uid = checkpoint.load(path, "clip").extra.get("uid")
+        if uid != src.extra.get("uid"):
+            raise UnclipError(f"{run} already trains against another CLIP than {model_set}", hint="use a new --run folder")
+        return
+    checkpoint.save(path, "clip", src.model, src.config, None, src.extra)  # fp32: the embeddings are computed from it
+
+
+def init_from_set(task: Task, model_set: Path) -> dict:
+    """Load the model set's weights for `task`'s stage into its model; -> the facts the run starts from.
+    The set must match the task: same architecture and diffusion, and (prior, decoder) the same CLIP."""
+    from unclip_cli.modelset import FILES
+
+    path = model_set / FILES[task.kind]
+    ck = checkpoint.load(path, task.kind)
+    if ck.config != task.config or ck.diffusion != task.diffusion_cfg:
+        raise UnclipError(f"{path} has another architecture or diffusion than the preset", hint="pass the --preset it was trained with")
+    if task.kind in ("prior", "decoder") and ck.extra.get("clip_uid") != task.extra.get("clip_uid"):
+        raise UnclipError(f"{path} was trained with another CLIP than this run's", hint="use a new --run folder")
+    task.model.load_state_dict(ck.model.state_dict(), strict=True)
+    ex = ck.extra
+    return {"path": str(model_set), "uid": ex.get("uid"), "trained_steps": int(ex.get("trained_steps") or 0),
+            "images_seen": int(ex.get("images_seen") or 0), "train_seconds": float(ex.get("train_seconds") or 0.0)}
 
 
 class PriorTask(Task):
