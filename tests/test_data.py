@@ -391,3 +391,23 @@ def test_cli_builds_a_cache(tmp_path):
     assert result.exit_code == 0, result.output
     assert Path(result.stdout.strip().splitlines()[-1]) == tmp_path / "cache-8"
     assert len(ImageCache.open(tmp_path / "cache-8", 8)) == 6
+
+
+def test_eval_prompts_cover_every_eligible_held_out_pair_and_keep_their_order():
+    """All held-out base emoji (no skin tones, no letters or components) give one English and one Chinese
+    prompt; a shorter list is a prefix of the longer one, so earlier measurements stay comparable."""
+    from unclip_cli.data.emoji import Concept, _Sample, eval_prompts
+
+    style = Style("s", "Sketch", "素描", NpmPackage("x", "1"), "MIT", "", "files")
+    samples = []
+    for code in range(0x1F300, 0x1F300 + 400):
+        hexcode = f"{code:X}"
+        concept = Concept(hexcode, hexcode, chr(code), f"thing {code}", f"东西{code}", (), (), False, 1)
+        samples.append(_Sample(style, concept, "svg", b""))
+    samples.append(_Sample(style, Concept("1F44B-1F3FB", "1F44B", "", "waving hand: light skin tone", "挥手：较浅肤色", (), (), True, 1), "svg", b""))
+    held_out = [s for s in samples if s.split == "val" and not s.concept.skin_tone]
+    prompts = eval_prompts(samples)
+    assert len(prompts) == 2 * len(held_out) and len(held_out) >= 10
+    assert [p["lang"] for p in prompts[:4]] == ["en", "zh", "en", "zh"]
+    assert eval_prompts(samples, pairs=5) == prompts[:10]
+    assert {p["key"] for p in prompts} == {s.key for s in held_out}

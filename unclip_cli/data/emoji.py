@@ -33,7 +33,7 @@ from unclip_cli.errors import DataError
 VAL_FRACTION = 0.05
 SAMPLES_PER_SHARD = 1000
 _COMPONENT_GROUP = 2  # emojibase's group of skin tone swatches and hair components
-EVAL_PAIRS = 100  # held-out (concept, style) pairs; each gives one English and one Chinese prompt
+EVAL_PAIRS = None  # held-out (concept, style) pairs, each one English and one Chinese prompt; None: all (~480)
 MAX_KEYWORDS = 5
 
 EMOJIBASE = NpmPackage(
@@ -503,7 +503,7 @@ def _sample_meta(sample: _Sample) -> dict:
     }
 
 
-def eval_prompts(samples: list[_Sample], pairs: int = EVAL_PAIRS) -> list[dict]:
+def eval_prompts(samples: list[_Sample], pairs: int | None = EVAL_PAIRS) -> list[dict]:
     """Prompts for held-out (concept, style) pairs, one English and one Chinese each.
 
     Only base emoji are used (a skin tone's name adds little), not letters or components (no one
