@@ -235,7 +235,7 @@ def test_generate_writes_images_grid_and_recipe(w, tmp_path):
         recipe = json.loads(im.text["unclip"])
         params = im.text["parameters"]
     assert recipe["op"] == "generate" and recipe["seed"] == 8 and recipe["prompt"] == "a red apple"
-    assert recipe["steps"] == {"prior": 2, "decoder": 2, "upsampler": 2}
+    assert recipe["steps"] == {"prior": 2, "decoder": 2, "upsampler": 2, "decoder_candidates": 3}  # the default quality's
     assert params.splitlines()[0] == "a red apple" and "Seed: 8" in params and "Steps: 2" in params and "Model hash: " in params
     grid = Image.open(paths[2])
     assert grid.width > Image.open(paths[0]).width

@@ -143,7 +143,7 @@ def test_recipes_carry_what_reproduces_the_image(op, run, tiny_engine):
     for i, r in enumerate(res.recipes):
         assert r["op"] == op
         assert r["seed"] == (5 if op == "blend" else 5 + i)
-        assert r["steps"] == {"prior": 3, "decoder": 3, "upsampler": 2}
+        assert r["steps"] == {"prior": 3, "decoder": 3, "upsampler": 2, "decoder_candidates": 1}
         assert r["model"] == tiny_engine.name and r["model_hash"] == tiny_engine.models.model_hash
     if op in ("generate", "edit"):
         assert all(r["prompt"] in ("a red circle", "a green star") for r in res.recipes)
@@ -288,3 +288,37 @@ EMPTY = Image.new("L", (W, H), 0)
 def test_input_errors(call, tiny_engine):
     with pytest.raises(InputError):
         call(tiny_engine)
+
+
+def test_decoder_candidates_keep_the_sample_closest_to_z_i_per_image(tiny_engine):
+    """With K decoder candidates each image is the best of its own K samples by CLIP cosine to z_i: it is one of
+    the K, scores at least as well as each, and does not depend on the other images in the batch."""
+    import torch
+    import torch.nn.functional as F
+
+    from unclip_cli.engine import Noise
+
+    e = tiny_engine
+    K = 3
+    st = Steps(prior=2, decoder=2, upsampler=1, decoder_candidates=K)
+    z_t, states, mask, _ = e.encode_text(["a red circle", "a blue square"])
+    z_i = F.normalize(torch.randn(2, z_t.shape[1], generator=torch.Generator().manual_seed(0)), dim=-1)
+    x = e.decode_from_noise(z_i, states, mask, Noise([4, 9], e.device), st, 3.0)
+    # All K candidates of both images, drawn as decode_from_noise draws them, then scored.
+    one = Steps(prior=2, decoder=2, upsampler=1)
+    noise = Noise([4, 9], e.device)
+    flat = lambda *shape: noise(K, *shape).flatten(0, 1)  # noqa: E731
+    cands = e.decode_from_noise(z_i.repeat_interleave(K, 0), states.repeat_interleave(K, 0), mask.repeat_interleave(K, 0), flat, one, 3.0)
+    emb = F.normalize(e.models.clip.model.encode_image(cands.clamp(-1, 1)).float(), dim=-1).view(2, K, -1)
+    score = (emb * z_i[:, None]).sum(-1)  # (2, K)
+    for b in range(2):
+        picked = [k for k in range(K) if torch.equal(cands[b * K + k], x[b])]
+        assert picked and score[b, picked[0]] >= score[b].max() - 1e-6
+    alone = e.decode_from_noise(z_i[1:], states[1:], mask[1:], Noise([9], e.device), st, 3.0)
+    assert torch.allclose(alone[0], x[1], atol=1e-5)
+    assert not torch.allclose(x, e.decode_from_noise(z_i, states, mask, Noise([4, 9], e.device), one, 3.0), atol=1e-3)
+
+
+def test_decoder_candidates_are_bounded(tiny_engine):
+    with pytest.raises(InputError, match="decoder candidates"):
+        tiny_engine.generate("cat", steps=Steps(1, 1, 1, decoder_candidates=0))

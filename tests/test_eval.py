@@ -141,7 +141,7 @@ def _close(a: Image.Image, b: Image.Image, tol: int = 2) -> bool:
 def test_batched_runs_match_the_engine(tiny_engine):
     from unclip_cli.engine import Steps
 
-    e, steps = tiny_engine, Steps(2, 3, 2)
+    e, steps = tiny_engine, Steps(2, 3, 2, decoder_candidates=2)
     ims, _ = ev.generate_batch(e, ["a red circle", "a blue square"], [5, 9], steps, 3.0, 1.5)
     assert _close(ims[1], e.generate("a blue square", seed=9, steps=steps, guidance=3.0, prior_guidance=1.5).images[0])
     a, b = _img("red", "circle", "flat"), _img("blue", "square", "outline")
@@ -245,7 +245,7 @@ def test_eval_quick_end_to_end(tiny_weights, eval_shards, tmp_path, monkeypatch)
     saved = json.loads(out.read_text())
     assert json.loads(stdout) == saved  # stdout holds only the JSON; notes went to stderr
     assert "Wrote" in stderr
-    assert saved["sampling"]["steps"] == {"prior": 2, "decoder": 3, "upsampler": 2}
+    assert saved["sampling"]["steps"] == {"prior": 2, "decoder": 3, "upsampler": 2, "decoder_candidates": 1}
     assert saved["settings"]["mode"] == "quick" and saved["machine"]["cores"] >= 1
     assert saved["command"].startswith("unclip eval --weights") and "--quick" in saved["command"]
     m = saved["metrics"]

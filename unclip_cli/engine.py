@@ -39,16 +39,21 @@ Progress = Callable[[str, int, int], None] | None
 
 @dataclass(frozen=True)
 class Steps:
+    """The sampling work per stage: each sampler's steps, and how many decoder samples text-to-image
+    and edit draw per image (the one whose CLIP embedding is closest to the prior's z_i is kept)."""
+
     prior: int
     decoder: int
     upsampler: int
+    decoder_candidates: int = 1  # 1 in recipes written before it existed, so they reproduce exactly
 
 
 QUALITY = {
-    "fast": Steps(prior=8, decoder=10, upsampler=3),
-    "default": Steps(prior=16, decoder=20, upsampler=4),
-    "best": Steps(prior=32, decoder=50, upsampler=8),
+    "fast": Steps(prior=8, decoder=10, upsampler=3, decoder_candidates=1),
+    "default": Steps(prior=16, decoder=20, upsampler=4, decoder_candidates=3),
+    "best": Steps(prior=32, decoder=50, upsampler=8, decoder_candidates=4),
 }
+MAX_DECODER_CANDIDATES = 16
 # The upsampler starts from the upsampled low-resolution image noised to this timestep, not from pure
 # noise: the low-res image already fixes the content, so only the detail needs sampling. Measured on the
 # emoji upsampler (128 px, DDIM): starting at t=999 with 8 steps gave MSE 0.52 to the real image
@@ -199,7 +204,10 @@ class Engine:
                 raise InputError(f"unknown quality {quality!r}", hint=f"choose from {', '.join(QUALITY)}")
             steps = QUALITY[quality]
         for name, v in dataclasses.asdict(steps).items():
-            if not 1 <= v <= 1000:
+            if name == "decoder_candidates":
+                if not 1 <= v <= MAX_DECODER_CANDIDATES:
+                    raise InputError(f"decoder candidates must be between 1 and {MAX_DECODER_CANDIDATES}, got {v}")
+            elif not 1 <= v <= 1000:
                 raise InputError(f"{name} steps must be between 1 and 1000, got {v}")
         guidance = DEFAULT_GUIDANCE if guidance is None else float(guidance)
         prior_guidance = DEFAULT_PRIOR_GUIDANCE if prior_guidance is None else float(prior_guidance)
@@ -328,6 +336,34 @@ class Engine:
         return SAMPLERS[sampler](denoise, x_T, ts, stage.diffusion, randn=randn, eta=eta,
                                  callback=callback and (lambda i, n: callback("decoder", i, n)))
 
+    @torch.no_grad()
+    def decode_from_noise(self, z_i, states, mask, noise: Noise, steps: Steps, guidance: float, known: torch.Tensor | None = None,
+                          keep: torch.Tensor | None = None, callback: Progress = None) -> torch.Tensor:
+        """Text-to-image and edit decoding: base images (B, 3, s, s) for z_i (B, D), sampled ancestrally from
+        the noised mean at DECODER_T_START. With steps.decoder_candidates = K > 1, K samples per image are
+        drawn (from that image's own noise generator) and the one whose CLIP image embedding is closest to
+        z_i is kept: the decoder realises z_i unevenly from sample to sample, and CLIP can tell which did
+        best. Measured on the emoji model (200 training-split prompts, default steps): K = 3 raised the
+        generated images' CLIP z-score for their concept from 1.59 to 1.79 (English) and 0.95 to 1.05
+        (Chinese), top-5 retrieval among 100 concepts from 0.49 to 0.65 (English)."""
+        K, B = steps.decoder_candidates, z_i.shape[0]
+        if K == 1:
+            flat, rep = noise, (lambda v: v)
+        else:
+            flat = lambda *shape: noise(K, *shape).flatten(0, 1)  # noqa: E731  (B*K, *shape), candidates of image b together
+            rep = lambda v: None if v is None else v.repeat_interleave(K, dim=0)  # noqa: E731
+        denoise = self._decoder_denoiser(rep(z_i), rep(states), rep(mask), guidance, known=rep(known), keep=rep(keep))
+        x = self.run_decoder(denoise, self.decoder_start(flat, rep(known), rep(keep)), steps.decoder, noise=flat,
+                             start=DECODER_T_START, callback=callback)
+        if K == 1:
+            return x
+        clip = self.models.clip.model
+        size = clip.cfg.image_size
+        x_clip = x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        emb = F.normalize(clip.encode_image(x_clip.clamp(-1, 1).to(self.dtype)).float(), dim=-1).view(B, K, -1)
+        best = (emb * F.normalize(z_i.float(), dim=-1)[:, None]).sum(-1).argmax(1)  # (B,)
+        return x.view(B, K, *x.shape[1:])[torch.arange(B, device=x.device), best]
+
     def invert(self, denoise, x_start, steps: int, callback: Progress = None) -> torch.Tensor:
         """DDIM inversion of base-resolution images: (B, 3, s, s) -> x_T (§3)."""
         stage = self.models.decoder
@@ -385,8 +421,7 @@ class Engine:
             noise = Noise(seeds, self.device)
             zt, st, mk = z_t.expand(B, -1), states.expand(B, -1, -1), mask.expand(B, -1)
             z_i = self.run_prior(zt, st, mk, noise, steps.prior, prior_guidance, callback)
-            denoise = self._decoder_denoiser(z_i, st, mk, guidance)
-            x = self.run_decoder(denoise, self.decoder_start(noise), steps.decoder, noise=noise, start=DECODER_T_START, callback=callback)
+            x = self.decode_from_noise(z_i, st, mk, noise, steps, guidance, callback=callback)
             x = self.run_upsamplers(x, noise, steps.upsampler, callback=callback)
             images += self._finish(x)
             recipes += [self._recipe("generate", s, steps, guidance, prior_guidance, quality, prompt=prompt) for s in seeds]
@@ -526,9 +561,8 @@ class Engine:
             noise = Noise(seeds, self.device)
             zt, st, mk = z_t.expand(B, -1), states.expand(B, -1, -1), tmask.expand(B, -1)
             z_i = self.run_prior(zt, st, mk, noise, steps.prior, prior_guidance, callback)
-            denoise = self._decoder_denoiser(z_i, st, mk, guidance, known=known.expand(B, -1, -1, -1), keep=keep.expand(B, -1, -1, -1))
-            x_T = self.decoder_start(noise, known, keep)
-            x = self.run_decoder(denoise, x_T, steps.decoder, noise=noise, start=DECODER_T_START, callback=callback)
+            x = self.decode_from_noise(z_i, st, mk, noise, steps, guidance, known=known.expand(B, -1, -1, -1),
+                                       keep=keep.expand(B, -1, -1, -1), callback=callback)
             x = self.run_upsamplers(x, noise, steps.upsampler, known=known_full.expand(B, -1, -1, -1), keep_full=keep_full.expand(B, -1, -1, -1), callback=callback)
             for out in self._finish(x):
                 images.append(self._paste_back(out, image, m))

@@ -339,13 +339,12 @@ def generate_batch(engine, prompts: Sequence[str], seeds: Sequence[int], steps, 
                    callback: Progress = None) -> tuple[list[Image.Image], torch.Tensor]:
     """`Engine.generate` for many prompts at once: image i is `generate(prompts[i], seed=seeds[i])`.
     Returns the images and the prior's z_i (B, D)."""
-    from unclip_cli.engine import DECODER_T_START, Noise
+    from unclip_cli.engine import Noise
 
     z_t, states, mask, _ = engine.encode_text(list(prompts))
     noise = Noise(list(seeds), engine.device)
     z_i = engine.run_prior(z_t, states, mask, noise, steps.prior, prior_guidance, callback)
-    denoise = engine._decoder_denoiser(z_i, states, mask, guidance)
-    x = engine.run_decoder(denoise, engine.decoder_start(noise), steps.decoder, noise=noise, start=DECODER_T_START, callback=callback)
+    x = engine.decode_from_noise(z_i, states, mask, noise, steps, guidance, callback=callback)
     x = engine.run_upsamplers(x, noise, steps.upsampler, callback=callback)
     return engine._finish(x), z_i
 
@@ -410,7 +409,7 @@ def edit_batch(engine, images: Sequence[Image.Image], repaint: np.ndarray, promp
                guidance: float, prior_guidance: float, callback: Progress = None) -> list[Image.Image]:
     """`Engine.edit(images[j], mask, prompts[j], seed=seeds[j])` for every j at once; all images are
     square, of one size, and share the (H, W) bool mask `repaint` (True = repaint)."""
-    from unclip_cli.engine import DECODER_T_START, Noise, to_tensor
+    from unclip_cli.engine import Noise, to_tensor
 
     S, base, B = engine.image_size, engine.base_size, len(images)
     z_t, states, tmask, _ = engine.encode_text(list(prompts))
@@ -422,8 +421,7 @@ def edit_batch(engine, images: Sequence[Image.Image], repaint: np.ndarray, promp
     keep = (F.interpolate(keep_full, size=(base, base), mode="area") > 0.999).float()
     noise = Noise(list(seeds), engine.device)
     z_i = engine.run_prior(z_t, states, tmask, noise, steps.prior, prior_guidance, callback)
-    denoise = engine._decoder_denoiser(z_i, states, tmask, guidance, known=known, keep=keep)
-    x = engine.run_decoder(denoise, engine.decoder_start(noise, known, keep), steps.decoder, noise=noise, start=DECODER_T_START, callback=callback)
+    x = engine.decode_from_noise(z_i, states, tmask, noise, steps, guidance, known=known, keep=keep, callback=callback)
     x = engine.run_upsamplers(x, noise, steps.upsampler, known=known_full, keep_full=keep_full, callback=callback)
     return [engine._paste_back(out, im.convert("RGB"), repaint) for out, im in zip(engine._finish(x), images)]
 

@@ -383,10 +383,13 @@ class Run:
             raise InputError(f"unknown quality {quality!r}", hint=f"use one of {', '.join(QUALITY)}")
         steps = None
         if c.quality is None and isinstance(r.get("steps"), dict):
-            steps = Steps(**{k: int(r["steps"][k]) for k in ("prior", "decoder", "upsampler")})
+            # A recipe from before decoder candidates existed has none: it was made with one.
+            steps = Steps(**{k: int(r["steps"][k]) for k in ("prior", "decoder", "upsampler")},
+                          decoder_candidates=int(r["steps"].get("decoder_candidates", 1)))
         if any(v is not None for v in (c.prior_steps, c.decoder_steps, c.upsampler_steps)):
             base = steps or QUALITY[quality]
-            steps = Steps(
+            steps = dataclasses.replace(
+                base,
                 prior=c.prior_steps or base.prior,
                 decoder=c.decoder_steps or base.decoder,
                 upsampler=c.upsampler_steps or base.upsampler,
