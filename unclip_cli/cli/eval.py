@@ -35,7 +35,7 @@ def eval_cmd(
     weights: WeightsOpt = None,
     data: Annotated[str, typer.Option("--data", metavar="SHARDS",
                                       help="Corpus folder, glob or brace range of shards; val-*.tar are the held-out split.")] = DEFAULT_DATA,
-    quick: Annotated[bool, typer.Option("--quick", help="40 prompts and few sampling steps: about a minute on a 2-core CPU (the full set: about 4 minutes).")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="40 prompts and few sampling steps: about a minute on a 2-core CPU (the full set: about 23 minutes).")] = False,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", metavar="FILE",
                                                    help="Held-out prompt list (default: eval_prompts.json beside the shards).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="Where to write the metrics (replaced if present).")] = Path("metrics.json"),
