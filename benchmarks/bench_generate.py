@@ -68,11 +68,17 @@ def networks(engine) -> dict[str, torch.nn.Module]:
     return nets
 
 
-def flops_per_call(engine, n: int, prompt: str) -> dict[str, float]:
-    """FLOPs of one call of each network at this -n (its batch size does not depend on the quality),
-    from one whole generate call under FlopCounterMode."""
+def flops_per_call(engine, n: int, prompt: str, quality: str) -> dict[str, float]:
+    """FLOPs of one call of each network at this -n and quality (the decoder's batch grows with the
+    quality's decoder candidates; the step counts do not matter), from one generate call under
+    FlopCounterMode with one step per stage."""
+    import dataclasses
+
+    from unclip_cli.engine import QUALITY
+
+    one_step = dataclasses.replace(QUALITY[quality], prior=1, decoder=1, upsampler=1)
     with common.flop_counter() as counter, common.NetworkFlops(networks(engine), counter) as nf:
-        engine.generate(prompt, n=n, seed=0, quality="fast")
+        engine.generate(prompt, n=n, seed=0, steps=one_step)
     return {k: nf.flops[k] / nf.calls[k] for k in nf.flops if nf.calls[k]}
 
 
@@ -123,10 +129,10 @@ def main(argv=None) -> None:
     load_s = time.perf_counter() - t
     engine.generate(args.prompt, n=1, seed=0, quality="fast")  # warm-up: first-call allocations, thread pool
 
-    print("counting FLOPs per network call…", file=sys.stderr)
-    per_call = flops_per_call(engine, args.n, args.prompt)
     rows = []
     for q in args.qualities:
+        print(f"{q}: counting FLOPs per network call…", file=sys.stderr)
+        per_call = flops_per_call(engine, args.n, args.prompt, q)
         print(f"{q}: timing {args.repeats} in-process runs and {args.repeats} whole processes…", file=sys.stderr)
         runs = sorted((time_stages(engine, q, args.n, args.prompt) for _ in range(args.repeats)), key=lambda r: r[0]["total"])
         stages, net_calls = runs[(len(runs) - 1) // 2]  # the run with the (lower) median total
@@ -156,7 +162,7 @@ def main(argv=None) -> None:
                     f"{st['total']:.2f} [{min(totals):.2f}–{max(totals):.2f}] | {share('prior')} | {share('decoder')} | {share('upsampler')} | {100 * other / st['total']:.0f}% |")
     body += ["", f"Achieved FLOP/s of the sampling loops against the matmul peak ({pf / 1e9:.1f} GFLOP/s): FLOPs of one call of "
              "each network (FlopCounterMode over a whole generate call, divided by its calls; guidance doubles the prior and "
-             "decoder batches and the prior samples 2 candidates per image) times its calls, over the stage's time in the "
+             "decoder batches, the prior samples 2 candidates per image and the decoder the quality's candidates) times its calls, over the stage's time in the "
              "median in-process run:", "",
              "| quality | stage | network calls | GFLOP | seconds | GFLOP/s | % of peak |", "|---|---|---|---|---|---|---|"]
     for q, flops, calls, totals, st, proc, shown in rows:
