@@ -12,7 +12,7 @@ Two layers, kept apart so that the numbers can be trusted:
 Every image the runner makes comes from fixed seeds, and `Settings` (stored in the output) says how
 many of everything were used. For speed on CPUs the runner batches across prompts and images (a batch
 of 1 is several times slower per image there); `generate_batch` and friends are the engine's own
-stages (`Engine.run_prior`, `run_decoder`, `run_upsamplers`, `invert`) in the same order with the same
+stages (`Engine.run_prior`, `decode_from_noise`, `run_decoder`, `run_upsamplers`, `invert`) in the same order with the same
 per-image seeds, so image i is the one `unclip generate PROMPT --seed SEED` draws (tests check this).
 """
 
