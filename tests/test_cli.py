@@ -305,6 +305,7 @@ def test_blend_writes_frames_strip_and_animations(w, tmp_path, pics):
     assert len(frames) == 3 and [i["recipe"]["frame"] for i in res["images"]] == [0, 1, 2]
     side = frames[0].width
     assert Image.open(res["strip"]).size == (3 * side, side)
+    assert res["images"][0]["recipe"]["steps"]["decoder"] == 2  # an explicit --decoder-steps is taken as given
     gif = Image.open(res["gif"])
     assert gif.n_frames == 4  # A, mid, B, mid: loops without a jump
     if res["webp"]:

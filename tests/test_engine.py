@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
@@ -135,6 +137,17 @@ def test_blend_end_frames_do_not_depend_on_the_frame_count(run):
     assert not _same(three.images[0], three.images[2])
     assert [r["theta"] for r in three.recipes] == [0.0, 0.5, 1.0]
     assert [r["frame"] for r in three.recipes] == [0, 1, 2]
+
+
+def test_blend_takes_more_decoder_steps_than_the_quality_preset(tiny_engine):
+    from unclip_cli.engine import BLEND_DECODER_STEP_FACTOR, QUALITY, quality_steps
+
+    fast = QUALITY["fast"]
+    assert quality_steps("fast") == fast
+    assert quality_steps("fast", "blend") == dataclasses.replace(fast, decoder=BLEND_DECODER_STEP_FACTOR * fast.decoder)
+    res = tiny_engine.blend(IMG_A, IMG_B, frames=2, quality="fast", seed=1)
+    assert res.recipes[0]["steps"]["decoder"] == BLEND_DECODER_STEP_FACTOR * fast.decoder  # the recipe holds what ran
+    assert tiny_engine.blend(IMG_A, IMG_B, frames=2, steps=ST, seed=1).recipes[0]["steps"]["decoder"] == ST.decoder
 
 
 @pytest.mark.parametrize("op", ALL)

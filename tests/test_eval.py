@@ -104,6 +104,14 @@ def test_blend_monotonicity():
     assert ev.blend_monotonicity([1, 1, 1], [0, 0, 0]) == 0.0  # standing still is not progress
 
 
+def test_blend_progress():
+    assert ev.blend_progress([1, 0.5, 0.6, 0.2], [0, 0.5, 0.4, 0.9]) == pytest.approx(2 / 3)
+    # both similarities fall mid-blend, yet the frame moves toward B: progress, not monotone
+    a, b = [1.0, 0.3, 0.1, 0.0], [0.0, 0.25, 0.2, 1.0]
+    assert ev.blend_progress(a, b) == 1.0 and ev.blend_monotonicity(a, b) == pytest.approx(2 / 3)
+    assert ev.blend_progress([1, 1, 1], [0, 0, 0]) == 0.0
+
+
 def test_an_edit_that_touches_an_unmasked_pixel_is_caught():
     before = np.zeros((16, 16, 3), dtype=np.uint8)
     repaint = ev.center_mask(16)
@@ -259,7 +267,7 @@ def test_eval_quick_end_to_end(tiny_weights, eval_shards, tmp_path, monkeypatch)
     assert g["frechet_clip"] > 0 and m["prior"]["n"] == 10
     assert -1 <= m["vary"]["cosine_to_source"] <= 1 and m["vary"]["n_style_pairs"] == 5
     assert m["inversion"]["mse"] >= 0 and m["inversion"]["resolution"] == 8
-    assert 0 <= m["blend"]["monotone_fraction"] <= 1 and m["blend"]["pairs"] == 2
+    assert 0 <= m["blend"]["monotone_fraction"] <= m["blend"]["progress_fraction"] <= 1 and m["blend"]["pairs"] == 2
     assert m["edit"]["pixels_changed_outside_mask"] == 0 and m["edit"]["n"] == 5
     # The readable table goes to stdout without --json.
     code, stdout, _ = _cli("eval", "--weights", tiny_weights, "--data", eval_shards, "--quick", "--out", out, "--quiet")

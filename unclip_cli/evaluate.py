@@ -137,6 +137,16 @@ def blend_monotonicity(sim_a: Sequence[float], sim_b: Sequence[float]) -> float:
     return float(((db > 0) & (da < 0)).mean())
 
 
+def blend_progress(sim_a: Sequence[float], sim_b: Sequence[float]) -> float:
+    """Fraction of consecutive frame pairs that move toward B relative to A (sim_b - sim_a rises). Laxer
+    than `blend_monotonicity`: mid-blend frames sit far from both ends, where the two similarities are
+    small and each can wobble while the frame still moves on toward B."""
+    margin = np.asarray(sim_b, dtype=np.float64) - np.asarray(sim_a, dtype=np.float64)
+    if len(margin) < 2:
+        raise ValueError("a blend needs at least two frames")
+    return float((np.diff(margin) > 0).mean())
+
+
 def pixels_changed_outside(before: np.ndarray, after: np.ndarray, repaint: np.ndarray) -> int:
     """Number of pixels outside the repaint mask whose value differs. before/after (H, W, C) uint8,
     repaint (H, W) bool, True = may change."""
@@ -493,6 +503,7 @@ def evaluate(engine, data: EvalData, settings: Settings = QUICK, progress: Progr
 
     fixed = Steps(*settings.steps) if settings.steps else None
     steps, guidance, prior_guidance = engine._settings(settings.quality, fixed, None, None)
+    blend_steps = engine._settings(settings.quality, fixed, None, None, op="blend")[0]  # what `unclip blend` takes
     sections = {
         "clip": _clip_section,
         "generate": _generate_section,
@@ -500,7 +511,7 @@ def evaluate(engine, data: EvalData, settings: Settings = QUICK, progress: Progr
         "blend": _blend_section,
         "edit": _edit_section,
     }
-    ctx = _Context(engine, data, settings, steps, guidance, prior_guidance, progress)
+    ctx = _Context(engine, data, settings, steps, guidance, prior_guidance, progress, blend_steps)
     metrics, seconds = {}, {}
     for name, fn in sections.items():
         t = time.perf_counter()
@@ -508,7 +519,8 @@ def evaluate(engine, data: EvalData, settings: Settings = QUICK, progress: Progr
         seconds[name] = round(time.perf_counter() - t, 2)
     return {
         "settings": dataclasses.asdict(settings),
-        "sampling": {"steps": dataclasses.asdict(steps), "guidance": guidance, "prior_guidance": prior_guidance},
+        "sampling": {"steps": dataclasses.asdict(steps), "blend_steps": dataclasses.asdict(blend_steps),
+                     "guidance": guidance, "prior_guidance": prior_guidance},
         "seconds": seconds,
         "metrics": metrics,
         "notes": list(data.notes) + ctx.notes,
@@ -524,6 +536,7 @@ class _Context:
     guidance: float
     prior_guidance: float
     progress: Progress
+    blend_steps: object  # the blend command's steps: more decoder steps than the others (engine.quality_steps)
     notes: list[str] = field(default_factory=list)
     _cache: dict = field(default_factory=dict)
 
@@ -744,19 +757,21 @@ def _blend_section(ctx: _Context) -> dict:
     if not pairs:
         return {}
     chunk = max(1, st.batch_size // st.blend_frames)
-    bar = _Counter(ctx.progress, "blend", _n_chunks(len(pairs), chunk) * (max(0, ctx.steps.decoder - 1) + ctx.steps.decoder + ctx.up_steps))
+    steps = ctx.blend_steps
+    bar = _Counter(ctx.progress, "blend", _n_chunks(len(pairs), chunk) * (max(0, steps.decoder - 1) + steps.decoder + ctx.up_steps))
     frames = []
     for sl in _chunks(len(pairs), chunk):
-        frames += blend_batch(ctx.engine, pairs[sl], st.blend_frames, ctx.steps, ctx.guidance, st.seed, bar.cb)
+        frames += blend_batch(ctx.engine, pairs[sl], st.blend_frames, steps, ctx.guidance, st.seed, bar.cb)
     ends = embed_images(ctx.engine, [im for pair in pairs for im in pair])
-    mono, first_a, last_b = [], [], []
+    mono, progress, first_a, last_b = [], [], [], []
     for p, fr in enumerate(frames):
         emb = embed_images(ctx.engine, fr)
         sim_a, sim_b = emb @ ends[2 * p], emb @ ends[2 * p + 1]
         mono.append(blend_monotonicity(sim_a, sim_b))
+        progress.append(blend_progress(sim_a, sim_b))
         first_a.append(sim_a[0])
         last_b.append(sim_b[-1])
-    return {"blend": {"monotone_fraction": _mean(mono), "pairs": len(pairs), "frames": st.blend_frames,
+    return {"blend": {"monotone_fraction": _mean(mono), "progress_fraction": _mean(progress), "pairs": len(pairs), "frames": st.blend_frames,
                       "first_frame_cosine_to_a": _mean(first_a), "last_frame_cosine_to_b": _mean(last_b)}}
 
 

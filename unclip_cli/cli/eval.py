@@ -194,6 +194,9 @@ def metrics_table(report: dict):
     if b:
         t.add_row("blend", "monotone frame steps", _f(b["monotone_fraction"]), "1 = steadily from A to B",
                   f"{b['pairs']} pairs × {b['frames']} frames")
+        if "progress_fraction" in b:
+            t.add_row("blend", "frame steps toward B (vs A)", _f(b["progress_fraction"]), "sim to B minus sim to A rises",
+                      f"{b['pairs']} pairs × {b['frames']} frames")
     e = m.get("edit")
     if e:
         t.add_row("edit", "pixels changed outside the mask", str(e["pixels_changed_outside_mask"]), "must be 0", str(e["n"]))

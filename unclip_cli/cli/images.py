@@ -371,7 +371,7 @@ class Run:
 
     def sampling(self) -> dict:
         """Keyword arguments common to every engine operation."""
-        from unclip_cli.engine import QUALITY, Steps
+        from unclip_cli.engine import QUALITY, Steps, quality_steps
 
         c, r = self.c, self.recipe
         seed = c.seed if c.seed is not None else r.get("seed")
@@ -387,7 +387,7 @@ class Run:
             steps = Steps(**{k: int(r["steps"][k]) for k in ("prior", "decoder", "upsampler")},
                           decoder_candidates=int(r["steps"].get("decoder_candidates", 1)))
         if any(v is not None for v in (c.prior_steps, c.decoder_steps, c.upsampler_steps)):
-            base = steps or QUALITY[quality]
+            base = steps or quality_steps(quality, self.op)
             steps = dataclasses.replace(
                 base,
                 prior=c.prior_steps or base.prior,
