@@ -100,8 +100,9 @@ def train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None = N
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     if device.type == "cuda":
-        # TF32 matmuls and convolutions: ~8x the fp32 rate on Ampere and later; the 10-bit mantissa is
-        # far below the noise of diffusion and contrastive losses. Sampling (engine) stays in full fp32.
+        # TF32 matmuls and convolutions (Ampere and later run them several times faster than fp32); a
+        # 10-bit mantissa is far below the noise of diffusion and contrastive losses. These flags are set
+        # in the training process only; the engine chooses its own precision for sampling.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # fixed shapes per stage: pick the fastest kernels once
