@@ -343,7 +343,8 @@ def test_nudge(w, tmp_path, pics):
     r = ok("nudge", pics["png"], "--to", "a tiger", "--from", "noise", "--amount", "0.4", "-n", "2", "--json", "--out", tmp_path, *FAST, *w)
     res = json.loads(r.out)
     recipes = [i["recipe"] for i in res["images"]]
-    assert [rc["amount"] for rc in recipes] == pytest.approx([0.2, 0.4])
+    assert [rc["theta"] for rc in recipes] == pytest.approx([0.2, 0.4])
+    assert [rc["amount"] for rc in recipes] == [0.4, 0.4]  # the request's; image i turns by amount * (i + 1) / n
     assert recipes[0]["to"] == "a tiger" and recipes[0]["from"] == "noise" and res["grid"]
 
 
@@ -420,9 +421,9 @@ def test_weights_errors(tiny_weights, tmp_path, monkeypatch):
     r = fails("generate", "x", "--out", tmp_path / "out", *FAST, match="decoder.safetensors", env={"UNCLIP_WEIGHTS": str(bad)})
     assert not (tmp_path / "out").exists()
     # Without --weights and with no shipped model, say so; never pretend.
-    import unclip_cli.cli.images as images
+    import unclip_cli.cli.options as options
 
-    monkeypatch.setattr(images, "shipped_weights_candidates", lambda: [tmp_path / "weights" / "emoji"])
+    monkeypatch.setattr(options, "shipped_weights_candidates", lambda: [tmp_path / "weights" / "emoji"])
     r = fails("generate", "x", match="no trained model is shipped")
     assert "--weights DIR" in r.err
 
@@ -448,7 +449,7 @@ def test_out_of_memory_becomes_advice(w, tmp_path, monkeypatch):
     def oom(*a, **k):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(Engine, "generate", oom)
+    monkeypatch.setattr(Engine, "run", oom)
     r = fails("generate", "x", "--out", tmp_path / "out", *FAST, *w, match="ran out of memory")
     assert "--batch-size" in r.err and not (tmp_path / "out").exists()
 

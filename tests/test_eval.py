@@ -146,24 +146,16 @@ def _close(a: Image.Image, b: Image.Image, tol: int = 2) -> bool:
     return int(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max()) <= tol
 
 
-def test_batched_runs_match_the_engine(tiny_engine):
-    from unclip_cli.engine import Steps
+def test_generate_batch_draws_what_the_command_draws(tiny_engine):
+    """The runner batches requests across prompts; image i is `generate PROMPT --seed SEED` up to rounding."""
+    from unclip_cli.requests import GenerateRequest
 
-    e, steps = tiny_engine, Steps(2, 3, 2, decoder_candidates=2)
-    ims, _ = ev.generate_batch(e, ["a red circle", "a blue square"], [5, 9], steps, 3.0, 1.5)
-    assert _close(ims[1], e.generate("a blue square", seed=9, steps=steps, guidance=3.0, prior_guidance=1.5).images[0])
-    a, b = _img("red", "circle", "flat"), _img("blue", "square", "outline")
-    var = ev.vary_batch(e, [a, b], [3, 40], 2, 0.5, steps, 3.0)
-    ref = e.vary(b, n=2, strength=0.5, seed=40, steps=steps, guidance=3.0).images
-    assert all(_close(x, y) for x, y in zip(var[1], ref))
-    frames = ev.blend_batch(e, [(a, b)], 3, steps, 3.0, seed=0)[0]
-    assert all(_close(x, y) for x, y in zip(frames, e.blend(a, b, 3, steps=steps, guidance=3.0).images))
-    repaint = ev.center_mask(32)
-    mask = Image.fromarray(repaint.astype(np.uint8) * 255, "L")
-    edited = ev.edit_batch(e, [a, b], repaint, ["green", "a blue square"], [1, 2], steps, 3.0, 1.5)
-    ref = e.edit(b, mask, "a blue square", seed=2, steps=steps, guidance=3.0, prior_guidance=1.5).images[0]
-    assert _close(edited[1], ref)
-    assert ev.pixels_changed_outside(np.asarray(a), np.asarray(edited[0]), repaint) == 0
+    e = tiny_engine
+    base = GenerateRequest(prompt="-", prior_steps=2, decoder_steps=3, upsampler_steps=2, decoder_candidates=2)
+    ims, z_i = ev.generate_batch(e, ["a red circle", "a blue square"], [5, 9], base)
+    alone = e.run(GenerateRequest(prompt="a blue square", seed=9, prior_steps=2, decoder_steps=3, upsampler_steps=2, decoder_candidates=2))
+    assert _close(ims[1], alone.images[0]) and z_i.shape == (2, e.models.clip.model.cfg.embed_dim)
+    assert torch.allclose(z_i[1], alone.z_i[0], atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ Two layers, kept apart so that the numbers can be trusted:
 
 Every image the runner makes comes from fixed seeds, and `Settings` (stored in the output) says how
 many of everything were used. For speed on CPUs the runner batches across prompts and images (a batch
-of 1 is several times slower per image there); `generate_batch` and friends are the engine's own
-stages (`Engine.run_prior`, `decode_from_noise`, `run_decoder`, `run_upsamplers`, `invert`) in the same order with the same
-per-image seeds, so image i is the one `unclip generate PROMPT --seed SEED` draws (tests check this).
+of 1 is several times slower per image there): it hands the engine many requests at once
+(`Engine.run_many`), the same requests the CLI builds, with the same per-image seeds, so image i is the one
+`unclip generate PROMPT --seed SEED` draws, up to the rounding of another batch size.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from unclip_cli.errors import DataError
+from unclip_cli.progress import Callback, Tick
 
-Progress = Callable[[str, int, int], None] | None
 LANGS = ("en", "zh")
 
 
@@ -323,7 +323,7 @@ def _load_prompts(prompts_file, held, items, concepts: set[str], notes: list[str
 
 
 # ==================================================================================================
-# Batched engine runs (the engine's stages, batched over inputs, with the engine's per-image seeds)
+# Engine runs: requests batched across inputs (`Engine.run_many`), with the CLI's per-image seeds
 
 
 def embed_images(engine, images: Sequence[Image.Image], batch: int = 64) -> np.ndarray:
@@ -344,96 +344,23 @@ def embed_texts(engine, texts: Sequence[str], batch: int = 256) -> np.ndarray:
     return torch.cat(out).numpy().astype(np.float64)
 
 
-@torch.no_grad()
-def generate_batch(engine, prompts: Sequence[str], seeds: Sequence[int], steps, guidance: float, prior_guidance: float,
-                   callback: Progress = None) -> tuple[list[Image.Image], torch.Tensor]:
-    """`Engine.generate` for many prompts at once: image i is `generate(prompts[i], seed=seeds[i])`.
-    Returns the images and the prior's z_i (B, D)."""
-    from unclip_cli.engine import Noise
+def generate_batch(engine, prompts: Sequence[str], seeds: Sequence[int], base, callback=None) -> tuple[list[Image.Image], torch.Tensor]:
+    """Image i is `unclip generate prompts[i] --seed seeds[i]` with `base`'s sampling settings, all in one
+    batch. Returns the images and the prior's z_i (B, D)."""
+    from unclip_cli.requests import GenerateRequest
 
-    z_t, states, mask, _ = engine.encode_text(list(prompts))
-    noise = Noise(list(seeds), engine.device)
-    z_i = engine.run_prior(z_t, states, mask, noise, steps.prior, prior_guidance, callback)
-    x = engine.decode_from_noise(z_i, states, mask, noise, steps, guidance, callback=callback)
-    x = engine.run_upsamplers(x, noise, steps.upsampler, callback=callback)
-    return engine._finish(x), z_i
+    reqs = [_like(base, GenerateRequest, prompt=p, seed=s) for p, s in zip(prompts, seeds)]
+    results = engine.run_many(reqs, batch_size=len(reqs), callback=callback)
+    return [r.images[0] for r in results], torch.stack([r.z_i[0] for r in results])
 
 
-def _base_inputs(engine, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-    """z_i (B, D) and base-resolution tensors (B, 3, s, s) of square RGB images, as the engine makes them."""
-    from unclip_cli.engine import square, to_tensor
-
-    sq = [square(im.convert("RGB")) for im in images]
-    z_i = torch.cat([engine.encode_image(im) for im in sq])
-    x0 = torch.stack([to_tensor(im, engine.base_size) for im in sq]).to(engine.device)
-    return z_i, x0
-
-
-@torch.no_grad()
-def invert_batch(engine, images: Sequence[Image.Image], steps: int, guidance: float, callback: Progress = None):
-    """DDIM inversion of images at base resolution, as `Engine.vary` does: -> (z_i, x0, x_T, denoise)."""
-    z_i, x0 = _base_inputs(engine, images)
-    states, mask = engine._text_dropped(len(images))
-    denoise = engine._decoder_denoiser(z_i, states, mask, guidance)
-    return z_i, x0, engine.invert(denoise, x0, steps, callback), denoise
-
-
-@torch.no_grad()
-def vary_batch(engine, images: Sequence[Image.Image], seeds: Sequence[int], n: int, strength: float, steps, guidance: float,
-               callback: Progress = None, inverted=None) -> list[list[Image.Image]]:
-    """`Engine.vary(images[j], n, strength, seed=seeds[j])` for every j at once (strength < 1).
-    `inverted` reuses the (z_i, x0, x_T, denoise) of `invert_batch` on the same images."""
-    from unclip_cli.engine import Noise
-
-    z_i, _, x_T, _ = inverted or invert_batch(engine, images, steps.decoder, guidance, callback)
-    rep = lambda v: v.repeat_interleave(n, dim=0)  # noqa: E731  (J, ...) -> (J*n, ...)
-    noise = Noise([s + i for s in seeds for i in range(n)], engine.device)
-    states, mask = engine._text_dropped(len(images) * n)
-    denoise = engine._decoder_denoiser(rep(z_i), states, mask, guidance)
-    x = engine.run_decoder(denoise, rep(x_T), steps.decoder, sampler="ddim", eta=strength, noise=noise, callback=callback)
-    out = engine._finish(engine.run_upsamplers(x, noise, steps.upsampler, callback=callback))
-    return [out[j * n : (j + 1) * n] for j in range(len(images))]
-
-
-@torch.no_grad()
-def blend_batch(engine, pairs: Sequence[tuple[Image.Image, Image.Image]], frames: int, steps, guidance: float, seed: int,
-                callback: Progress = None) -> list[list[Image.Image]]:
-    """`Engine.blend(a, b, frames, seed=seed)` for every pair at once."""
-    from unclip_cli.diffusion.samplers import slerp
-    from unclip_cli.engine import Noise
-
-    P = len(pairs)
-    z, _, x_T, _ = invert_batch(engine, [im for pair in pairs for im in pair], steps.decoder, guidance, callback)
-    z_a, z_b, x_a, x_b = z[0::2], z[1::2], x_T[0::2], x_T[1::2]
-    thetas = [i / (frames - 1) for i in range(frames)]
-    zs = torch.cat([slerp(z_a[p : p + 1], z_b[p : p + 1], th) for p in range(P) for th in thetas])  # (P*F, D)
-    xs = torch.cat([slerp(x_a[p : p + 1].flatten(1), x_b[p : p + 1].flatten(1), th).view_as(x_a[:1]) for p in range(P) for th in thetas])
-    states, mask = engine._text_dropped(P * frames)
-    x = engine.run_decoder(engine._decoder_denoiser(zs, states, mask, guidance), xs, steps.decoder, sampler="ddim", eta=0.0, callback=callback)
-    out = engine._finish(engine.run_upsamplers(x, Noise([seed] * (P * frames), engine.device), steps.upsampler, callback=callback))
-    return [out[p * frames : (p + 1) * frames] for p in range(P)]
-
-
-@torch.no_grad()
-def edit_batch(engine, images: Sequence[Image.Image], repaint: np.ndarray, prompts: Sequence[str], seeds: Sequence[int], steps,
-               guidance: float, prior_guidance: float, callback: Progress = None) -> list[Image.Image]:
-    """`Engine.edit(images[j], mask, prompts[j], seed=seeds[j])` for every j at once; all images are
-    square, of one size, and share the (H, W) bool mask `repaint` (True = repaint)."""
-    from unclip_cli.engine import Noise, to_tensor
-
-    S, base, B = engine.image_size, engine.base_size, len(images)
-    z_t, states, tmask, _ = engine.encode_text(list(prompts))
-    known_full = torch.stack([to_tensor(im.convert("RGB"), S) for im in images]).to(engine.device)
-    m_img = Image.fromarray(repaint.astype(np.uint8) * 255, "L").resize((S, S), Image.Resampling.BILINEAR)
-    keep_full = (torch.from_numpy(np.asarray(m_img, dtype=np.float32) / 255) == 0).float()[None, None].to(engine.device)
-    keep_full = keep_full.expand(B, -1, -1, -1)
-    known = F.interpolate(known_full, size=(base, base), mode="area")
-    keep = (F.interpolate(keep_full, size=(base, base), mode="area") > 0.999).float()
-    noise = Noise(list(seeds), engine.device)
-    z_i = engine.run_prior(z_t, states, tmask, noise, steps.prior, prior_guidance, callback)
-    x = engine.decode_from_noise(z_i, states, tmask, noise, steps, guidance, known=known, keep=keep, callback=callback)
-    x = engine.run_upsamplers(x, noise, steps.upsampler, known=known_full, keep_full=keep_full, callback=callback)
-    return [engine._paste_back(out, im.convert("RGB"), repaint) for out, im in zip(engine._finish(x), images)]
+def _like(base, cls, **fields):
+    """A request of `cls` with the sampling settings of `base` (a request) and the given fields."""
+    shared = {f: getattr(base, f) for f in ("quality", "prior_steps", "decoder_steps", "upsampler_steps", "decoder_candidates",
+                                           "guidance", "prior_guidance")}
+    if not cls.uses_prior:
+        shared.pop("prior_guidance")
+    return cls(**shared, **fields)
 
 
 # ==================================================================================================
@@ -484,26 +411,29 @@ def _chunks(n: int, size: int):
 class _Counter:
     """Progress of one section in sampler steps: `cb` is the engine callback; `add` counts other work."""
 
-    def __init__(self, progress: Progress, section: str, total: int):
+    def __init__(self, progress: Callback, section: str, total: int):
         self.progress, self.section, self.total, self.done = progress, section, max(1, total), 0
 
-    def cb(self, stage=None, i=0, n=0) -> None:
+    def cb(self, tick=None) -> None:
         self.add(1)
 
     def add(self, k: int) -> None:
         self.done = min(self.total, self.done + k)
         if self.progress:
-            self.progress(self.section, self.done, self.total)
+            self.progress(Tick(self.section, self.done, self.total))
 
 
-def evaluate(engine, data: EvalData, settings: Settings = QUICK, progress: Progress = None) -> dict:
+def evaluate(engine, data: EvalData, settings: Settings = QUICK, progress: Callback = None) -> dict:
     """Measure a model set on held-out data: {"settings", "sampling", "seconds", "metrics", "notes"}.
     Every section states its own sample counts inside "metrics"."""
-    from unclip_cli.engine import Steps
+    from unclip_cli.requests import BlendRequest, GenerateRequest
 
-    fixed = Steps(*settings.steps) if settings.steps else None
-    steps, guidance, prior_guidance = engine._settings(settings.quality, fixed, None, None)
-    blend_steps = engine._settings(settings.quality, fixed, None, None, op="blend")[0]  # what `unclip blend` takes
+    fixed = {}
+    if settings.steps:
+        fixed = dict(zip(("prior_steps", "decoder_steps", "upsampler_steps"), settings.steps), decoder_candidates=1)
+    base = GenerateRequest(prompt="-", quality=settings.quality, seed=settings.seed, **fixed).validated()
+    steps, guidance, prior_guidance = base.steps, base.guidance_scale, base.prior_guidance_scale
+    blend_steps = _like(base, BlendRequest).steps  # what `unclip blend` takes: more decoder steps
     sections = {
         "clip": _clip_section,
         "generate": _generate_section,
@@ -511,7 +441,7 @@ def evaluate(engine, data: EvalData, settings: Settings = QUICK, progress: Progr
         "blend": _blend_section,
         "edit": _edit_section,
     }
-    ctx = _Context(engine, data, settings, steps, guidance, prior_guidance, progress, blend_steps)
+    ctx = _Context(engine, data, settings, base, steps, guidance, prior_guidance, progress, blend_steps)
     metrics, seconds = {}, {}
     for name, fn in sections.items():
         t = time.perf_counter()
@@ -532,10 +462,11 @@ class _Context:
     engine: object
     data: EvalData
     settings: Settings
+    base: object  # a request with the sampling settings of every run
     steps: object
     guidance: float
     prior_guidance: float
-    progress: Progress
+    progress: Callback
     blend_steps: object  # the blend command's steps: more decoder steps than the others (engine.quality_steps)
     notes: list[str] = field(default_factory=list)
     _cache: dict = field(default_factory=dict)
@@ -619,8 +550,7 @@ def _generate_section(ctx: _Context) -> dict:
     images, z_prior = [], []
     for sl in _chunks(total, st.batch_size):
         batch = jobs[sl]
-        ims, z = generate_batch(ctx.engine, [p["prompt"] for p, _, _ in batch], [s for _, _, s in batch], ctx.steps,
-                                ctx.guidance, ctx.prior_guidance, bar.cb)
+        ims, z = generate_batch(ctx.engine, [p["prompt"] for p, _, _ in batch], [s for _, _, s in batch], ctx.base, bar.cb)
         images += ims
         z_prior.append(z.float().cpu().numpy())
     z_prior = np.concatenate(z_prior).astype(np.float64)
@@ -704,19 +634,19 @@ def _vary_section(ctx: _Context) -> dict:
         return {}
     images = [it.image for it in src]
     seeds = [st.seed + 1000 * j for j in range(len(src))]
-    # Each chunk: one DDIM inversion; from it, the strength-0 reconstruction (base resolution, no
-    # upsampler: the inversion error itself) and the variations.
+    # Each chunk: the strength-0 reconstruction (base resolution, no upsampler: the inversion error
+    # itself), then the variations, each batch inverting its images together.
+    from unclip_cli.requests import VaryRequest
+
     chunk = max(1, st.batch_size // st.variations)
     d = ctx.steps.decoder
-    bar = _Counter(ctx.progress, "vary", _n_chunks(len(src), chunk) * (max(0, d - 1) + 2 * d + ctx.up_steps))
+    bar = _Counter(ctx.progress, "vary", _n_chunks(len(src), chunk) * (2 * max(0, d - 1) + 2 * d + ctx.up_steps))
     variations, mse = [], []
     for sl in _chunks(len(src), chunk):
-        inverted = invert_batch(ctx.engine, images[sl], d, ctx.guidance, bar.cb)
-        _, x0, x_T, denoise = inverted
-        x = ctx.engine.run_decoder(denoise, x_T, d, sampler="ddim", eta=0.0, callback=bar.cb)
+        x0, x = ctx.engine.reconstruct(images[sl], d, ctx.guidance, bar.cb)
         mse += [reconstruction_mse(x[i], x0[i]) for i in range(len(x0))]
-        variations += vary_batch(ctx.engine, images[sl], seeds[sl], st.variations, st.strength, ctx.steps, ctx.guidance, bar.cb,
-                                 inverted=inverted)
+        reqs = [_like(ctx.base, VaryRequest, image=im, n=st.variations, strength=st.strength, seed=s) for im, s in zip(images[sl], seeds[sl])]
+        variations += [r.images for r in ctx.engine.run_many(reqs, batch_size=len(reqs) * st.variations, callback=bar.cb)]
     src_emb = embed_images(ctx.engine, images)
     var_emb = embed_images(ctx.engine, [v for vs in variations for v in vs])
     cos_var = cosine_rows(np.repeat(src_emb, st.variations, 0), var_emb)
@@ -759,9 +689,12 @@ def _blend_section(ctx: _Context) -> dict:
     chunk = max(1, st.batch_size // st.blend_frames)
     steps = ctx.blend_steps
     bar = _Counter(ctx.progress, "blend", _n_chunks(len(pairs), chunk) * (max(0, steps.decoder - 1) + steps.decoder + ctx.up_steps))
+    from unclip_cli.requests import BlendRequest
+
     frames = []
     for sl in _chunks(len(pairs), chunk):
-        frames += blend_batch(ctx.engine, pairs[sl], st.blend_frames, steps, ctx.guidance, st.seed, bar.cb)
+        reqs = [_like(ctx.base, BlendRequest, image_a=a, image_b=b, frames=st.blend_frames, seed=st.seed) for a, b in pairs[sl]]
+        frames += [r.images for r in ctx.engine.run_many(reqs, batch_size=len(reqs) * st.blend_frames, callback=bar.cb)]
     ends = embed_images(ctx.engine, [im for pair in pairs for im in pair])
     mono, progress, first_a, last_b = [], [], [], []
     for p, fr in enumerate(frames):
@@ -789,9 +722,13 @@ def _edit_section(ctx: _Context) -> dict:
     repaint = center_mask(size)
     seeds = [st.seed + 1000 * j for j in range(len(src))]
     bar = _Counter(ctx.progress, "edit", _n_chunks(len(src), st.batch_size) * (ctx.steps.prior + ctx.steps.decoder + ctx.up_steps))
+    from unclip_cli.requests import EditRequest
+
+    mask = Image.fromarray(repaint.astype(np.uint8) * 255, "L")
     edited = []
     for sl in _chunks(len(src), st.batch_size):
-        edited += edit_batch(ctx.engine, images[sl], repaint, prompts[sl], seeds[sl], ctx.steps, ctx.guidance, ctx.prior_guidance, bar.cb)
+        reqs = [_like(ctx.base, EditRequest, image=im, mask=mask, prompt=p, seed=s) for im, p, s in zip(images[sl], prompts[sl], seeds[sl])]
+        edited += [r.images[0] for r in ctx.engine.run_many(reqs, batch_size=len(reqs), callback=bar.cb)]
     changed = [pixels_changed_outside(np.asarray(a), np.asarray(b), repaint) for a, b in zip(images, edited)]
     box = mask_box(repaint)
     z_t = embed_texts(ctx.engine, prompts)

@@ -22,17 +22,15 @@ app = typer.Typer(
 )
 
 
+COMMAND_MODULES = ("images", "info", "data", "train", "eval")
+
+
 def _register() -> None:
-    # Imported for their side effect of adding commands to `app`. A module that is not written yet is
-    # simply absent; every command module imports `app` from here.
+    # Imported for their side effect of adding commands to `app`; every command module imports `app` from here.
     import importlib
 
-    for name in ("images", "info", "data", "train", "eval"):
-        try:
-            importlib.import_module(f"unclip_cli.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"unclip_cli.cli.{name}":
-                raise
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"unclip_cli.cli.{name}")
 
 
 def _advice(e: BaseException) -> tuple[str, str] | None:
@@ -44,9 +42,6 @@ def _advice(e: BaseException) -> tuple[str, str] | None:
             "ran out of memory while running the model",
             "lower --batch-size (e.g. --batch-size 1), ask for fewer images with -n, use --quality fast, or try --device cpu",
         )
-    if isinstance(e, FloatingPointError):  # the engine itself reports NaN/inf outputs as an UnclipError
-        return (f"the model produced invalid numbers ({text})",
-                "try --device cpu (full precision) or a lower --guidance, and check the weights with `unclip info`")
     return None
 
 
@@ -55,6 +50,10 @@ def main(argv: list[str] | None = None) -> None:
     from unclip_cli.errors import UnclipError
 
     _register()
+    for stream in (sys.stdout, sys.stderr):
+        # A terminal or pipe that cannot encode a path or prompt shows it escaped instead of failing the run.
+        if stream is not None and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     debug = os.environ.get("UNCLIP_DEBUG") == "1"
     try:
         # Non-standalone mode returns the exit code of `typer.Exit` (Ctrl-C arrives as 130) instead of

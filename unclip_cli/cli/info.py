@@ -10,7 +10,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from unclip_cli.cli import app
-from unclip_cli.cli.images import JsonOpt, WeightsOpt, rerun_command, resolve_weights
+from unclip_cli.cli.images import rerun_command
+from unclip_cli.cli.options import JsonOpt, WeightsOpt, resolve_weights
 
 INFO_EXAMPLES = """\
 [b]Examples[/b]

@@ -1,0 +1,145 @@
+"""Options shared by the commands, defined once, and `image_command`, which gives every image command the
+common ones without repeating them in each signature.
+
+Limits and defaults come from `unclip_cli.requests`, so help texts say what the validation enforces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import sys
+import typing
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+import unclip_cli
+from unclip_cli.cli import app
+from unclip_cli.errors import WeightsError
+from unclip_cli.requests import DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_PRIOR_GUIDANCE, MAX_N, QUALITY
+
+P_MODEL, P_SAMPLING, P_OUTPUT = "Model", "Sampling", "Output"
+
+Quality = Enum("Quality", {q: q for q in QUALITY}, type=str)
+DeviceChoice = Enum("DeviceChoice", {d: d for d in ("auto", "cpu", "cuda", "mps")}, type=str)
+Fit = Enum("Fit", {f: f for f in ("crop", "pad")}, type=str)
+
+WeightsOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--weights", "-w", envvar="UNCLIP_WEIGHTS", metavar="DIR", show_default="the shipped weights/emoji",
+        help="Model set folder (clip, prior, decoder, upsampler .safetensors).", rich_help_panel=P_MODEL,
+    ),
+]
+DeviceOpt = Annotated[
+    DeviceChoice, typer.Option("--device", help="Where to run: auto picks cuda, then mps, then cpu.", rich_help_panel=P_MODEL)
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON result on stdout instead of file paths.", rich_help_panel=P_OUTPUT)]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes on stderr (warnings still show).",
+                                        rich_help_panel=P_OUTPUT)]
+NOpt = Annotated[Optional[int], typer.Option("-n", "--num", show_default=False, help=f"How many images (1-{MAX_N}, default 1), from consecutive seeds.")]
+FitOpt = Annotated[Optional[Fit], typer.Option("--fit", show_default=False,
+                                               help="Make a non-square input square by cropping its centre (default) or padding it with white.")]
+_RECIPE_HELP = "Rerun the recipe stored in a PNG written by unclip; options given here override it."
+RecipeOpt = Annotated[Optional[Path], typer.Option("--from", "--recipe", metavar="PNG", show_default=False, help=_RECIPE_HELP)]
+# `nudge` uses --from for its text, so there the recipe option is only --recipe.
+NudgeRecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", metavar="PNG", show_default=False, help=_RECIPE_HELP)]
+
+
+def _sampling(flag: str, kind, help: str, show_default=None, *names: str):
+    return Annotated[Optional[kind], typer.Option(flag, *names, show_default=show_default, help=help, rich_help_panel=P_SAMPLING)]
+
+
+@dataclasses.dataclass
+class Common:
+    """The options every image command shares: (type annotation, default) per field; `image_command` adds
+    them to each command's signature."""
+
+    weights: WeightsOpt = None
+    device: DeviceOpt = DeviceChoice.auto
+    seed: _sampling("--seed", int, "Seed of the first image; image i uses seed+i, so each reproduces on its own.",
+                    "random, printed and recorded", "-s") = None
+    quality: Annotated[Optional[Quality], typer.Option("--quality", show_default="default", rich_help_panel=P_SAMPLING,
+                                                       help="Sampling-step preset.")] = None
+    prior_steps: _sampling("--prior-steps", int, "Prior sampling steps (overrides --quality).") = None
+    decoder_steps: _sampling("--decoder-steps", int, "Decoder sampling steps (overrides --quality).") = None
+    upsampler_steps: _sampling("--upsampler-steps", int, "Upsampler sampling steps (overrides --quality).") = None
+    guidance: _sampling("--guidance", float, "Decoder classifier-free guidance scale (1 = none).", f"{DEFAULT_GUIDANCE:g}", "-g") = None
+    prior_guidance: _sampling("--prior-guidance", float, "Prior classifier-free guidance scale (1 = none).", f"{DEFAULT_PRIOR_GUIDANCE:g}") = None
+    batch_size: _sampling("--batch-size", int, "Images per model call; lower it if memory runs out. Another batch size changes "
+                          "pixels only by rounding; --from reruns the recorded one.", str(DEFAULT_BATCH)) = None
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder for the results (created if needed).",
+                                      rich_help_panel=P_OUTPUT)] = Path("outputs")
+    force: Annotated[bool, typer.Option("--force", help="Overwrite files of the same name instead of picking the next free name.",
+                                        rich_help_panel=P_OUTPUT)] = False
+    json: JsonOpt = False
+    quiet: QuietOpt = False
+    no_metadata: Annotated[bool, typer.Option("--no-metadata", help="Do not store the recipe in the PNG files.",
+                                              rich_help_panel=P_OUTPUT)] = False
+
+    def sampling(self) -> dict:
+        """The request fields given on the command line (None = not given)."""
+        return {"seed": self.seed, "quality": self.quality.value if self.quality else None, "prior_steps": self.prior_steps,
+                "decoder_steps": self.decoder_steps, "upsampler_steps": self.upsampler_steps, "guidance": self.guidance,
+                "prior_guidance": self.prior_guidance, "batch_size": self.batch_size}
+
+
+def _param(name: str, hints: dict, default, kind=inspect.Parameter.KEYWORD_ONLY) -> inspect.Parameter:
+    return inspect.Parameter(name if name != "json" else "json_", kind, default=default, annotation=hints[name])
+
+
+_COMMON = [_param(f.name, typing.get_type_hints(Common, include_extras=True), f.default) for f in dataclasses.fields(Common)]
+
+
+def image_command(**kwargs):
+    """Register an image command whose function takes its own parameters plus `common: Common`; the common
+    options are appended to its signature, so Typer shows them and each command lists only its own."""
+
+    def register(fn):
+        hints = typing.get_type_hints(fn, include_extras=True)  # resolved in the command's module
+        own = [_param(p.name, hints, p.default, p.kind) for p in inspect.signature(fn).parameters.values() if p.name != "common"]
+
+        @functools.wraps(fn)
+        def command(**values):
+            common = Common(**{f.name: values.pop(f.name if f.name != "json" else "json_") for f in dataclasses.fields(Common)})
+            return fn(**values, common=common)
+
+        command.__signature__ = inspect.Signature(own + _COMMON)
+        command.__annotations__ = {p.name: p.annotation for p in own + _COMMON}
+        del command.__wrapped__  # Typer must read the new signature, not the wrapped function's
+        return app.command(**kwargs)(command)
+
+    return register
+
+
+# -- weights -----------------------------------------------------------------------------------------
+def shipped_weights_candidates() -> list[Path]:
+    """Where the shipped model set may live: the source checkout, then an installed copy."""
+    pkg = Path(unclip_cli.__file__).resolve().parent
+    return [pkg.parent / "weights" / "emoji", pkg / "weights" / "emoji", Path(sys.prefix) / "share" / "unclip" / "weights" / "emoji"]
+
+
+def resolve_weights(weights: Optional[Path]) -> Path:
+    """The model-set folder to load: --weights / UNCLIP_WEIGHTS, else the shipped one. Checks it exists."""
+    if weights is not None:
+        if not weights.exists():
+            raise WeightsError(
+                f"weights folder {weights} does not exist",
+                hint="pass a folder with clip/prior/decoder/upsampler .safetensors files via --weights DIR or UNCLIP_WEIGHTS",
+            )
+        if not weights.is_dir():
+            raise WeightsError(f"--weights {weights} is a file; it must be a model-set folder",
+                               hint="pass the folder that holds the .safetensors files")
+        return weights
+    for cand in shipped_weights_candidates():
+        if cand.is_dir() and any(cand.glob("*.safetensors")):
+            return cand
+    raise WeightsError(
+        "no trained model is shipped with this copy of unclip yet (weights/emoji has no model files)",
+        hint="pass a model set with --weights DIR or the UNCLIP_WEIGHTS environment variable, "
+        "e.g. one written by `unclip train export`",
+    )

@@ -1,0 +1,499 @@
+"""Requests: everything one run of an operation needs, validated in one place.
+
+Every front end (the CLI, `unclip eval`, a server) builds a request, and every limit lives here, next
+to the field it limits: the CLI's help and errors, a server's 400s and a recipe read from a PNG all come
+from the same checks. A recipe is a serialised request plus the index of one image in it, so
+`--from img.png` rebuilds the request that made the image and reruns the batch the image was made in
+(`index`): batched kernels round differently by batch size, so recomputing the same batch is what
+makes the pixels identical.
+
+    req = GenerateRequest(prompt="cat face", n=4).validated()   # draws the seed, checks every field
+    result = engine.run(req)                                     # images + one recipe per image
+    again = request_from_recipe(result.recipes[2])               # the request, replaying image 2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Union
+
+from PIL import Image
+
+from unclip_cli.errors import InputError
+
+# -- limits: each defined once ----------------------------------------------------------------------
+MAX_N = 64  # images per request; more is almost always a typo, and a grid of 64 is already large
+MAX_FRAMES = 64
+MAX_STEPS = 1000  # the training schedule's length: no sampler can take more distinct steps
+MAX_GUIDANCE = 30.0
+MAX_CANDIDATES = 16
+MAX_SEED = 2**63 - 1 - MAX_N  # image i uses seed + i, which must stay a valid torch seed
+MAX_BATCH = 256
+MAX_PROMPT_CHARS = 4000  # CLIP reads 77 tokens (some 300 characters) and truncates with a warning; far longer is a paste error
+DEFAULT_BATCH = 8
+DEFAULT_GUIDANCE = 3.0  # decoder; the paper shows 1.0-4.0 (Fig. 9)
+DEFAULT_PRIOR_GUIDANCE = 1.5  # "we found that guiding the prior hurt results" at large scales; karlo uses 4.0
+DEFAULT_STRENGTH = 0.5
+DEFAULT_AMOUNT = 0.3
+DEFAULT_FRAMES = 5
+FITS = ("crop", "pad")
+
+
+@dataclass(frozen=True)
+class Steps:
+    """The sampling work per stage: each sampler's steps, and how many decoder samples text-to-image
+    and edit draw per image (the one whose CLIP embedding is closest to the prior's z_i is kept)."""
+
+    prior: int
+    decoder: int
+    upsampler: int
+    decoder_candidates: int = 1  # 1 in recipes written before it existed, so they reproduce exactly
+
+
+QUALITY = {
+    "fast": Steps(prior=8, decoder=10, upsampler=3, decoder_candidates=1),
+    "default": Steps(prior=16, decoder=20, upsampler=4, decoder_candidates=3),
+    "best": Steps(prior=32, decoder=50, upsampler=8, decoder_candidates=4),
+}
+# Blends decode through the DDIM inversion of both end images, whose error grows with the step size: at
+# the presets' decoder steps the end frames drift from their images and mid frames wobble. On 12
+# training-split pairs × 8 frames at default quality, twice the steps raised the share of frame steps
+# moving toward B from 0.905 to 0.964 and the end frames' cosine to their images from 0.92 / 0.95 to
+# 0.95 / 0.98 (evaluate.blend_progress; the held-out pairs of `unclip eval` were not used to choose).
+BLEND_DECODER_STEP_FACTOR = 2
+
+
+def quality_steps(quality: str, op: str = "generate") -> Steps:
+    """The sampler steps of a --quality preset for an operation (blends take more decoder steps)."""
+    steps = QUALITY[quality]
+    if op == "blend":
+        steps = dataclasses.replace(steps, decoder=steps.decoder * BLEND_DECODER_STEP_FACTOR)
+    return steps
+
+
+def draw_seed() -> int:
+    """The one place a random seed is drawn (printed and recorded, so the run reproduces)."""
+    return secrets.randbelow(2**32)
+
+
+# -- checks ------------------------------------------------------------------------------------------
+def shown(value: Any, limit: int = 40) -> str:
+    """A value as it may appear in a message: repr (so control characters are escaped), shortened."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def check_whole(label: str, value: Any, lo: int, hi: int, *, hint: str | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{label} must be a whole number between {lo} and {hi}, not {shown(value)}", hint=hint)
+    if not lo <= value <= hi:
+        raise InputError(f"{label} must be between {lo} and {hi}, not {shown(value)}", hint=hint)
+    return value
+
+
+def check_number(label: str, value: Any, lo: float, hi: float, *, above: bool = False, hint: str | None = None) -> float:
+    """A finite number in [lo, hi] ((lo, hi] with `above`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{label} must be a number, not {shown(value)}", hint=hint)
+    if not ((lo < value) if above else (lo <= value)) or value > hi:
+        span = f"more than {lo:g} and at most {hi:g}" if above else f"between {lo:g} and {hi:g}"
+        raise InputError(f"{label} must be {span}, not {float(value):g}", hint=hint)
+    return float(value)
+
+
+def check_text(label: str, value: Any, *, hint: str | None = None, allow_empty: bool = False) -> str:
+    """Text as a prompt: a string, not blank, at most MAX_PROMPT_CHARS, no control characters."""
+    if value is None and not allow_empty:
+        raise InputError(f"{label} is missing", hint=hint)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InputError(f"{label} must be text, not {shown(value)}", hint=hint)
+    text = value.strip()
+    if not text and not allow_empty:
+        raise InputError(f"{label} is empty", hint=hint)
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InputError(f"{label} is {len(text):,} characters long; the limit is {MAX_PROMPT_CHARS:,}",
+                         hint="CLIP reads about 75 words at most: shorten it")
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text):
+        raise InputError(f"{label} contains control characters (such as a newline or an escape)",
+                         hint="write it on one line, in plain text")
+    return text
+
+
+def check_choice(label: str, value: Any, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise InputError(f"{label} must be one of {', '.join(choices)}, not {shown(value)}")
+    return value
+
+
+def check_flag(label: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InputError(f"{label} must be true or false, not {shown(value)}")
+    return value
+
+
+# -- inputs ------------------------------------------------------------------------------------------
+ImageSource = Union[str, Path, bytes, Image.Image]
+
+
+def source_name(src: ImageSource | None, default: str = "image") -> str:
+    """The name a source is known by in messages and recipes (a file name, never a whole path)."""
+    if isinstance(src, (str, Path)):
+        return Path(src).name
+    return default
+
+
+@dataclass
+class Inputs:
+    """The decoded inputs of a request: images (RGB), the edit mask (L, 255 = repaint) and notes that say
+    in words what was done to them (first frame taken, cropped, mask resized...)."""
+
+    images: list[Image.Image]
+    mask: Image.Image | None = None
+    mask_fraction: float | None = None
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _load(src: ImageSource, fit: str | None, what: str = "image"):
+    from unclip_cli import imageio
+
+    if src is None:
+        raise InputError(f"the {what} is missing")
+    if not isinstance(src, (str, Path, bytes, bytearray, Image.Image)):
+        raise InputError(f"the {what} must be a file, bytes or an image, not {type(src).__name__}")
+    return imageio.load_image(src, fit=fit, what=what)
+
+
+# -- requests ----------------------------------------------------------------------------------------
+OPTION = {"n": "-n", "frames": "--steps", "from_": "--from", "to": "--to", "prompt": "the prompt"}
+
+
+@dataclass(kw_only=True)
+class Request:
+    """What every operation shares. `seed` is the first image's seed (image i uses seed + i, except in
+    blends, whose frames share it); None draws one in `validated`. Explicit step counts override the
+    `quality` preset stage by stage. `index` replays one image of the request: the batch it was made in
+    is recomputed and only that image returned (what `--from` does)."""
+
+    op: ClassVar[str]
+    uses_prior: ClassVar[bool] = False
+    n: int = 1
+    seed: int | None = None
+    quality: str = "default"
+    prior_steps: int | None = None
+    decoder_steps: int | None = None
+    upsampler_steps: int | None = None
+    decoder_candidates: int | None = None
+    guidance: float | None = None
+    prior_guidance: float | None = None
+    batch_size: int | None = None
+    index: int | None = None
+    _inputs: Inputs | None = field(default=None, init=False, repr=False, compare=False)
+
+    # -- the facts an engine needs
+    @property
+    def count(self) -> int:
+        """Images the request makes."""
+        return self.n
+
+    @property
+    def steps(self) -> Steps:
+        base = quality_steps(self.quality, self.op)
+        return Steps(prior=self.prior_steps or base.prior, decoder=self.decoder_steps or base.decoder,
+                     upsampler=self.upsampler_steps or base.upsampler,
+                     decoder_candidates=self.decoder_candidates or base.decoder_candidates)
+
+    @property
+    def guidance_scale(self) -> float:
+        return DEFAULT_GUIDANCE if self.guidance is None else self.guidance
+
+    @property
+    def prior_guidance_scale(self) -> float:
+        return DEFAULT_PRIOR_GUIDANCE if self.prior_guidance is None else self.prior_guidance
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size or DEFAULT_BATCH
+
+    def item_seed(self, i: int) -> int:
+        return self.seed + i
+
+    def shared(self) -> tuple:
+        """What requests run in one batch must agree on (the engine samples a batch with one setting)."""
+        return (self.op, self.steps, self.guidance_scale, self.prior_guidance_scale if self.uses_prior else None, *self._shared_own())
+
+    def _shared_own(self) -> tuple:
+        return ()
+
+    def wanted(self) -> list[int]:
+        """The indices of the images to return."""
+        return list(range(self.count)) if self.index is None else [self.index]
+
+    # -- validation
+    def validated(self, label=None) -> "Request":
+        """A checked copy with a seed drawn if none was given. `label(field)` names a field in messages
+        (default: the command-line option)."""
+        label = label or (lambda f: OPTION.get(f, "--" + f.replace("_", "-")))
+        changes: dict[str, Any] = {"quality": check_choice(label("quality"), self.quality, tuple(QUALITY))}
+        if self.op != "blend":
+            changes["n"] = check_whole(label("n"), self.n, 1, MAX_N, hint=f"for more than {MAX_N} images, run again with another --seed")
+        seed = draw_seed() if self.seed is None else check_whole(label("seed"), self.seed, 0, MAX_SEED)
+        changes["seed"] = seed
+        for name in ("prior_steps", "decoder_steps", "upsampler_steps"):
+            v = getattr(self, name)
+            changes[name] = None if v is None else check_whole(label(name), v, 1, MAX_STEPS)
+        if self.decoder_candidates is not None:
+            changes["decoder_candidates"] = check_whole(label("decoder_candidates"), self.decoder_candidates, 1, MAX_CANDIDATES)
+        for name in ("guidance", "prior_guidance"):
+            v = getattr(self, name)
+            changes[name] = None if v is None else check_number(label(name), v, 0, MAX_GUIDANCE, hint="1 means no guidance; 1.5-5 is typical")
+        if self.batch_size is not None:
+            changes["batch_size"] = check_whole(label("batch_size"), self.batch_size, 1, MAX_BATCH)
+        changes.update(self._validate_own(label))
+        out = dataclasses.replace(self, **changes)
+        if out.index is not None:
+            out.index = check_whole(label("index"), out.index, 0, out.count - 1)
+        out._inputs = self._inputs
+        return out
+
+    def _validate_own(self, label) -> dict:
+        return {}
+
+    # -- inputs
+    def inputs(self) -> Inputs:
+        """Decode the request's images (once); every problem is an InputError naming the input."""
+        if self._inputs is None:
+            self._inputs = self._load_inputs()
+        return self._inputs
+
+    def _load_inputs(self) -> Inputs:
+        return Inputs(images=[])
+
+    # -- recipes
+    def to_recipe(self, i: int) -> dict:
+        """What reproduces image i: the request's fields, the image's own seed and its index."""
+        steps = dataclasses.asdict(self.steps)
+        if not self.uses_prior:  # neither the prior nor decoder candidates take part
+            steps = {k: steps[k] for k in ("decoder", "upsampler")}
+        recipe = {"op": self.op, "seed": self.item_seed(i), "index": i, "n": self.count, "batch_size": self.effective_batch,
+                  "quality": self.quality, "steps": steps, "guidance": self.guidance_scale}
+        if self.uses_prior:
+            recipe["prior_guidance"] = self.prior_guidance_scale
+        return {**recipe, **self._recipe_own(i)}
+
+    def _recipe_own(self, i: int) -> dict:
+        return {}
+
+    @classmethod
+    def _from_recipe_own(cls, recipe: dict) -> dict:
+        return {}
+
+
+@dataclass(kw_only=True)
+class GenerateRequest(Request):
+    op: ClassVar[str] = "generate"
+    uses_prior: ClassVar[bool] = True
+    prompt: str | None = None
+
+    def _validate_own(self, label) -> dict:
+        return {"prompt": check_text(label("prompt"), self.prompt, hint='say what to draw, e.g. unclip generate "a red apple"')}
+
+    def _recipe_own(self, i):
+        return {"prompt": self.prompt}
+
+    @classmethod
+    def _from_recipe_own(cls, r):
+        return {"prompt": r.get("prompt")}
+
+
+def _fit_field(self, label) -> dict:
+    return {"fit": check_choice(label("fit"), self.fit, FITS)}
+
+
+@dataclass(kw_only=True)
+class VaryRequest(Request):
+    op: ClassVar[str] = "vary"
+    image: ImageSource | None = None
+    strength: float = DEFAULT_STRENGTH
+    fit: str = "crop"
+
+    def _shared_own(self):
+        return (self.strength,)
+
+    def _validate_own(self, label):
+        return {"strength": check_number(label("strength"), self.strength, 0, 1, hint="0 reconstructs the input, 1 starts from fresh noise"),
+                **_fit_field(self, label)}
+
+    def _load_inputs(self):
+        image, notes = _load(self.image, self.fit)
+        return Inputs([image], notes=notes)
+
+    def _recipe_own(self, i):
+        return {"strength": self.strength, "input": source_name(self.image), "fit": self.fit}
+
+    @classmethod
+    def _from_recipe_own(cls, r):
+        return {"strength": r.get("strength", DEFAULT_STRENGTH), "fit": r.get("fit", "crop")}
+
+
+@dataclass(kw_only=True)
+class BlendRequest(Request):
+    """`frames` images from A to B, both included; all frames share the seed, so they differ only by blend."""
+
+    op: ClassVar[str] = "blend"
+    image_a: ImageSource | None = None
+    image_b: ImageSource | None = None
+    frames: int = DEFAULT_FRAMES
+    fit: str = "crop"
+
+    @property
+    def count(self) -> int:
+        return self.frames
+
+    def item_seed(self, i: int) -> int:
+        return self.seed
+
+    def theta(self, i: int) -> float:
+        return i / (self.frames - 1)
+
+    def _validate_own(self, label):
+        return {"frames": check_whole(label("frames"), self.frames, 2, MAX_FRAMES), **_fit_field(self, label)}
+
+    def _load_inputs(self):
+        a, notes_a = _load(self.image_a, self.fit)
+        b, notes_b = _load(self.image_b, self.fit)
+        return Inputs([a, b], notes=notes_a + notes_b)
+
+    def _recipe_own(self, i):
+        return {"frame": i, "frames": self.frames, "theta": self.theta(i), "fit": self.fit,
+                "inputs": [source_name(self.image_a), source_name(self.image_b)]}
+
+    @classmethod
+    def _from_recipe_own(cls, r):
+        return {"frames": r.get("frames", DEFAULT_FRAMES), "fit": r.get("fit", "crop")}
+
+
+@dataclass(kw_only=True)
+class EditRequest(Request):
+    """`mask`: white (or, with real transparency, transparent) = repaint; `invert_mask` swaps the two."""
+
+    op: ClassVar[str] = "edit"
+    uses_prior: ClassVar[bool] = True
+    image: ImageSource | None = None
+    mask: ImageSource | None = None
+    prompt: str | None = None
+    invert_mask: bool = False
+
+    def _validate_own(self, label):
+        if self.mask is None:
+            raise InputError("edit needs a mask: --mask MASK", hint='e.g. unclip edit photo.png --mask mask.png "a red hat"')
+        return {"prompt": check_text(label("prompt"), self.prompt,
+                                     hint='say what to paint in the masked area, e.g. unclip edit photo.png --mask m.png "a red hat"'),
+                "invert_mask": check_flag(label("invert_mask"), self.invert_mask)}
+
+    def _load_inputs(self):
+        from unclip_cli import imageio
+
+        image, notes = _load(self.image, None)
+        mask, fraction, mask_notes = imageio.load_mask(self.mask, image.size, invert=self.invert_mask)
+        warnings = [m for m in mask_notes if "resized" in m]
+        notes += [m for m in mask_notes if m not in warnings]
+        notes.append(f"Repainting {fraction:.0%} of {source_name(self.image)} ({image.size[0]}×{image.size[1]})")
+        return Inputs([image], mask=mask, mask_fraction=fraction, notes=notes, warnings=warnings)
+
+    def _recipe_own(self, i):
+        inputs = self._inputs
+        return {"prompt": self.prompt, "input": source_name(self.image), "mask": source_name(self.mask, "mask"),
+                "invert_mask": self.invert_mask,
+                "mask_fraction": round(inputs.mask_fraction, 4) if inputs and inputs.mask_fraction is not None else None}
+
+    @classmethod
+    def _from_recipe_own(cls, r):
+        return {"prompt": r.get("prompt"), "invert_mask": r.get("invert_mask", False)}
+
+
+@dataclass(kw_only=True)
+class NudgeRequest(Request):
+    """Text diffs: the n images turn the image's z_i toward normalize(z_t(to) - z_t(from)) in even steps
+    up to `amount` (image i by amount * (i + 1) / n)."""
+
+    op: ClassVar[str] = "nudge"
+    image: ImageSource | None = None
+    to: str | None = None
+    from_: str = ""
+    amount: float = DEFAULT_AMOUNT
+    fit: str = "crop"
+
+    def theta(self, i: int) -> float:
+        return self.amount * (i + 1) / self.n
+
+    def _validate_own(self, label):
+        return {"to": check_text(label("to"), self.to, hint='say what the image should become, e.g. --to "a tiger"'),
+                "from_": check_text(label("from_"), self.from_, allow_empty=True),
+                "amount": check_number(label("amount"), self.amount, 0, 1, above=True, hint="0.25-0.5 is typical"),
+                **_fit_field(self, label)}
+
+    def _load_inputs(self):
+        image, notes = _load(self.image, self.fit)
+        return Inputs([image], notes=notes)
+
+    def _recipe_own(self, i):
+        return {"to": self.to, "from": self.from_, "amount": self.amount, "theta": self.theta(i),
+                "input": source_name(self.image), "fit": self.fit}
+
+    @classmethod
+    def _from_recipe_own(cls, r):
+        # Recipes written before they held the request have n = 1 and this image's own amount: the same image.
+        return {"to": r.get("to"), "from_": r.get("from", ""), "amount": r.get("amount", DEFAULT_AMOUNT), "fit": r.get("fit", "crop")}
+
+
+REQUESTS: dict[str, type[Request]] = {c.op: c for c in (GenerateRequest, VaryRequest, BlendRequest, EditRequest, NudgeRequest)}
+
+
+def request_from_recipe(recipe: Any, source: str = "the recipe", **inputs) -> Request:
+    """The validated request a recipe describes, replaying its one image (`index`); `inputs` supply the
+    images (recipes name them but do not hold them). Every field is checked as the command line checks
+    it, with messages that name `source` and the recipe's field."""
+    if not isinstance(recipe, dict):
+        raise InputError(f"{source} is not a recipe (a JSON object)")
+    op = recipe.get("op")
+    if not isinstance(op, str) or op not in REQUESTS:
+        raise InputError(f"{source} has an unknown operation {shown(op)}", hint=f"recipes are made by unclip {', '.join(REQUESTS)}")
+    cls = REQUESTS[op]
+    steps = recipe.get("steps")
+    need = ("prior", "decoder", "upsampler") if cls.uses_prior else ("decoder", "upsampler")
+    if steps is not None and (not isinstance(steps, dict) or not all(k in steps for k in need)):
+        raise InputError(f"{source}: recipe field 'steps' must hold {', '.join(need)} step counts, not {shown(steps)}")
+    steps = steps or {}
+    has_index = "index" in recipe
+    seed, index = recipe.get("seed"), recipe.get("index") if has_index else None
+    if has_index and op != "blend":
+        # "seed" is the image's own; the request's first seed is that minus its index.
+        index = check_whole(f"{source}: recipe field 'index'", index, 0, MAX_FRAMES - 1)
+        seed = check_whole(f"{source}: recipe field 'seed'", seed, 0, MAX_SEED + MAX_N) - index
+    fields = {
+        "seed": seed, "quality": recipe.get("quality", "default"), "guidance": recipe.get("guidance"),
+        "prior_steps": steps.get("prior"), "decoder_steps": steps.get("decoder"), "upsampler_steps": steps.get("upsampler"),
+        # A recipe from before decoder candidates existed has none: it was made with one.
+        "decoder_candidates": steps.get("decoder_candidates", 1) if steps and cls.uses_prior else None,
+        "batch_size": recipe.get("batch_size"), "index": index if op != "blend" else None,
+    }
+    if op != "blend":
+        fields["n"] = recipe.get("n", 1)
+    if cls.uses_prior:
+        fields["prior_guidance"] = recipe.get("prior_guidance")
+    fields.update(cls._from_recipe_own(recipe))
+    req = cls(**fields, **inputs)
+    return req.validated(label=lambda f: f"{source}: recipe field '{_RECIPE_KEY.get(f, f)}'")
+
+
+_RECIPE_KEY = {"prior_steps": "steps.prior", "decoder_steps": "steps.decoder", "upsampler_steps": "steps.upsampler",
+               "decoder_candidates": "steps.decoder_candidates", "from_": "from", "n": "n"}
