@@ -7,22 +7,28 @@ never overwrites: see `OutputSet`.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import math
 import os
+import signal
+import struct
 import tempfile
+import threading
 import unicodedata
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import ExifTags, Image, PngImagePlugin, UnidentifiedImageError
 
 from unclip_cli.errors import InputError
 
 RECIPE_KEY = "unclip"  # PNG text chunk holding our recipe as JSON
 PARAMETERS_KEY = "parameters"  # PNG text chunk in the form other image tools read
+MAX_RECIPE_CHARS = 64 * 1024
 WHITE = (255, 255, 255)
 
 
@@ -30,44 +36,65 @@ WHITE = (255, 255, 255)
 # Reading
 
 
-def _open(path: Path, what: str) -> Image.Image:
-    """Open and fully decode one image file, or raise a one-line InputError naming it."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{what} {path} does not exist", hint="check the path and the spelling")
-    if path.is_dir():
-        raise InputError(f"{what} {path} is a folder, not an image file")
+def _name(src, what: str) -> str:
+    """The short name of a source in notes: its file name, or `what` for bytes and PIL images."""
+    return Path(src).name if isinstance(src, (str, Path)) else what
+
+
+def _open(src, what: str) -> Image.Image:
+    """Open and fully decode one image (a path, bytes or a PIL image), or raise a one-line InputError naming it."""
+    if isinstance(src, Image.Image):
+        return src
+    if isinstance(src, (bytes, bytearray)):
+        fp, path = io.BytesIO(src), what
+    else:
+        path = fp = Path(src)
+        try:
+            found, is_dir = path.exists(), path.is_dir()
+        except OSError as e:  # a name the filesystem refuses: too long, say
+            raise InputError(f"{what} {path} cannot be read ({e.strerror or e})") from None
+        if not found:
+            raise InputError(f"{what} {path} does not exist", hint="check the path and the spelling")
+        if is_dir:
+            raise InputError(f"{what} {path} is a folder, not an image file")
+        path = f"{what} {path}"
     try:
         with warnings.catch_warnings():
             # Pillow warns above MAX_IMAGE_PIXELS and errors at twice that; we refuse both.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            _quiet_exif()  # a JPEG's EXIF block is parsed on opening
+            im = Image.open(fp)
             im.load()  # decode now, so a truncated file fails here and not halfway through the model
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InputError(
-            f"{what} {path} is too large to open safely (possible decompression bomb)",
+            f"{path} is too large to open safely (possible decompression bomb)",
             hint=f"use an image of at most {Image.MAX_IMAGE_PIXELS:,} pixels",
         ) from None
     except UnidentifiedImageError:
         raise InputError(
-            f"{what} {path} is not an image file that can be read",
+            f"{path} is not an image file that can be read",
             hint="use a PNG, JPEG, WebP, GIF, BMP or TIFF file",
         ) from None
     except PermissionError:
-        raise InputError(f"{what} {path} cannot be read (permission denied)") from None
+        raise InputError(f"{path} cannot be read (permission denied)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         # Pillow reports truncated and corrupt data as OSError ("image file is truncated"), SyntaxError
         # (broken headers) or ValueError, depending on the format.
         raise InputError(
-            f"{what} {path} is truncated or corrupt ({e})", hint="re-export or re-download the file"
+            f"{path} is truncated or corrupt ({e})", hint="re-export or re-download the file"
         ) from None
     return im
 
 
-def _to_rgb(im: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB; transparency is flattened onto `background`."""
+def _to_rgb(im: Image.Image, background: tuple[int, int, int] = WHITE, name: str = "image") -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is flattened onto `background`.
+
+    A float image ("F", as in TIFF) with NaN or infinite pixels is refused: such pixels have no colour,
+    and any we picked (black, say) would pass a broken export off as a picture."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise InputError(f"{name} has NaN or infinite pixel values", hint="save it as an 8- or 16-bit image")
         hi = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
         if im.mode == "F" and a.max(initial=0) <= 1.0:
             hi = 1.0
@@ -84,12 +111,34 @@ def _to_rgb(im: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.
     return im
 
 
-def _upright(im: Image.Image, path: Path, what: str) -> Image.Image:
-    """Apply the EXIF orientation tag, as viewers do."""
+# EXIF orientation (EXIF 2.3, tag 274) -> the transposition that shows the image upright.
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
+}
+# What Pillow's EXIF parser raises for a damaged block (found by corrupting EXIF bytes in JPEG, PNG and
+# WebP files): a bad TIFF header is a SyntaxError, an IFD cut short a struct.error.
+_EXIF_ERRORS = (SyntaxError, struct.error)
+
+
+def _upright(im: Image.Image, name: str) -> tuple[Image.Image, list[str]]:
+    """Apply the EXIF orientation tag, as viewers do. A damaged EXIF block does not make the pixels
+    unusable: they are kept as stored, with a note. Only the tag is read (not ImageOps.exif_transpose,
+    which also rewrites the EXIF block and fails on more kinds of damage), as no EXIF is passed on."""
     try:
-        return ImageOps.exif_transpose(im)
-    except Exception:  # a broken EXIF block does not make the pixels unusable: keep them as stored
-        return im
+        with warnings.catch_warnings():
+            _quiet_exif()
+            orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+    except _EXIF_ERRORS:
+        return im, [f"{name} has a damaged EXIF block: its orientation is ignored, the pixels are used as stored"]
+    method = _UPRIGHT.get(orientation)  # other values (0, 9, text) mean "as stored", as in Pillow
+    return (im if method is None else im.transpose(method)), []
+
+
+def _quiet_exif() -> None:
+    """Inside `warnings.catch_warnings()`: silence Pillow's warnings about damaged EXIF tags (its TIFF
+    parser reads EXIF), which would print source lines on the terminal; `_upright` notes what matters."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 
 
 def fit_square(im: Image.Image, fit: str, name: str = "image") -> tuple[Image.Image, list[str]]:
@@ -114,38 +163,38 @@ def fit_square(im: Image.Image, fit: str, name: str = "image") -> tuple[Image.Im
     raise InputError(f"unknown fit {fit!r}", hint="use --fit crop or --fit pad")
 
 
-def load_image(path: str | Path, fit: str | None = "crop") -> tuple[Image.Image, list[str]]:
-    """Read an image of any common format and mode as RGB, upright, optionally fitted to a square.
+def load_image(src, fit: str | None = "crop", what: str = "image") -> tuple[Image.Image, list[str]]:
+    """Read an image (a path, bytes or a PIL image) of any common format and mode as RGB, upright,
+    optionally fitted to a square.
 
     `fit`: "crop" (centre square), "pad" (white bars) or None (keep the shape). Returns (image, notes),
     where the notes say in words what was done to the input (first frame taken, square fitting).
     """
-    path = Path(path)
-    im = _open(path, "image")
+    im = _open(src, what)
+    name = _name(src, what)
     notes: list[str] = []
     frames = getattr(im, "n_frames", 1)
     if frames > 1:
         im.seek(0)
-        notes.append(f"{path.name} has {frames} frames: using the first")
-    im = _to_rgb(_upright(im, path, "image"))
+        notes.append(f"{name} has {frames} frames: using the first")
+    im, upright_notes = _upright(im, name)
+    notes += upright_notes
+    im = _to_rgb(im, name=f"{what} {name}")
     if fit is not None:
-        im, fit_notes = fit_square(im, fit, path.name)
+        im, fit_notes = fit_square(im, fit, name)
         notes += fit_notes
     return im, notes
 
 
-def load_mask(
-    path: str | Path, size: tuple[int, int], invert: bool = False
-) -> tuple[Image.Image, float, list[str]]:
+def load_mask(src, size: tuple[int, int], invert: bool = False) -> tuple[Image.Image, float, list[str]]:
     """Read an edit mask: returns (mask "L" with 255 = repaint and 0 = keep, repainted fraction, notes).
 
     White marks what to repaint. A mask with real transparency (some pixels see-through) marks the
     transparent area instead, as the DALL-E edits API does. `invert` swaps the two. A mask of another
     size is resized (nearest neighbour) with a note. An empty or full mask is an InputError.
     """
-    path = Path(path)
-    im = _upright(_open(path, "mask"), path, "mask")
-    notes: list[str] = []
+    name = _name(src, "mask")
+    im, notes = _upright(_open(src, "mask"), name)
     alpha = None
     if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
         alpha = np.asarray(im.convert("RGBA").getchannel("A"))
@@ -155,11 +204,11 @@ def load_mask(
         repaint = alpha < 128
         how = "its transparent area"
         notes.append(
-            f"mask {path.name} has transparency: repainting its transparent area, as the DALL-E edits API does"
+            f"mask {name} has transparency: repainting its transparent area, as the DALL-E edits API does"
             + ("" if invert else " (use --invert-mask for the opposite)")
         )
     else:
-        gray = np.asarray(_to_rgb(im, background=(0, 0, 0)).convert("L"))
+        gray = np.asarray(_to_rgb(im, background=(0, 0, 0), name=f"mask {name}").convert("L"))
         repaint = gray >= 128
         how = "its white area"
     if invert:
@@ -168,7 +217,7 @@ def load_mask(
     mask = Image.fromarray(repaint.astype(np.uint8) * 255, "L")
     if mask.size != tuple(size):
         notes.append(
-            f"mask {path.name} is {mask.size[0]}×{mask.size[1]} but the image is {size[0]}×{size[1]}: "
+            f"mask {name} is {mask.size[0]}×{mask.size[1]} but the image is {size[0]}×{size[1]}: "
             "resized the mask (nearest neighbour)"
         )
         mask = mask.resize(tuple(size), Image.Resampling.NEAREST)
@@ -176,13 +225,13 @@ def load_mask(
     fraction = float(m.mean())
     if not m.any():
         raise InputError(
-            f"mask {path.name} marks nothing to repaint ({how} is empty)",
+            f"mask {name} marks nothing to repaint ({how} is empty)",
             hint="paint the area to change white on black (or make it transparent)"
             + (", or drop --invert-mask" if invert else ", or add --invert-mask if you painted what to keep"),
         )
     if m.all():
         raise InputError(
-            f"mask {path.name} marks the whole image: nothing would be kept",
+            f"mask {name} marks the whole image: nothing would be kept",
             hint="leave some of the mask black (or opaque); for a whole new image use `unclip generate` or `unclip vary`"
             + (", or drop --invert-mask" if invert else ""),
         )
@@ -205,9 +254,11 @@ def read_recipe(path: str | Path) -> dict:
             f"{path} holds no unclip recipe",
             hint="only PNGs written by unclip without --no-metadata carry one; see `unclip info FILE`",
         )
+    if len(raw) > MAX_RECIPE_CHARS:  # ours are under 2 kB; a huge one is not ours, and must not cost minutes
+        raise InputError(f"{path} has an unclip recipe of {len(raw):,} characters; recipes are at most {MAX_RECIPE_CHARS:,}")
     try:
         recipe = json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise InputError(f"{path} has a damaged unclip recipe (not valid JSON)") from None
     if not isinstance(recipe, dict) or "op" not in recipe:
         raise InputError(f"{path} has a damaged unclip recipe (no 'op' field)")
@@ -332,32 +383,75 @@ def webp_supported() -> bool:
 
 
 def check_out_dir(out: str | Path) -> Path:
-    """Make sure `out` is (or can become) a writable folder, before any work is done. Creates nothing."""
+    """Make sure `out` is (or can become) a writable folder, before any work is done.
+
+    Missing folders are created, a file is written in the innermost and everything is removed again,
+    so whatever the filesystem refuses (a name too long, a read-only disk, a file in the way) is found
+    now and not after minutes of sampling. Leaves nothing behind."""
     out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise InputError(f"--out {out} is a file, not a folder", hint="pass a folder with --out DIR")
-        try:
-            fd, probe = tempfile.mkstemp(dir=out, prefix=".unclip-probe-")
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as e:
-            raise InputError(
-                f"cannot write to --out {out} ({e.strerror or e})", hint="pass a writable folder with --out DIR"
-            ) from None
-        return out
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(
-            f"cannot create --out {out}: {parent} is a file, not a folder", hint="pass another folder with --out DIR"
-        )
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(
-            f"cannot create --out {out}: {parent} is not writable", hint="pass a writable folder with --out DIR"
-        )
+    made: list[Path] = []
+    try:
+        made = _make_dirs(out)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".unclip-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"cannot write to --out {out} ({_reason(e)})", hint=_out_hint(e)) from None
+    finally:
+        _remove_dirs(made)
     return out
+
+
+def _make_dirs(out: Path) -> list[Path]:
+    """Create folder `out` and its missing parents; returns those created, outermost first. Raises
+    InputError when something that is not a folder is in the way, OSError when the filesystem refuses."""
+    missing, d = [], out
+    while not os.path.lexists(d):  # also False for a name too long: mkdir says why below
+        missing.append(d)
+        d = d.parent
+    if not d.is_dir():
+        where = f"--out {out}" if d == out else f"cannot create --out {out}: {d}"
+        what = f"a link to {os.readlink(d)}, which does not exist" if d.is_symlink() and not d.exists() else "a file, not a folder"
+        raise InputError(f"{where} is {what}", hint="pass another folder with --out DIR")
+    made: list[Path] = []
+    try:
+        for m in reversed(missing):
+            os.mkdir(m)
+            made.append(m)
+    except BaseException:
+        _remove_dirs(made)
+        raise
+    return made
+
+
+def _remove_dirs(dirs: list[Path]) -> None:
+    """Remove folders made by `_make_dirs`, innermost first, stopping at one that is not empty."""
+    for d in reversed(dirs):
+        try:
+            os.rmdir(d)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            break
+
+
+def _reason(e: OSError) -> str:
+    """An OSError in words: "no space left on device"."""
+    text = e.strerror or str(e)
+    return text[:1].lower() + text[1:]
+
+
+def _out_hint(e: OSError) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space, or pass a folder on another disk with --out DIR"
+    if e.errno == errno.ENAMETOOLONG:
+        return "pass a shorter folder name with --out DIR"
+    return "pass a writable folder with --out DIR"
+
+
+def _interrupt(signum, frame):
+    """The SIGTERM handler while an OutputSet is open: stop as Ctrl-C does, so that its cleanup runs."""
+    raise KeyboardInterrupt
 
 
 class OutputSet:
@@ -366,7 +460,9 @@ class OutputSet:
     Each `add_*` writes to a hidden temporary file in the output folder; leaving the `with` block
     normally moves them all to their final names, never replacing an existing file unless `force`.
     On any exception (Ctrl-C included) the temporary files, anything already moved and any folder
-    created for the run are removed, so a failed run leaves nothing behind.
+    created for the run are removed, so a failed run leaves nothing behind. While the set is open,
+    SIGTERM (`kill`, a closing terminal) acts as Ctrl-C does, so that this cleanup runs; a write the
+    filesystem refuses (a full disk) is an InputError naming the folder.
 
         with OutputSet("outputs") as outs:
             outs.add_png(image, "a-red-apple-42", index=True, recipe=recipe)
@@ -407,27 +503,24 @@ class OutputSet:
 
     # -- staging
     def _ensure_dir(self) -> None:
-        missing = []
-        d = self.out_dir
-        while not d.exists():
-            missing.append(d)
-            d = d.parent
         try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._made_dirs += _make_dirs(self.out_dir)
         except OSError as e:
-            raise InputError(f"cannot create --out {self.out_dir} ({e.strerror or e})") from None
-        self._made_dirs += reversed(missing)
+            raise InputError(f"cannot create --out {self.out_dir} ({_reason(e)})", hint=_out_hint(e)) from None
 
     def _stage(self, stem: str, ext: str, index: bool, write: Callable) -> Path:
         self._ensure_dir()
         final = self._name(stem, ext, index)
-        fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=f".{final.name}.", suffix=".part")
-        self._staged.append((Path(tmp), final))
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, self._mode)  # mkstemp makes 0600 files; outputs get the usual permissions
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=f".{final.name}.", suffix=".part")
+            self._staged.append((Path(tmp), final))
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, self._mode)  # mkstemp makes 0600 files; outputs get the usual permissions
+        except OSError as e:  # a full disk, a quota, a folder removed meanwhile
+            raise InputError(f"cannot write {final.name} in {self.out_dir}: {_reason(e)}", hint=_out_hint(e)) from None
         return final
 
     def add_png(self, image: Image.Image, stem: str, index: bool = False, recipe: dict | None = None) -> Path:
@@ -466,9 +559,11 @@ class OutputSet:
         try:
             for tmp, final in self._staged:
                 done.append(self._place(tmp, final))
-        except BaseException:
+        except BaseException as e:
             for p in done:
                 _unlink(p)
+            if isinstance(e, OSError):
+                raise InputError(f"cannot write {final.name} in {self.out_dir}: {_reason(e)}", hint=_out_hint(e)) from None
             raise
         self._staged = []
         self.paths = done
@@ -478,24 +573,30 @@ class OutputSet:
         for tmp, _ in self._staged:
             _unlink(tmp)
         self._staged = []
-        for d in reversed(self._made_dirs):
-            try:
-                d.rmdir()  # only if empty
-            except OSError:
-                break
+        _remove_dirs(self._made_dirs)
+        self._made_dirs = []
 
     def __enter__(self) -> "OutputSet":
+        # SIGTERM would end the process on the spot, leaving hidden .part files and new folders behind.
+        # Signal handlers can only be set from the main thread, and one set by the program is kept.
+        self._old_sigterm = None
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            self._old_sigterm = signal.signal(signal.SIGTERM, _interrupt)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-            return
         try:
-            self.commit()
-        except BaseException:
-            self.abort()
-            raise
+            if exc_type is not None:
+                self.abort()
+                return
+            try:
+                self.commit()
+            except BaseException:
+                self.abort()
+                raise
+        finally:
+            if self._old_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._old_sigterm)
 
 
 def _unlink(p: Path) -> None:

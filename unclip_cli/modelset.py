@@ -11,6 +11,7 @@ from the decoder's resolution.
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from unclip_cli import checkpoint
-from unclip_cli.checkpoint import config_from_dict
+from unclip_cli.checkpoint import DAMAGED_HINT, config_from_dict, shorten
 from unclip_cli.diffusion.gaussian import DiffusionConfig, GaussianDiffusion
 from unclip_cli.errors import WeightsError
 from unclip_cli.models.clip import Clip, ClipConfig
@@ -28,6 +29,8 @@ from unclip_cli.presets import load_preset
 
 
 FILES = {"clip": "clip.safetensors", "prior": "prior.safetensors", "decoder": "decoder.safetensors", "upsampler": "upsampler.safetensors"}
+MAX_IMAGE_SIZE = 4096  # px: a set that claims to make larger images is damaged, not a model
+SCALES = range(2, 9)  # an upsampler's factor
 
 
 @dataclass
@@ -76,8 +79,16 @@ def upsampler_files(root: Path) -> list[Path]:
 
 def load_model_set(root: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> ModelSet:
     root = Path(root)
-    if not root.is_dir():
+    try:
+        found = root.is_dir()
+    except OSError as e:  # a name too long for the filesystem, say
+        raise WeightsError(f"{root}: model set folder cannot be read ({e.strerror or e})", hint="check the --weights path") from None
+    if not found:
         raise WeightsError(f"{root}: model set folder not found", hint="pass --weights DIR with clip/prior/decoder/upsampler .safetensors files")
+    missing = [name for name in FILES.values() if not (root / name).is_file()]
+    if missing:  # without its upsampler, a set would quietly make base-size images
+        raise WeightsError(f"{root}: incomplete model set, missing {', '.join(missing)}",
+                           hint="a model set holds clip, prior, decoder and upsampler .safetensors files exported together")
 
     def stage(path: Path, kind: str) -> Stage:
         ck = checkpoint.load(path, kind, device=device, dtype=dtype)
@@ -88,20 +99,68 @@ def load_model_set(root: str | Path, device: str | torch.device = "cpu", dtype: 
     prior = stage(root / FILES["prior"], "prior")
     decoder = stage(root / FILES["decoder"], "decoder")
     ups = [stage(p, "upsampler") for p in upsampler_files(root)]
+    for s in (clip, prior, decoder, *ups):  # ids are compared and hashed (model_hash) as strings
+        for key in ("uid", "clip_uid"):
+            if not isinstance(s.extra.get(key, ""), str):
+                raise WeightsError(f"{s.path}: extra field {key!r} is {shorten(s.extra[key])}, not a string", hint=DAMAGED_HINT)
     for s in (prior, decoder):
         if s.extra.get("clip_uid") != clip.extra.get("uid"):
             raise WeightsError(
                 f"{s.path}: trained with a different CLIP than {clip.path.name} in this folder",
                 hint="use files exported together (unclip train export) — mixing sets produces noise",
             )
+    _check_mean(decoder)
     size = decoder.model.cfg.image_size
+    if size > MAX_IMAGE_SIZE:
+        raise WeightsError(f"{decoder.path}: config field 'image_size' is {size}, above {MAX_IMAGE_SIZE} px", hint=DAMAGED_HINT)
     for up in ups:
-        if up.extra.get("low_res") not in (None, size):
-            raise WeightsError(f"{up.path}: upsamples from {up.extra['low_res']} px, but the stage before it gives {size} px")
-        size *= up.extra["scale"]
-    card_path = root / "MODEL_CARD.md"
-    card = card_path.read_text() if card_path.is_file() else None
-    return ModelSet(root, clip, prior, decoder, ups, card)
+        size = _chain(up, size)
+    return ModelSet(root, clip, prior, decoder, ups, _read_card(root / "MODEL_CARD.md"))
+
+
+def _chain(up: Stage, size: int) -> int:
+    """The image size after upsampler `up`, which takes `size` px images; its extra fields are checked."""
+    scale, low_res = up.extra.get("scale"), up.extra.get("low_res", size)
+    if type(scale) is not int or scale not in SCALES:
+        got = shorten(scale) if "scale" in up.extra else "missing"
+        raise WeightsError(f"{up.path}: extra field 'scale' is {got}; it must be an integer from {SCALES[0]} to {SCALES[-1]}",
+                           hint=DAMAGED_HINT)
+    if type(low_res) is not int or low_res != size:
+        raise WeightsError(f"{up.path}: upsamples from {shorten(low_res)} px (extra field 'low_res'), "
+                           f"but the stage before it gives {size} px")
+    if size * scale > MAX_IMAGE_SIZE:
+        raise WeightsError(f"{up.path}: extra field 'scale' ({scale}) makes {size * scale} px images, above {MAX_IMAGE_SIZE} px",
+                           hint=DAMAGED_HINT)
+    return size * scale
+
+
+def _check_mean(decoder: Stage) -> None:
+    """The decoder's `x_start_mean` (the training images' mean, where sampling starts): absent, or
+    nested lists (3, m, m) of numbers in [-1, 1], the range of images."""
+    mean = decoder.extra.get("x_start_mean")
+    if mean is None:
+        return
+    try:
+        t = torch.tensor(mean, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError, OverflowError):  # ragged lists, strings, huge ints
+        t = None
+    shaped = t is not None and t.dim() == 3 and t.shape[0] == 3 and t.shape[1] == t.shape[2] > 0
+    if not shaped or not bool((t.abs() <= 1).all()):  # NaN fails the comparison too
+        raise WeightsError(f"{decoder.path}: extra field 'x_start_mean' is not (3, m, m) nested lists of numbers in [-1, 1]",
+                           hint=DAMAGED_HINT)
+
+
+def _read_card(path: Path) -> str | None:
+    """MODEL_CARD.md: optional, untrusted text shown on a terminal. Bytes that are not UTF-8 become
+    U+FFFD, control characters other than newline and tab are dropped (an escape sequence could
+    rewrite the screen), and an unreadable card says so instead of stopping every command."""
+    try:
+        if not path.is_file():
+            return None
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        return f"({path.name} could not be read: {e.strerror or e})"
+    return "".join(c for c in text if c in "\n\t" or unicodedata.category(c) != "Cc")
 
 
 def build_models(preset: dict, seed: int = 0, uid_prefix: str | None = None) -> dict[str, tuple[torch.nn.Module, object, DiffusionConfig | None, dict]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import secrets
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Union
@@ -87,6 +88,14 @@ def shown(value: Any, limit: int = 40) -> str:
         return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def printable(text: str) -> str:
+    """Untrusted text (from a file) made safe for a terminal: control characters shown escaped."""
+    return "".join(repr(c)[1:-1] if (unicodedata.category(c) == "Cc" and c not in "\n\t") or c in _BIDI else c for c in str(text))
+
+
+_BIDI = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # direction overrides can disguise text
 
 
 def check_whole(label: str, value: Any, lo: int, hi: int, *, hint: str | None = None) -> int:

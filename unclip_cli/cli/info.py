@@ -10,8 +10,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from unclip_cli.cli import app
-from unclip_cli.cli.images import rerun_command
+from unclip_cli.cli.images import INPUTS, rerun_command
 from unclip_cli.cli.options import JsonOpt, WeightsOpt, resolve_weights
+from unclip_cli.requests import printable, shown
 
 INFO_EXAMPLES = """\
 [b]Examples[/b]
@@ -28,13 +29,18 @@ RECIPE_ORDER = ["op", "prompt", "to", "from", "input", "inputs", "mask", "invert
 
 
 def _fmt(v: Any) -> str:
+    """A recipe value on one line; the recipe is untrusted text, so control characters are shown escaped."""
     if isinstance(v, dict):
-        return ", ".join(f"{k} {val}" for k, val in v.items())
-    if isinstance(v, list):
-        return "×".join(map(str, v)) if all(isinstance(x, int) for x in v) and len(v) == 2 else ", ".join(map(str, v))
-    if isinstance(v, float):
-        return f"{v:g}"
-    return str(v)
+        text = ", ".join(f"{k} {val}" for k, val in v.items())
+    elif isinstance(v, list):
+        text = "×".join(map(str, v)) if all(isinstance(x, int) for x in v) and len(v) == 2 else ", ".join(map(str, v))
+    elif isinstance(v, float):
+        text = f"{v:g}"
+    elif isinstance(v, int) and not isinstance(v, bool):
+        text = shown(v)  # repr, with a digit count for absurd ones
+    else:
+        text = str(v)
+    return printable(text).replace("\n", "\\n").replace("\t", "\\t")
 
 
 def _show_png(path: Path, as_json: bool) -> None:
@@ -49,15 +55,16 @@ def _show_png(path: Path, as_json: bool) -> None:
     if recipe is None:
         if params:
             print(f"{path} has no unclip recipe; its `parameters` text (from another tool) reads:")
-            print(params)
+            print(printable(params))
         else:
             print(f"{path} has no stored recipe (it was not written by unclip, or was written with --no-metadata).")
         return
     keys = [k for k in RECIPE_ORDER if k in recipe] + sorted(k for k in recipe if k not in RECIPE_ORDER)
     width = max(len(k) for k in keys)
-    print(f"{path}: made by `unclip {recipe.get('op')}`")
+    op = recipe.get("op")
+    print(f"{path}: made by `unclip {op}`" if op in INPUTS else f"{path}: a recipe of an unknown operation, {printable(shown(op))}")
     for k in keys:
-        print(f"  {k:<{width}}  {_fmt(recipe[k])}")
+        print(f"  {_fmt(k):<{width}}  {_fmt(recipe[k])}")
     print(f"Rerun: {rerun_command(path, recipe)}")
 
 
