@@ -304,8 +304,7 @@ def test_ddim_inversion_with_the_tiny_decoder(tiny_engine):
     g = torch.Generator().manual_seed(0)
     x_start = torch.rand(2, 3, e.base_size, e.base_size, generator=g) * 1.6 - 0.8
     z_i = torch.nn.functional.normalize(torch.randn(2, e.models.clip.model.cfg.embed_dim, generator=g), dim=-1)
-    states, mask = e._text_dropped(2)
-    den = e._decoder_denoiser(z_i, states, mask, 1.0)
+    den = e.decoder_denoiser(z_i, 1.0)  # no caption
     d = e.models.decoder.diffusion
 
     def err(steps):
@@ -406,7 +405,8 @@ def test_guidance_with_the_tiny_decoder_equals_two_separate_calls(tiny_engine):
     g = torch.Generator().manual_seed(3)
     B, s = 2, e.base_size
     z_i = torch.nn.functional.normalize(torch.randn(B, e.models.clip.model.cfg.embed_dim, generator=g), dim=-1)
-    states, mask = e._text_dropped(B)
+    cfg = e.models.clip.model.cfg
+    states, mask = torch.zeros(B, cfg.context_length, cfg.text_width), torch.zeros(B, cfg.context_length, dtype=torch.bool)  # no caption
     unet = e.models.decoder.model
 
     def model_fn(x, t, keep):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from unclip_cli.errors import UnclipError
+from unclip_cli.errors import InputError, UnclipError
 from unclip_cli.train.common import read_state_meta
 from unclip_cli.train.loop import TrainOptions, train
 
@@ -64,7 +64,8 @@ def trained_run(tmp_path_factory, shards) -> Path:
 
 
 def test_every_stage_trains_checkpoints_and_exports(trained_run, tmp_path):
-    from unclip_cli.engine import Engine, Steps
+    from unclip_cli.engine import Engine
+    from unclip_cli.requests import GenerateRequest
     from unclip_cli.train.export import export
 
     for stage in ("clip", "prior", "decoder", "upsampler"):
@@ -76,7 +77,7 @@ def test_every_stage_trains_checkpoints_and_exports(trained_run, tmp_path):
     written = export(trained_run, tmp_path / "set")
     assert sorted(p.name for p in written) == ["clip.safetensors", "decoder.safetensors", "prior.safetensors", "upsampler.safetensors"]
     engine = Engine.load(tmp_path / "set", device="cpu")
-    result = engine.generate("a red circle", n=1, steps=Steps(2, 2, 2))
+    result = engine.run(GenerateRequest(prompt="a red circle", seed=0, prior_steps=2, decoder_steps=2, upsampler_steps=2, decoder_candidates=1))
     assert result.images[0].size == (16, 16)
     with pytest.raises(UnclipError, match="already holds"):
         export(trained_run, tmp_path / "set")
@@ -231,16 +232,37 @@ def test_sigint_saves_and_stops(trained_run, shards, tmp_path):
     assert read_state_meta(run / "prior" / "state.safetensors")["step"] == 5
 
 
+# Under torchrun, `python -m unclip_cli` with one addition: at exit each rank reports the gloo threads it
+# still runs (Linux). Training must have torn its process group down by then; a group left alive is torn
+# down at the ranks' unsynchronised exits, which ended a rank with SIGABRT now and then.
+TORCHRUN_MAIN = """
+import os, sys
+from unclip_cli.cli import main
+
+try:
+    main(sys.argv[1:])
+finally:
+    if os.path.isdir("/proc/self/task"):
+        names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+        print(f"rank {os.environ['RANK']} gloo threads at exit: {sorted(n for n in names if 'gloo' in n)}", file=sys.stderr, flush=True)
+"""
+
+
 def test_torchrun_two_processes_agree(trained_run, shards, tmp_path):
-    """Two CPU processes under torchrun (gloo) train the prior; DDP keeps their weights identical."""
+    """Two CPU processes under torchrun (gloo) train the prior; DDP keeps their weights identical, and
+    both leave the process group before they exit."""
+    import re
     import shutil
 
     run = tmp_path / "ddp"
     run.mkdir()
     shutil.copy(trained_run / "frozen_clip.safetensors", run / "frozen_clip.safetensors")
     shutil.copytree(trained_run / "embeddings", run / "embeddings")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "unclip_cli",
+    script = tmp_path / "unclip_main.py"
+    script.write_text(TORCHRUN_MAIN)
+    paths = [str(Path(__file__).parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]  # this checkout's unclip_cli
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(paths)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
            "train", "prior", "--preset", "tiny", "--data", str(shards), "--run-dir", str(run), "--max-steps", "4", "--device", "cpu", "--quiet"]
     # Its own session, so that a hang kills torchrun's workers too, not just torchrun.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -254,3 +276,210 @@ def test_torchrun_two_processes_agree(trained_run, shards, tmp_path):
     checksums = meta["rank_checksums"]  # float64 sum of every weight, gathered from each rank at the end
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     assert meta["step"] == 4 and meta["images_seen"] == 4 * 2 * 8  # two ranks, batch 8 each
+    if Path("/proc/self/task").is_dir():
+        assert sorted(re.findall(r"rank (\d) gloo threads at exit: \[\]", stderr)) == ["0", "1"], stderr[-2000:]
+
+
+# -- issue 13: the trainer's boundaries, its exits, export and bad options ---------------------------------
+def test_training_imports_neither_the_engine_nor_the_cli():
+    """Training code is a library of its own: no module under unclip_cli/train imports the engine, the
+    inference requests or the CLI, at import time or inside a function."""
+    import ast
+
+    forbidden = ("unclip_cli.engine", "unclip_cli.requests", "unclip_cli.cli")
+    root = Path(__file__).parents[1] / "unclip_cli" / "train"
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            bad = [n for n in names if any(n == f or n.startswith(f + ".") for f in forbidden)]
+            assert not bad, f"{path.name}:{node.lineno} imports {bad}"
+    code = ("import sys, unclip_cli.train.loop, unclip_cli.train.export\n"
+            f"print(sorted(m for m in sys.modules if m.startswith({forbidden!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def _copy_clip(trained_run, run: Path) -> Path:
+    """A new run folder with the trained run's frozen CLIP and embeddings (for the prior and decoder)."""
+    import shutil
+
+    run.mkdir()
+    shutil.copy(trained_run / "frozen_clip.safetensors", run / "frozen_clip.safetensors")
+    shutil.copytree(trained_run / "embeddings", run / "embeddings")
+    return run
+
+
+def test_a_task_built_once_trains_in_resumed_runs_as_one_run_does(trained_run, shards, tmp_path, monkeypatch):
+    """`train(opts, task=...)` trains the caller's task and builds none; 2 + 2 resumed steps of one task
+    end where 4 steps of a new run end."""
+    from unclip_cli.train import loop
+
+    straight = train(_opts(_copy_clip(trained_run, tmp_path / "straight"), shards, "prior", max_steps=4))
+    run = _copy_clip(trained_run, tmp_path / "chunks")
+    task = loop.build_task(_opts(run, shards, "prior"), torch.device("cpu"))
+    monkeypatch.setitem(loop.TASKS, "prior", None)  # building another task would fail
+    train(_opts(run, shards, "prior", max_steps=2), task=task)
+    chunked = train(_opts(run, shards, "prior", max_steps=4, resume=True), task=task)
+    assert chunked["step"] == 4 and chunked["loss"] == straight["loss"]
+    with pytest.raises(InputError, match="a prior task cannot train the decoder"):
+        train(_opts(tmp_path / "other", shards, "decoder", max_steps=1), task=task)
+
+
+class _RecordingDist:
+    """A single process's Dist that records how the run left the process group; `diverged_at` makes the
+    non-finite-loss vote come out True at that step, as if another rank's loss had become NaN."""
+
+    def __init__(self, diverged_at: int | None = None):
+        from unclip_cli.train.common import Dist
+
+        self.inner, self.diverged_at, self.votes, self.closed = Dist(), diverged_at, 0, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def any(self, flags, device):
+        if len(flags) == 1:  # the per-step non-finite-loss vote
+            self.votes += 1
+            return [flags[0] or self.votes == self.diverged_at]
+        return self.inner.any(flags, device)
+
+    def close(self, together=True):
+        self.closed.append(together)
+
+
+def test_every_exit_leaves_the_process_group(trained_run, shards, tmp_path, monkeypatch):
+    """Normal end: leave together (barrier first). NaN stop, here another rank's: all ranks vote on the
+    loss before the backward pass, stop at the same step, and leave at once."""
+    import shutil
+
+    from unclip_cli.train import loop
+
+    run = tmp_path / "exits"
+    shutil.copytree(trained_run, run)
+    normal = _RecordingDist()
+    monkeypatch.setattr(loop, "init_distributed", lambda device: normal)
+    train(_opts(run, shards, "upsampler", max_steps=4, resume=True))
+    assert normal.closed == [True]
+    before = (run / "upsampler" / "state.safetensors").read_bytes()
+    nan = _RecordingDist(diverged_at=2)
+    monkeypatch.setattr(loop, "init_distributed", lambda device: nan)
+    with pytest.raises(UnclipError, match="loss became non-finite on another rank at step 5"):
+        train(_opts(run, shards, "upsampler", max_steps=10, resume=True))
+    assert nan.closed == [False]
+    assert (run / "upsampler" / "state.safetensors").read_bytes() == before
+
+
+def test_export_replaces_the_stage_files_all_at_once(trained_run, tmp_path, monkeypatch):
+    """--force replaces every stage file (a stale upsampler-2 too) and keeps other files; an export
+    interrupted while writing leaves the previous set whole, and Ctrl-C waits for the last rename."""
+    import shutil
+
+    from unclip_cli import checkpoint
+    from unclip_cli.modelset import FILES, load_model_set
+    from unclip_cli.train.export import export
+
+    dest = tmp_path / "set"
+    export(trained_run, dest)  # fp16
+    shutil.copy(dest / "upsampler.safetensors", dest / "upsampler-2.safetensors")
+    (dest / "MODEL_CARD.md").write_text("card")
+    (dest / "notes.safetensors").write_bytes(b"not a stage")
+
+    def contents() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(dest.iterdir())}
+
+    before = contents()
+    real_save, saved = checkpoint.save, []
+
+    def save_then_interrupt(*args, **kwargs):
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+        saved.append(args[0])
+        real_save(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "save", save_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            export(trained_run, dest, dtype=torch.float32, force=True)
+    assert contents() == before  # no temporary file left either
+
+    real_replace = os.replace
+
+    def replace_then_interrupt(src, dst):
+        real_replace(src, dst)
+        if Path(dst).name in FILES.values():
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", replace_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            export(trained_run, dest, dtype=torch.float32, force=True)
+    after = contents()
+    assert sorted(after) == ["MODEL_CARD.md", "clip.safetensors", "decoder.safetensors", "notes.safetensors", "prior.safetensors",
+                             "upsampler.safetensors"]
+    assert after["MODEL_CARD.md"] == b"card" and after["notes.safetensors"] == b"not a stage"
+    assert all(after[name] != before[name] for name in FILES.values())  # all four are the new fp32 files
+    assert len(load_model_set(dest).upsamplers) == 1
+
+
+@pytest.mark.parametrize("field, value, option", [
+    ("max_minutes", float("nan"), "--max-minutes"), ("max_minutes", float("inf"), "--max-minutes"),
+    ("max_minutes", -1.0, "--max-minutes"), ("max_minutes", 0.0, "--max-minutes"),
+    ("batch_size", 0, "--batch-size"), ("batch_size", -2, "--batch-size"),
+    ("lr", float("nan"), "--lr"), ("lr", float("inf"), "--lr"), ("lr", 0.0, "--lr"), ("lr", -1e-3, "--lr"),
+    ("max_steps", 0, "--max-steps"), ("max_steps", -1, "--max-steps"),
+    ("checkpoint_minutes", float("nan"), "--checkpoint-minutes"), ("checkpoint_minutes", 0.0, "--checkpoint-minutes"),
+    ("stage", "colour", "unknown stage"),
+])
+def test_bad_options_are_refused_before_any_work(shards, tmp_path, field, value, option):
+    good = {"stage": "prior", "run": tmp_path / "run", "data": str(shards), "preset": "tiny", "device": "cpu"}
+    with pytest.raises(InputError, match=option):
+        TrainOptions(**{**good, field: value})
+    opts = TrainOptions(**good)
+    setattr(opts, field, value)  # changed after construction: train checks again
+    with pytest.raises(InputError, match=option):
+        train(opts)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_that_is_a_file_is_named(shards, tmp_path):
+    blocker = tmp_path / "run-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(InputError, match=f"--run-dir {blocker} is a file"):
+        _opts(blocker, shards, "clip")
+    with pytest.raises(InputError, match=f"its parent {blocker} is a file"):
+        _opts(blocker / "run", shards, "clip")
+    assert blocker.read_text() == "not a folder"
+
+
+def _cli(*args: str, env: dict | None = None) -> tuple[int, str]:
+    """`unclip ARGS` in-process: (exit code, stderr)."""
+    from typer.testing import CliRunner
+
+    from unclip_cli.cli import main
+
+    with CliRunner().isolation(env=env) as (_, err, _):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        sys.stderr.flush()
+        return code, err.getvalue().decode()
+
+
+@pytest.mark.parametrize("option, value, named", [("--max-minutes", "nan", "--max-minutes"), ("--batch-size", "0", "--batch-size"),
+                                                  ("--lr", "-1", "--lr"), ("--max-steps", "0", "--max-steps")])
+def test_the_cli_refuses_bad_options_in_one_line(tmp_path, option, value, named):
+    # --data does not exist: the options are checked first.
+    code, err = _cli("train", "prior", "--data", tmp_path / "no-data", "--run-dir", tmp_path / "run", "--preset", "tiny",
+                     "--device", "cpu", option, value)
+    errors = [line for line in err.splitlines() if line.startswith("Error: ")]
+    assert code == 1 and len(errors) == 1 and named in errors[0] and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_reads_its_default_corpus_from_unclip_data(tiny_weights, tmp_path):
+    data = tmp_path / "corpus"  # missing: eval must name it, not ~/.cache/unclip/emoji
+    code, err = _cli("eval", "--quick", "--weights", tiny_weights, "--out", tmp_path / "m.json", "--device", "cpu", "--quiet",
+                     env={"UNCLIP_DATA": str(data), "HOME": str(tmp_path / "home")})
+    assert code == 1 and f"Error: no corpus at {data}" in err and ".cache/unclip" not in err, err

@@ -28,6 +28,7 @@ from unclip_cli.models.unet import UNet, UNetConfig
 from unclip_cli.presets import load_preset
 
 
+SAMPLED_TIMESTEPS = 1000  # the schedule length every sampling policy here is set for (diffusion/policy.py)
 FILES = {"clip": "clip.safetensors", "prior": "prior.safetensors", "decoder": "decoder.safetensors", "upsampler": "upsampler.safetensors"}
 MAX_IMAGE_SIZE = 4096  # px: a set that claims to make larger images is damaged, not a model
 SCALES = range(2, 9)  # an upsampler's factor
@@ -92,6 +93,9 @@ def load_model_set(root: str | Path, device: str | torch.device = "cpu", dtype: 
 
     def stage(path: Path, kind: str) -> Stage:
         ck = checkpoint.load(path, kind, device=device, dtype=dtype)
+        if ck.diffusion and ck.diffusion.timesteps != SAMPLED_TIMESTEPS:
+            raise WeightsError(f"{path}: diffusion timesteps is {ck.diffusion.timesteps}; unclip samples "
+                               f"{SAMPLED_TIMESTEPS}-step schedules (its start timesteps and step limits assume them)")
         diffusion = GaussianDiffusion(ck.diffusion) if ck.diffusion else None
         return Stage(ck.model, diffusion, ck.extra, path)
 

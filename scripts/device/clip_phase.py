@@ -3,7 +3,7 @@ concept texts, 32 px Lanczos images). Keeps the chunk with the best mean top-1 a
 import json, lzma, shutil, sys, time
 from pathlib import Path
 import numpy as np, torch
-from unclip_cli.train.loop import TrainOptions, train
+from unclip_cli.train.loop import TrainOptions, build_task, train
 from unclip_cli.train.stages import frozen_clip, to_unit
 from unclip_cli.evaluate import retrieval
 
@@ -13,19 +13,16 @@ here = Path(__file__).parent
 val = np.load(here / "val32.npz")
 concepts = json.loads(lzma.decompress((here / "concepts.json.xz").read_bytes()))
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def options(k: int, minutes: float) -> TrainOptions:
+    return TrainOptions(stage="clip", run=run, data=corpus, batch_size=batch, lr=lr, resume=k > 0, max_minutes=minutes,
+                        checkpoint_minutes=1e9)
+
+
 # One task for all chunks: building it (fitting the vocabulary, tokenising every caption) costs more than
 # a chunk of GPU training. Each resumed chunk loads its state into the same model.
-from unclip_cli.train import loop
-_built, _make = {}, loop.TASKS["clip"]
-
-
-def _once(*args):
-    if "task" not in _built:
-        _built["task"] = _make(*args)
-    return _built["task"]
-
-
-loop.TASKS["clip"] = _once
+task = build_task(options(0, chunk), dev)
 keep = run / "clip-chunks"
 keep.mkdir(parents=True, exist_ok=True)
 
@@ -50,8 +47,7 @@ def score(clip):
 start, k, best = time.time(), 0, None
 while time.time() - start < seconds - 5:
     t = time.time()
-    res = train(TrainOptions(stage="clip", run=run, data=corpus, batch_size=batch, lr=lr, resume=k > 0,
-                             max_minutes=min(chunk, (seconds - (time.time() - start)) / 60), checkpoint_minutes=1e9))
+    res = train(options(k, min(chunk, (seconds - (time.time() - start)) / 60)), task=task)
     (run / "frozen_clip.safetensors").unlink(missing_ok=True)
     clip, uid, extra = frozen_clip(run, dev)
     clip.eval()

@@ -15,14 +15,13 @@ import typer
 
 import unclip_cli
 from unclip_cli.cli import app
-from unclip_cli.cli.images import P_OUTPUT, Device, DeviceOpt, QuietOpt, WeightsOpt, resolve_weights
-
-DEFAULT_DATA = "~/.cache/unclip/emoji"
+from unclip_cli.cli.data import default_corpus_dir
+from unclip_cli.cli.options import P_OUTPUT, DeviceChoice, DeviceOpt, QuietOpt, WeightsOpt, resolve_weights
 
 EVAL_EXAMPLES = """\
 [b]Examples[/b]
 
-  unclip eval --quick                  [dim]# shipped model, ~/.cache/unclip/emoji[/dim]
+  unclip eval --quick                  [dim]# shipped model, $UNCLIP_DATA or ~/.cache/unclip/emoji[/dim]
   unclip eval --weights runs/set --out runs/set/metrics.json
   unclip eval --quick --json | jq .metrics.generate
 """
@@ -33,14 +32,15 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the metrics as JSON
 @app.command("eval", epilog=EVAL_EXAMPLES)
 def eval_cmd(
     weights: WeightsOpt = None,
-    data: Annotated[str, typer.Option("--data", metavar="SHARDS",
-                                      help="Corpus folder, glob or brace range of shards; val-*.tar are the held-out split.")] = DEFAULT_DATA,
+    data: Annotated[Optional[str], typer.Option("--data", metavar="SHARDS", show_default=False,
+                                                help="Corpus folder, glob or brace range of shards; val-*.tar are the held-out split "
+                                                     "(default: where `unclip data emoji` builds it, $UNCLIP_DATA or ~/.cache/unclip/emoji).")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="40 prompts and few sampling steps: about a minute on a 2-core CPU (the full set: about 23 minutes).")] = False,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", metavar="FILE",
                                                    help="Held-out prompt list (default: eval_prompts.json beside the shards).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="Where to write the metrics (replaced if present).")] = Path("metrics.json"),
     seed: Annotated[int, typer.Option("--seed", help="Seed of every sampling run and random draw.")] = 0,
-    device: DeviceOpt = Device.auto,
+    device: DeviceOpt = DeviceChoice.auto,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -59,9 +59,11 @@ def eval_cmd(
         raise InputError(f"--out {out} is a folder", hint="give a file name, e.g. --out metrics.json")
     settings = dataclasses.replace(ev.QUICK if quick else ev.FULL, seed=seed)
     started = time.time()
+    default_data = data is None
+    data = str(default_corpus_dir()) if default_data else data
     if not quiet:
         err.print(f"Reading held-out data from {data}…", markup=False)
-    if data == DEFAULT_DATA and not Path(data).expanduser().exists():
+    if default_data and not Path(data).exists():
         raise DataError(f"no corpus at {data}", hint="build it with `unclip data emoji`, or pass --data SHARDS")
     dataset = ev.load_eval_data(data, prompts, max_items=settings.max_items)
     engine = Engine.load(weights_dir, device=device.value)
@@ -70,8 +72,10 @@ def eval_cmd(
         err.print(f"{settings.mode} evaluation of {engine.name} ({weights_dir}): {len(dataset.items)} held-out images, "
                   f"{len(dataset.concepts)} concepts, {n_prompts} prompts × {settings.images_per_prompt}, "
                   f"quality {settings.quality}", markup=False)
-    with _Bars(err, enabled=not quiet and err.is_terminal) as bars:
-        result = ev.evaluate(engine, dataset, settings, progress=bars.update)
+    from unclip_cli.cli.progress import Bars
+
+    with Bars(err, enabled=not quiet and err.is_terminal) as bars:
+        result = ev.evaluate(engine, dataset, settings, progress=bars)
     report = {
         "model": {"name": engine.name, "path": str(weights_dir), "model_hash": engine.models.model_hash,
                   "base_size": engine.base_size, "image_size": engine.image_size},
@@ -108,33 +112,6 @@ def _command(weights_dir, data, quick, prompts, out, seed, device) -> str:
     args += ["--prompts", str(prompts)] if prompts else []
     args += ["--out", str(out), "--seed", str(seed), "--device", device]
     return shlex.join(args)
-
-
-class _Bars:
-    """One rich progress bar per section, fed by the runner's progress(section, done, total)."""
-
-    def __init__(self, console, enabled: bool):
-        self.console, self.enabled, self.progress, self.tasks = console, enabled, None, {}
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.progress = Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                     console=self.console)
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.stop()
-
-    def update(self, section: str, done: int, total: int) -> None:
-        if self.progress is None:
-            return
-        if section not in self.tasks:
-            self.tasks[section] = self.progress.add_task(section, total=total)
-        self.progress.update(self.tasks[section], completed=done, total=total)
 
 
 def _f(v, digits: int = 3) -> str:

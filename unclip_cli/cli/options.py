@@ -54,32 +54,42 @@ def _sampling(flag: str, kind, help: str, show_default=None, *names: str):
     return Annotated[Optional[kind], typer.Option(flag, *names, show_default=show_default, help=help, rich_help_panel=P_SAMPLING)]
 
 
+SeedOpt = _sampling("--seed", int, "Seed of the first image; image i uses seed+i, so each reproduces on its own.",
+                    "random, printed and recorded", "-s")
+QualityOpt = Annotated[Optional[Quality], typer.Option("--quality", show_default="default", help="Sampling-step preset.",
+                                                       rich_help_panel=P_SAMPLING)]
+PriorStepsOpt = _sampling("--prior-steps", int, "Prior sampling steps (overrides --quality).")
+DecoderStepsOpt = _sampling("--decoder-steps", int, "Decoder sampling steps (overrides --quality).")
+UpsamplerStepsOpt = _sampling("--upsampler-steps", int, "Upsampler sampling steps (overrides --quality).")
+GuidanceOpt = _sampling("--guidance", float, "Decoder classifier-free guidance scale (1 = none).", f"{DEFAULT_GUIDANCE:g}", "-g")
+PriorGuidanceOpt = _sampling("--prior-guidance", float, "Prior classifier-free guidance scale (1 = none).", f"{DEFAULT_PRIOR_GUIDANCE:g}")
+BatchSizeOpt = _sampling("--batch-size", int, "Images per model call; lower it if memory runs out. Another batch size changes "
+                         "pixels only by rounding; --from reruns the recorded one.", str(DEFAULT_BATCH))
+OutOpt = Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder for the results (created if needed).", rich_help_panel=P_OUTPUT)]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite files of the same name instead of picking the next free name.",
+                                        rich_help_panel=P_OUTPUT)]
+NoMetadataOpt = Annotated[bool, typer.Option("--no-metadata", help="Do not store the recipe in the PNG files.", rich_help_panel=P_OUTPUT)]
+
+
 @dataclasses.dataclass
 class Common:
-    """The options every image command shares: (type annotation, default) per field; `image_command` adds
-    them to each command's signature."""
+    """The options every image command shares; `image_command` adds them to each command's signature."""
 
     weights: WeightsOpt = None
     device: DeviceOpt = DeviceChoice.auto
-    seed: _sampling("--seed", int, "Seed of the first image; image i uses seed+i, so each reproduces on its own.",
-                    "random, printed and recorded", "-s") = None
-    quality: Annotated[Optional[Quality], typer.Option("--quality", show_default="default", rich_help_panel=P_SAMPLING,
-                                                       help="Sampling-step preset.")] = None
-    prior_steps: _sampling("--prior-steps", int, "Prior sampling steps (overrides --quality).") = None
-    decoder_steps: _sampling("--decoder-steps", int, "Decoder sampling steps (overrides --quality).") = None
-    upsampler_steps: _sampling("--upsampler-steps", int, "Upsampler sampling steps (overrides --quality).") = None
-    guidance: _sampling("--guidance", float, "Decoder classifier-free guidance scale (1 = none).", f"{DEFAULT_GUIDANCE:g}", "-g") = None
-    prior_guidance: _sampling("--prior-guidance", float, "Prior classifier-free guidance scale (1 = none).", f"{DEFAULT_PRIOR_GUIDANCE:g}") = None
-    batch_size: _sampling("--batch-size", int, "Images per model call; lower it if memory runs out. Another batch size changes "
-                          "pixels only by rounding; --from reruns the recorded one.", str(DEFAULT_BATCH)) = None
-    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder for the results (created if needed).",
-                                      rich_help_panel=P_OUTPUT)] = Path("outputs")
-    force: Annotated[bool, typer.Option("--force", help="Overwrite files of the same name instead of picking the next free name.",
-                                        rich_help_panel=P_OUTPUT)] = False
+    seed: SeedOpt = None
+    quality: QualityOpt = None
+    prior_steps: PriorStepsOpt = None
+    decoder_steps: DecoderStepsOpt = None
+    upsampler_steps: UpsamplerStepsOpt = None
+    guidance: GuidanceOpt = None
+    prior_guidance: PriorGuidanceOpt = None
+    batch_size: BatchSizeOpt = None
+    out: OutOpt = Path("outputs")
+    force: ForceOpt = False
     json: JsonOpt = False
     quiet: QuietOpt = False
-    no_metadata: Annotated[bool, typer.Option("--no-metadata", help="Do not store the recipe in the PNG files.",
-                                              rich_help_panel=P_OUTPUT)] = False
+    no_metadata: NoMetadataOpt = False
 
     def sampling(self) -> dict:
         """The request fields given on the command line (None = not given)."""

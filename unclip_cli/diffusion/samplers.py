@@ -11,7 +11,6 @@ shaped like x (from per-image generators, so an image does not depend on its bat
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch

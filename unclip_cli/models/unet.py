@@ -18,7 +18,7 @@ schedules (those live in `unclip_cli.diffusion`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -121,7 +121,7 @@ class Up(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
-class Stage(nn.ModuleList):
+class Blocks(nn.ModuleList):
     """A sequence of blocks that all take (x, emb, ctx)."""
 
     def forward(self, x, emb, ctx):
@@ -157,16 +157,16 @@ class UNet(nn.Module):
         skip_chs, ch, ds = [ch0], ch0, 1
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                self.down.append(Stage([ResBlock(ch, mult * ch0, emb_dim, cfg.dropout), *attn_or_none(mult * ch0, ds)]))
+                self.down.append(Blocks([ResBlock(ch, mult * ch0, emb_dim, cfg.dropout), *attn_or_none(mult * ch0, ds)]))
                 ch = mult * ch0
                 skip_chs.append(ch)
             if level < len(cfg.channel_mult) - 1:
-                self.down.append(Stage([Down(ch)]))
+                self.down.append(Blocks([Down(ch)]))
                 skip_chs.append(ch)
                 ds *= 2
         # The middle block attends whenever the model has attention at all (the upsampler has none).
         mid_attn = [AttentionBlock(ch, cfg.head_channels, ctx_dim)] if cfg.attention_ds else []
-        self.middle = Stage([ResBlock(ch, ch, emb_dim, cfg.dropout), *mid_attn, ResBlock(ch, ch, emb_dim, cfg.dropout)])
+        self.middle = Blocks([ResBlock(ch, ch, emb_dim, cfg.dropout), *mid_attn, ResBlock(ch, ch, emb_dim, cfg.dropout)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
@@ -176,7 +176,7 @@ class UNet(nn.Module):
                 if level > 0 and i == cfg.num_res_blocks:
                     blocks.append(Up(ch))
                     ds //= 2
-                self.up.append(Stage(blocks))
+                self.up.append(Blocks(blocks))
         self.out = nn.Sequential(norm(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, cfg.out_channels * p2, 3, padding=1)))
 
     @property

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional  # noqa: F401  before any process group exists: see below
 import torch.nn as nn
 
 from unclip_cli.checkpoint import atomic_write
@@ -45,15 +46,26 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return [bool(v) for v in t.tolist()]
 
-    def close(self) -> None:
-        """Leave the process group together, so no rank exits while another is still talking to it."""
+    def close(self, together: bool = True) -> None:
+        """Leave the process group. After a run that ended normally every rank comes here from the same
+        last collective, and a barrier makes sure no rank leaves while another is still talking to it.
+        After an error the other ranks may be anywhere (`together=False`): leave at once, so that their
+        next collective fails instead of waiting out the timeout."""
         if self.enabled and dist.is_initialized():
-            dist.barrier()
+            if together:
+                dist.barrier()
             dist.destroy_process_group()
 
 
 def init_distributed(device: torch.device) -> Dist:
-    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPUs."""
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPUs.
+
+    torch.distributed.nn.functional, which DDP imports on first use, binds `group=group.WORLD` as the
+    default argument of its functions when it is imported. Imported while a process group exists, it
+    holds that group for good, and `destroy_process_group` can no longer free it: gloo's threads and
+    sockets then live on until the process exits, so the ranks really part at their unsynchronised
+    exits, each tearing gloo down while its peer's connections drop (the suspected cause of a rank that
+    ended with SIGABRT now and then). This module imports it first, while the defaults are still None."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()

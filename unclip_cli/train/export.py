@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -15,6 +20,9 @@ from unclip_cli.modelset import FILES
 from unclip_cli.train.common import load_ema_weights
 from unclip_cli.train.stages import STAGES
 
+# The files `load_model_set` reads as stages: the four of FILES, and further upsamplers by glob.
+STAGE_FILE_PATTERNS = ("clip.safetensors", "prior.safetensors", "decoder.safetensors", "upsampler*.safetensors")
+
 
 def export(run: str | Path, to: str | Path, dtype: torch.dtype = torch.float16, force: bool = False,
            base: str | Path | None = None) -> list[Path]:
@@ -22,7 +30,11 @@ def export(run: str | Path, to: str | Path, dtype: torch.dtype = torch.float16, 
 
     The CLIP written is the frozen copy the prior and decoder were trained against, so the set is
     consistent by construction. With `base` (a model set, e.g. the one the run was started from with
-    --init-from), the files the run has not trained come from it, if they share its CLIP."""
+    --init-from), the files the run has not trained come from it, if they share its CLIP.
+
+    The four files replace every stage file in `to` (a stale upsampler-2.safetensors too); other files
+    stay. They are written under hidden temporary names first and renamed into place at the end, so an
+    export that fails or is interrupted while writing leaves the previous set as it was."""
     run, to = Path(run), Path(to)
     if not run.is_dir():
         raise UnclipError(f"{run}: no such training run")
@@ -38,8 +50,7 @@ def export(run: str | Path, to: str | Path, dtype: torch.dtype = torch.float16, 
     if missing:
         raise UnclipError(f"{run} has no trained {', '.join(missing)}",
                           hint=f"train them (unclip train {missing[0]} --run {run} ...), or take them from a model set with --base SET")
-    existing = [to / f for f in FILES.values() if (to / f).exists()]
-    if existing and not force:
+    if stage_files(to) and not force:
         raise UnclipError(f"{to} already holds a model set", hint="pass --force to replace it")
     # Everything is read before anything is written: `to` may be `base` itself.
     clip = checkpoint.load(sources["clip"], "clip")
@@ -64,8 +75,42 @@ def export(run: str | Path, to: str | Path, dtype: torch.dtype = torch.float16, 
             raise UnclipError(f"{sources[stage]} was trained with another CLIP than {sources['clip']}",
                               hint=f"retrain {stage} against the run's frozen CLIP")
         outputs[stage] = (model, cfg, diffusion, extra)
-    written = []
-    for stage, (model, cfg, diffusion, extra) in outputs.items():
-        checkpoint.save(to / FILES[stage], stage, model, cfg, diffusion, extra, dtype=dtype)
-        written.append(to / FILES[stage])
-    return written
+    to.mkdir(parents=True, exist_ok=True)
+    staged: dict[Path, Path] = {}  # final name -> temporary file, hidden from the glob of stage files
+    try:
+        for stage, (model, cfg, diffusion, extra) in outputs.items():
+            fd, tmp = tempfile.mkstemp(dir=to, prefix=f".{FILES[stage]}.", suffix=".tmp")
+            os.close(fd)
+            staged[to / FILES[stage]] = Path(tmp)
+            checkpoint.save(tmp, stage, model, cfg, diffusion, extra, dtype=dtype)
+        with _signals_deferred():  # a handful of renames, not split by Ctrl-C
+            for stale in set(stage_files(to)) - set(staged):
+                stale.unlink()
+            for final, tmp in staged.items():
+                os.replace(tmp, final)
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+    return list(staged)
+
+
+def stage_files(folder: Path) -> list[Path]:
+    """The stage files of a model set folder: what `load_model_set` would read."""
+    return sorted({p for pattern in STAGE_FILE_PATTERNS for p in Path(folder).glob(pattern) if p.is_file()})
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT and SIGTERM until the block ends, then deliver the first one (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if caught:
+            signal.raise_signal(caught[0])

@@ -8,6 +8,7 @@ Prior and decoder also use RUN/frozen_clip.safetensors and RUN/embeddings/ (see 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -22,10 +23,11 @@ import numpy as np
 import torch
 
 from unclip_cli.checkpoint import atomic_write
-from unclip_cli.errors import UnclipError
+from unclip_cli.device import pick_device
+from unclip_cli.errors import InputError, UnclipError
 from unclip_cli.presets import load_preset
 from unclip_cli.train.common import EMA, init_distributed, load_state, lr_at, save_state
-from unclip_cli.train.stages import STAGES, TASKS, adopt_clip, init_from_set
+from unclip_cli.train.stages import STAGES, TASKS, Task, adopt_clip, init_from_set
 
 
 @dataclass
@@ -46,6 +48,42 @@ class TrainOptions:
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     log_seconds: float = 10.0
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse options a run cannot honour, before any work: one place for the CLI and every other
+        caller. The messages name the options as the CLI spells them."""
+        if self.stage not in STAGES:
+            raise InputError(f"unknown stage {self.stage!r}", hint=f"choose from {', '.join(STAGES)}")
+        # A NaN or infinite budget never runs out, and 0 read as "no budget": all three would train forever.
+        _positive("--max-minutes", self.max_minutes, "a number of minutes, e.g. --max-minutes 30")
+        _positive("--lr", self.lr, "a peak learning rate, e.g. --lr 3e-4")
+        for name, value in (("--max-steps", self.max_steps), ("--batch-size", self.batch_size)):
+            if value is not None and value < 1:
+                raise InputError(f"{name} must be at least 1, not {value}")
+        if not self.checkpoint_minutes > 0:  # inf is fine: a checkpoint at the end only
+            raise InputError(f"--checkpoint-minutes must be above 0, not {self.checkpoint_minutes}")
+        if not 0 <= self.ema_decay < 1:
+            raise InputError(f"the EMA decay must be in [0, 1), not {self.ema_decay}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise InputError(f"the gradient clipping norm must be a finite number above 0, not {self.grad_clip}")
+        if self.init_from is not None and self.resume:
+            raise InputError("--init-from starts a new run and --resume continues one", hint="pass only one of them")
+        run = Path(self.run)
+        for folder in (run, *run.parents):  # the run folder, or the nearest of its parents that exists
+            if folder.exists():
+                if not folder.is_dir():
+                    what = "--run-dir" if folder == run else f"--run-dir {run}: its parent"
+                    raise InputError(f"{what} {folder} is a file, not a folder",
+                                     hint="choose a folder for the run; it is made if missing")
+                break
+
+
+def _positive(name: str, value: float | None, example: str) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise InputError(f"{name} must be a finite number above 0, not {value}", hint=f"give {example}, or leave it out")
 
 
 @dataclass
@@ -89,156 +127,238 @@ def rank_checksums(model: torch.nn.Module, world_size: int) -> list[float]:
     return [g.item() for g in gathered]
 
 
-def train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None = None) -> dict:
-    from unclip_cli.engine import pick_device
-
-    if opts.stage not in STAGES:
-        raise UnclipError(f"unknown stage {opts.stage!r}", hint=f"choose from {', '.join(STAGES)}")
-    device = pick_device(opts.device)
-    dist = init_distributed(device)
-    if device.type == "cuda" and dist.enabled:
-        device = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(device)
-    if device.type == "cuda":
-        # TF32 matmuls and convolutions (Ampere and later run them several times faster than fp32); a
-        # 10-bit mantissa is far below the noise of diffusion and contrastive losses. These flags are set
-        # in the training process only; the engine chooses its own precision for sampling.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True  # fixed shapes per stage: pick the fastest kernels once
-    preset = load_preset(opts.preset)
-    hp = preset["train"][opts.stage]
-    batch = opts.batch_size or hp["batch_size"]
-    base_lr = opts.lr or hp["lr"]
-    run = Path(opts.run)
-    stage_dir = run / opts.stage
-    state_path = stage_dir / "state.safetensors"
-    if state_path.exists() and not opts.resume:
-        raise UnclipError(f"{stage_dir} already has a training state", hint="pass --resume to continue it, or choose another --run")
-    if opts.resume and not state_path.exists():
-        raise UnclipError(f"nothing to resume in {stage_dir}", hint="drop --resume to start a new run")
-    if opts.init_from is not None and opts.resume:
-        raise UnclipError("--init-from starts a new run and --resume continues one", hint="pass only one of them")
-
+def build_task(opts: TrainOptions, device: torch.device, preset: dict | None = None) -> Task:
+    """The stage's task (model, data, objective) as `train` builds it: seeded by `opts.seed`, so the
+    model starts from the same weights. Callers that train one task in several runs build it once here."""
     torch.manual_seed(opts.seed)
-    # Rank 0 builds the caches and embeddings first; the others then read them.
-    if not dist.is_main:
-        dist.barrier()
-    if opts.init_from is not None and dist.is_main:
-        adopt_clip(run, Path(opts.init_from), opts.stage)
-    task = TASKS[opts.stage](preset, opts.data, run, device)
-    if dist.is_main:
-        dist.barrier()
-    started_from = init_from_set(task, Path(opts.init_from)) if opts.init_from is not None else None
-    model = task.model
-    task.net = model
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    return TASKS[opts.stage](preset or load_preset(opts.preset), opts.data, Path(opts.run), device)
 
-        task.net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if hasattr(task, "configure_distributed"):
-            task.configure_distributed(dist.rank, dist.world_size)
-    ema = EMA(model, opts.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=base_lr, betas=(0.9, 0.999), weight_decay=hp.get("weight_decay", 0.01))
 
-    info = {"stage": opts.stage, "preset": opts.preset, "config": dataclasses.asdict(task.config),
-            "diffusion": dataclasses.asdict(task.diffusion_cfg) if task.diffusion_cfg else None,
-            "extra": task.extra, "batch_size": batch, "world_size": dist.world_size, "data": str(opts.data)}
-    meta = {"step": 0, "epoch": 0, "offset": 0, "images_seen": 0, "seconds": 0.0, "last_loss": None, "warmup_from": 0}
-    if started_from is not None:
-        # The step count goes on from the set's, so exports and model cards count all of its training;
-        # the optimiser's moments are new, so the learning rate warms up again from here.
-        meta.update(step=started_from["trained_steps"], images_seen=started_from["images_seen"],
-                    seconds=started_from["train_seconds"], warmup_from=started_from["trained_steps"])
-        info["init_from"] = started_from
-    if opts.resume:
-        meta = load_state(state_path, model, ema, opt)
-        info = {**json.loads((stage_dir / "run.json").read_text()), "resumed_at": meta["step"]}
-        # Facts the task records that the run predates (e.g. the decoder's mean image) join run.json.
-        missing = {k: v for k, v in task.extra.items() if k not in info["extra"]}
-        if missing and dist.is_main:
-            info["extra"] = {**info["extra"], **missing}
-            atomic_write(stage_dir / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
-    elif dist.is_main:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        info["uid"] = uuid.uuid4().hex
-        (stage_dir / "run.json").write_text(json.dumps(info, indent=1))
-    order = BatchOrder(task.train_indices(), batch, opts.seed, dist.rank, dist.world_size, meta["epoch"], meta["offset"])
+def train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None = None, task: Task | None = None) -> dict:
+    """Train one stage as `opts` says; -> a summary (step, images seen, loss, interrupted, state path)."""
+    return Trainer(opts, on_progress, task).run()
 
-    stop = {"signal": None}
 
-    def on_signal(signum, frame):
-        stop["signal"] = signum
+class Trainer:
+    """One training run of one stage: `Trainer(opts).run()`.
 
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    start = time.time()
-    seconds0 = meta["seconds"]
-    last_ckpt = last_log = start
-    max_seconds = opts.max_minutes * 60 if opts.max_minutes else None
-    window_images, window_start, loss_avg = 0, start, None
-    first_step = meta["step"] + 1  # logged at once, whatever the step count a run starts or resumes from
+    `task` is the stage's task when the caller has built it already (see `build_task`), e.g. to train it
+    in several resumed runs without building it (caches, vocabulary, embeddings) again; it must live on
+    the device the run uses. Otherwise `run` builds it, rank 0 first under torchrun.
+    """
 
-    def checkpoint(event: str) -> None:
-        meta.update(epoch=order.epoch, offset=order.offset, seconds=seconds0 + time.time() - start)
+    def __init__(self, opts: TrainOptions, on_progress: Callable[[Progress], None] | None = None, task: Task | None = None):
+        opts.validate()  # again: fields may have changed since construction
+        if task is not None and task.kind != opts.stage:
+            raise InputError(f"a {task.kind} task cannot train the {opts.stage} stage")
+        self.opts, self.on_progress, self.task = opts, on_progress, task
+        self.preset = load_preset(opts.preset)
+        self.hp = self.preset["train"][opts.stage]
+        self.batch = opts.batch_size or self.hp["batch_size"]
+        self.base_lr = opts.lr or self.hp["lr"]
+        self.run_dir = Path(opts.run)
+        self.stage_dir = self.run_dir / opts.stage
+        self.state_path = self.stage_dir / "state.safetensors"
+        self.max_seconds = opts.max_minutes * 60 if opts.max_minutes is not None else None
+        self.stop_signal: int | None = None
+        self.loss_avg: float | None = None
+
+    # -- the run ---------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        self._check_state()
+        device = self.task.device if self.task is not None else pick_device(self.opts.device)
+        self.dist = init_distributed(device)
+        finished = False
+        try:
+            self._set_up(device)
+            with self._stop_on_signals():
+                self._train_steps()
+                self.checkpoint("done")
+            finished = True
+        finally:
+            self._release()
+            self.dist.close(together=finished)
+        return self.summary()
+
+    def _check_state(self) -> None:
+        if self.state_path.exists() and not self.opts.resume:
+            raise UnclipError(f"{self.stage_dir} already has a training state", hint="pass --resume to continue it, or choose another --run")
+        if self.opts.resume and not self.state_path.exists():
+            raise UnclipError(f"nothing to resume in {self.stage_dir}", hint="drop --resume to start a new run")
+
+    def _set_up(self, device: torch.device) -> None:
+        opts, dist = self.opts, self.dist
+        if device.type == "cuda" and dist.enabled and self.task is None:
+            device = torch.device("cuda", dist.local_rank)
+            torch.cuda.set_device(device)
+        if device.type == "cuda":
+            # TF32 matmuls and convolutions (Ampere and later run them several times faster than fp32); a
+            # 10-bit mantissa is far below the noise of diffusion and contrastive losses. These flags are set
+            # in the training process only; the engine chooses its own precision for sampling.
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True  # fixed shapes per stage: pick the fastest kernels once
+        self.device = device
+        self.task = task = self._task()
+        started_from = init_from_set(task, Path(opts.init_from)) if opts.init_from is not None else None
+        self.model = model = task.model
+        task.net = model
         if dist.enabled:
-            meta["rank_checksums"] = rank_checksums(model, dist.world_size)
-        if dist.is_main:
-            save_state(state_path, model, ema, opt, meta)
-            (stage_dir / "samples").mkdir(exist_ok=True)
-            task.sample_grid(ema.model, stage_dir / "samples" / f"step-{meta['step']:07d}.png")
-        if on_progress:
-            on_progress(Progress(meta["step"], opts.max_steps, loss_avg or float("nan"), 0.0, time.time() - start, max_seconds, event))
+            from torch.nn.parallel import DistributedDataParallel as DDP
 
-    try:
-        model.train()
-        while True:
-            if opts.max_steps is not None and meta["step"] >= opts.max_steps:
-                break
-            step = meta["step"]
-            gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + dist.rank * 7919 + step)
-            idx = order.next()
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step - meta.get("warmup_from", 0), base_lr, hp.get("warmup", 0))
-            loss = task.loss(idx, gen)
-            if not torch.isfinite(loss):
-                raise UnclipError(
-                    f"the {opts.stage} loss became {loss.item()} at step {step}; stopped, the last good checkpoint "
-                    f"in {state_path} is kept",
-                    hint="resume with --resume and a lower --lr",
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
-            opt.step()
-            task.after_step()
-            ema.update(model, step)
-            value = loss.item()
-            loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
-            meta.update(step=step + 1, images_seen=meta["images_seen"] + len(idx) * dist.world_size, last_loss=value)
-            window_images += len(idx) * dist.world_size
+            task.net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+            if hasattr(task, "configure_distributed"):
+                task.configure_distributed(dist.rank, dist.world_size)
+        self.ema = EMA(model, opts.ema_decay)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=self.base_lr, betas=(0.9, 0.999), weight_decay=self.hp.get("weight_decay", 0.01))
+        self.meta = self._start_or_resume(started_from)
+        self.order = BatchOrder(task.train_indices(), self.batch, opts.seed, dist.rank, dist.world_size, self.meta["epoch"], self.meta["offset"])
+
+    def _task(self) -> Task:
+        """The given task, or a new one. Under torchrun rank 0 builds first (caches, embeddings, the adopted
+        CLIP), then the other ranks read what it wrote."""
+        torch.manual_seed(self.opts.seed)
+        if self.task is not None:
+            return self.task
+        if not self.dist.is_main:
+            self.dist.barrier()
+        if self.opts.init_from is not None and self.dist.is_main:
+            adopt_clip(self.run_dir, Path(self.opts.init_from), self.opts.stage)
+        task = TASKS[self.opts.stage](self.preset, self.opts.data, self.run_dir, self.device)
+        if self.dist.is_main:
+            self.dist.barrier()
+        return task
+
+    def _start_or_resume(self, started_from: dict | None) -> dict:
+        """The training state's metadata: new, counted on from a model set, or loaded with the state; and
+        RUN/STAGE/run.json written (rank 0)."""
+        opts, task, dist = self.opts, self.task, self.dist
+        info = {"stage": opts.stage, "preset": opts.preset, "config": dataclasses.asdict(task.config),
+                "diffusion": dataclasses.asdict(task.diffusion_cfg) if task.diffusion_cfg else None,
+                "extra": task.extra, "batch_size": self.batch, "world_size": dist.world_size, "data": str(opts.data)}
+        meta = {"step": 0, "epoch": 0, "offset": 0, "images_seen": 0, "seconds": 0.0, "last_loss": None, "warmup_from": 0}
+        if started_from is not None:
+            # The step count goes on from the set's, so exports and model cards count all of its training;
+            # the optimiser's moments are new, so the learning rate warms up again from here.
+            meta.update(step=started_from["trained_steps"], images_seen=started_from["images_seen"],
+                        seconds=started_from["train_seconds"], warmup_from=started_from["trained_steps"])
+            info["init_from"] = started_from
+        if opts.resume:
+            meta = load_state(self.state_path, self.model, self.ema, self.opt)
+            info = {**json.loads((self.stage_dir / "run.json").read_text()), "resumed_at": meta["step"]}
+            # Facts the task records that the run predates (e.g. the decoder's mean image) join run.json.
+            missing = {k: v for k, v in task.extra.items() if k not in info["extra"]}
+            if missing and dist.is_main:
+                info["extra"] = {**info["extra"], **missing}
+                atomic_write(self.stage_dir / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
+        elif dist.is_main:
+            self.stage_dir.mkdir(parents=True, exist_ok=True)
+            info["uid"] = uuid.uuid4().hex
+            (self.stage_dir / "run.json").write_text(json.dumps(info, indent=1))
+        return meta
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGINT and SIGTERM end the run after the current step, with a checkpoint."""
+        def on_signal(signum, frame):
+            self.stop_signal = signum
+
+        old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+
+    def _release(self) -> None:
+        """Drop the DDP wrapper before the process group is left: it holds the group, which would outlive
+        `destroy_process_group` while it lives; and a task trained again gets a wrapper of its own."""
+        if self.task is not None:
+            self.task.net = None
+
+    # -- steps -----------------------------------------------------------------------------------------
+    def _train_steps(self) -> None:
+        opts, meta = self.opts, self.meta
+        self.start = self.last_ckpt = self.last_log = self.window_start = time.time()
+        self.seconds0 = meta["seconds"]
+        self.window_images = 0
+        self.first_step = meta["step"] + 1  # logged at once, whatever the step count a run starts or resumes from
+        self.model.train()
+        while opts.max_steps is None or meta["step"] < opts.max_steps:
+            value, images = self.step()
             now = time.time()
-            if now - last_log >= opts.log_seconds or meta["step"] == first_step:
-                ips = window_images / max(now - window_start, 1e-9)
-                if dist.is_main:
-                    with open(stage_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps({"step": meta["step"], "loss": value, "loss_avg": loss_avg, "lr": opt.param_groups[0]["lr"],
-                                            "images_per_s": ips, "images_seen": meta["images_seen"],
-                                            "seconds": seconds0 + now - start}) + "\n")
-                if on_progress:
-                    on_progress(Progress(meta["step"], opts.max_steps, loss_avg, ips, now - start, max_seconds))
-                last_log, window_images, window_start = now, 0, now
-            out_of_time = max_seconds is not None and now - start >= max_seconds
-            stop_now, checkpoint_due = dist.any([stop["signal"] is not None or out_of_time, now - last_ckpt >= opts.checkpoint_minutes * 60], device)
+            self.window_images += images
+            if now - self.last_log >= opts.log_seconds or meta["step"] == self.first_step:
+                self._log(value, now)
+            out_of_time = self.max_seconds is not None and now - self.start >= self.max_seconds
+            # One collective for both decisions: a rank that stops or checkpoints alone leaves the others waiting.
+            stop_now, checkpoint_due = self.dist.any(
+                [self.stop_signal is not None or out_of_time, now - self.last_ckpt >= opts.checkpoint_minutes * 60], self.device)
             if stop_now:
                 break  # the final checkpoint follows
             if checkpoint_due:
-                checkpoint("checkpoint")
-                last_ckpt = time.time()
-        checkpoint("done")
-    finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-    dist.close()
-    return {"stage": opts.stage, "run": str(run), "step": meta["step"], "images_seen": meta["images_seen"],
-            "seconds": meta["seconds"], "loss": meta["last_loss"], "loss_avg": loss_avg,
-            "interrupted": stop["signal"] is not None, "state": str(state_path)}
+                self.checkpoint("checkpoint")
+                self.last_ckpt = time.time()
+
+    def step(self) -> tuple[float, int]:
+        """One optimiser step; -> (its loss, the images it saw on all ranks)."""
+        opts, meta, dist, model = self.opts, self.meta, self.dist, self.model
+        step = meta["step"]
+        gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + dist.rank * 7919 + step)
+        idx = self.order.next()
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(step - meta.get("warmup_from", 0), self.base_lr, self.hp.get("warmup", 0))
+        loss = self.task.loss(idx, gen)
+        # Decided together: a rank that stopped alone would leave the others in the gradient all-reduce.
+        (diverged,) = dist.any([not bool(torch.isfinite(loss))], self.device)
+        if diverged:
+            value = loss.item()
+            raise UnclipError(
+                f"the {opts.stage} loss became {value if not math.isfinite(value) else 'non-finite on another rank'} at step "
+                f"{step}; stopped, the last good checkpoint in {self.state_path} is kept",
+                hint="resume with --resume and a lower --lr",
+            )
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
+        self.opt.step()
+        self.task.after_step()
+        self.ema.update(model, step)
+        value = loss.item()
+        self.loss_avg = value if self.loss_avg is None else 0.98 * self.loss_avg + 0.02 * value
+        images = len(idx) * dist.world_size
+        meta.update(step=step + 1, images_seen=meta["images_seen"] + images, last_loss=value)
+        return value, images
+
+    def _log(self, value: float, now: float) -> None:
+        """A line in metrics.jsonl (rank 0) and a progress report; opens a new throughput window."""
+        meta = self.meta
+        ips = self.window_images / max(now - self.window_start, 1e-9)
+        if self.dist.is_main:
+            with open(self.stage_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": meta["step"], "loss": value, "loss_avg": self.loss_avg, "lr": self.opt.param_groups[0]["lr"],
+                                    "images_per_s": ips, "images_seen": meta["images_seen"],
+                                    "seconds": self.seconds0 + now - self.start}) + "\n")
+        if self.on_progress:
+            self.on_progress(Progress(meta["step"], self.opts.max_steps, self.loss_avg, ips, now - self.start, self.max_seconds))
+        self.last_log, self.window_images, self.window_start = now, 0, now
+
+    def checkpoint(self, event: str) -> None:
+        """Save the training state and a sample grid (rank 0); every rank takes part (weight checksums)."""
+        meta = self.meta
+        meta.update(epoch=self.order.epoch, offset=self.order.offset, seconds=self.seconds0 + time.time() - self.start)
+        if self.dist.enabled:
+            meta["rank_checksums"] = rank_checksums(self.model, self.dist.world_size)
+        if self.dist.is_main:
+            save_state(self.state_path, self.model, self.ema, self.opt, meta)
+            (self.stage_dir / "samples").mkdir(exist_ok=True)
+            self.task.sample_grid(self.ema.model, self.stage_dir / "samples" / f"step-{meta['step']:07d}.png")
+        if self.on_progress:
+            self.on_progress(Progress(meta["step"], self.opts.max_steps, self.loss_avg or float("nan"), 0.0,
+                                      time.time() - self.start, self.max_seconds, event))
+
+    def summary(self) -> dict:
+        meta = self.meta
+        return {"stage": self.opts.stage, "run": str(self.run_dir), "step": meta["step"], "images_seen": meta["images_seen"],
+                "seconds": meta["seconds"], "loss": meta["last_loss"], "loss_avg": self.loss_avg,
+                "interrupted": self.stop_signal is not None, "state": str(self.state_path)}

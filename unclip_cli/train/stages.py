@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,11 @@ DECODER_Z_DROP = 0.1
 DECODER_TEXT_DROP = 0.5
 INPAINT_FRACTION = 0.25
 MEAN_IMAGE_SIZE = 8
+# Sample grids sample as `unclip generate` does at its default quality: 20 decoder steps and 4 upsampler
+# steps. Fixed here, not read from the quality presets, so that a preset change cannot change a
+# running training's previews (and training does not depend on the inference requests).
+GRID_DECODER_STEPS = 20
+GRID_UPSAMPLER_STEPS = 4
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -290,7 +294,7 @@ class PriorTask(Task):
 
 def mean_image(images: np.ndarray, size: int = MEAN_IMAGE_SIZE, max_images: int = 16384, chunk: int = 4096) -> list:
     """The training images' mean in [-1, 1], area-averaged to size x size: (3, size, size) as nested lists.
-    The engine starts decoding from it (see `engine.DECODER_T_START`); it is smooth, so 8x8 loses nothing.
+    The engine starts decoding from it (see `diffusion.policy.DECODER_T_START`); it is smooth, so 8x8 loses nothing.
     At most `max_images`, evenly spaced, are read: it is computed at every (re)start, and a large corpus
     must not cost a pass over its cache."""
     rows = np.unique(np.linspace(0, len(images) - 1, min(len(images), max_images)).round().astype(np.int64))
@@ -338,28 +342,21 @@ class DecoderTask(Task):
     @torch.no_grad()
     def sample_grid(self, ema_model, path):
         """Top row: real images; bottom row: decoded from their z_i as `unclip generate` decodes (20 DDPM
-        steps from the noised mean image at DECODER_T_START, guidance 3)."""
-        from unclip_cli.diffusion.guidance import guided
-        from unclip_cli.diffusion.gaussian import make_denoiser
+        steps from the noised mean image at DECODER_T_START, guidance 3, no caption)."""
+        from unclip_cli.diffusion.policy import DECODER_T_START, decoder_denoiser, noised_mean
         from unclip_cli.diffusion.samplers import sample_ddpm
         from unclip_cli.diffusion.schedule import spaced_timesteps
-        from unclip_cli.engine import DECODER_T_START, noised_mean
 
         idx = np.linspace(0, self.n - 1, 8).astype(int)
         z = self.emb.z_i[idx].to(self.device)
         L = self.emb.states.shape[1]
         states = torch.zeros(8, L, self.emb.states.shape[2], device=self.device)
         no_text = torch.zeros(8, L, dtype=torch.bool, device=self.device)
-
-        def model_fn(x, t, keep):
-            r = x.shape[0] // 8
-            return ema_model(x, t, z_i=z.repeat(r, 1), z_keep=keep, text_states=states.repeat(r, 1, 1), text_mask=no_text.repeat(r, 1))
-
         gen = torch.Generator().manual_seed(0)
         shape = (8, 3, self.config.image_size, self.config.image_size)
         x = noised_mean(self.diffusion, self.extra["x_start_mean"], torch.randn(shape, generator=gen)).to(self.device)
-        denoise = make_denoiser(self.diffusion, guided(model_fn, 3.0), clip_x_start=1.0)
-        ts = spaced_timesteps(self.diffusion.num_timesteps, 20, start=DECODER_T_START)
+        denoise = decoder_denoiser(self.diffusion, ema_model, z, states, no_text, 3.0)
+        ts = spaced_timesteps(self.diffusion.num_timesteps, GRID_DECODER_STEPS, start=DECODER_T_START)
         x = sample_ddpm(denoise, x, ts, self.diffusion, randn=lambda: torch.randn(shape, generator=gen).to(self.device))
         save_grid(torch.cat([to_unit(self.cache.images[idx]), x.cpu()]), path, cols=8)
 
@@ -401,16 +398,15 @@ class UpsamplerTask(Task):
     def sample_grid(self, ema_model, path):
         """Rows: real, its blurred low-res condition, the upsampled result (as the engine samples it)."""
         from unclip_cli.diffusion.gaussian import make_denoiser
+        from unclip_cli.diffusion.policy import UPSAMPLER_T_START
         from unclip_cli.diffusion.samplers import sample_ddim
         from unclip_cli.diffusion.schedule import spaced_timesteps
 
         idx = np.linspace(0, self.n - 1, 4).astype(int)
         hi = to_unit(self.cache.images[idx]).to(self.device)
         cond = self.low_res_condition(hi)
-        from unclip_cli.engine import QUALITY, UPSAMPLER_T_START
-
         gen = torch.Generator().manual_seed(0)
-        ts = spaced_timesteps(self.diffusion.num_timesteps, QUALITY["default"].upsampler, start=UPSAMPLER_T_START)
+        ts = spaced_timesteps(self.diffusion.num_timesteps, GRID_UPSAMPLER_STEPS, start=UPSAMPLER_T_START)
         x = self.diffusion.q_sample(cond, torch.full((len(idx),), ts[0]), torch.randn(hi.shape, generator=gen).to(self.device))
         denoise = make_denoiser(self.diffusion, lambda x_t, t: ema_model(x_t, t, extra=cond), clip_x_start=1.0)
         x = sample_ddim(denoise, x, ts, self.diffusion)
