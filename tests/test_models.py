@@ -47,7 +47,7 @@ def _decoder_inputs(B=2, size=8, seed=0):
     mask = torch.arange(L)[None] < torch.tensor([5, L])[:B, None]
     return dict(
         x=_rand(B, 3, size, size, seed=seed), t=torch.tensor([10, 700])[:B],
-        extra=_rand(B, 4, size, size, seed=seed + 1), z_i=F.normalize(_rand(B, cfg["clip_dim"], seed=seed + 2), dim=-1),
+        cond=_rand(B, 4, size, size, seed=seed + 1), z_i=F.normalize(_rand(B, cfg["clip_dim"], seed=seed + 2), dim=-1),
         text_states=_rand(B, L, cfg["text_width"], seed=seed + 3), text_mask=mask,
     )
 
@@ -67,7 +67,7 @@ def test_upsampler_runs_at_multiples_of_its_training_size(size):
     assert unet.cfg.image_size == 8 and not any(isinstance(m, AttentionBlock) for m in unet.modules())
     x, low = _rand(2, 3, size, size, seed=0), _rand(2, 3, size, size, seed=1)
     with torch.no_grad():
-        out = unet(x, torch.tensor([3, 900]), extra=low)
+        out = unet(x, torch.tensor([3, 900]), cond=low)
     assert out.shape == (2, 3, size, size)
     assert torch.isfinite(out).all()
 
@@ -76,8 +76,8 @@ def test_upsampler_reads_its_low_resolution_image():
     unet = _unet("upsampler")
     x = _rand(1, 3, 16, 16)
     with torch.no_grad():
-        a = unet(x, torch.tensor([500]), extra=_rand(1, 3, 16, 16, seed=1))
-        b = unet(x, torch.tensor([500]), extra=_rand(1, 3, 16, 16, seed=2))
+        a = unet(x, torch.tensor([500]), cond=_rand(1, 3, 16, 16, seed=1))
+        b = unet(x, torch.tensor([500]), cond=_rand(1, 3, 16, 16, seed=2))
     assert (a - b).abs().max() > 1e-4
 
 
@@ -85,8 +85,8 @@ def test_decoder_missing_extra_channels_mean_zeros():
     unet = _unet("decoder")
     inp = _decoder_inputs()
     with torch.no_grad():
-        a = unet(**{**inp, "extra": None})
-        b = unet(**{**inp, "extra": torch.zeros_like(inp["extra"])})
+        a = unet(**{**inp, "cond": None})
+        b = unet(**{**inp, "cond": torch.zeros_like(inp["cond"])})
         c = unet(**inp)
     torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert (a - c).abs().max() > 1e-4  # the inpainting channels are read
@@ -140,7 +140,7 @@ def test_decoder_unet_golden_numbers():
     states = torch.cos(torch.arange(2 * 16 * 32.0) / 7).view(2, 16, 32)
     mask = torch.arange(16)[None] < torch.tensor([[5], [16]])
     with torch.no_grad():
-        out = unet(x, torch.tensor([10, 700]), extra=extra, z_i=z_i, text_states=states, text_mask=mask)
+        out = unet(x, torch.tensor([10, 700]), cond=extra, z_i=z_i, text_states=states, text_mask=mask)
     torch.testing.assert_close(out[0, 0, :3, :3], torch.tensor(GOLDEN_SLICE_0), atol=1e-4, rtol=0)
     torch.testing.assert_close(out[1, 2, -3:, -3:], torch.tensor(GOLDEN_SLICE_1), atol=1e-4, rtol=0)
 
@@ -357,7 +357,7 @@ def test_space_to_depth_unet_matches_shapes_and_reads_every_pixel():
     assert net.downsample_factor == 4
     for side in (8, 16, 24):
         x = torch.randn(2, 3, side, side, requires_grad=True)
-        out = net(x, torch.tensor([10, 500]), extra=torch.zeros(2, 3, side, side))
+        out = net(x, torch.tensor([10, 500]), cond=torch.zeros(2, 3, side, side))
         assert out.shape == x.shape
     out[0, :, 0, 1].sum().backward()
     assert x.grad[0].abs().sum() > 0

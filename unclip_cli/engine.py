@@ -475,7 +475,7 @@ class Engine:
         for k, stage in enumerate(self.models.upsamplers):
             size = x.shape[-1] * stage.extra["scale"]
             low = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(-1, 1)
-            denoise = make_denoiser(stage.diffusion, lambda x_t, t, net=self._model_fn(stage.model), low=low: net(x_t, t, extra=low),
+            denoise = make_denoiser(stage.diffusion, lambda x_t, t, net=self._model_fn(stage.model), low=low: net(x_t, t, cond=low),
                                     clip_x_start=1.0)
             if known is not None:
                 k_img = F.interpolate(known, size=(size, size), mode="area")

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from unclip_cli.cli import app
+from unclip_cli.cli.options import DeviceChoice, DeviceOpt, QuietOpt
 
 train_app = typer.Typer(
     help="Train the stack stage by stage (CLIP first), resumably; export the result as a model set.\n\n"
@@ -18,41 +19,40 @@ train_app = typer.Typer(
 )
 app.add_typer(train_app, name="train")
 
-Data = Annotated[str, typer.Option("--data", help="Shards: a folder, a glob, or a brace range like data/train-{000000..000009}.tar")]
-Run = Annotated[Path, typer.Option("--run", "--run-dir", help="Run folder (keep it outside the repo), shared by all stages of one stack; under torchrun spell it --run-dir (torchrun claims --run as an abbreviation of its --run-path)")]
-Preset = Annotated[str, typer.Option("--preset", help="tiny, emoji, base, or a .json file")]
-MaxMinutes = Annotated[Optional[float], typer.Option("--max-minutes", help="Stop (with a checkpoint) after this many minutes")]
-MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many optimiser steps in total")]
-Resume = Annotated[bool, typer.Option("--resume", help="Continue the stage's saved state: step, optimiser, EMA, data position, RNG")]
-InitFrom = Annotated[Optional[Path], typer.Option("--init-from", metavar="SET", help="Start a new run from a model set's weights (e.g. weights/emoji), to train it further or on your own images")]
-BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Per-process batch size (default: the preset's)")]
-Lr = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: the preset's)")]
-CkptMinutes = Annotated[float, typer.Option("--checkpoint-minutes", help="Minutes between checkpoints")]
-Seed = Annotated[int, typer.Option("--seed")]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar")]
+DataOpt = Annotated[str, typer.Option("--data", help="Shards: a folder, a glob, or a brace range like data/train-{000000..000009}.tar")]
+RunDirOpt = Annotated[Path, typer.Option("--run", "--run-dir", help="Run folder (keep it outside the repo), shared by all stages of one stack; under torchrun spell it --run-dir (torchrun claims --run as an abbreviation of its --run-path)")]
+PresetOpt = Annotated[str, typer.Option("--preset", help="tiny, emoji, base, or a .json file")]
+MaxMinutesOpt = Annotated[Optional[float], typer.Option("--max-minutes", help="Stop (with a checkpoint) after this many minutes")]
+MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many optimiser steps in total")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the stage's saved state: step, optimiser, EMA, data position, RNG")]
+InitFromOpt = Annotated[Optional[Path], typer.Option("--init-from", metavar="SET", help="Start a new run from a model set's weights (e.g. weights/emoji), to train it further or on your own images")]
+TrainBatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Per-process batch size (default: the preset's)")]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: the preset's)")]
+CkptMinutesOpt = Annotated[float, typer.Option("--checkpoint-minutes", help="Minutes between checkpoints")]
+TrainSeedOpt = Annotated[int, typer.Option("--seed")]
 
 
-def _run_stage(stage: str, data, run, preset, max_minutes, max_steps, resume, init_from, batch_size, lr, checkpoint_minutes, seed, device, quiet):
+def _run_stage(stage: str, quiet: bool, **options):
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from unclip_cli.cli.progress import Bars
+    from unclip_cli.progress import Tick
     from unclip_cli.train.loop import TrainOptions, train
 
-    opts = TrainOptions(stage=stage, run=run.expanduser(), data=str(Path(data).expanduser()), preset=preset, max_minutes=max_minutes,
-                        max_steps=max_steps, resume=resume, init_from=init_from and init_from.expanduser(), batch_size=batch_size, lr=lr, checkpoint_minutes=checkpoint_minutes,
-                        seed=seed, device=device)
+    o = options
+    opts = TrainOptions(stage=stage, run=o["run"].expanduser(), data=str(Path(o["data"]).expanduser()), preset=o["preset"],
+                        max_minutes=o["max_minutes"], max_steps=o["max_steps"], resume=o["resume"],
+                        init_from=o["init_from"] and o["init_from"].expanduser(), batch_size=o["batch_size"], lr=o["lr"],
+                        checkpoint_minutes=o["checkpoint_minutes"], seed=o["seed"], device=o["device"].value)
     console = Console(stderr=True)
     show = not quiet and console.is_terminal
-    columns = [TextColumn(f"[bold]{stage}"), BarColumn(), TextColumn("step {task.fields[step]}"),
-               TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.1f} img/s"), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=console, disable=not show) as bar:
-        total = max_steps or (max_minutes * 60 if max_minutes else None)
-        tid = bar.add_task(stage, total=total, step=0, loss=float("nan"), ips=0.0)
-
+    with Bars(console, enabled=show) as bars:
         def on_progress(p):
-            done = p.step if max_steps else p.elapsed
-            bar.update(tid, completed=done, step=p.step, loss=p.loss, ips=p.images_per_s or bar.tasks[0].fields["ips"])
+            # The bar counts steps when --max-steps bounds the run, else seconds of --max-minutes.
+            total = p.max_steps or (round(p.max_seconds) if p.max_seconds else p.step)
+            done = p.step if p.max_steps else (round(p.elapsed) if p.max_seconds else p.step)
+            rate = f", {p.images_per_s:.1f} img/s" if p.images_per_s else ""
+            bars(Tick(stage, min(done, total), max(total, 1), note=f"step {p.step}, loss {p.loss:.4f}{rate}"))
             if p.event == "checkpoint" and not show and not quiet:
                 console.print(f"{stage}: checkpoint at step {p.step}")
 
@@ -69,11 +69,12 @@ def _run_stage(stage: str, data, run, preset, max_minutes, max_steps, resume, in
 
 def _register(stage: str, doc: str) -> None:
     def command(
-        data: Data, run: Run, preset: Preset = "emoji", max_minutes: MaxMinutes = None, max_steps: MaxSteps = None,
-        resume: Resume = False, init_from: InitFrom = None, batch_size: BatchSize = None, lr: Lr = None, checkpoint_minutes: CkptMinutes = 10.0,
-        seed: Seed = 0, device: Device = "auto", quiet: Quiet = False,
+        data: DataOpt, run: RunDirOpt, preset: PresetOpt = "emoji", max_minutes: MaxMinutesOpt = None, max_steps: MaxStepsOpt = None,
+        resume: ResumeOpt = False, init_from: InitFromOpt = None, batch_size: TrainBatchOpt = None, lr: LrOpt = None,
+        checkpoint_minutes: CkptMinutesOpt = 10.0, seed: TrainSeedOpt = 0, device: DeviceOpt = DeviceChoice.auto, quiet: QuietOpt = False,
     ):
-        _run_stage(stage, data, run, preset, max_minutes, max_steps, resume, init_from, batch_size, lr, checkpoint_minutes, seed, device, quiet)
+        _run_stage(stage, quiet, data=data, run=run, preset=preset, max_minutes=max_minutes, max_steps=max_steps, resume=resume,
+                   init_from=init_from, batch_size=batch_size, lr=lr, checkpoint_minutes=checkpoint_minutes, seed=seed, device=device)
 
     command.__doc__ = doc
     train_app.command(stage)(command)

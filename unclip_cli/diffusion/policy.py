@@ -44,17 +44,17 @@ def decoder_denoiser(diffusion: GaussianDiffusion, net, z_i: torch.Tensor, state
                      scale: float, known: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> Denoiser:
     """The decoder's guided denoiser for z_i (B, D), token states (B, L, W) and mask (B, L).
 
-    `net(x, t, extra=, z_i=, z_keep=, text_states=, text_mask=)` is the decoder call (returning float).
+    `net(x, t, cond=, z_i=, z_keep=, text_states=, text_mask=)` is the decoder call (returning float).
     Guidance drops z_i (learned null) and the caption together, as the decoder was trained to see both
     missing. With `known` (B, 3, s, s) and `keep` (B, 1, s, s; 1 = known), the inpainting channels carry
     the masked image and the mask (GLIDE §4.3), and every x_start prediction keeps the known pixels (as
     GLIDE's inpainting notebook does), so unmasked areas stay fixed throughout sampling."""
     B = z_i.shape[0]
-    extra = None if known is None else torch.cat([known * keep, keep], dim=1)
+    cond = None if known is None else torch.cat([known * keep, keep], dim=1)
 
     def model_fn(x, t, keep_cond):
         reps = x.shape[0] // B
-        return net(x, t, extra=None if extra is None else extra.repeat(reps, 1, 1, 1), z_i=z_i.repeat(reps, 1),
+        return net(x, t, cond=None if cond is None else cond.repeat(reps, 1, 1, 1), z_i=z_i.repeat(reps, 1),
                    z_keep=keep_cond, text_states=states.repeat(reps, 1, 1), text_mask=mask.repeat(reps, 1) & keep_cond[:, None])
 
     denoise = make_denoiser(diffusion, guided(model_fn, scale), clip_x_start=1.0)

@@ -188,7 +188,7 @@ class UNet(nn.Module):
         self,
         x: torch.Tensor,  # (B, 3, H, W) the noised image x_t
         t: torch.Tensor,  # (B,) timesteps
-        extra: torch.Tensor | None = None,  # (B, extra_channels, H, W)
+        cond: torch.Tensor | None = None,  # (B, extra_channels, H, W): inpainting (known image, mask) or the low-res image
         z_i: torch.Tensor | None = None,  # (B, clip_dim) unit-norm CLIP image embedding
         z_keep: torch.Tensor | None = None,  # (B,) bool, False = use the learned null embedding
         text_states: torch.Tensor | None = None,  # (B, L, text_width)
@@ -197,9 +197,9 @@ class UNet(nn.Module):
         cfg = self.cfg
         B = x.shape[0]
         if cfg.extra_channels:
-            if extra is None:
-                extra = x.new_zeros(B, cfg.extra_channels, *x.shape[2:])
-            x = torch.cat([x, extra], dim=1)
+            if cond is None:
+                cond = x.new_zeros(B, cfg.extra_channels, *x.shape[2:])
+            x = torch.cat([x, cond], dim=1)
         if cfg.patch_size > 1:
             x = F.pixel_unshuffle(x, cfg.patch_size)  # (B, C * p^2, H / p, W / p)
         emb = self.time_embed(t)  # (B, 4*ch0)

@@ -87,7 +87,9 @@ def _positive(name: str, value: float | None, example: str) -> None:
 
 
 @dataclass
-class Progress:
+class TrainStatus:
+    """What the trainer reports to `on_progress` after a logged step, a checkpoint and at the end."""
+
     step: int
     max_steps: int | None
     loss: float
@@ -134,7 +136,7 @@ def build_task(opts: TrainOptions, device: torch.device, preset: dict | None = N
     return TASKS[opts.stage](preset or load_preset(opts.preset), opts.data, Path(opts.run), device)
 
 
-def train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None = None, task: Task | None = None) -> dict:
+def train(opts: TrainOptions, on_progress: Callable[[TrainStatus], None] | None = None, task: Task | None = None) -> dict:
     """Train one stage as `opts` says; -> a summary (step, images seen, loss, interrupted, state path)."""
     return Trainer(opts, on_progress, task).run()
 
@@ -147,7 +149,7 @@ class Trainer:
     the device the run uses. Otherwise `run` builds it, rank 0 first under torchrun.
     """
 
-    def __init__(self, opts: TrainOptions, on_progress: Callable[[Progress], None] | None = None, task: Task | None = None):
+    def __init__(self, opts: TrainOptions, on_progress: Callable[[TrainStatus], None] | None = None, task: Task | None = None):
         opts.validate()  # again: fields may have changed since construction
         if task is not None and task.kind != opts.stage:
             raise InputError(f"a {task.kind} task cannot train the {opts.stage} stage")
@@ -340,7 +342,7 @@ class Trainer:
                                     "images_per_s": ips, "images_seen": meta["images_seen"],
                                     "seconds": self.seconds0 + now - self.start}) + "\n")
         if self.on_progress:
-            self.on_progress(Progress(meta["step"], self.opts.max_steps, self.loss_avg, ips, now - self.start, self.max_seconds))
+            self.on_progress(TrainStatus(meta["step"], self.opts.max_steps, self.loss_avg, ips, now - self.start, self.max_seconds))
         self.last_log, self.window_images, self.window_start = now, 0, now
 
     def checkpoint(self, event: str) -> None:
@@ -354,7 +356,7 @@ class Trainer:
             (self.stage_dir / "samples").mkdir(exist_ok=True)
             self.task.sample_grid(self.ema.model, self.stage_dir / "samples" / f"step-{meta['step']:07d}.png")
         if self.on_progress:
-            self.on_progress(Progress(meta["step"], self.opts.max_steps, self.loss_avg or float("nan"), 0.0,
+            self.on_progress(TrainStatus(meta["step"], self.opts.max_steps, self.loss_avg or float("nan"), 0.0,
                                       time.time() - self.start, self.max_seconds, event))
 
     def summary(self) -> dict:

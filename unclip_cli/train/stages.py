@@ -329,14 +329,14 @@ class DecoderTask(Task):
         _, states, mask = self.emb.text(rows, self.device)
         z_keep = (torch.rand(B, generator=gen) >= DECODER_Z_DROP).to(self.device)
         mask = mask & (torch.rand(B, generator=gen) >= DECODER_TEXT_DROP).to(self.device)[:, None]
-        extra = None
+        cond = None
         if self.config.extra_channels:
             keep = random_keep_masks(B, s, gen).to(self.device)
             inpaint = (torch.rand(B, generator=gen) < INPAINT_FRACTION).to(self.device)[:, None, None, None].float()
-            extra = torch.cat([x_start * keep, keep], dim=1) * inpaint  # zero for plain generation
+            cond = torch.cat([x_start * keep, keep], dim=1) * inpaint  # zero for plain generation
         t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=gen).to(self.device)
         noise = torch.randn(x_start.shape, generator=gen).to(self.device)
-        fn = lambda x, tt: self.net(x, tt, extra=extra, z_i=z_i, z_keep=z_keep, text_states=states, text_mask=mask)  # noqa: E731
+        fn = lambda x, tt: self.net(x, tt, cond=cond, z_i=z_i, z_keep=z_keep, text_states=states, text_mask=mask)  # noqa: E731
         return self.diffusion.training_losses(fn, x_start, t, noise).mean()
 
     @torch.no_grad()
@@ -389,10 +389,10 @@ class UpsamplerTask(Task):
         ys = torch.randint(0, self.size - c + 1, (B,), generator=gen)
         xs = torch.randint(0, self.size - c + 1, (B,), generator=gen)
         x_start = torch.stack([hi[b, :, y : y + c, x : x + c] for b, (y, x) in enumerate(zip(ys.tolist(), xs.tolist()))])
-        extra = torch.stack([cond[b, :, y : y + c, x : x + c] for b, (y, x) in enumerate(zip(ys.tolist(), xs.tolist()))])
+        low = torch.stack([cond[b, :, y : y + c, x : x + c] for b, (y, x) in enumerate(zip(ys.tolist(), xs.tolist()))])
         t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=gen).to(self.device)
         noise = torch.randn(x_start.shape, generator=gen).to(self.device)
-        return self.diffusion.training_losses(lambda x, tt: self.net(x, tt, extra=extra), x_start, t, noise).mean()
+        return self.diffusion.training_losses(lambda x, tt: self.net(x, tt, cond=low), x_start, t, noise).mean()
 
     @torch.no_grad()
     def sample_grid(self, ema_model, path):
@@ -408,7 +408,7 @@ class UpsamplerTask(Task):
         gen = torch.Generator().manual_seed(0)
         ts = spaced_timesteps(self.diffusion.num_timesteps, GRID_UPSAMPLER_STEPS, start=UPSAMPLER_T_START)
         x = self.diffusion.q_sample(cond, torch.full((len(idx),), ts[0]), torch.randn(hi.shape, generator=gen).to(self.device))
-        denoise = make_denoiser(self.diffusion, lambda x_t, t: ema_model(x_t, t, extra=cond), clip_x_start=1.0)
+        denoise = make_denoiser(self.diffusion, lambda x_t, t: ema_model(x_t, t, cond=cond), clip_x_start=1.0)
         x = sample_ddim(denoise, x, ts, self.diffusion)
         save_grid(torch.cat([hi, cond, x]).cpu(), path, cols=4)
 
