@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-import sys
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,31 +18,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from unclip_cli import imageio
-from unclip_cli.cli import _register, app, main
+from clirun import Res, cli
+from unclip_cli.cli import _register, app
 from unclip_cli.errors import InputError
 
 FAST = ["--prior-steps", "2", "--decoder-steps", "2", "--upsampler-steps", "2", "--device", "cpu"]
 runner = CliRunner()
-
-
-@dataclass
-class Res:
-    code: int
-    out: str
-    err: str
-
-
-def cli(*args: str, env: dict | None = None) -> Res:
-    """Run `unclip ARGS` as the console script does; return exit code, stdout and stderr."""
-    with runner.isolation(env=env) as (out, err, _):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        return Res(code, out.getvalue().decode(), err.getvalue().decode())
 
 
 def ok(*args: str, **kw) -> Res:
@@ -66,17 +45,6 @@ def fails(*args: str, match: str, **kw) -> Res:
 def files(d: Path) -> list[str]:
     """All files under `d`, hidden temporary ones included."""
     return sorted(p.name for p in d.rglob("*") if p.is_file()) if d.exists() else []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model is far faster on one thread, above all on a machine busy with other jobs."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from clirun import cli
 from unclip_cli import evaluate as ev
 
 # ---------------------------------------------------------------------------------------------------
@@ -215,23 +216,9 @@ def test_load_eval_data_reads_held_out_images_concepts_and_partners(eval_shards)
     assert data.notes == []
 
 
-def _cli(*args: str) -> tuple[int, str, str]:
-    """Run `unclip ARGS` as the console script does: (exit code, stdout, stderr)."""
-    import sys
-
-    from typer.testing import CliRunner
-
-    from unclip_cli.cli import main
-
-    with CliRunner().isolation() as (out, err, _):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        return code, out.getvalue().decode(), err.getvalue().decode()
+def _cli(*args) -> tuple[int, str, str]:
+    r = cli(*args)
+    return r.code, r.out, r.err
 
 
 def test_eval_quick_end_to_end(tiny_weights, eval_shards, tmp_path, monkeypatch):

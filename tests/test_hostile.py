@@ -22,7 +22,6 @@ import subprocess
 import warnings
 import sys
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +30,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 from typer.testing import CliRunner
 
-from unclip_cli.cli import main
+from clirun import Res, cli
 from unclip_cli.imageio import PARAMETERS_KEY, RECIPE_KEY
 
 FAST = ["--prior-steps", "2", "--decoder-steps", "2", "--upsampler-steps", "2", "--device", "cpu"]
@@ -44,24 +43,7 @@ SHELL = "generate; touch /tmp/x"
 
 
 # -- running the command -------------------------------------------------------------------------------
-@dataclass
-class Res:
-    code: int
-    out: str
-    err: str
-
-
-def run(*args, env: dict | None = None) -> Res:
-    """`unclip ARGS` in-process, as the console script runs it."""
-    with runner.isolation(env=env) as (out, err, _):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        return Res(code, out.getvalue().decode(errors="replace"), err.getvalue().decode(errors="replace"))
+run = cli
 
 
 def _proc_env(extra: dict | None = None) -> dict:
@@ -115,16 +97,6 @@ def _no_env(monkeypatch):
     monkeypatch.delenv("UNCLIP_WEIGHTS", raising=False)
     monkeypatch.delenv("UNCLIP_DEBUG", raising=False)
     monkeypatch.delenv("UNCLIP_DATA", raising=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -447,7 +419,6 @@ def test_sigterm_while_writing_leaves_nothing(tiny_weights, tmp_path):
 
 @pytest.mark.parametrize("op", ["generate", "blend"])
 def test_full_disk_is_a_clear_error_and_leaves_nothing(w, tmp_path, pics, monkeypatch, op):
-    real_save = Image.Image.save
 
     def full(self, fp, *args, **kw):  # some bytes reach the file, then the disk is full
         if hasattr(fp, "write"):

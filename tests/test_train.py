@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from clirun import cli
 from unclip_cli.errors import InputError, UnclipError
 from unclip_cli.train.common import read_state_meta
 from unclip_cli.train.loop import TrainOptions, train
@@ -451,20 +452,9 @@ def test_a_run_folder_that_is_a_file_is_named(shards, tmp_path):
     assert blocker.read_text() == "not a folder"
 
 
-def _cli(*args: str, env: dict | None = None) -> tuple[int, str]:
-    """`unclip ARGS` in-process: (exit code, stderr)."""
-    from typer.testing import CliRunner
-
-    from unclip_cli.cli import main
-
-    with CliRunner().isolation(env=env) as (_, err, _):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        sys.stderr.flush()
-        return code, err.getvalue().decode()
+def _cli(*args, env: dict | None = None) -> tuple[int, str]:
+    r = cli(*args, env=env)
+    return r.code, r.err
 
 
 @pytest.mark.parametrize("option, value, named", [("--max-minutes", "nan", "--max-minutes"), ("--batch-size", "0", "--batch-size"),
