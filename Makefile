@@ -9,7 +9,8 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	# torch and torchvision pinned to the builds this project is tested with.
 	$(VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(VENV)/bin/pip install -q -e '.[test,data]'
+	# serve: `unclip serve` (starlette, uvicorn, python-multipart); test: pytest, openai, playwright, httpx.
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(VENV)/bin/pip install -q -e '.[test,data,serve]'
 	touch $@
 
 .PHONY: install demo test

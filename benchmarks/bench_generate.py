@@ -72,13 +72,12 @@ def flops_per_call(engine, n: int, prompt: str, quality: str) -> dict[str, float
     """FLOPs of one call of each network at this -n and quality (the decoder's batch grows with the
     quality's decoder candidates; the step counts do not matter), from one generate call under
     FlopCounterMode with one step per stage."""
-    import dataclasses
+    from unclip_cli.requests import QUALITY, GenerateRequest
 
-    from unclip_cli.engine import QUALITY
-
-    one_step = dataclasses.replace(QUALITY[quality], prior=1, decoder=1, upsampler=1)
+    one_step = GenerateRequest(prompt=prompt, n=n, seed=0, prior_steps=1, decoder_steps=1, upsampler_steps=1,
+                               decoder_candidates=QUALITY[quality].decoder_candidates)
     with common.flop_counter() as counter, common.NetworkFlops(networks(engine), counter) as nf:
-        engine.generate(prompt, n=n, seed=0, steps=one_step)
+        engine.run(one_step)
     return {k: nf.flops[k] / nf.calls[k] for k in nf.flops if nf.calls[k]}
 
 
@@ -86,18 +85,20 @@ def time_stages(engine, quality: str, n: int, prompt: str) -> tuple[dict[str, fl
     """Seconds per stage of one in-process generate call, and each network's calls. The time since the
     previous progress event goes to the stage that reports it (so text encoding counts towards the
     prior's first step, and the upsampler's input interpolation towards its first step)."""
+    from unclip_cli.requests import GenerateRequest
+
     spent: dict[str, float] = {}
     last = [time.perf_counter()]
 
-    def cb(stage, i, total):
+    def cb(tick):
         now = time.perf_counter()
-        key = stage_of(stage)
+        key = stage_of(tick.stage)
         spent[key] = spent.get(key, 0.0) + now - last[0]
         last[0] = now
 
     with common.NetworkFlops(networks(engine)) as nf:
         start = last[0] = time.perf_counter()
-        engine.generate(prompt, n=n, seed=0, quality=quality, callback=cb)
+        engine.run(GenerateRequest(prompt=prompt, n=n, seed=0, quality=quality), callback=cb)
         end = time.perf_counter()
     spent["finish"] = end - last[0]  # after the last sampling step: to PIL
     spent["total"] = end - start
@@ -117,7 +118,8 @@ def main(argv=None) -> None:
     load_start = os.getloadavg()
     common.apply_threads(args.threads)
 
-    from unclip_cli.engine import QUALITY, Engine
+    from unclip_cli.engine import Engine
+    from unclip_cli.requests import QUALITY, GenerateRequest
 
     weights, notes = common.pick_weights(args.weights, args.random)
     for note in notes:
@@ -127,7 +129,7 @@ def main(argv=None) -> None:
     t = time.perf_counter()
     engine = Engine.load(weights, device="cpu")
     load_s = time.perf_counter() - t
-    engine.generate(args.prompt, n=1, seed=0, quality="fast")  # warm-up: first-call allocations, thread pool
+    engine.run(GenerateRequest(prompt=args.prompt, seed=0, quality="fast"))  # warm-up: first-call allocations, thread pool
 
     rows = []
     for q in args.qualities:

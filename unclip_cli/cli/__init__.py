@@ -22,7 +22,7 @@ app = typer.Typer(
 )
 
 
-COMMAND_MODULES = ("images", "info", "data", "train", "eval")
+COMMAND_MODULES = ("images", "info", "data", "train", "eval", "serve")
 
 
 def _register() -> None:

@@ -1,0 +1,546 @@
+"""`unclip serve` on the tiny random model set, served on 127.0.0.1 at a free port.
+
+The real `openai` client drives the API as any program would; raw HTTP requests (httpx, and a bare socket
+for a disconnect) send what no well-behaved client sends. The queue, deadlines, disconnects and stop
+signals are tested with an engine that holds its job until the test lets it go, so every outcome is
+certain: nothing here waits for a sleep to pass.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+pytest.importorskip("starlette", reason="the serve extra is not installed: pip install 'unclip-cli[serve]'")
+pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip install 'unclip-cli[serve]'")
+openai = pytest.importorskip("openai", reason="the test extra is not installed: pip install 'unclip-cli[test]'")
+httpx = pytest.importorskip("httpx", reason="the test extra is not installed: pip install 'unclip-cli[test]'")
+
+from unclip_cli import imageio  # noqa: E402
+from unclip_cli.progress import Tick  # noqa: E402
+from unclip_cli.requests import request_from_recipe  # noqa: E402
+from unclip_cli.serve.app import Settings, create_app  # noqa: E402
+from unclip_cli.serve.server import running  # noqa: E402
+from unclip_cli.serve.store import ImageStore  # noqa: E402
+from unclip_cli.serve.worker import Cancelled  # noqa: E402
+
+KEY = "test-key"
+STEPS = {"prior_steps": 2, "decoder_steps": 2, "upsampler_steps": 1}  # the server's own step counts: every request is fast
+MAX_BODY = 2 * 2**20
+W, H = 20, 12  # a non-square input
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch):
+    """Clients must talk to 127.0.0.1 directly, whatever proxy the machine has."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
+# -- the server and its clients -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    """One server for the tests that need no special engine: an API key, the tiny set, 2 MiB bodies."""
+    app = create_app(tiny_engine, Settings(api_key=KEY, steps=STEPS, max_body_bytes=MAX_BODY, max_pixels=4096 * 4096,
+                                           allowed_hosts=("127.0.0.1", "localhost", "::1")))
+    with running(app) as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def raw(server):
+    with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=60, trust_env=False) as c:
+        yield c
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def picture(seed: int = 0, size=(W, H)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+
+
+def opened(data: bytes) -> Image.Image:
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    return im
+
+
+def recipe_of(data: bytes, tmp_path: Path, name: str = "served.png") -> dict:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return imageio.read_recipe(path)
+
+
+def error_of(r: httpx.Response, status: int, param=None, code=None) -> dict:
+    """The answer is OpenAI's error shape, with this status, param and code."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["type"] == ("server_error" if status >= 500 else "invalid_request_error")
+    assert body["error"]["param"] == param, body
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    assert body["error"]["message"]
+    return body["error"]
+
+
+# ======================================================================================================
+# The openai client
+def test_generate_b64_recipe_replays_and_unclip_info_reads_it(client, tiny_engine, tmp_path):
+    raw = client.images.with_raw_response.generate(model="dall-e-2", prompt="a red circle", n=2, response_format="b64_json",
+                                                   extra_body={"seed": 7})
+    assert raw.headers["x-unclip-native-size"] == "16x16" and raw.headers["x-unclip-seed"] == "7"
+    res = raw.parse()
+    assert isinstance(res.created, int) and abs(res.created - time.time()) < 600
+    assert len(res.data) == 2 and all(d.url is None for d in res.data)
+    images = [base64.b64decode(d.b64_json) for d in res.data]
+    recipes = [recipe_of(b, tmp_path, f"{i}.png") for i, b in enumerate(images)]
+    assert [r["seed"] for r in recipes] == [7, 8] and recipes[0]["prompt"] == "a red circle"
+    assert recipes[0]["steps"]["decoder"] == 2 and recipes[0]["model"] == tiny_engine.name
+
+    # The recipe is the CLI's: it rebuilds the request, and the engine makes the same pixels again.
+    again = tiny_engine.run(request_from_recipe(recipes[1]))
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(opened(images[1]).convert("RGB")))
+
+    from typer.testing import CliRunner
+
+    from unclip_cli.cli import _register, app
+
+    _register()
+    r = CliRunner().invoke(app, ["info", str(tmp_path / "1.png")])
+    assert r.exit_code == 0 and "a red circle" in r.output and "8" in r.output, r.output
+
+
+def test_generate_url_upscaled(client, server, tmp_path):
+    raw = client.images.with_raw_response.generate(prompt="a blue square", size="256x256", response_format="url", quality="low")
+    res = raw.parse()
+    assert raw.headers["x-unclip-native-size"] == "16x16"
+    url = res.data[0].url
+    assert url.startswith(server + "/v1/images/files/") and res.data[0].b64_json is None
+    with httpx.Client(trust_env=False) as anyone:  # the random name is the key, as with OpenAI's image URLs
+        got = anyone.get(url)
+        assert got.status_code == 200 and got.headers["content-type"] == "image/png"
+        assert anyone.get(url.rsplit("/", 1)[0] + "/not-an-id.png").status_code == 404
+    assert opened(got.content).size == (256, 256)
+    recipe = recipe_of(got.content, tmp_path)
+    assert recipe["upscaled"] == {"size": [256, 256], "filter": "lanczos"} and recipe["size"] == [16, 16]
+    assert recipe["quality"] == "fast"
+
+
+@pytest.mark.parametrize("fmt, magic", [("webp", b"RIFF"), ("jpeg", b"\xff\xd8")])
+def test_output_formats(client, fmt, magic):
+    res = client.images.generate(prompt="a cat", output_format=fmt, output_compression=80, response_format="b64_json")
+    assert base64.b64decode(res.data[0].b64_json).startswith(magic)
+
+
+def _edit_inputs():
+    image = picture(1)
+    mask = Image.new("RGBA", (W, H), (0, 0, 0, 255))
+    ImageDraw.Draw(mask).rectangle((2, 2, 8, 7), fill=(0, 0, 0, 0))  # transparent = repaint, as OpenAI
+    repaint = np.asarray(mask.getchannel("A")) < 128
+    return image, mask, repaint
+
+
+def test_edit_image_and_mask_keeps_unmasked_pixels(client):
+    image, mask, repaint = _edit_inputs()
+    # File names and content types lie: formats are detected from the bytes.
+    res = client.images.edit(image=("photo.jpg", png(image), "text/plain"), mask=("mask.gif", png(mask), "image/gif"),
+                             prompt="a green star", n=2, response_format="b64_json")
+    assert len(res.data) == 2
+    for d in res.data:
+        out = np.asarray(opened(base64.b64decode(d.b64_json)).convert("RGB"))
+        assert out.shape == (H, W, 3)
+        assert np.array_equal(out[~repaint], np.asarray(image)[~repaint])
+
+
+def test_edit_image_list_uses_its_own_alpha(client):
+    """`image=[...]` goes out as `image[]`; without a mask, the image's transparent pixels are repainted."""
+    image, mask, repaint = _edit_inputs()
+    rgba = image.convert("RGBA")
+    rgba.putalpha(mask.getchannel("A"))
+    res = client.images.edit(image=[("a.png", png(rgba), "image/png")], prompt="a green star", response_format="b64_json")
+    out = np.asarray(opened(base64.b64decode(res.data[0].b64_json)).convert("RGB"))
+    assert np.array_equal(out[~repaint], np.asarray(image)[~repaint])
+
+
+def test_edit_refuses_two_images_and_no_mask(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.edit(image=[png(picture(1)), png(picture(2))], prompt="x")
+    assert e.value.param == "image"
+    with pytest.raises(openai.BadRequestError) as e:  # opaque image, no mask: nothing says what to repaint
+        client.images.edit(image=png(picture(1)), prompt="x")
+    assert e.value.param == "mask" and "mask" in e.value.message
+
+
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # the client marks the endpoint retired at OpenAI
+def test_variations_url_with_strength(client, tmp_path):
+    res = client.images.create_variation(image=png(picture(3, (16, 16))), n=2, response_format="url", extra_body={"strength": 0.3})
+    assert len(res.data) == 2
+    with httpx.Client(trust_env=False) as anyone:
+        recipes = [recipe_of(anyone.get(d.url).content, tmp_path, f"v{i}.png") for i, d in enumerate(res.data)]
+    assert all(r["op"] == "vary" and r["strength"] == 0.3 for r in recipes)
+    assert recipes[1]["seed"] == recipes[0]["seed"] + 1
+
+
+def test_models(client, tiny_engine):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [tiny_engine.name] and models.data[0].object == "model"
+    assert client.models.retrieve(tiny_engine.name).id == tiny_engine.name
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("dall-e-3")
+
+
+def test_unknown_fields_and_names_are_accepted(raw):
+    r = raw.post("/v1/images/generations", json={"prompt": "a cat", "model": "gpt-image-9", "style": "vivid", "user": "u1",
+                                                 "background": "opaque", "moderation": "low", "invented": {"x": 1},
+                                                 "quality": "hd", "response_format": "b64_json"})
+    assert r.status_code == 200, r.text
+    assert set(r.json()) == {"created", "data"} and set(r.json()["data"][0]) == {"b64_json"}
+
+
+def test_warnings_come_in_a_header(raw):
+    r = raw.post(GEN, json={"prompt": " ".join(["word"] * 40), "response_format": "b64_json"})
+    assert r.status_code == 200 and "truncated" in json.loads(r.headers["x-unclip-warnings"])[0]
+
+
+# ======================================================================================================
+# Raw requests: our own endpoints, multipart by hand, and malformed input
+def test_blend_and_nudge(raw, tmp_path):
+    a, b = png(picture(4, (16, 16))), png(picture(5, (16, 16)))
+    r = raw.post("/v1/unclip/blend", files=[("image[]", ("a", a)), ("image[]", ("b", b))],
+                 data={"frames": "3", "seed": "11", "response_format": "b64_json"})
+    assert r.status_code == 200, r.text
+    frames = [recipe_of(base64.b64decode(d["b64_json"]), tmp_path, f"f{i}.png") for i, d in enumerate(r.json()["data"])]
+    assert [f["frame"] for f in frames] == [0, 1, 2] and all(f["seed"] == 11 for f in frames)
+    r = raw.post("/v1/unclip/nudge", files={"image": ("a", a)},
+                 data={"to": "a blue square", "from": "a red circle", "amount": "0.4", "n": "2", "response_format": "b64_json"})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["data"]) == 2
+
+
+def _bomb_png() -> bytes:
+    """25 million pixels in a few kilobytes."""
+    return png(Image.new("1", (5000, 5000)))
+
+
+def _huge_header_png() -> bytes:
+    """A valid 1x1 PNG whose header claims 100000x100000 pixels."""
+    data = bytearray(png(Image.new("L", (1, 1))))
+    ihdr = bytearray(data[12:29])  # type + 13 bytes of IHDR data
+    ihdr[4:12] = struct.pack(">II", 100_000, 100_000)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    return bytes(data)
+
+
+GEN = "/v1/images/generations"
+EDIT, VARY = "/v1/images/edits", "/v1/images/variations"
+
+
+@pytest.mark.parametrize("path, kw, status, param, code", [
+    (GEN, {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, None, "invalid_json"),
+    (GEN, {"content": b"[1, 2]", "headers": {"content-type": "application/json"}}, 400, None, "invalid_json"),
+    (GEN, {"content": b'{"prompt": "x"}', "headers": {"content-type": "text/plain"}}, 400, None, "invalid_content_type"),
+    (GEN, {"json": {"n": 2}}, 400, "prompt", None),
+    (GEN, {"json": {"prompt": "  "}}, 400, "prompt", None),
+    (GEN, {"json": {"prompt": 5}}, 400, "prompt", None),
+    (GEN, {"json": {"prompt": "x", "n": 0}}, 400, "n", None),
+    (GEN, {"json": {"prompt": "x", "n": 11}}, 400, "n", None),
+    (GEN, {"json": {"prompt": "x", "n": "two"}}, 400, "n", None),
+    (GEN, {"json": {"prompt": "x", "n": True}}, 400, "n", None),
+    (GEN, {"json": {"prompt": "x", "seed": -1}}, 400, "seed", None),
+    (GEN, {"json": {"prompt": "x", "size": "1024x1536"}}, 400, "size", None),
+    (GEN, {"json": {"prompt": "x", "size": "big"}}, 400, "size", None),
+    (GEN, {"json": {"prompt": "x", "response_format": "png"}}, 400, "response_format", None),
+    (GEN, {"json": {"prompt": "x", "stream": True}}, 400, "stream", "unsupported_value"),
+    (GEN, {"json": {"prompt": "x", "background": "transparent"}}, 400, "background", "unsupported_value"),
+    (GEN, {"json": {"prompt": "x", "output_format": "gif"}}, 400, "output_format", None),
+    (GEN, {"json": {"prompt": "x", "quality": "ultra"}}, 400, "quality", None),
+    (GEN, {"json": {"prompt": "x\x1b[2J"}}, 400, "prompt", None),
+    (VARY, {"files": {"image": ("a.png", b"hello, not an image")}}, 400, "image", None),
+    (VARY, {"files": {"image": ("a.png", png(picture(1)))}, "data": {"n": "0"}}, 400, "n", None),
+    (VARY, {"files": {"image": ("a.png", png(picture(1)))}, "data": {"strength": "strong"}}, 400, "strength", None),
+    (VARY, {"data": {"image": "not a file", "n": "1"}, "files": {"other": ("o", b"")}}, 400, "image", None),
+    (VARY, {"data": {"n": "1"}, "files": {"other": ("o", b"")}}, 400, "image", "missing_field"),
+    (VARY, {"data": {"n": "1"}}, 400, None, "invalid_content_type"),
+    (VARY, {"json": {"image": "x"}}, 400, None, "invalid_content_type"),
+    (VARY, {"files": {"image": ("bomb.png", _bomb_png())}}, 400, "image", "image_too_large"),
+    (VARY, {"files": {"image": ("bomb.png", _huge_header_png())}}, 400, "image", "image_too_large"),
+    (VARY, {"files": [("image", ("a", b"x"))] * 5}, 400, None, "invalid_form"),
+    (EDIT, {"files": {"image": ("a.png", png(picture(1))), "mask": ("m.png", png(Image.new("L", (W // 2, H // 2), 255)))},
+            "data": {"prompt": "x"}}, 400, "mask", None),
+    (EDIT, {"files": {"image": ("a.png", png(picture(1))), "mask": ("m.png", png(Image.new("L", (W, H), 0)))},
+            "data": {"prompt": "x"}}, 400, "mask", None),
+    (EDIT, {"files": {"image": ("a.png", png(picture(1))), "mask": ("m.png", png(Image.new("L", (W, H), 255))),
+                      "markup": ("k.png", b"x")}, "data": {"prompt": "x"}}, 400, "markup", "unsupported_value"),
+    (EDIT, {"files": {"image": ("a.png", png(picture(1))), "mask": ("m.png", png(_edit_inputs()[1]))}}, 400, "prompt", None),
+    (EDIT, {"files": {"image": ("a.png", png(picture(1))), "mask": ("m.png", png(_edit_inputs()[1]))},
+            "data": {"prompt": "x", "size": "256x256"}}, 400, "size", None),
+    ("/v1/unclip/blend", {"files": {"image": ("a.png", png(picture(1)))}}, 400, "image", None),
+    ("/v1/unclip/blend", {"files": [("image[]", ("a", png(picture(1))))] * 2, "data": {"frames": "11"}}, 400, "frames", None),
+    ("/v1/unclip/nudge", {"files": {"image": ("a.png", png(picture(1)))}}, 400, "to", None),
+    (VARY, {"files": {"image": ("big.bin", os.urandom(MAX_BODY + 1000))}}, 413, None, "request_too_large"),
+])
+def test_bad_requests_get_openai_errors(raw, path, kw, status, param, code):
+    error_of(raw.post(path, **kw), status, param, code)
+
+
+def test_keys_origins_and_routes(server, raw):
+    with httpx.Client(base_url=server, timeout=30, trust_env=False) as anon:
+        error_of(anon.get("/v1/models"), 401, code="invalid_api_key")
+        error_of(anon.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401, code="invalid_api_key")
+        error_of(anon.post(GEN, json={"prompt": "x"}, headers={"Authorization": "Bearer wrong"}), 401, code="invalid_api_key")
+        page = anon.get("/")  # the page needs no key; it asks for one
+        assert page.status_code == 200 and "default-src 'none'" in page.headers["content-security-policy"]
+    error_of(raw.get("/v1/models", headers={"Origin": "http://evil.example"}), 403, code="cross_origin")
+    error_of(raw.get("/v1/models", headers={"Host": "evil.example"}), 403, code="forbidden_host")
+    assert raw.get("/v1/models", headers={"Origin": server}).status_code == 200
+    error_of(raw.get("/v1/nothing"), 404)
+    error_of(raw.get(GEN), 405)
+    assert raw.get("/v1/unclip/jobs/no-such-job").json()["status"] == "unknown"
+
+
+def test_page_fetches_nothing_from_elsewhere(raw):
+    import re
+
+    html = raw.get("/").text
+    assert not re.search(r"""(src|href|action)\s*=\s*["']?(https?:)?//""", html)
+    assert not re.search(r"""(fetch|import)\(\s*["'](https?:)?//""", html)
+
+
+def test_image_store_expires_and_bounds_memory():
+    store = ImageStore(ttl=3600, max_bytes=10)
+    first = store.put(b"12345678", "image/png", "png")
+    second = store.put(b"abcdef", "image/png", "png")  # 14 bytes would exceed 10: the oldest goes
+    assert store.get(first) is None and store.get(second).data == b"abcdef"
+    assert first != second and first.endswith(".png")
+    gone = ImageStore(ttl=0)
+    assert gone.get(gone.put(b"x", "image/png", "png")) is None
+    assert store.get("../../etc/passwd") is None
+
+
+# ======================================================================================================
+# The queue, deadlines, disconnects, faults and stopping, with an engine the test holds
+class HeldEngine:
+    """The tiny engine behind a gate: a job reports sampler steps until the test opens the gate (then it
+    runs for real) or the server cancels it (the Cancelled raised by the callback is recorded)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.gate, self.started, self.stopped = threading.Event(), threading.Event(), threading.Event()
+        self.reasons: list[str] = []
+        self.runs = 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def run(self, request, callback=None):
+        self.runs += 1
+        self.started.set()
+        try:
+            while not self.gate.wait(0.01):  # one "sampler step" every 10 ms
+                callback(Tick("decoder", 1, 2))
+        except Cancelled as c:
+            self.reasons.append(c.reason)
+            self.stopped.set()
+            raise
+        return self.engine.run(request, callback)
+
+
+def test_five_clients_against_max_queue_2(tiny_engine):
+    engine = HeldEngine(tiny_engine)
+    app = create_app(engine, Settings(max_queue=2, steps=STEPS))
+    with running(app) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        outcomes: list = []
+        answered = threading.Condition()
+
+        def one(i: int) -> None:
+            try:
+                out = client.images.generate(prompt=f"prompt {i}", response_format="b64_json")
+            except openai.APIStatusError as e:
+                out = e
+            with answered:
+                outcomes.append(out)
+                answered.notify_all()
+
+        threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(5)]
+        threads[0].start()
+        assert engine.started.wait(30)  # the first job runs (held): the next two wait, the last two are refused
+        for t in threads[1:]:
+            t.start()
+        with answered:
+            assert answered.wait_for(lambda: len(outcomes) == 2, timeout=30)
+        for e in outcomes:
+            assert isinstance(e, openai.APIStatusError) and e.status_code == 503 and e.code == "server_busy"
+            assert int(e.response.headers["retry-after"]) >= 1
+        assert client.models.list().data[0].id == tiny_engine.name  # answers while the job runs
+        assert app.state.worker.counts() == {"running": 1, "queued": 2, "max_queue": 2}
+        engine.gate.set()
+        for t in threads:
+            t.join(60)
+            assert not t.is_alive()
+    done = [o for o in outcomes if not isinstance(o, Exception)]
+    assert len(outcomes) == 5 and len(done) == 3 and all(len(d.data) == 1 for d in done)
+
+
+def test_progress_of_a_job(tiny_engine):
+    engine = HeldEngine(tiny_engine)
+    app = create_app(engine, Settings(steps=STEPS))
+    with running(app) as (url, _), httpx.Client(base_url=url, timeout=60, trust_env=False) as c:
+        t = threading.Thread(target=c.post, args=(GEN,), kwargs={"json": {"prompt": "x"}, "headers": {"x-unclip-job": "job-12345678"}},
+                             daemon=True)
+        t.start()
+        assert engine.started.wait(30)
+        status = c.get("/v1/unclip/jobs/job-12345678").json()
+        assert status["status"] == "running" and status["running"] == 1
+        engine.gate.set()
+        t.join(60)
+
+
+def test_client_disconnect_stops_the_job(tiny_engine):
+    engine = HeldEngine(tiny_engine)
+    app = create_app(engine, Settings(steps=STEPS))
+    with running(app) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        body = json.dumps({"prompt": "x"}).encode()
+        sock = socket.create_connection((host, int(port)), timeout=30)
+        sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (url.removeprefix("http://").encode(), len(body), body))
+        assert engine.started.wait(30)
+        sock.close()
+        assert engine.stopped.wait(30)
+        assert engine.reasons == ["disconnected"]
+        with httpx.Client(base_url=url, timeout=60, trust_env=False) as c:  # and the next job runs
+            engine.gate.set()
+            assert c.post(GEN, json={"prompt": "x"}).status_code == 200
+
+
+def test_deadline_stops_the_job(tiny_engine):
+    engine = HeldEngine(tiny_engine)
+    app = create_app(engine, Settings(steps=STEPS, timeout=1.0))
+    with running(app) as (url, _), httpx.Client(base_url=url, timeout=60, trust_env=False) as c:
+        r = c.post(GEN, json={"prompt": "x"})
+        error_of(r, 504, code="timeout")
+        assert r.headers["x-should-retry"] == "false"
+        assert engine.reasons == ["deadline"]
+
+
+def test_a_fault_is_500_and_not_retried(tiny_engine):
+    class Broken(HeldEngine):
+        def run(self, request, callback=None):
+            self.runs += 1
+            raise RuntimeError("boom")
+
+    engine = Broken(tiny_engine)
+    with running(create_app(engine, Settings(steps=STEPS))) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=2, timeout=60)
+        with pytest.raises(openai.InternalServerError) as e:
+            client.images.generate(prompt="x")
+        assert e.value.response.headers["x-should-retry"] == "false" and "boom" not in e.value.message
+    assert engine.runs == 1  # the client did not repeat the job
+
+
+def test_stop_signal_answers_the_running_job_and_stops(tiny_engine):
+    engine = HeldEngine(tiny_engine)
+    app = create_app(engine, Settings(steps=STEPS))
+    with running(app) as (url, server):
+        answers: list = []
+        with httpx.Client(base_url=url, timeout=60, trust_env=False) as c:
+            t = threading.Thread(target=lambda: answers.append(c.post(GEN, json={"prompt": "x"})), daemon=True)
+            t.start()
+            assert engine.started.wait(30)
+            server.handle_exit(signal.SIGTERM, None)  # what the signal handler calls
+            t.join(30)
+        error_of(answers[0], 503, code="server_shutting_down")
+        assert engine.reasons == ["shutdown"]
+    assert app.state.worker.join(0)
+
+
+# ======================================================================================================
+# The command
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from unclip_cli.cli import _register, app
+
+    _register()
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--port", "70000"], "--port must be between 0 and 65535"),
+    (["--max-queue", "-1"], "--max-queue must be between 0"),
+    (["--prior-steps", "0"], "--prior-steps must be between 1"),
+    (["--timeout", "0"], "--timeout must be more than 0"),
+])
+def test_serve_command_checks_its_options(args, match, tiny_weights):
+    r = _cli("serve", "--weights", str(tiny_weights), *args)
+    assert r.exit_code != 0 and match in str(r.exception), (r.output, r.exception)
+
+
+def test_serve_command_warns_without_key_off_loopback(tiny_weights, monkeypatch):
+    from unclip_cli.serve import server as srv
+
+    monkeypatch.setattr(srv, "is_loopback", lambda sock: False)  # the socket stays on 127.0.0.1: tests bind nothing else
+
+    def run(self, sockets=None):
+        self.started = True
+        sockets[0].close()
+
+    monkeypatch.setattr(srv.Server, "run", run)
+    r = _cli("serve", "--weights", str(tiny_weights), "--port", "0", "--device", "cpu")
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert "without an API key" in r.output and "Stopped." in r.output
+
+
+def test_serve_process_stops_cleanly_on_sigterm(tiny_weights):
+    proc = subprocess.Popen([sys.executable, "-m", "unclip_cli", "serve", "--weights", str(tiny_weights), "--port", "0", "--device",
+                             "cpu", *sum((["--" + k.replace("_", "-"), str(v)] for k, v in STEPS.items()), [])],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        url, seen, deadline = None, [], time.monotonic() + 120
+        while url is None and time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stderr], [], [], deadline - time.monotonic())
+            line = proc.stderr.readline() if ready else ""
+            if not line:
+                break
+            seen.append(line)
+            if line.startswith("Serving on "):
+                url = line.split()[2].rstrip("/")
+        assert url and url.startswith("http://127.0.0.1:"), "".join(seen)
+        with httpx.Client(base_url=url, timeout=60, trust_env=False) as c:
+            assert c.get("/v1/models").status_code == 200
+            assert c.post(GEN, json={"prompt": "x", "response_format": "b64_json"}).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, "".join(seen) + rest
+    assert "Stopped." in rest and "Traceback" not in rest

@@ -1,0 +1,358 @@
+"""The web app: OpenAI's Images API (and two endpoints of our own) over one engine, and the page at `/`.
+
+`create_app(engine, settings)` builds it; handlers translate and do not decide: a body becomes API fields,
+`api.prepare` turns them into a validated unclip request (in a thread: it decodes images), the worker
+runs it on the engine's thread, and `api.encode` turns the result into OpenAI's response (in a thread: it
+encodes images). The event loop only reads bodies, waits and answers.
+
+Routes (all under /v1 need the API key when one is set, as `Authorization: Bearer KEY`):
+
+    GET  /                          the page (one static file; it uses the API below)
+    GET  /v1/models, /v1/models/ID  the loaded model set, as OpenAI lists models
+    POST /v1/images/generations     JSON: prompt, n, size, quality, response_format, seed, ...
+    POST /v1/images/edits           multipart: image (or image[]), mask, prompt, n, size, ...
+    POST /v1/images/variations      multipart: image, n, size, strength, ...
+    POST /v1/unclip/blend           multipart: image[] twice (or image_a, image_b), frames, ...
+    POST /v1/unclip/nudge           multipart: image, to, from, amount, n, ...
+    GET  /v1/unclip/jobs/ID         a job's place in the queue or its progress (ID: the x-unclip-job header it was sent with;
+                                    "unknown" before it is queued and once it is over)
+    GET  /v1/images/files/NAME      an image of a `url` response (no key needed: NAME is a random id), kept an hour
+
+Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 bad input, 401 wrong or
+missing key, 403 another origin or host, 404, 413 body too large, 503 queue full or stopping (with
+Retry-After), 504 past the deadline, 500 a fault (with `x-should-retry: false`, so that clients do not
+repeat a costly job).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from urllib.parse import urlsplit
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from unclip_cli.errors import InputError, UnclipError
+from unclip_cli.serve import api
+from unclip_cli.serve.store import ImageStore
+from unclip_cli.serve.worker import Busy, Cancelled, Worker
+
+log = logging.getLogger("unclip.serve")
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+FORM_CHUNK = 256 * 2**10  # a buffered form is parsed in pieces of this size, the event loop free between them
+DRAIN_BYTES = 16 * 2**20  # of a body over the limit, read (and dropped) before answering 413, so the client sees the answer
+MAX_FIELD_BYTES = 64 * 2**10  # a text field of a form (a prompt is at most 4,000 characters)
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
+PAGE_HEADERS = {
+    # The page is one file: nothing may come from elsewhere, and it may only talk to this server.
+    "content-security-policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data: blob:; "
+                               "connect-src 'self' blob:; form-action 'none'; frame-ancestors 'none'; base-uri 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
+
+
+@dataclass
+class Settings:
+    """The server's policy; every limit a request cannot change."""
+
+    api_key: str | None = None
+    max_queue: int = 4  # jobs waiting while one runs; more are answered 503
+    timeout: float = 600.0  # seconds a request may take, its wait in the queue included
+    max_body_bytes: int = 20 * 2**20  # a whole request body, its files included
+    max_pixels: int = 4096 * 4096  # per uploaded image, read from its header before decoding
+    max_files: int = 4
+    max_fields: int = 32
+    url_ttl: float = 3600.0
+    store_bytes: int = 256 * 2**20  # images kept for url responses, at most
+    steps: dict = field(default_factory=dict)  # prior_steps / decoder_steps / upsampler_steps overriding every request's quality
+    allowed_hosts: tuple[str, ...] | None = None  # Host header names answered (None: any); a loopback bind answers loopback names only
+
+
+def create_app(engine, settings: Settings | None = None) -> Starlette:
+    """The app over `engine` (anything with `run(request, callback)`, `name` and `image_size`)."""
+    settings = settings or Settings()
+    worker = Worker(engine, max_queue=settings.max_queue)
+    store = ImageStore(ttl=settings.url_ttl, max_bytes=settings.store_bytes)
+    native = engine.image_size
+    created = int(time.time())
+    limiter = anyio.CapacityLimiter(2)  # threads decoding uploads and encoding results, beside the engine's
+    page = resources.files("unclip_cli.serve").joinpath("page.html").read_text(encoding="utf-8")
+
+    # -- checks every /v1 request passes -------------------------------------------------------------
+    def guard(request: Request, key: bool = True) -> None:
+        host = request.headers.get("host", "")
+        if settings.allowed_hosts is not None and _hostname(host) not in settings.allowed_hosts:
+            raise api.ApiError(403, f"this server answers requests for {', '.join(settings.allowed_hosts)} only, not {host!r}",
+                               code="forbidden_host")
+        origin = request.headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc.lower() != host.lower():
+            raise api.ApiError(403, "requests from other origins are refused (this server allows no CORS)", code="cross_origin")
+        if key and settings.api_key is not None:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not given.strip():
+                raise api.ApiError(401, "no API key was given: send it as the header 'Authorization: Bearer KEY'",
+                                   code="invalid_api_key")
+            if not secrets.compare_digest(given.strip().encode(), settings.api_key.encode()):
+                raise api.ApiError(401, "incorrect API key provided", code="invalid_api_key")
+
+    # -- bodies ---------------------------------------------------------------------------------------
+    async def read_body(request: Request, limit: int) -> bytes:
+        declared = request.headers.get("content-length", "")
+        over = declared.isdigit() and int(declared) > limit
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                over = over or size > limit
+                if not over:
+                    chunks.append(chunk)
+                elif size > limit + DRAIN_BYTES:
+                    break
+        except ClientDisconnect:
+            raise api.ApiError(400, "the client went away while sending the request") from None
+        if over:
+            raise api.ApiError(413, f"the request body is larger than this server's limit of {_mib(limit)}",
+                               code="request_too_large")
+        return b"".join(chunks)
+
+    async def json_fields(request: Request) -> api.Fields:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json" and not kind.endswith("+json"):
+            raise api.ApiError(400, "send the request as JSON, with the header 'Content-Type: application/json'",
+                               code="invalid_content_type")
+        body = await read_body(request, min(settings.max_body_bytes, 2**20))
+        try:
+            values = json.loads(body)
+        except (ValueError, RecursionError):
+            raise api.ApiError(400, "the body is not valid JSON", code="invalid_json") from None
+        if not isinstance(values, dict):
+            raise api.ApiError(400, "the body must be a JSON object", code="invalid_json")
+        return api.Fields(values)
+
+    async def form_fields(request: Request) -> api.Fields:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "multipart/form-data":
+            raise api.ApiError(400, "send the request as multipart/form-data (images as file parts)", code="invalid_content_type")
+        body = await read_body(request, settings.max_body_bytes)
+        offset = 0
+
+        async def replay():  # the body as read, in pieces, then the connection's own messages (a disconnect)
+            nonlocal offset
+            if offset <= len(body):
+                await asyncio.sleep(0)  # let other requests in between pieces
+                piece, offset = body[offset:offset + FORM_CHUNK], offset + FORM_CHUNK
+                return {"type": "http.request", "body": piece, "more_body": offset < len(body)}
+            return await request.receive()
+
+        try:
+            form = await Request(request.scope, replay).form(max_files=settings.max_files, max_fields=settings.max_fields,
+                                                              max_part_size=MAX_FIELD_BYTES)
+        except HTTPException as e:
+            raise api.ApiError(400, f"the multipart form could not be read: {e.detail}", code="invalid_form") from None
+        values: dict = {}
+        files: dict[str, list[bytes]] = {}
+        try:
+            for name, value in form.multi_items():
+                if isinstance(value, str):
+                    values[name] = value
+                else:
+                    files.setdefault(name, []).append(await value.read())
+        finally:
+            await form.close()
+        return api.Fields(values, files, form=True)
+
+    # -- running a job ------------------------------------------------------------------------------
+    async def run(request: Request, req, arrived: float):
+        job_id = request.headers.get("x-unclip-job")
+        try:
+            job = worker.submit(req, deadline=arrived + settings.timeout,
+                                job_id=job_id if job_id and JOB_ID.fullmatch(job_id) else None)
+        except Busy as b:
+            busy(b)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({job.future, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            worker.withdraw(job, "shutdown")
+            raise
+        finally:
+            gone.cancel()
+        if not job.future.done():
+            worker.withdraw(job, "disconnected")
+            raise api.ApiError(499, "the client closed the request; its job was stopped", code="client_closed_request")
+        try:
+            return job.future.result()
+        except Cancelled as c:
+            raise _cancelled(c, settings, worker) from None
+        except InputError as e:  # found by the engine itself (a nudge whose two texts mean the same)
+            raise api.input_error(e, ["prompt", "to", "from", "image"]) from None
+        except UnclipError as e:
+            raise api.ApiError(500, str(e), code="model_error") from None
+        except Exception as e:
+            log.error("the engine failed on %s %s", request.method, request.url.path, exc_info=e)
+            if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
+                raise api.ApiError(500, "the server ran out of memory running the model: ask for fewer images (n) or a lower "
+                                        "quality", code="out_of_memory") from None
+            raise api.ApiError(500, f"the model run failed ({type(e).__name__}); the server's log has the details",
+                               code="internal_error") from None
+
+    async def images(request: Request, op: str) -> Response:
+        arrived = time.monotonic()
+        guard(request)
+        fields = await (json_fields(request) if op == "generate" else form_fields(request))
+        busy(worker.room())  # a full queue is answered before any image is decoded
+        planned = await anyio.to_thread.run_sync(api.prepare, op, fields, native, settings.steps, settings.max_pixels, limiter=limiter)
+        result = await run(request, planned.request, arrived)
+        files = str(request.url_for("image_file", name="-"))[:-1]
+
+        def respond() -> bytes:  # encoding images and base64 takes a while: not on the event loop
+            encoded = api.encode(result.images, result.recipes, planned.output)
+            body = api.images_response(encoded, planned.output, lambda e: files + store.put(e.data, e.content_type, e.extension))
+            return json.dumps(body).encode()
+
+        headers = {api.NATIVE_SIZE_HEADER: f"{native}x{native}", "x-unclip-seed": str(planned.request.seed)}
+        if result.warnings:
+            headers["x-unclip-warnings"] = json.dumps(result.warnings, ensure_ascii=True)
+        return Response(await anyio.to_thread.run_sync(respond, limiter=limiter), media_type="application/json", headers=headers)
+
+    def busy(b: Busy | None) -> None:
+        if b is None:
+            return
+        if b.stopping:
+            raise api.ApiError(503, "the server is shutting down", code="server_shutting_down", headers={"retry-after": str(b.retry_after)})
+        raise api.ApiError(503, f"the server is busy: {worker.max_queue} job(s) are already waiting; try again in {b.retry_after} s",
+                           code="server_busy", headers={"retry-after": str(b.retry_after)})
+
+    # -- endpoints ------------------------------------------------------------------------------------
+    def endpoint(fn):
+        """A handler whose ApiErrors become OpenAI-shaped answers."""
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await fn(request)
+            except api.ApiError as e:
+                return error_response(e)
+
+        return handle
+
+    def model_entry() -> dict:
+        return {"id": engine.name, "object": "model", "created": created, "owned_by": "unclip"}
+
+    async def list_models(request: Request) -> Response:
+        guard(request)
+        return JSONResponse({"object": "list", "data": [model_entry()]})
+
+    async def get_model(request: Request) -> Response:
+        guard(request)
+        if request.path_params["model"] != engine.name:
+            raise api.ApiError(404, f"the model {request.path_params['model']!r} does not exist; this server has {engine.name!r}",
+                               param="model", code="model_not_found")
+        return JSONResponse(model_entry())
+
+    async def job_status(request: Request) -> Response:
+        guard(request)
+        # An unknown job has not arrived yet (its upload is still being read) or is over: not an error.
+        status = worker.status(request.path_params["job"]) or {"status": "unknown"}
+        return JSONResponse({"id": request.path_params["job"], **status, **worker.counts()})
+
+    async def image_file(request: Request) -> Response:
+        guard(request, key=False)  # the random name is the key, as with OpenAI's image URLs
+        item = store.get(request.path_params["name"])
+        if item is None:
+            raise api.ApiError(404, "no such image: image URLs are kept for an hour", code="image_not_found")
+        return Response(item.data, media_type=item.content_type,
+                        headers={"cache-control": "private, max-age=3600", "x-content-type-options": "nosniff"})
+
+    async def index(request: Request) -> Response:
+        guard(request, key=False)
+        return HTMLResponse(page, headers=PAGE_HEADERS)
+
+    def op_endpoint(op: str):
+        async def handle(request: Request) -> Response:
+            return await images(request, op)
+
+        return handle
+
+    routes = [
+        Route("/", endpoint(index), methods=["GET"]),
+        Route("/v1/models", endpoint(list_models), methods=["GET"]),
+        Route("/v1/models/{model:path}", endpoint(get_model), methods=["GET"]),
+        Route("/v1/images/generations", endpoint(op_endpoint("generate")), methods=["POST"]),
+        Route("/v1/images/edits", endpoint(op_endpoint("edit")), methods=["POST"]),
+        Route("/v1/images/variations", endpoint(op_endpoint("vary")), methods=["POST"]),
+        Route("/v1/unclip/blend", endpoint(op_endpoint("blend")), methods=["POST"]),
+        Route("/v1/unclip/nudge", endpoint(op_endpoint("nudge")), methods=["POST"]),
+        Route("/v1/unclip/jobs/{job}", endpoint(job_status), methods=["GET"]),
+        Route("/v1/images/files/{name}", endpoint(image_file), methods=["GET"], name="image_file"),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+            await anyio.to_thread.run_sync(worker.join, 30.0)
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        message = {404: f"unknown URL: {request.method} {request.url.path}",
+                   405: f"method {request.method} is not allowed for {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return error_response(api.ApiError(exc.status_code, message, headers=exc.headers))
+
+    async def crash(request: Request, exc: Exception) -> Response:
+        log.error("unexpected error in %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(api.ApiError(500, f"the server failed ({type(exc).__name__}): this is a bug in unclip",
+                                           code="internal_error"))
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error, Exception: crash})
+    app.state.worker, app.state.store, app.state.settings, app.state.engine = worker, store, settings, engine
+    return app
+
+
+def error_response(e: api.ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _cancelled(c: Cancelled, settings: Settings, worker: Worker) -> api.ApiError:
+    if c.reason == "deadline":
+        return api.ApiError(504, f"the job took longer than this server's limit of {settings.timeout:g} s (its wait in the "
+                                 "queue included) and was stopped", code="timeout")
+    if c.reason == "disconnected":
+        return api.ApiError(499, "the client closed the request; its job was stopped", code="client_closed_request")
+    return api.ApiError(503, "the server is shutting down; the job was stopped", code="server_shutting_down",
+                        headers={"retry-after": str(worker.retry_after())})
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read: what comes next is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _hostname(host: str) -> str:
+    """The name in a Host header, without its port ("[::1]:8000" -> "::1")."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]")[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n / 2**10:g} KiB"

@@ -1,0 +1,57 @@
+"""Images kept for `url` responses: in memory, under random ids, for an hour (as OpenAI's URLs last).
+
+Nothing from a request reaches the file system: a request can only name an id, looked up in a dict.
+The oldest images go first when `max_bytes` would be exceeded.
+"""
+
+from __future__ import annotations
+
+import collections
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class Stored:
+    data: bytes
+    content_type: str
+    expires: float  # time.monotonic()
+
+
+class ImageStore:
+    def __init__(self, ttl: float = 3600.0, max_bytes: int = 256 * 2**20):
+        self.ttl, self.max_bytes = ttl, max_bytes
+        self._items: collections.OrderedDict[str, Stored] = collections.OrderedDict()  # oldest first
+        self._bytes = 0
+        self._lock = threading.Lock()  # put() runs in encoding threads, get() on the event loop
+
+    def put(self, data: bytes, content_type: str, extension: str) -> str:
+        """Keep an image; returns its name (`<random id>.<extension>`)."""
+        name = f"{secrets.token_urlsafe(18)}.{extension}"
+        with self._lock:
+            self._expire(time.monotonic())
+            while self._items and self._bytes + len(data) > self.max_bytes:
+                self._drop(next(iter(self._items)))
+            self._items[name] = Stored(data, content_type, time.monotonic() + self.ttl)
+            self._bytes += len(data)
+        return name
+
+    def get(self, name: str) -> Stored | None:
+        with self._lock:
+            self._expire(time.monotonic())
+            return self._items.get(name)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _expire(self, now: float) -> None:
+        while self._items:
+            name, item = next(iter(self._items.items()))
+            if item.expires > now:
+                break
+            self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        self._bytes -= len(self._items.pop(name).data)

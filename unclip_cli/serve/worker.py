@@ -1,0 +1,225 @@
+"""The one thread that runs the engine, fed by a bounded queue.
+
+The event loop submits a job and awaits its asyncio future; the worker thread runs jobs one at a time
+and settles each future through the loop (`call_soon_threadsafe`), so the loop never waits on the model.
+A job stops between sampler steps when it is cancelled (its client went away, the server is stopping) or
+its deadline passes: the engine's progress callback raises `Cancelled`, and the engine lets it through.
+
+    worker = Worker(engine, max_queue=4)
+    worker.start()                                   # on the event loop
+    job = worker.submit(request, deadline=time.monotonic() + 600)   # or Busy
+    result = await job.future                        # engine Result, or Cancelled / another exception
+    worker.stop(); worker.join()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from unclip_cli.progress import Tick
+
+log = logging.getLogger("unclip.serve")
+
+
+class Cancelled(Exception):
+    """A job stopped before it finished: `reason` is "disconnected", "deadline" or "shutdown"."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Busy(Exception):
+    """The queue is full (or the server is stopping): try again after `retry_after` seconds."""
+
+    def __init__(self, retry_after: int, stopping: bool = False):
+        super().__init__("busy")
+        self.retry_after, self.stopping = retry_after, stopping
+
+
+@dataclass(eq=False)
+class Job:
+    request: Any
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    deadline: float | None = None  # time.monotonic()
+    id: str | None = None
+    state: str = "queued"  # queued | running | done
+    tick: Tick | None = None
+    cancel_reason: str | None = None
+    _cancel: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self, reason: str) -> None:
+        """Stop the job: skipped if still queued, stopped at its next sampler step if running."""
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+        self._cancel.set()
+
+    def check(self, tick: Tick | None = None) -> None:
+        """The engine's progress callback: records progress and raises Cancelled when the job must stop."""
+        if tick is not None:
+            self.tick = tick
+        if self._cancel.is_set():
+            raise Cancelled(self.cancel_reason or "shutdown")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise Cancelled("deadline")
+
+    def settle(self, outcome: Any) -> None:
+        """Hand the outcome (a result or an exception) to the awaiting handler, from any thread."""
+
+        def put() -> None:
+            if self.future.done():  # the handler gave up waiting
+                return
+            if isinstance(outcome, BaseException):
+                self.future.set_exception(outcome)
+            else:
+                self.future.set_result(outcome)
+
+        self.state = "done"
+        try:
+            self.loop.call_soon_threadsafe(put)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+
+class Worker:
+    """Runs `engine.run(request, callback)` for one job at a time on its own thread. At most `max_queue`
+    jobs wait while one runs; `submit` raises Busy beyond that."""
+
+    def __init__(self, engine, max_queue: int = 4):
+        if max_queue < 0:
+            raise ValueError("max_queue must be at least 0")
+        self.engine, self.max_queue = engine, max_queue
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._running: Job | None = None
+        self._by_id: dict[str, Job] = {}
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._seconds_per_job = 5.0  # a running mean of job times, for Retry-After; a guess until the first job
+
+    # -- the event loop's side ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the thread; call on the event loop that will await the jobs."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._serve, name="unclip-engine", daemon=True)
+        self._thread.start()
+
+    def room(self) -> Busy | None:
+        """None if a job would be taken now, else the Busy that `submit` would raise."""
+        with self._cond:
+            pending = len(self._waiting) + (self._running is not None)
+            if self._stopping or pending > self.max_queue:
+                return Busy(self.retry_after(), stopping=self._stopping)
+        return None
+
+    def submit(self, request, deadline: float | None = None, job_id: str | None = None) -> Job:
+        loop = asyncio.get_running_loop()
+        with self._cond:
+            full = self.room()
+            if full is not None:
+                raise full
+            if job_id in self._by_id:  # ids are the client's: a clash gets no progress reports rather than another's
+                job_id = None
+            job = Job(request, loop.create_future(), loop, deadline=deadline, id=job_id)
+            self._waiting.append(job)
+            if job_id is not None:
+                self._by_id[job_id] = job
+            self._cond.notify()
+        return job
+
+    def withdraw(self, job: Job, reason: str) -> None:
+        """Cancel a job: a queued one leaves the queue at once (its place is free), a running one stops
+        at its next sampler step."""
+        job.cancel(reason)
+        with self._cond:
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self._forget(job)
+                job.settle(Cancelled(reason))
+
+    def retry_after(self) -> int:
+        """Seconds until a place in the queue is likely to be free: when the running job ends."""
+        return max(1, math.ceil(self._seconds_per_job))
+
+    def status(self, job_id: str) -> dict | None:
+        """What a job is doing: queued (and its place), running (and its progress), or None if unknown."""
+        with self._cond:
+            job = self._by_id.get(job_id)
+            if job is None:
+                return None
+            if job.state == "queued":
+                return {"status": "queued", "position": next((i + 1 for i, j in enumerate(self._waiting) if j is job), 0)}
+            t = job.tick
+            progress = {"stage": t.stage, "step": t.step, "total": t.total, "batch": t.batch, "batches": t.batches} if t else {}
+            return {"status": job.state, **progress}
+
+    def counts(self) -> dict:
+        with self._cond:
+            return {"running": int(self._running is not None), "queued": len(self._waiting), "max_queue": self.max_queue}
+
+    def stop(self) -> None:
+        """Stop taking jobs, fail the queued ones and stop the running one at its next step (Cancelled
+        "shutdown"). Thread-safe, but not from a signal handler: use `stop_soon` there."""
+        with self._cond:
+            self._stopping = True
+            while self._waiting:
+                job = self._waiting.popleft()
+                job.cancel("shutdown")
+                self._forget(job)
+                job.settle(Cancelled("shutdown"))
+            if self._running is not None:
+                self._running.cancel("shutdown")
+            self._cond.notify_all()
+
+    def stop_soon(self) -> None:
+        """`stop` from anywhere, a signal handler included (it runs on the event loop)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.stop)
+        else:
+            self.stop()
+
+    def join(self, timeout: float | None = None) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    # -- the worker thread -------------------------------------------------------------------------
+    def _forget(self, job: Job) -> None:
+        if job.id is not None and self._by_id.get(job.id) is job:
+            del self._by_id[job.id]
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not self._waiting:
+                    return
+                job = self._waiting.popleft()
+                self._running = job
+                job.state = "running"
+            started = time.monotonic()
+            try:
+                job.check()  # cancelled or out of time while it waited
+                outcome = self.engine.run(job.request, callback=job.check)
+            except Exception as e:  # every outcome goes to the handler, which answers for it
+                outcome = e
+                if not isinstance(e, Cancelled):
+                    log.debug("job failed", exc_info=True)
+            seconds = time.monotonic() - started
+            with self._cond:
+                self._running = None
+                self._forget(job)
+                if not isinstance(outcome, Cancelled):
+                    self._seconds_per_job = 0.7 * self._seconds_per_job + 0.3 * seconds
+            job.settle(outcome)
