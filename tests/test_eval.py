@@ -248,9 +248,40 @@ def test_eval_quick_end_to_end(tiny_weights, eval_shards, tmp_path, monkeypatch)
     assert m["inversion"]["mse"] >= 0 and m["inversion"]["resolution"] == 8
     assert 0 <= m["blend"]["monotone_fraction"] <= m["blend"]["progress_fraction"] <= 1 and m["blend"]["pairs"] == 2
     assert m["edit"]["pixels_changed_outside_mask"] == 0 and m["edit"]["n"] == 5
+    assert "classifier" not in m and any("no concept classifier" in n for n in saved["notes"])
     # The readable table goes to stdout without --json.
     code, stdout, _ = _cli("eval", "--weights", tiny_weights, "--data", eval_shards, "--quick", "--out", out, "--quiet")
     assert code == 0 and "own concept among 12 (zh)" in stdout and "pixels changed outside the mask" in stdout
+
+
+def test_eval_with_a_concept_classifier_trained_apart(tiny_weights, eval_shards, tmp_path, monkeypatch):
+    """`unclip train classifier` on the training split, exported, then read by `unclip eval --classifier`."""
+    import dataclasses
+
+    run, ck = tmp_path / "run", tmp_path / "concepts.safetensors"
+    code, _, err = _cli("train", "classifier", "--preset", "tiny", "--data", eval_shards, "--run", run, "--max-steps", "3",
+                        "--device", "cpu", "--quiet")
+    assert code == 0, err
+    assert _cli("train", "export-classifier", run, "--to", ck)[0] == 0
+    monkeypatch.setattr(ev, "QUICK", dataclasses.replace(ev.QUICK, steps=(2, 3, 2)))
+    out = tmp_path / "metrics.json"
+    code, stdout, err = _cli("eval", "--weights", tiny_weights, "--data", eval_shards, "--quick", "--out", out, "--json",
+                             "--device", "cpu", "--classifier", ck)
+    assert code == 0, err
+    c = json.loads(stdout)["metrics"]["classifier"]
+    assert c["classes"] == 12 and c["n_real"] == 5 and c["prompts"] == {"en": 5, "zh": 5} and c["classifier"]["trained_steps"] == 3
+    for lang in ("en", "zh"):
+        assert 0 <= c["generated"][lang]["top1"] <= c["generated"][lang]["top5"] <= 1
+    assert "--classifier" in json.loads(stdout)["command"]
+
+
+def test_concept_hits_count_unknown_concepts_as_misses():
+    import torch
+
+    logits = torch.tensor([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0], [0.0, 0.0, 9.0]])
+    hits = ev.concept_hits(logits, [0, 0, -1], ks=(1, 2))
+    assert hits["top1"].tolist() == [1.0, 0.0, 0.0] and hits["top2"].tolist() == [1.0, 0.0, 0.0]
+    assert ev.concept_hits(logits, [1, 1, 2], ks=(2,))["top2"].tolist() == [1.0, 1.0, 1.0]
 
 
 def test_eval_without_data_is_a_clear_error(tiny_weights, tmp_path):

@@ -25,6 +25,7 @@ import torch.nn as nn
 from unclip_cli.diffusion.gaussian import DiffusionConfig, Parameterization
 from unclip_cli.diffusion.schedule import SCHEDULES
 from unclip_cli.errors import WeightsError
+from unclip_cli.models.classifier import Classifier, ClassifierConfig
 from unclip_cli.models.clip import Clip, ClipConfig
 from unclip_cli.models.prior import Prior, PriorConfig
 from unclip_cli.models.unet import UNet, UNetConfig
@@ -38,6 +39,7 @@ KINDS: dict[str, tuple[type, type]] = {
     "prior": (PriorConfig, Prior),
     "decoder": (UNetConfig, UNet),
     "upsampler": (UNetConfig, UNet),
+    "classifier": (ClassifierConfig, Classifier),  # not a model-set stage: the eval's independent yardstick
 }
 
 

@@ -422,7 +422,7 @@ class _Counter:
             self.progress(Tick(self.section, self.done, self.total))
 
 
-def evaluate(engine, data: EvalData, settings: Settings = QUICK, progress: Callback = None) -> dict:
+def evaluate(engine, data: EvalData, settings: Settings = QUICK, progress: Callback = None, classifier=None) -> dict:
     """Measure a model set on held-out data: {"settings", "sampling", "seconds", "metrics", "notes"}.
     Every section states its own sample counts inside "metrics"."""
     from unclip_cli.requests import BlendRequest, GenerateRequest
@@ -439,8 +439,9 @@ def evaluate(engine, data: EvalData, settings: Settings = QUICK, progress: Callb
         "vary": _vary_section,
         "blend": _blend_section,
         "edit": _edit_section,
+        "classifier": _classifier_section,
     }
-    ctx = _Context(engine, data, settings, base, steps, guidance, prior_guidance, progress, blend_steps)
+    ctx = _Context(engine, data, settings, base, steps, guidance, prior_guidance, progress, blend_steps, classifier)
     metrics, seconds = {}, {}
     for name, fn in sections.items():
         t = time.perf_counter()
@@ -467,6 +468,7 @@ class _Context:
     prior_guidance: float
     progress: Callback
     blend_steps: object  # the blend command's steps: more decoder steps than the others (engine.quality_steps)
+    classifier: object = None  # a loaded concept classifier checkpoint (the independent yardstick), or None
     notes: list[str] = field(default_factory=list)
     _cache: dict = field(default_factory=dict)
 
@@ -553,6 +555,7 @@ def _generate_section(ctx: _Context) -> dict:
         images += ims
         z_prior.append(z.float().cpu().numpy())
     z_prior = np.concatenate(z_prior).astype(np.float64)
+    ctx._cache["generated"] = (images, jobs)
     gen = embed_images(ctx.engine, images)
     items_emb = ctx.item_emb()
     item_rows = defaultdict(list)
@@ -738,6 +741,66 @@ def _edit_section(ctx: _Context) -> dict:
         "prompt_score_in_mask_before": float(before.mean()), "prompt_score_in_mask_after": float(after.mean()),
         "improved_fraction": float((after > before).mean()), "n": len(src), "mask_fraction": float(repaint.mean()),
     }}
+
+
+def classify(ck, images: Sequence[Image.Image], batch: int = 256) -> torch.Tensor:
+    """Logits (N, concepts) of a concept classifier checkpoint for images of any size."""
+    from unclip_cli.engine import to_tensor
+
+    model = ck.model.float().eval()
+    with torch.no_grad():
+        out = [model(torch.stack([to_tensor(im) for im in images[s : s + batch]])) for s in range(0, len(images), batch)]
+    return torch.cat(out) if out else torch.zeros(0, len(ck.extra["concepts"]))
+
+
+def concept_hits(logits: torch.Tensor, labels: Sequence[int], ks=(1, 5)) -> dict[str, np.ndarray]:
+    """Per image, whether its label is among the classifier's top k (label -1, a concept the classifier
+    never saw in training, is a miss): {"top1": (N,), "top5": (N,)}."""
+    scores = logits.double().numpy()
+    out = {}
+    for k in ks:
+        hits = np.zeros(len(labels))
+        known = [n for n, c in enumerate(labels) if c >= 0]
+        if known:
+            positives = np.zeros((len(known), scores.shape[1]), dtype=bool)
+            positives[np.arange(len(known)), [labels[n] for n in known]] = True
+            hits[known] = topk_hits(scores[known], positives, k)
+        out[f"top{k}"] = hits
+    return out
+
+
+def _classifier_section(ctx: _Context) -> dict:
+    """The independent yardstick: a concept classifier trained apart from the model set (no CLIP, training
+    split only) names the concept of each generated image, beside the same on real held-out images."""
+    if ctx.classifier is None:
+        ctx.notes.append("no concept classifier given (--classifier): the independent yardstick was not measured")
+        return {}
+    if "generated" not in ctx._cache:
+        return {}
+    images, jobs = ctx._cache["generated"]
+    index = {c: k for k, c in enumerate(ctx.classifier.extra["concepts"])}
+    items = ctx.data.items
+    real = concept_hits(classify(ctx.classifier, [it.image for it in items]), [index.get(it.concept, -1) for it in items])
+    gen = concept_hits(classify(ctx.classifier, images), [index.get(p["concept"], -1) for p, _, _ in jobs])
+    key_row = {it.key: r for r, it in enumerate(items)}
+    out = {"generated": {}, "real_for_the_same_prompts": {}, "share_of_real": {}, "prompts": {}}
+    for lang in LANGS:
+        sel = [n for n, (p, _, _) in enumerate(jobs) if p["lang"] == lang]
+        rows = [key_row[jobs[n][0]["key"]] for n in sel if jobs[n][0].get("key") in key_row]
+        if not sel:
+            continue
+        out["prompts"][lang] = len(sel)
+        out["generated"][lang] = {k: float(v[sel].mean()) for k, v in gen.items()}
+        if rows:
+            out["real_for_the_same_prompts"][lang] = {k: float(v[rows].mean()) for k, v in real.items()}
+            out["share_of_real"][lang] = {k: out["generated"][lang][k] / max(out["real_for_the_same_prompts"][lang][k], 1e-9)
+                                          for k in gen}
+    out["real_all_held_out"] = {k: float(v.mean()) for k, v in real.items()}
+    out["n_real"] = len(items)
+    out["classes"] = len(index)
+    out["unknown_concepts"] = int(sum(index.get(p["concept"], -1) < 0 for p, _, _ in jobs))
+    out["classifier"] = {"uid": ctx.classifier.extra.get("uid"), "trained_steps": ctx.classifier.extra.get("trained_steps")}
+    return {"classifier": out}
 
 
 # ==================================================================================================

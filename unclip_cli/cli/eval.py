@@ -40,6 +40,9 @@ def eval_cmd(
                                                    help="Held-out prompt list (default: eval_prompts.json beside the shards).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="Where to write the metrics (replaced if present).")] = Path("metrics.json"),
     seed: Annotated[int, typer.Option("--seed", help="Seed of every sampling run and random draw.")] = 0,
+    classifier: Annotated[Optional[Path], typer.Option("--classifier", metavar="FILE", show_default="the shipped one",
+                                                       help="Concept classifier trained apart from the model (`unclip train classifier`): "
+                                                            "the independent yardstick.")] = None,
     device: DeviceOpt = DeviceChoice.auto,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -66,6 +69,7 @@ def eval_cmd(
     if default_data and not Path(data).exists():
         raise DataError(f"no corpus at {data}", hint="build it with `unclip data emoji`, or pass --data SHARDS")
     dataset = ev.load_eval_data(data, prompts, max_items=settings.max_items)
+    concepts = _load_classifier(classifier)
     engine = Engine.load(weights_dir, device=device.value)
     if not quiet:
         n_prompts = min(settings.prompts or len(dataset.prompts), len(dataset.prompts))
@@ -75,7 +79,7 @@ def eval_cmd(
     from unclip_cli.cli.progress import Bars
 
     with Bars(err, enabled=not quiet and err.is_terminal) as bars:
-        result = ev.evaluate(engine, dataset, settings, progress=bars)
+        result = ev.evaluate(engine, dataset, settings, progress=bars, classifier=concepts)
     report = {
         "model": {"name": engine.name, "path": str(weights_dir), "model_hash": engine.models.model_hash,
                   "base_size": engine.base_size, "image_size": engine.image_size},
@@ -85,7 +89,7 @@ def eval_cmd(
         "machine": ev.machine_info(engine.device),
         "device": str(engine.device),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": _command(weights_dir, data, quick, prompts, out, seed, device.value),
+        "command": _command(weights_dir, data, quick, prompts, out, seed, device.value, classifier),
         "wall_seconds": round(time.time() - started, 1),
         "version": unclip_cli.__version__,
     }
@@ -105,11 +109,26 @@ def eval_cmd(
         err.print(f"Wrote {out} ({report['wall_seconds']:.0f} s).", markup=False)
 
 
-def _command(weights_dir, data, quick, prompts, out, seed, device) -> str:
+SHIPPED_CLASSIFIER = Path(__file__).resolve().parents[2] / "weights" / "classifier" / "emoji-concepts.safetensors"
+
+
+def _load_classifier(path: Optional[Path]):
+    """The concept classifier checkpoint: --classifier, else the shipped one if this copy has it, else None."""
+    from unclip_cli import checkpoint
+
+    if path is None:
+        if not SHIPPED_CLASSIFIER.is_file():
+            return None
+        path = SHIPPED_CLASSIFIER
+    return checkpoint.load(path.expanduser(), "classifier")
+
+
+def _command(weights_dir, data, quick, prompts, out, seed, device, classifier=None) -> str:
     """The command line that reproduces this run, with every choice spelled out."""
     args = ["unclip", "eval", "--weights", str(weights_dir), "--data", str(data)]
     args += ["--quick"] if quick else []
     args += ["--prompts", str(prompts)] if prompts else []
+    args += ["--classifier", str(classifier)] if classifier else []
     args += ["--out", str(out), "--seed", str(seed), "--device", device]
     return shlex.join(args)
 
@@ -174,6 +193,12 @@ def metrics_table(report: dict):
         if "progress_fraction" in b:
             t.add_row("blend", "frame steps toward B (vs A)", _f(b["progress_fraction"]), "sim to B minus sim to A rises",
                       f"{b['pairs']} pairs × {b['frames']} frames")
+    c = m.get("classifier")
+    if c:
+        for lang, g in c["generated"].items():
+            real = c["real_for_the_same_prompts"].get(lang, {})
+            t.add_row("classifier", f"concept top-1 / top-5, generated ({lang})", f"{_f(g['top1'])} / {_f(g['top5'])}",
+                      f"real held-out {_f(real.get('top1'))} / {_f(real.get('top5'))}", f"{c['prompts'][lang]} prompts, {c['classes']} classes")
     e = m.get("edit")
     if e:
         t.add_row("edit", "pixels changed outside the mask", str(e["pixels_changed_outside_mask"]), "must be 0", str(e["n"]))

@@ -84,6 +84,18 @@ _register("clip", "Train CLIP with open_clip's ClipLoss on (image, caption) pair
 _register("prior", "Train the diffusion prior (text -> CLIP image embedding) against the run's frozen CLIP.")
 _register("decoder", "Train the decoder (CLIP image embedding -> base image, with inpainting) against the run's frozen CLIP.")
 _register("upsampler", "Train the upsampler on random crops with a blurred low-resolution condition.")
+_register("classifier", "Train the concept classifier that `unclip eval` uses as an independent yardstick (no CLIP, no model set).")
+
+
+@train_app.command("export-classifier")
+def export_classifier_cmd(
+    run: Annotated[Path, typer.Argument(help="Training run folder with a classifier stage")],
+    to: Annotated[Path, typer.Option("--to", help="Checkpoint to write, e.g. weights/classifier/emoji-concepts.safetensors")],
+):
+    """Write the run's classifier (EMA weights, fp16) as the checkpoint `unclip eval --classifier` reads."""
+    from unclip_cli.train.classifier import export_classifier
+
+    typer.echo(str(export_classifier(run.expanduser(), to.expanduser())))
 
 
 @train_app.command("export")

@@ -27,7 +27,12 @@ from unclip_cli.device import pick_device
 from unclip_cli.errors import InputError, UnclipError
 from unclip_cli.presets import load_preset
 from unclip_cli.train.common import EMA, init_distributed, load_state, lr_at, save_state
-from unclip_cli.train.stages import STAGES, TASKS, Task, adopt_clip, init_from_set
+from unclip_cli.train.classifier import ClassifierTask
+from unclip_cli.train.stages import TASKS as STAGE_TASKS
+from unclip_cli.train.stages import Task, adopt_clip, init_from_set
+
+# The model set's stages, and the concept classifier that `unclip eval` measures them with.
+TASKS = {**STAGE_TASKS, "classifier": ClassifierTask}
 
 
 @dataclass
@@ -55,8 +60,8 @@ class TrainOptions:
     def validate(self) -> None:
         """Refuse options a run cannot honour, before any work: one place for the CLI and every other
         caller. The messages name the options as the CLI spells them."""
-        if self.stage not in STAGES:
-            raise InputError(f"unknown stage {self.stage!r}", hint=f"choose from {', '.join(STAGES)}")
+        if self.stage not in TASKS:
+            raise InputError(f"unknown stage {self.stage!r}", hint=f"choose from {', '.join(TASKS)}")
         # A NaN or infinite budget never runs out, and 0 read as "no budget": all three would train forever.
         _positive("--max-minutes", self.max_minutes, "a number of minutes, e.g. --max-minutes 30")
         _positive("--lr", self.lr, "a peak learning rate, e.g. --lr 3e-4")
