@@ -193,7 +193,7 @@ def load_mask(src, size: tuple[int, int], invert: bool = False) -> tuple[Image.I
     transparent area instead, as the DALL-E edits API does. `invert` swaps the two. A mask of another
     size is resized (nearest neighbour) with a note. An empty or full mask is an InputError.
     """
-    name = _name(src, "mask")
+    name = f"mask {Path(src).name}" if isinstance(src, (str, Path)) else "mask"
     im, notes = _upright(_open(src, "mask"), name)
     alpha = None
     if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
@@ -204,11 +204,11 @@ def load_mask(src, size: tuple[int, int], invert: bool = False) -> tuple[Image.I
         repaint = alpha < 128
         how = "its transparent area"
         notes.append(
-            f"mask {name} has transparency: repainting its transparent area, as the DALL-E edits API does"
+            f"{name} has transparency: repainting its transparent area, as the DALL-E edits API does"
             + ("" if invert else " (use --invert-mask for the opposite)")
         )
     else:
-        gray = np.asarray(_to_rgb(im, background=(0, 0, 0), name=f"mask {name}").convert("L"))
+        gray = np.asarray(_to_rgb(im, background=(0, 0, 0), name=name).convert("L"))
         repaint = gray >= 128
         how = "its white area"
     if invert:
@@ -217,7 +217,7 @@ def load_mask(src, size: tuple[int, int], invert: bool = False) -> tuple[Image.I
     mask = Image.fromarray(repaint.astype(np.uint8) * 255, "L")
     if mask.size != tuple(size):
         notes.append(
-            f"mask {name} is {mask.size[0]}×{mask.size[1]} but the image is {size[0]}×{size[1]}: "
+            f"{name} is {mask.size[0]}×{mask.size[1]} but the image is {size[0]}×{size[1]}: "
             "resized the mask (nearest neighbour)"
         )
         mask = mask.resize(tuple(size), Image.Resampling.NEAREST)
@@ -225,13 +225,13 @@ def load_mask(src, size: tuple[int, int], invert: bool = False) -> tuple[Image.I
     fraction = float(m.mean())
     if not m.any():
         raise InputError(
-            f"mask {name} marks nothing to repaint ({how} is empty)",
+            f"{name} marks nothing to repaint ({how} is empty)",
             hint="paint the area to change white on black (or make it transparent)"
             + (", or drop --invert-mask" if invert else ", or add --invert-mask if you painted what to keep"),
         )
     if m.all():
         raise InputError(
-            f"mask {name} marks the whole image: nothing would be kept",
+            f"{name} marks the whole image: nothing would be kept",
             hint="leave some of the mask black (or opaque); for a whole new image use `unclip generate` or `unclip vary`"
             + (", or drop --invert-mask" if invert else ""),
         )
@@ -335,6 +335,13 @@ def _png_info(recipe: dict | None) -> PngImagePlugin.PngInfo | None:
     info.add_text(RECIPE_KEY, json.dumps(recipe, ensure_ascii=False, sort_keys=True))
     info.add_text(PARAMETERS_KEY, parameters_text(recipe))  # becomes iTXt (UTF-8) when not Latin-1
     return info
+
+
+def png_bytes(image: Image.Image, recipe: dict | None = None) -> bytes:
+    """A PNG in memory carrying the recipe as every output file does (`unclip info` reads it, `--from` reruns it)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=_png_info(recipe))
+    return buf.getvalue()
 
 
 def grid(images: Sequence[Image.Image], cols: int | None = None, gap: int = 2) -> Image.Image:

@@ -29,22 +29,22 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import re
 import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from PIL import ExifTags, Image, PngImagePlugin, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
+from unclip_cli import imageio
 from unclip_cli.errors import InputError
 from unclip_cli.requests import (BlendRequest, EditRequest, GenerateRequest, NudgeRequest, Request, VaryRequest, check_choice,
                                  check_whole, shown)
 
 MAX_API_N = 10  # OpenAI's limit per request; a server policy, below the requests' own MAX_N
 UPSCALE_SIDES = (256, 512, 1024)  # the square sizes OpenAI clients ask for; made natively, then upscaled
-QUALITY = {"low": "fast", "standard": "default", "medium": "default", "auto": "default", "high": "best", "hd": "best",
+API_QUALITY = {"low": "fast", "standard": "default", "medium": "default", "auto": "default", "high": "best", "hd": "best",
            "xhigh": "best", "max": "best", "fast": "fast", "default": "default", "best": "best"}
 RESPONSE_FORMATS = ("url", "b64_json")
 OUTPUT_FORMATS = {"png": ("PNG", "image/png"), "webp": ("WEBP", "image/webp"), "jpeg": ("JPEG", "image/jpeg")}
@@ -251,7 +251,7 @@ def _sampling(f: Fields, steps: dict) -> dict:
         out["seed"] = f.whole("seed")
     quality = f.text("quality")
     if quality is not None:
-        out["quality"] = QUALITY[_choice("quality", quality, tuple(QUALITY))]
+        out["quality"] = API_QUALITY[_choice("quality", quality, tuple(API_QUALITY))]
     return out
 
 
@@ -392,20 +392,6 @@ def has_transparency(data: bytes) -> bool:
 
 
 # -- results -----------------------------------------------------------------------------------------
-def png_bytes(image: Image.Image, recipe: dict | None) -> bytes:
-    """A PNG carrying the recipe as the CLI writes it (`unclip info` reads it; `--from` reruns it)."""
-    from unclip_cli.imageio import PARAMETERS_KEY, RECIPE_KEY, parameters_text
-
-    info = None
-    if recipe is not None:
-        info = PngImagePlugin.PngInfo()
-        info.add_text(RECIPE_KEY, json.dumps(recipe, ensure_ascii=False, sort_keys=True))
-        info.add_text(PARAMETERS_KEY, parameters_text(recipe))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
-
-
 @dataclass
 class Encoded:
     data: bytes
@@ -424,7 +410,7 @@ def encode(images: list[Image.Image], recipes: list[dict], output: Output) -> li
             image = image.resize(output.size, Image.Resampling.LANCZOS)
         pil_format, content_type = OUTPUT_FORMATS[output.format]
         if output.format == "png":
-            data = png_bytes(image, recipe)
+            data = imageio.png_bytes(image, recipe)
         else:
             buf = io.BytesIO()
             image.save(buf, format=pil_format, quality=output.compression)
