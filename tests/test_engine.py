@@ -370,3 +370,30 @@ def test_decoder_candidates_keep_the_sample_closest_to_z_i_per_image(tiny_engine
 def test_decoder_candidates_are_bounded(tiny_engine):
     with pytest.raises(InputError, match="decoder-candidates"):
         tiny_engine.run(req("generate", steps=Steps(1, 1, 1, decoder_candidates=0)))
+
+
+# Golden numbers: the last 3x3 pixels (3 channels) of the tiny random set's output, before quantisation, recorded
+# when model sets began to carry their own sampling recipe. The emoji policy (DPM-Solver++ prior, DDPM decoder from
+# the noised mean at t = 800, DDIM upsampler from t = 400) must keep sampling exactly as it did.
+GOLDEN = {
+    "explicit": ([-1.0, -1.0, 0.41525, 0.635684, -0.65043, 0.521961, 1.0, 1.0, 0.458311, -0.165559, -0.373083, -0.327626, -1.0,
+                  0.643261, 0.620745, -0.762228, 1.0, -0.108747, 0.013637, -0.189489, 0.506803, -0.147103, 0.225469, -1.0,
+                  -0.534890, -0.449676, -0.302308], dict(prior_steps=3, decoder_steps=3, upsampler_steps=2)),
+    "fast": ([-1.0, 0.107755, -1.0, -0.017245, -0.250549, 0.634326, 0.499212, -0.049927, 0.459346, -0.099078, 1.0, 1.0, 1.0,
+              0.353336, 0.477330, -0.212891, -0.368235, -0.721116, 1.0, 0.686502, 0.337599, 0.707846, -0.240962, 1.0, -1.0,
+              0.108534, 1.0], dict(quality="fast")),
+}
+
+
+@pytest.mark.parametrize("case", GOLDEN)
+def test_golden_numbers_of_the_tiny_set(case, tiny_engine, monkeypatch):
+    import torch
+
+    from unclip_cli.engine import Engine
+
+    want, kw = GOLDEN[case]
+    seen = []
+    finish = Engine._finish
+    monkeypatch.setattr(Engine, "_finish", lambda self, x: seen.append(x) or finish(self, x))
+    tiny_engine.run(GenerateRequest(prompt="a red circle", seed=5, **kw))
+    torch.testing.assert_close(seen[0][0, :, -3:, -3:].flatten(), torch.tensor(want), atol=1e-4, rtol=0)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from unclip_cli.diffusion.gaussian import DiffusionConfig, Parameterization
+from unclip_cli.diffusion.gaussian import SCHEDULE_DTYPES, DiffusionConfig, Parameterization, Variance
 from unclip_cli.diffusion.schedule import SCHEDULES
 from unclip_cli.errors import WeightsError
 from unclip_cli.models.classifier import Classifier, ClassifierConfig
@@ -115,6 +115,11 @@ def check_diffusion(cfg: DiffusionConfig) -> DiffusionConfig:
     kinds = [p.value for p in Parameterization]
     if cfg.parameterization not in kinds:
         raise ValueError(f"DiffusionConfig.parameterization is {shorten(cfg.parameterization)}; choose from {kinds}")
+    if cfg.schedule_dtype not in SCHEDULE_DTYPES:
+        raise ValueError(f"DiffusionConfig.schedule_dtype is {shorten(cfg.schedule_dtype)}; choose from {list(SCHEDULE_DTYPES)}")
+    variances = [v.value for v in Variance]
+    if cfg.variance not in variances:
+        raise ValueError(f"DiffusionConfig.variance is {shorten(cfg.variance)}; choose from {variances}")
     return cfg
 
 
@@ -157,6 +162,60 @@ def save(
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64", torch.int64: "I64"}
+UID_PLACEHOLDER = "#" * 16  # in `extra.uid`, replaced by the first 16 hex digits of the tensors' SHA-256
+
+
+def save_streaming(
+    path: str | Path, kind: str, config, tensors: list[tuple[str, tuple[int, ...], torch.dtype, Any]],
+    diffusion: DiffusionConfig | None = None, extra: dict | None = None,
+) -> str:
+    """Write a checkpoint one tensor at a time: `tensors` lists (name, shape, dtype, make) and `make()` returns
+    that tensor when its turn comes, so only one tensor is ever held (a converter's way to write a
+    multi-gigabyte network). A `uid` in `extra` containing UID_PLACEHOLDER gets the content hash of the
+    tensors written; the uid is returned. The file is the format `save` writes and `load` checks."""
+    import hashlib
+
+    tensors = sorted(tensors, key=lambda item: item[0])
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, shape, dtype, _ in tensors:
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    extra = dict(extra or {})
+    header["__metadata__"] = {
+        "format": FORMAT, "format_version": str(FORMAT_VERSION), "kind": kind,
+        "config": json.dumps(dataclasses.asdict(config)),
+        "diffusion": json.dumps(dataclasses.asdict(diffusion)) if diffusion else "",
+        "extra": json.dumps(extra),
+    }
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    digest = hashlib.sha256()
+    uid = extra.get("uid", "")
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(len(head).to_bytes(8, "little"))
+            f.write(head)
+            for name, shape, dtype, make in tensors:
+                t = make().detach().to("cpu", dtype).contiguous()
+                if tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"{name}: made a tensor of shape {tuple(t.shape)}, planned {tuple(shape)}")
+                data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+                digest.update(data)
+                f.write(data)
+                del t, data
+            if UID_PLACEHOLDER in uid:  # same length, so the header keeps its size
+                at = 8 + head.index(UID_PLACEHOLDER.encode())
+                f.seek(at)
+                f.write(digest.hexdigest()[: len(UID_PLACEHOLDER)].encode())
+
+    atomic_write(Path(path), write)
+    return uid.replace(UID_PLACEHOLDER, digest.hexdigest()[: len(UID_PLACEHOLDER)])
+
+
 def read_metadata(path: str | Path) -> dict:
     """The metadata of a checkpoint, without reading its tensors."""
     from safetensors import safe_open
@@ -194,9 +253,34 @@ def _json_object(d):
     return d
 
 
-def load(path: str | Path, kind: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Checkpoint:
-    """Rebuild a model from its file alone, checking every key and shape."""
-    from safetensors.torch import load_file
+@dataclasses.dataclass
+class Header:
+    """What a checkpoint says about itself, read and checked without reading its tensors: the kind, config,
+    diffusion and extra of its metadata, and the shape of every tensor (checked against the config)."""
+
+    kind: str
+    config: Any
+    diffusion: DiffusionConfig | None
+    extra: dict
+    path: Path
+    shapes: dict[str, tuple[int, ...]]
+    parameters: int  # the model's parameter count (its buffers, such as statistics, not included)
+
+
+def _build(kind: str, config, path: Path, device: str | torch.device = "meta") -> nn.Module:
+    """The model a config describes, on the meta device by default (shapes only: nothing allocated, no
+    initialisation run, so a billion-parameter config builds in a moment)."""
+    try:
+        with torch.device(device):
+            return KINDS[kind][1](config)
+    except Exception as e:  # whatever a well-typed but impossible config makes the constructor raise
+        raise WeightsError(f"{path}: its config does not build a {kind} model ({type(e).__name__}: {e})", hint=DAMAGED_HINT) from None
+
+
+def inspect(path: str | Path, kind: str | None = None) -> Header:
+    """Read a checkpoint's metadata and tensor shapes (not its tensors) and check every key and shape
+    against the model its config builds. Quick for any size of model."""
+    from safetensors import safe_open
 
     path = Path(path)
     meta = read_metadata(path)
@@ -205,34 +289,67 @@ def load(path: str | Path, kind: str | None = None, device: str | torch.device =
     kind = meta["kind"]
     if kind not in KINDS:
         raise WeightsError(f"{path}: unknown checkpoint kind {kind!r}")
-    config_cls, model_cls = KINDS[kind]
+    config_cls, _ = KINDS[kind]
     config = _parse(path, meta, "config", lambda d: config_from_dict(config_cls, d))
     diffusion = None
     if meta.get("diffusion"):  # "" for the CLIP, which is not a diffusion model
         diffusion = _parse(path, meta, "diffusion", lambda d: check_diffusion(config_from_dict(DiffusionConfig, d)))
     extra = _parse(path, meta, "extra", _json_object) if meta.get("extra") else {}
     try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise WeightsError(f"{path}: tensors could not be read ({e})", hint="the file is truncated or corrupted") from None
+    shell = _build(kind, config, path)
+    expected = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        raise WeightsError(f"{path}: keys do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, shape in expected.items():
+        if shape != shapes[k]:
+            raise WeightsError(f"{path}: tensor {k} has shape {shapes[k]}, config says {shape}")
+    return Header(kind, config, diffusion, extra, path, shapes, sum(p.numel() for p in shell.parameters()))
+
+
+def materialize(header: Header, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """Read the tensors of an inspected checkpoint into its model (in eval mode), refusing NaN and inf.
+
+    Each tensor is cast once, straight to the dtype it will have (float32, or `dtype` for floating-point
+    tensors), and becomes the model's own: the file is never held twice over in memory."""
+    from safetensors.torch import load_file
+
+    path = header.path
+    try:
         tensors = load_file(str(path))
     except Exception as e:
         raise WeightsError(f"{path}: tensors could not be read ({e})", hint="the file is truncated or corrupted") from None
-    # Built for real (not on the meta device): modules such as open_clip's text tower keep derived,
-    # non-persistent buffers (the causal mask) that only the constructor computes.
-    try:
-        model = model_cls(config)
-    except Exception as e:  # whatever a well-typed but impossible config makes the constructor raise
-        raise WeightsError(f"{path}: its config does not build a {kind} model ({type(e).__name__}: {e})", hint=DAMAGED_HINT) from None
+    if set(tensors) != set(header.shapes) or any(tuple(v.shape) != header.shapes[k] for k, v in tensors.items()):
+        raise WeightsError(f"{path}: the file changed since it was inspected", hint="reload the model set")
+    model = _build(header.kind, header.config, path)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise WeightsError(f"{path}: keys do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for k, v in expected.items():
-        if tuple(v.shape) != tuple(tensors[k].shape):
-            raise WeightsError(f"{path}: tensor {k} has shape {tuple(tensors[k].shape)}, config says {tuple(v.shape)}")
-        if tensors[k].is_floating_point() and not torch.isfinite(tensors[k]).all():
-            raise WeightsError(f"{path}: tensor {k} contains NaN or inf", hint="the checkpoint is corrupted")
-    model.load_state_dict({k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in tensors.items()}, strict=True)
+    state = {}
+    for k in list(tensors):
+        v = tensors.pop(k)
+        if v.is_floating_point():
+            if not torch.isfinite(v).all():
+                raise WeightsError(f"{path}: tensor {k} contains NaN or inf", hint="the checkpoint is corrupted")
+            v = v.to(dtype if dtype is not None else expected[k].dtype)
+        state[k] = v
+    model.load_state_dict(state, strict=True, assign=True)
+    for m in model.modules():  # derived, non-persistent buffers (the CLIP's causal mask) are computed, not stored
+        if hasattr(m, "reset_buffers"):
+            m.reset_buffers()
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):  # a module whose buffers nobody recomputes
+        raise WeightsError(f"{path}: the {header.kind} model has tensors the file does not hold", hint=DAMAGED_HINT)
     model = model.to(device=device)
     if dtype is not None:
         model = model.to(dtype=dtype)
-    return Checkpoint(kind, model.eval(), config, diffusion, extra, path)
+    return model.eval()
+
+
+def load(path: str | Path, kind: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Checkpoint:
+    """Rebuild a model from its file alone, checking every key and shape."""
+    header = inspect(path, kind)
+    model = materialize(header, device, dtype)
+    return Checkpoint(header.kind, model, header.config, header.diffusion, header.extra, header.path)

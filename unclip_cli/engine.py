@@ -10,6 +10,10 @@ Stages, as in the paper (§2) and as visible blocks below:
 Manipulations (§3) use the bipartite latent (z_i, x_T): z_i from the CLIP image encoder, x_T from DDIM
 inversion of the decoder.
 
+Each model set carries its sampling recipe (`diffusion.recipe.SamplingRecipe`: samplers, start timesteps,
+guidance defaults, candidates, upsampling filter, inpainting method); the engine reads every such choice
+from `self.sampling`, so our emoji set samples as it was tuned and a converted Karlo set as Karlo does.
+
 Every image has its own seed and its own noise generator, so its noise never depends on its batch.
 Batched kernels still round differently by batch size, so a recipe records its request and the index
 of its image, and a replay recomputes the batch that image was made in (see `run_many`).
@@ -36,8 +40,9 @@ import unclip_cli
 from unclip_cli.device import pick_device
 from unclip_cli.diffusion.gaussian import make_denoiser
 from unclip_cli.diffusion.guidance import guided
-from unclip_cli.diffusion.policy import DECODER_SAMPLER, DECODER_T_START, UPSAMPLER_T_START, decoder_denoiser, noised_mean
-from unclip_cli.diffusion.samplers import SAMPLERS, ddim_invert, sample_ddim, slerp
+from unclip_cli.diffusion.policy import DECODER_T_START, decoder_denoiser, noised_mean, where_kept  # noqa: F401  (DECODER_T_START: the emoji start, re-exported)
+from unclip_cli.diffusion.recipe import DEFAULT as DEFAULT_RECIPE
+from unclip_cli.diffusion.samplers import SAMPLERS, ddim_invert, sample_ddim, sample_repaint, slerp
 from unclip_cli.diffusion.schedule import spaced_timesteps
 from unclip_cli.errors import InputError, UnclipError
 from unclip_cli.models.prior import pick_closest
@@ -45,8 +50,10 @@ from unclip_cli.modelset import ModelSet, load_model_set
 from unclip_cli.progress import Callback, Tick
 from unclip_cli.requests import Request, Steps
 
-PRIOR_CANDIDATES = 2  # §2.2: sample two z_i, keep the one closer to z_t
-PRIOR_CLIP = 10.0  # clamp of the standardised x_start prediction, as karlo does
+# The emoji set's values; a set's own recipe may say otherwise (`self.sampling`).
+PRIOR_CANDIDATES = DEFAULT_RECIPE.prior_candidates  # 2, §2.2: sample two z_i, keep the one closer to z_t
+PRIOR_CLIP = DEFAULT_RECIPE.prior_clamp  # 10, clamp of the standardised x_start prediction
+CPU_WARN_PARAMETERS = 1_000_000_000  # a set this large takes minutes per image on a CPU: say so
 
 
 @dataclass
@@ -121,15 +128,21 @@ class _EditCanvas:
 class Engine:
     def __init__(self, models: ModelSet, device: torch.device, dtype: torch.dtype):
         self.models = models
+        self.sampling = models.sampling
         self.device = device
         self.dtype = dtype
+        # Sampling arithmetic runs in float32 (whatever the networks' dtype), or float64 for float64 networks.
+        self.work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self._lock = threading.Lock()
+        self._empty: tuple | None = None
 
     @classmethod
-    def load(cls, weights: str | Path, device: str = "auto") -> "Engine":
+    def load(cls, weights: str | Path, device: str = "auto", dtype: torch.dtype | None = None) -> "Engine":
+        """Load a model set (its networks are read on first use). `dtype` overrides the default: fp32 on CPU
+        (fp16 there is slow and lossy), half precision on accelerators."""
         dev = pick_device(device)
-        # fp32 on CPU (fp16 there is slow and lossy); half precision on accelerators.
-        dtype = torch.float16 if dev.type in ("cuda", "mps") else torch.float32
+        if dtype is None:
+            dtype = torch.float16 if dev.type in ("cuda", "mps") else torch.float32
         return cls(load_model_set(weights, device=dev, dtype=dtype), dev, dtype)
 
     # -- facts ---------------------------------------------------------------------------------------
@@ -148,7 +161,10 @@ class Engine:
     def info(self) -> dict:
         m = self.models
         stages = {"clip": m.clip, "prior": m.prior, "decoder": m.decoder}
-        stages.update({f"upsampler{i + 1 if i else ''}": s for i, s in enumerate(m.upsamplers)})
+        for i, s in enumerate(m.upsamplers):
+            stages[f"upsampler{i + 1 if i else ''}"] = s
+            if s.last is not None:  # the companion that takes the stage's final step
+                stages[f"upsampler{i + 1 if i else ''}-last"] = s.last
         return {
             "name": m.name,
             "path": str(m.root),
@@ -160,13 +176,14 @@ class Engine:
             "stages": {
                 k: {
                     "file": s.path.name,
-                    "parameters": sum(p.numel() for p in s.model.parameters()),
-                    "config": dataclasses.asdict(s.model.cfg),
+                    "parameters": s.parameters,
+                    "config": dataclasses.asdict(s.config),
                     "diffusion": dataclasses.asdict(s.diffusion.cfg) if s.diffusion else None,
                     "extra": s.extra,
                 }
                 for k, s in stages.items()
             },
+            "sampling": dataclasses.asdict(self.sampling),
             "card": m.card,
             "version": unclip_cli.__version__,
         }
@@ -181,7 +198,7 @@ class Engine:
         """Run requests of one operation and one sampling setting together, batching across them: their
         images are cut into batches of `batch_size` (default: the first request's), in request order, and
         only batches holding a wanted image are computed. One Result per request."""
-        reqs = [r.validated() for r in requests]
+        reqs = [r.validated().under(self.sampling) for r in requests]
         if not reqs:
             return []
         if len({r.shared() for r in reqs}) > 1:
@@ -194,7 +211,11 @@ class Engine:
         chunks = [c for c in (items[s : s + batch] for s in range(0, len(items), batch)) if wanted & set(c)]
         with self._lock:
             images, warnings, z_i = getattr(self, f"_{reqs[0].op}")(reqs, chunks, batch, callback)
-        out = [Result([], [], list(dict.fromkeys(r.inputs().warnings + w))) for r, w in zip(reqs, warnings)]
+        slow = []
+        if self.device.type == "cpu" and self.models.parameters >= CPU_WARN_PARAMETERS:
+            slow = [f"this model set has {self.models.parameters / 1e9:.1f} B parameters: on a CPU each image takes many "
+                    "minutes (a CUDA GPU with --device cuda takes seconds)"]
+        out = [Result([], [], list(dict.fromkeys(r.inputs().warnings + w + slow))) for r, w in zip(reqs, warnings)]
         for (k, i), img in images.items():
             if (k, i) in wanted:
                 out[k].images.append(img)
@@ -205,10 +226,16 @@ class Engine:
 
     def _recipe(self, req: Request, i: int) -> dict:
         size = list(req.inputs().images[0].size) if req.op == "edit" else [self.image_size, self.image_size]
+        rec = self.sampling
+        decoder = rec.decoder_sampler if req.uses_prior else "ddim"
+        if req.op == "vary" and req.strength >= 1 and rec.vary_sampler == "decoder":
+            decoder = rec.decoder_sampler
+        if req.op == "edit" and rec.inpaint == "repaint":
+            decoder = f"repaint ({rec.decoder_sampler})"
+        upsampler = f"{rec.upsampler_sampler} from t={rec.upsampler_t_start}"
         return {
             **req.to_recipe(i),
-            "sampler": {"prior": "dpmpp_2m", "decoder": DECODER_SAMPLER if req.uses_prior else "ddim",
-                        "upsampler": f"ddim from t={UPSAMPLER_T_START}"},
+            "sampler": {"prior": rec.prior_sampler, "decoder": decoder, "upsampler": upsampler},
             "model": self.name, "model_hash": self.models.model_hash, "version": unclip_cli.__version__, "size": size,
         }
 
@@ -237,7 +264,7 @@ class Engine:
             if canvases is not None:
                 known, keep, known_full, keep_full = (torch.cat([getattr(canvases[k], a) for k, _ in chunk])
                                                       for a in ("known", "keep", "known_full", "keep_full"))
-            x = self.decode_from_noise(z_i, states, mask, noise, steps, guidance, known=known, keep=keep, tick=tick)
+            x = self.decode_from_noise(z_i, states, mask, noise, steps, guidance, known=known, keep=keep, tick=tick, z_t=z_t)
             x = self.run_upsamplers(x, noise, steps.upsampler, known=known_full, keep_full=keep_full, tick=tick)
             for (k, i), img, z in zip(chunk, self._finish(x), z_i):
                 images[(k, i)] = img if canvases is None else paste_back(img, canvases[k].image, canvases[k].repaint)
@@ -256,11 +283,14 @@ class Engine:
             rows = [k for k, _ in chunk]
             noise = Noise([reqs[k].item_seed(i) for k, i in chunk], self.device)
             denoise = self.decoder_denoiser(z_i[rows], guidance)
+            sampler = "ddim"
             if x_T is None:  # fresh noise: as text-to-image decoding starts
-                x_init, t_init = self.decoder_start(noise), DECODER_T_START
+                x_init, t_init = self.decoder_start(noise), self.sampling.decoder_t_start
+                if self.sampling.vary_sampler == "decoder":  # the decoder's own sampler, as diffusers' variation pipeline
+                    sampler = self.sampling.decoder_sampler
             else:
                 x_init, t_init = x_T[rows], None
-            x = self.run_decoder(denoise, x_init, steps.decoder, sampler="ddim", eta=strength, noise=noise, start=t_init, tick=tick)
+            x = self.run_decoder(denoise, x_init, steps.decoder, sampler=sampler, eta=strength, noise=noise, start=t_init, tick=tick)
             x = self.run_upsamplers(x, noise, steps.upsampler, tick=tick)
             images.update(zip(chunk, self._finish(x)))
         return images, [[] for _ in reqs], {}
@@ -301,7 +331,9 @@ class Engine:
         images = {}
         for b, chunk in enumerate(chunks):
             tick = _ticker(callback, b, len(chunks))
-            z = torch.cat([slerp(z_i[k : k + 1], z_d[k], reqs[k].theta(i)) for k, i in chunk])
+            # Raw embeddings (Karlo): the direction gets the image embedding's norm, so the slerp keeps |z_i|.
+            raw = not self.models.clip.config.normalize
+            z = torch.cat([slerp(z_i[k : k + 1], z_d[k] * z_i[k].norm() if raw else z_d[k], reqs[k].theta(i)) for k, i in chunk])
             x = self.run_decoder(self.decoder_denoiser(z, guidance), x_T[[k for k, _ in chunk]], steps.decoder, sampler="ddim",
                                  eta=0.0, tick=tick)
             x = self.run_upsamplers(x, Noise([reqs[k].item_seed(i) for k, i in chunk], self.device), steps.upsampler, tick=tick)
@@ -310,16 +342,20 @@ class Engine:
 
     # -- shared pieces -------------------------------------------------------------------------------
     def _truncation_warning(self) -> str:
-        return f"prompt truncated to {self.models.clip.model.cfg.context_length - 2} tokens"
+        return f"prompt truncated to {self.models.clip.config.context_length - 2} tokens"
 
     def _model_fn(self, model):
-        """Wrap a network so that it runs in the model's dtype (inputs and conditioning) and returns float32."""
+        """Wrap a network so that it runs in the model's dtype (inputs and conditioning) and returns the work dtype."""
 
         def fn(x, t, **kw):
             kw = {k: v.to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()}
-            return model(x.to(self.dtype), t, **kw).float()
+            return model(x.to(self.dtype), t, **kw).to(self.work_dtype)
 
         return fn
+
+    def _timesteps(self, stage, steps: int, start: int | None = None) -> list[int]:
+        """A stage's sampling timesteps, spaced as the set's recipe says."""
+        return spaced_timesteps(stage.diffusion.num_timesteps, steps, start=start, spacing=self.sampling.timestep_spacing)
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str], allow_empty: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[bool]]:
@@ -329,7 +365,7 @@ class Engine:
         clip = self.models.clip.model
         tokens, truncated = clip.tokenize(prompts)
         z_t, states, mask = clip.encode_text(tokens.to(self.device))
-        return z_t.float(), states, mask, list(truncated)
+        return z_t.to(self.work_dtype), states, mask, list(truncated)
 
     def _encode_distinct(self, prompts: list[str]):
         """encode_text of each distinct prompt once (in order of first appearance), indexed back to `prompts`."""
@@ -342,8 +378,14 @@ class Engine:
 
     @torch.no_grad()
     def encode_image(self, img: Image.Image) -> torch.Tensor:
-        x = to_tensor(img, self.models.clip.model.cfg.image_size)[None].to(self.device, self.dtype)
-        return self.models.clip.model.encode_image(x).float()  # (1, D)
+        if not self.models.clip.config.vision:
+            raise UnclipError(f"the model set {self.name} has no CLIP image encoder, which this operation needs",
+                              hint="convert Karlo with its image-variation folder: unclip convert karlo SRC --variation SRC2 --to DIR")
+        clip = self.models.clip.model
+        if clip.cfg.preprocess == "openai":  # shortest side, centre crop, OpenAI's mean and std
+            return clip.encode_pixels(clip.image_pixels(img).to(self.device, self.dtype)).to(self.work_dtype)  # (1, D)
+        x = to_tensor(img, clip.cfg.image_size)[None].to(self.device, self.dtype)
+        return clip.encode_image(x).to(self.work_dtype)  # (1, D)
 
     def base_inputs(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
         """z_i (B, D) and base-resolution tensors (B, 3, s, s) of images, each padded square on white."""
@@ -367,59 +409,98 @@ class Engine:
 
     def _text_dropped(self, B: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states and an all-False mask: 'no caption', as the decoder saw 50% of the time in training."""
-        cfg = self.models.clip.model.cfg
+        cfg = self.models.clip.config
         states = torch.zeros(B, cfg.context_length, cfg.text_width, device=self.device, dtype=self.dtype)
         return states, torch.zeros(B, cfg.context_length, dtype=torch.bool, device=self.device)
+
+    def _empty_caption(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The encoded empty caption "" (z_t (1, D), states (1, L, W), mask (1, L)): the unconditional branch of
+        sets whose recipe says `unconditional = "empty_caption"` (Karlo), computed once."""
+        if self._empty is None:
+            z_t, states, mask, _ = self.encode_text([""], allow_empty=True)
+            self._empty = (z_t, states, mask)
+        return self._empty
+
+    def _no_caption(self, B: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(z_t, states, mask) for B images decoded without a caption (vary, blend, nudge): the dropped caption
+        (z_t None), or the empty caption for sets guided with it."""
+        if self.sampling.unconditional == "empty_caption":
+            z_t, states, mask = self._empty_caption()
+            return z_t.expand(B, -1), states.expand(B, -1, -1), mask.expand(B, -1)
+        return (None, *self._text_dropped(B))
 
     # -- stage: prior (§2.2) ---------------------------------------------------------------------------
     @torch.no_grad()
     def run_prior(self, z_t, states, mask, noise: Noise, steps: int, scale: float, tick=None) -> torch.Tensor:
         """Text -> z_i (B, D) unit-norm, choosing the better of two candidates per image. `tick(stage, i, total)`
         reports progress (the stage methods take this per-batch form; see `_ticker`)."""
-        stage = self.models.prior
-        prior, K = stage.model, PRIOR_CANDIDATES
+        stage, rec = self.models.prior, self.sampling
+        prior, K = stage.model, rec.prior_candidates
         B, D = z_t.shape
         rep = lambda v: v.repeat_interleave(K, dim=0)  # noqa: E731  (B, ...) -> (B*K, ...)
         net = self._model_fn(prior)
+        empty = self._empty_caption() if rec.unconditional == "empty_caption" else None
 
         def model_fn(x, t, keep):
             reps = x.shape[0] // (B * K)
-            return net(x, t, z_t=rep(z_t).repeat(reps, 1), text_states=rep(states).repeat(reps, 1, 1),
-                       text_mask=rep(mask).repeat(reps, 1), text_keep=keep)
+            zt, st, mk = rep(z_t).repeat(reps, 1), rep(states).repeat(reps, 1, 1), rep(mask).repeat(reps, 1)
+            if empty is None:
+                return net(x, t, z_t=zt, text_states=st, text_mask=mk, text_keep=keep)
+            # Karlo: the unconditional rows read the encoded empty caption
+            return net(x, t, z_t=where_kept(keep, zt, empty[0]), text_states=where_kept(keep, st, empty[1]),
+                       text_mask=where_kept(keep, mk, empty[2]))
 
-        denoise = make_denoiser(stage.diffusion, guided(model_fn, scale), clip_x_start=PRIOR_CLIP)
+        denoise = make_denoiser(stage.diffusion, guided(model_fn, scale), clip_x_start=rec.prior_clamp)
         x = noise(K, D).view(B * K, D)
-        ts = spaced_timesteps(stage.diffusion.num_timesteps, steps)
-        x = SAMPLERS["dpmpp_2m"](denoise, x, ts, stage.diffusion, callback=_stage(tick, "prior"))
-        z = F.normalize(prior.destandardize(x.to(self.dtype)).float(), dim=-1).view(B, K, D)
-        return pick_closest(z, z_t)
+        ts = self._timesteps(stage, steps)
+        x = SAMPLERS[rec.prior_sampler](denoise, x, ts, stage.diffusion, randn=lambda: noise(K, D).view(B * K, D),
+                                        callback=_stage(tick, "prior"))
+        z = prior.destandardize(x.to(self.dtype)).to(self.work_dtype)
+        if self.models.clip.config.normalize:  # unit-norm CLIP space: the candidate closer to z_t
+            return pick_closest(F.normalize(z, dim=-1).view(B, K, D), z_t)
+        z = z.view(B, K, D)  # raw embeddings (Karlo): as the prior gives them; candidates compared by cosine
+        if K == 1:
+            return z[:, 0]
+        best = torch.einsum("bkd,bd->bk", F.normalize(z, dim=-1), F.normalize(z_t, dim=-1)).argmax(dim=1)
+        return z[torch.arange(B), best]
 
     # -- stage: decoder (§2.1) -------------------------------------------------------------------------
-    def decoder_denoiser(self, z_i, scale: float, states=None, mask=None, known=None, keep=None):
-        """The guided decoder denoiser for z_i (B, D); without `states`, the caption is dropped."""
+    def decoder_denoiser(self, z_i, scale: float, states=None, mask=None, known=None, keep=None, z_t=None):
+        """The guided decoder denoiser for z_i (B, D); without `states`, there is no caption (`_no_caption`).
+        `z_t` (B, D): the caption's CLIP text embedding, which Karlo's decoder also reads."""
         if states is None:
-            states, mask = self._text_dropped(z_i.shape[0])
+            z_t, states, mask = self._no_caption(z_i.shape[0])
+        uncond = self._empty_caption() if self.sampling.unconditional == "empty_caption" else None
         return decoder_denoiser(self.models.decoder.diffusion, self._model_fn(self.models.decoder.model), z_i, states, mask,
-                                scale, known=known, keep=keep)
+                                scale, known=known, keep=keep, z_t=z_t, uncond=uncond, clamp=self.sampling.decoder_clamp)
 
     def decoder_start(self, noise: Noise, known: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """x at DECODER_T_START: the training mean image (its known pixels when inpainting), noised. (B, 3, s, s)"""
-        stage = self.models.decoder
-        return noised_mean(stage.diffusion, stage.extra.get("x_start_mean"), noise(3, self.base_size, self.base_size), known, keep)
+        """x at the recipe's decoder start: the training mean image (its known pixels when inpainting) noised
+        to decoder_t_start, or pure noise. (B, 3, s, s)"""
+        stage, rec = self.models.decoder, self.sampling
+        eps = noise(3, self.base_size, self.base_size)
+        if rec.decoder_start == "noise":
+            return eps.to(self.work_dtype)
+        return noised_mean(stage.diffusion, stage.extra.get("x_start_mean"), eps, known, keep, t_start=rec.decoder_t_start)
 
-    def run_decoder(self, denoise, x_T, steps: int, sampler: str = DECODER_SAMPLER, eta: float = 1.0, noise: Noise | None = None,
-                    start: int | None = None, tick=None):
-        """Sample base images from x_T at timestep `start` (default T - 1) down to 0."""
+    def run_decoder(self, denoise, x_T, steps: int, sampler: str | None = None, eta: float = 1.0, noise: Noise | None = None,
+                    start: int | None = None, tick=None, known: torch.Tensor | None = None, keep: torch.Tensor | None = None):
+        """Sample base images from x_T at timestep `start` (default T - 1) down to 0 (the recipe's sampler by
+        default). With `known` and `keep`, RePaint keeps the known region (networks without inpainting channels)."""
         stage = self.models.decoder
-        ts = spaced_timesteps(stage.diffusion.num_timesteps, steps, start=start)
+        ts = self._timesteps(stage, steps, start=start)
         randn = (lambda: noise(3, self.base_size, self.base_size)) if noise else None
+        if known is not None:
+            return sample_repaint(denoise, x_T, ts, stage.diffusion, known=known, keep=keep, randn=randn,
+                                  resample=self.sampling.inpaint_resample, callback=_stage(tick, "decoder"))
+        sampler = sampler or self.sampling.decoder_sampler
         return SAMPLERS[sampler](denoise, x_T, ts, stage.diffusion, randn=randn, eta=eta, callback=_stage(tick, "decoder"))
 
     @torch.no_grad()
     def decode_from_noise(self, z_i, states, mask, noise: Noise, steps: Steps, guidance: float, known: torch.Tensor | None = None,
-                          keep: torch.Tensor | None = None, tick=None) -> torch.Tensor:
-        """Text-to-image and edit decoding: base images (B, 3, s, s) for z_i (B, D), sampled ancestrally from
-        the noised mean at DECODER_T_START. With steps.decoder_candidates = K > 1, K samples per image are
+                          keep: torch.Tensor | None = None, tick=None, z_t: torch.Tensor | None = None) -> torch.Tensor:
+        """Text-to-image and edit decoding: base images (B, 3, s, s) for z_i (B, D), sampled from the recipe's
+        decoder start (emoji: ancestrally from the noised mean at DECODER_T_START). With steps.decoder_candidates = K > 1, K samples per image are
         drawn (from that image's own noise generator) and the one whose CLIP image embedding is closest to
         z_i is kept: the decoder realises z_i unevenly from sample to sample, and CLIP can tell which did
         best. Measured on the emoji model (200 training-split prompts, default steps): K = 3 raised the
@@ -431,16 +512,20 @@ class Engine:
         else:
             flat = lambda *shape: noise(K, *shape).flatten(0, 1)  # noqa: E731  (B*K, *shape), candidates of image b together
             rep = lambda v: None if v is None else v.repeat_interleave(K, dim=0)  # noqa: E731
-        denoise = self.decoder_denoiser(rep(z_i), guidance, rep(states), rep(mask), known=rep(known), keep=rep(keep))
+        repaint = known is not None and self.sampling.inpaint == "repaint"
+        channels = None if repaint else (rep(known), rep(keep))
+        denoise = self.decoder_denoiser(rep(z_i), guidance, rep(states), rep(mask), *(channels or (None, None)), z_t=rep(z_t))
         x = self.run_decoder(denoise, self.decoder_start(flat, rep(known), rep(keep)), steps.decoder, noise=flat,
-                             start=DECODER_T_START, tick=tick)
+                             start=self.sampling.decoder_t_start, tick=tick,
+                             known=rep(known) if repaint else None, keep=rep(keep) if repaint else None)
         if K == 1:
             return x
         clip = self.models.clip.model
         size = clip.cfg.image_size
-        x_clip = x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        emb = F.normalize(clip.encode_image(x_clip.clamp(-1, 1).to(self.dtype)).float(), dim=-1).view(B, K, -1)
-        best = (emb * F.normalize(z_i.float(), dim=-1)[:, None]).sum(-1).argmax(1)  # (B,)
+        x_clip = x if x.shape[-1] == size or clip.cfg.preprocess == "openai" else \
+            F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        emb = F.normalize(clip.encode_image(x_clip.clamp(-1, 1).to(self.dtype)).to(self.work_dtype), dim=-1).view(B, K, -1)
+        best = (emb * F.normalize(z_i.to(self.work_dtype), dim=-1)[:, None]).sum(-1).argmax(1)  # (B,)
         return x.view(B, K, *x.shape[1:])[torch.arange(B, device=x.device), best]
 
     @torch.no_grad()
@@ -448,7 +533,7 @@ class Engine:
         """DDIM inversion of base-resolution images x_start (B, 3, s, s) under their z_i (B, D), without
         caption: -> x_T (§3). In batches of `batch` images (default: all at once)."""
         stage = self.models.decoder
-        ts = spaced_timesteps(stage.diffusion.num_timesteps, steps)
+        ts = self._timesteps(stage, steps)
         batch = batch or len(x_start)
         parts = range(0, len(x_start), batch)
         return torch.cat([
@@ -470,27 +555,53 @@ class Engine:
     @torch.no_grad()
     def run_upsamplers(self, x, noise: Noise, steps: int, known: torch.Tensor | None = None, keep_full: torch.Tensor | None = None,
                        tick=None):
-        """Base images (B, 3, s, s) -> final images, each stage a DDIM run conditioned on the bilinearly
-        upsampled previous image. With `known`, unmasked pixels are kept at every resolution."""
+        """Base images (B, 3, s, s) -> final images, each stage conditioned on the upsampled previous image. With
+        `known`, unmasked pixels are kept at every resolution.
+
+        The set's recipe says how: emoji, DDIM from the bilinearly upsampled image noised to t = 400 (unmasked
+        pixels kept in every x_start prediction); Karlo, ancestral sampling from pure noise at t = 999 on the
+        bicubic (antialiased) upsampled image, a stage's `-last` network taking the final step, and RePaint
+        for edits."""
+        rec = self.sampling
         for k, stage in enumerate(self.models.upsamplers):
             size = x.shape[-1] * stage.extra["scale"]
-            low = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(-1, 1)
-            denoise = make_denoiser(stage.diffusion, lambda x_t, t, net=self._model_fn(stage.model), low=low: net(x_t, t, cond=low),
-                                    clip_x_start=1.0)
+            if rec.upsample_filter == "bilinear":
+                low = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(-1, 1)
+            else:  # clamp, then bicubic with antialiasing (what diffusers' UnCLIP pipelines do)
+                low = F.interpolate(x.clamp(-1, 1), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+            ts = self._timesteps(stage, steps, start=rec.upsampler_t_start)
+            net = self._model_fn(stage.model)
+            if stage.last is None:
+                model = lambda x_t, t, net=net, low=low: net(x_t, t, cond=low)  # noqa: E731
+            else:
+                last, final = self._model_fn(stage.last.model), ts[-1]
+                model = lambda x_t, t, net=net, last=last, low=low, final=final: (last if int(t[0]) == final else net)(x_t, t, cond=low)  # noqa: E731
+            denoise = make_denoiser(stage.diffusion, model, clip_x_start=rec.upsampler_clamp)
+            k_img = k_keep = None
             if known is not None:
                 k_img = F.interpolate(known, size=(size, size), mode="area")
                 k_keep = (F.interpolate(keep_full, size=(size, size), mode="area") > 0.999).float()
+            if known is not None and rec.inpaint == "channels":
                 base = denoise
 
                 def denoise(x_t, t, base=base, k_img=k_img, k_keep=k_keep, diffusion=stage.diffusion):
-                    x_start, _ = base(x_t, t)
+                    x_start = base(x_t, t)[0]
                     x_start = k_keep * k_img + (1 - k_keep) * x_start
                     return x_start, diffusion.eps_from_x_start(x_t, t, x_start)
 
-            ts = spaced_timesteps(stage.diffusion.num_timesteps, steps, start=UPSAMPLER_T_START)
-            x_start = stage.diffusion.q_sample(low, torch.full((low.shape[0],), ts[0]), noise(3, size, size))
+            randn = lambda size=size: noise(3, size, size)  # noqa: E731
+            if rec.upsampler_start == "noise":
+                x_start = randn().to(self.work_dtype)
+            else:
+                x_start = stage.diffusion.q_sample(low, torch.full((low.shape[0],), ts[0]), randn())
             name = "upsampler" if len(self.models.upsamplers) == 1 else f"upsampler {k + 1}"
-            x = sample_ddim(denoise, x_start, ts, stage.diffusion, callback=_stage(tick, name))
+            if known is not None and rec.inpaint == "repaint":
+                x = sample_repaint(denoise, x_start, ts, stage.diffusion, known=k_img, keep=k_keep, randn=randn,
+                                   resample=rec.inpaint_resample, callback=_stage(tick, name))
+            elif rec.upsampler_sampler == "ddim":
+                x = sample_ddim(denoise, x_start, ts, stage.diffusion, callback=_stage(tick, name))
+            else:
+                x = SAMPLERS[rec.upsampler_sampler](denoise, x_start, ts, stage.diffusion, randn=randn, callback=_stage(tick, name))
         return x
 
     def _finish(self, x: torch.Tensor) -> list[Image.Image]:

@@ -6,14 +6,22 @@
 The prior and decoder record the id of the CLIP they were trained with; loading refuses a mismatched
 set (a decoder from one CLIP with a prior from another only produces noise). The upsamplers must chain
 from the decoder's resolution.
+
+An upsampler may have a companion `upsampler-last.safetensors` (same config) that takes only the final
+sampling step of its stage, as Karlo's super_res_last does. The decoder's `extra` may hold a `sampling`
+object, the set's sampling recipe (`diffusion.recipe.SamplingRecipe`); without one, the emoji defaults.
+
+Loading reads every file's metadata and tensor shapes and checks them at once; the tensors are read when
+a stage is first used (`Stage.model`), so `unclip info` on a multi-gigabyte set is quick.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 import unicodedata
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +29,7 @@ import torch
 from unclip_cli import checkpoint
 from unclip_cli.checkpoint import DAMAGED_HINT, config_from_dict, shorten
 from unclip_cli.diffusion.gaussian import DiffusionConfig, GaussianDiffusion
+from unclip_cli.diffusion.recipe import SamplingRecipe
 from unclip_cli.errors import WeightsError
 from unclip_cli.models.clip import Clip, ClipConfig
 from unclip_cli.models.prior import Prior, PriorConfig
@@ -34,12 +43,39 @@ MAX_IMAGE_SIZE = 4096  # px: a set that claims to make larger images is damaged,
 SCALES = range(2, 9)  # an upsampler's factor
 
 
-@dataclass
+LAST_SUFFIX = "-last"  # upsampler-last.safetensors: the companion that takes its stage's final step
+
+
 class Stage:
-    model: torch.nn.Module
-    diffusion: GaussianDiffusion | None
-    extra: dict
-    path: Path
+    """One checkpoint of a set: its config, diffusion and extra at once; its network (`model`) read on first use."""
+
+    def __init__(self, header: checkpoint.Header, device, dtype, last: "Stage | None" = None):
+        self.header, self.device, self.dtype, self.last = header, device, dtype, last
+        self.config, self.extra, self.path = header.config, header.extra, header.path
+        self.diffusion = GaussianDiffusion(header.diffusion) if header.diffusion else None
+        self._model: torch.nn.Module | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            with self._lock:
+                if self._model is None:
+                    self._model = checkpoint.materialize(self.header, self.device, self.dtype)
+        return self._model
+
+    def unload(self) -> None:
+        """Drop the network (it is read again on next use)."""
+        with self._lock:
+            self._model = None
+
+    @property
+    def parameters(self) -> int:
+        return self.header.parameters
 
 
 @dataclass
@@ -50,14 +86,27 @@ class ModelSet:
     decoder: Stage
     upsamplers: list[Stage]
     card: str | None
+    sampling: SamplingRecipe = field(default_factory=SamplingRecipe)
 
     @property
     def name(self) -> str:
         return self.root.name
 
     @property
+    def stages(self) -> list[Stage]:
+        """Every checkpoint of the set, final-step companions included."""
+        out = [self.clip, self.prior, self.decoder]
+        for up in self.upsamplers:
+            out += [up] + ([up.last] if up.last else [])
+        return out
+
+    @property
+    def parameters(self) -> int:
+        return sum(s.parameters for s in self.stages)
+
+    @property
     def base_size(self) -> int:
-        return self.decoder.model.cfg.image_size
+        return self.decoder.config.image_size
 
     @property
     def image_size(self) -> int:
@@ -69,13 +118,19 @@ class ModelSet:
     @property
     def model_hash(self) -> str:
         """A short id of the set, from the ids its files carry (stable, cheap: no tensor hashing)."""
-        ids = [s.extra.get("uid", "") for s in (self.clip, self.prior, self.decoder, *self.upsamplers)]
+        ids = [s.extra.get("uid", "") for s in self.stages]
         return hashlib.sha256("/".join(ids).encode()).hexdigest()[:10]
 
 
 def upsampler_files(root: Path) -> list[Path]:
-    files = sorted(root.glob("upsampler*.safetensors"), key=lambda p: (len(p.name), p.name))
+    """The upsampler stages in order (upsampler, upsampler-2, ...), without their final-step companions."""
+    files = sorted((p for p in root.glob("upsampler*.safetensors") if not p.stem.endswith(LAST_SUFFIX)),
+                   key=lambda p: (len(p.name), p.name))
     return files
+
+
+def last_step_file(path: Path) -> Path:
+    return path.with_name(path.stem + LAST_SUFFIX + path.suffix)
 
 
 def load_model_set(root: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> ModelSet:
@@ -92,18 +147,22 @@ def load_model_set(root: str | Path, device: str | torch.device = "cpu", dtype: 
                            hint="a model set holds clip, prior, decoder and upsampler .safetensors files exported together")
 
     def stage(path: Path, kind: str) -> Stage:
-        ck = checkpoint.load(path, kind, device=device, dtype=dtype)
-        if ck.diffusion and ck.diffusion.timesteps != SAMPLED_TIMESTEPS:
-            raise WeightsError(f"{path}: diffusion timesteps is {ck.diffusion.timesteps}; unclip samples "
+        header = checkpoint.inspect(path, kind)
+        if header.diffusion and header.diffusion.timesteps != SAMPLED_TIMESTEPS:
+            raise WeightsError(f"{path}: diffusion timesteps is {header.diffusion.timesteps}; unclip samples "
                                f"{SAMPLED_TIMESTEPS}-step schedules (its start timesteps and step limits assume them)")
-        diffusion = GaussianDiffusion(ck.diffusion) if ck.diffusion else None
-        return Stage(ck.model, diffusion, ck.extra, path)
+        last = None
+        if kind == "upsampler" and last_step_file(path).is_file():
+            last = stage(last_step_file(path), kind)
+            if last.config != header.config or last.header.diffusion != header.diffusion:
+                raise WeightsError(f"{last.path}: its config differs from {path.name}'s, whose final step it takes")
+        return Stage(header, device, dtype, last)
 
     clip = stage(root / FILES["clip"], "clip")
     prior = stage(root / FILES["prior"], "prior")
     decoder = stage(root / FILES["decoder"], "decoder")
     ups = [stage(p, "upsampler") for p in upsampler_files(root)]
-    for s in (clip, prior, decoder, *ups):  # ids are compared and hashed (model_hash) as strings
+    for s in (clip, prior, decoder, *ups, *(u.last for u in ups if u.last)):  # ids are compared and hashed (model_hash) as strings
         for key in ("uid", "clip_uid"):
             if not isinstance(s.extra.get(key, ""), str):
                 raise WeightsError(f"{s.path}: extra field {key!r} is {shorten(s.extra[key])}, not a string", hint=DAMAGED_HINT)
@@ -114,12 +173,24 @@ def load_model_set(root: str | Path, device: str | torch.device = "cpu", dtype: 
                 hint="use files exported together (unclip train export) — mixing sets produces noise",
             )
     _check_mean(decoder)
-    size = decoder.model.cfg.image_size
+    sampling = _sampling(decoder)
+    size = decoder.config.image_size
     if size > MAX_IMAGE_SIZE:
         raise WeightsError(f"{decoder.path}: config field 'image_size' is {size}, above {MAX_IMAGE_SIZE} px", hint=DAMAGED_HINT)
     for up in ups:
         size = _chain(up, size)
-    return ModelSet(root, clip, prior, decoder, ups, _read_card(root / "MODEL_CARD.md"))
+    return ModelSet(root, clip, prior, decoder, ups, _read_card(root / "MODEL_CARD.md"), sampling)
+
+
+def _sampling(decoder: Stage) -> SamplingRecipe:
+    """The set's sampling recipe from the decoder's extra field `sampling` (absent: the defaults)."""
+    raw = decoder.extra.get("sampling")
+    if raw is None:
+        return SamplingRecipe()
+    try:
+        return config_from_dict(SamplingRecipe, raw)
+    except (ValueError, TypeError) as e:
+        raise WeightsError(f"{decoder.path}: bad extra field 'sampling' ({e})", hint=DAMAGED_HINT) from None
 
 
 def _chain(up: Stage, size: int) -> int:

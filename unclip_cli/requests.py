@@ -10,6 +10,11 @@ makes the pixels identical.
     req = GenerateRequest(prompt="cat face", n=4).validated()   # draws the seed, checks every field
     result = engine.run(req)                                     # images + one recipe per image
     again = request_from_recipe(result.recipes[2])               # the request, replaying image 2
+
+What a request leaves open (step counts of a `quality`, guidance scales) is resolved against the model set
+it runs on: each set carries its own sampling recipe (`unclip_cli.diffusion.recipe`), and the engine
+attaches it (`Request.under`) before running, so recipes record the steps and scales that actually ran.
+Unattached, a request resolves against the default recipe, the emoji set's.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from typing import Any, ClassVar, Union
 
 from PIL import Image
 
+from unclip_cli.diffusion.recipe import DEFAULT as DEFAULT_RECIPE
+from unclip_cli.diffusion.recipe import QUALITIES, SamplingRecipe
 from unclip_cli.errors import InputError
 
 # -- limits: each defined once ----------------------------------------------------------------------
@@ -36,8 +43,9 @@ MAX_SEED = 2**63 - 1 - MAX_N  # image i uses seed + i, which must stay a valid t
 MAX_BATCH = 256
 MAX_PROMPT_CHARS = 4000  # CLIP reads 77 tokens (some 300 characters) and truncates with a warning; far longer is a paste error
 DEFAULT_BATCH = 8
-DEFAULT_GUIDANCE = 3.0  # decoder; the paper shows 1.0-4.0 (Fig. 9)
-DEFAULT_PRIOR_GUIDANCE = 1.5  # "we found that guiding the prior hurt results" at large scales; karlo uses 4.0
+# The emoji set's defaults (a set's own recipe may say otherwise; a converted Karlo set uses 8 and 4):
+DEFAULT_GUIDANCE = DEFAULT_RECIPE.guidance  # 3.0, decoder; the paper shows 1.0-4.0 (Fig. 9)
+DEFAULT_PRIOR_GUIDANCE = DEFAULT_RECIPE.prior_guidance  # 1.5: "we found that guiding the prior hurt results" at large scales
 DEFAULT_STRENGTH = 0.5
 DEFAULT_AMOUNT = 0.3
 DEFAULT_FRAMES = 5
@@ -55,24 +63,22 @@ class Steps:
     decoder_candidates: int = 1  # 1 in recipes written before it existed, so they reproduce exactly
 
 
-QUALITY = {
-    "fast": Steps(prior=8, decoder=10, upsampler=3, decoder_candidates=1),
-    "default": Steps(prior=16, decoder=20, upsampler=4, decoder_candidates=3),
-    "best": Steps(prior=32, decoder=50, upsampler=8, decoder_candidates=4),
-}
+# The emoji set's step tables: fast (8, 10, 3, 1), default (16, 20, 4, 3), best (32, 50, 8, 4). Other sets carry
+# their own (`SamplingRecipe.steps_*`); the quality names are the same everywhere.
+QUALITY = {q: Steps(*DEFAULT_RECIPE.table(q)) for q in QUALITIES}
 # Blends decode through the DDIM inversion of both end images, whose error grows with the step size: at
 # the presets' decoder steps the end frames drift from their images and mid frames wobble. On 12
 # training-split pairs × 8 frames at default quality, twice the steps raised the share of frame steps
 # moving toward B from 0.905 to 0.964 and the end frames' cosine to their images from 0.92 / 0.95 to
 # 0.95 / 0.98 (evaluate.blend_progress; the held-out pairs of `unclip eval` were not used to choose).
-BLEND_DECODER_STEP_FACTOR = 2
+BLEND_DECODER_STEP_FACTOR = DEFAULT_RECIPE.blend_decoder_step_factor  # 2
 
 
-def quality_steps(quality: str, op: str = "generate") -> Steps:
-    """The sampler steps of a --quality preset for an operation (blends take more decoder steps)."""
-    steps = QUALITY[quality]
+def quality_steps(quality: str, op: str = "generate", recipe: SamplingRecipe = DEFAULT_RECIPE) -> Steps:
+    """The sampler steps of a --quality preset for an operation under a set's recipe (blends take more decoder steps)."""
+    steps = Steps(*recipe.table(quality))
     if op == "blend":
-        steps = dataclasses.replace(steps, decoder=steps.decoder * BLEND_DECODER_STEP_FACTOR)
+        steps = dataclasses.replace(steps, decoder=steps.decoder * recipe.blend_decoder_step_factor)
     return steps
 
 
@@ -206,6 +212,7 @@ class Request:
     batch_size: int | None = None
     index: int | None = None
     _inputs: Inputs | None = field(default=None, init=False, repr=False, compare=False)
+    _sampling: SamplingRecipe | None = field(default=None, init=False, repr=False, compare=False)
 
     # -- the facts an engine needs
     @property
@@ -214,19 +221,30 @@ class Request:
         return self.n
 
     @property
+    def sampling(self) -> SamplingRecipe:
+        """The sampling recipe this request resolves against: its model set's once attached (`under`), else the default."""
+        return self._sampling or DEFAULT_RECIPE
+
+    def under(self, recipe: SamplingRecipe) -> "Request":
+        """A copy that resolves quality and default scales with a model set's recipe (the engine calls this)."""
+        out = dataclasses.replace(self)
+        out._inputs, out._sampling = self._inputs, recipe
+        return out
+
+    @property
     def steps(self) -> Steps:
-        base = quality_steps(self.quality, self.op)
+        base = quality_steps(self.quality, self.op, self.sampling)
         return Steps(prior=self.prior_steps or base.prior, decoder=self.decoder_steps or base.decoder,
                      upsampler=self.upsampler_steps or base.upsampler,
                      decoder_candidates=self.decoder_candidates or base.decoder_candidates)
 
     @property
     def guidance_scale(self) -> float:
-        return DEFAULT_GUIDANCE if self.guidance is None else self.guidance
+        return self.sampling.guidance if self.guidance is None else self.guidance
 
     @property
     def prior_guidance_scale(self) -> float:
-        return DEFAULT_PRIOR_GUIDANCE if self.prior_guidance is None else self.prior_guidance
+        return self.sampling.prior_guidance if self.prior_guidance is None else self.prior_guidance
 
     @property
     def effective_batch(self) -> int:
@@ -270,7 +288,7 @@ class Request:
         out = dataclasses.replace(self, **changes)
         if out.index is not None:
             out.index = check_whole(label("index"), out.index, 0, out.count - 1)
-        out._inputs = self._inputs
+        out._inputs, out._sampling = self._inputs, self._sampling
         return out
 
     def _validate_own(self, label) -> dict:

@@ -22,7 +22,7 @@ app = typer.Typer(
 )
 
 
-COMMAND_MODULES = ("images", "info", "data", "train", "eval", "serve")
+COMMAND_MODULES = ("images", "info", "data", "train", "eval", "serve", "convert")
 
 
 def _register() -> None:

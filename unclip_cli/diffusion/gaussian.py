@@ -22,11 +22,24 @@ class Parameterization(str, enum.Enum):
     V = "v"  # v = alpha * eps - sigma * x_start (Salimans & Ho 2022)
 
 
+class Variance(str, enum.Enum):
+    FIXED_SMALL = "fixed_small"  # the posterior variance beta~_t (DDPM's sigma_small; Karlo's prior and super-res)
+    LEARNED_RANGE = "learned_range"  # the network's extra channels v interpolate log beta~_t .. log beta_t (Nichol & Dhariwal 2021 §3.1)
+
+
+SCHEDULE_DTYPES = ("float64", "float32")
+
+
 @dataclass
 class DiffusionConfig:
     timesteps: int = 1000
     schedule: str = "cosine"
     parameterization: str = "eps"
+    # "float32": betas and alpha_bar computed in float32 and every per-step coefficient too, as diffusers'
+    # UnCLIPScheduler does, so a converted Karlo set samples as it was made to (our float64 cosine values
+    # differ from those by up to 1.3e-5 relative). "float64": computed in float64, applied in the sample's dtype.
+    schedule_dtype: str = "float64"
+    variance: str = "fixed_small"  # "learned_range": the network outputs 2C channels, eps then v in [-1, 1]
 
 
 class GaussianDiffusion:
@@ -34,15 +47,32 @@ class GaussianDiffusion:
         self.cfg = cfg
         self.num_timesteps = cfg.timesteps
         self.parameterization = Parameterization(cfg.parameterization)
+        self.variance = Variance(cfg.variance)
         betas = make_betas(cfg.schedule, cfg.timesteps)
-        self.alphas_cumprod = torch.from_numpy(np.cumprod(1.0 - betas))  # float64, (T,)
+        self.exact32 = cfg.schedule_dtype == "float32"
+        if self.exact32:  # as diffusers: float32 betas, alphas and their cumulative product
+            self.betas = torch.tensor(betas, dtype=torch.float32)
+            self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # float32, (T,)
+        else:
+            self.betas = torch.from_numpy(betas)
+            self.alphas_cumprod = torch.from_numpy(np.cumprod(1.0 - betas))  # float64, (T,)
 
     def abar(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
-        """alpha_bar at integer timesteps t (-1 means no noise), shaped to broadcast against `like`."""
+        """alpha_bar at integer timesteps t (-1 means no noise), shaped to broadcast against `like`.
+
+        In the sample's dtype, or, for a float32 schedule, in float32 (arithmetic on these values then rounds
+        as diffusers' does, and a float64 sample promotes them exactly)."""
         t = torch.as_tensor(t, dtype=torch.long)
-        a = torch.where(t < 0, torch.ones((), dtype=torch.float64), self.alphas_cumprod[t.clamp(min=0)])
-        a = a.to(device=like.device, dtype=like.dtype)
+        one = torch.ones((), dtype=self.alphas_cumprod.dtype)
+        a = torch.where(t < 0, one, self.alphas_cumprod[t.clamp(min=0)])
+        a = a.to(device=like.device, dtype=torch.float32 if self.exact32 else like.dtype)
         return a.view(-1, *([1] * (like.dim() - 1))) if a.dim() else a
+
+    def beta(self, t: int, s: int, like: torch.Tensor) -> torch.Tensor:
+        """The beta of one sampling step t -> s: the trained beta_t for adjacent steps, else 1 - abar_t / abar_s."""
+        if s == t - 1:
+            return self.betas[t].to(device=like.device, dtype=torch.float32 if self.exact32 else like.dtype)
+        return 1 - self.abar(t, like) / self.abar(s, like)
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_start + sqrt(1 - abar_t) eps."""
@@ -81,24 +111,29 @@ class GaussianDiffusion:
         return (out - self.target(x_start, noise, t)).pow(2).flatten(1).mean(dim=1)
 
 
-Denoiser = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+Denoiser = Callable[[torch.Tensor, int], tuple[torch.Tensor, ...]]
 
 
 def make_denoiser(
     diffusion: GaussianDiffusion, model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     clip_x_start: float | None = None,
 ) -> Denoiser:
-    """Wrap a network call into the samplers' interface: (x_t, t) -> (pred_x_start, pred_eps).
+    """Wrap a network call into the samplers' interface: (x_t, t) -> (pred_x_start, pred_eps), plus the
+    variance interpolation v (B, C, ...) as a third item for a learned-range diffusion.
 
     With `clip_x_start`, x_start is clamped and eps recomputed from the clamped value, so that the
     two stay consistent (as guided-diffusion does for images in [-1, 1])."""
+    learned = diffusion.variance is Variance.LEARNED_RANGE
 
     def denoise(x_t: torch.Tensor, t: int):
         t_batch = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
-        x_start, eps = diffusion.split(model_fn(x_t, t_batch), x_t, t)
+        out = model_fn(x_t, t_batch)
+        if learned:
+            out, v = out.split(x_t.shape[1], dim=1)  # (B, C, ...) each: eps, and the variance interpolation
+        x_start, eps = diffusion.split(out, x_t, t)
         if clip_x_start is not None:
             x_start = x_start.clamp(-clip_x_start, clip_x_start)
             eps = diffusion.eps_from_x_start(x_t, t, x_start)
-        return x_start, eps
+        return (x_start, eps, v) if learned else (x_start, eps)
 
     return denoise

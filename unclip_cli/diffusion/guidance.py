@@ -13,13 +13,19 @@ from typing import Callable
 import torch
 
 
-def guided(model_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], scale: float):
+def guided(model_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], scale: float, channels: int | None = None):
+    """`channels`: guide only the first `channels` output channels (the noise of a network that also outputs
+    its variance, as Karlo's decoder does); the rest comes from the conditional branch."""
+
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
         if scale == 1.0:
             return model_fn(x, t, torch.ones(B, dtype=torch.bool, device=x.device))
         keep = torch.cat([torch.ones(B, dtype=torch.bool), torch.zeros(B, dtype=torch.bool)]).to(x.device)
         cond, uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]), keep).chunk(2)
-        return uncond + scale * (cond - uncond)
+        if channels is None:
+            return uncond + scale * (cond - uncond)
+        c, u = cond[:, :channels], uncond[:, :channels]
+        return torch.cat([u + scale * (c - u), cond[:, channels:]], dim=1)
 
     return fn

@@ -1,6 +1,9 @@
 """Sampling policy shared by inference and training previews: where sampling starts, from what, and the
 guided decoder denoiser. The engine and the trainer's sample grids both import it, so a preview shows
 exactly what `unclip generate` would draw.
+
+The constants below are the emoji set's policy, measured on it; they are the defaults of
+`diffusion.recipe.SamplingRecipe`, which a model set may override (a converted Karlo set does).
 """
 
 from __future__ import annotations
@@ -31,38 +34,57 @@ DECODER_SAMPLER = "ddpm"
 
 
 def noised_mean(diffusion: GaussianDiffusion, mean: list | None, eps: torch.Tensor, known: torch.Tensor | None = None,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
-    """q_sample at DECODER_T_START of the decoder's training mean image (nested lists (3, m, m), resized to
+                keep: torch.Tensor | None = None, t_start: int = DECODER_T_START) -> torch.Tensor:
+    """q_sample at `t_start` of the decoder's training mean image (nested lists (3, m, m), resized to
     eps' size; None, as in untrained sets: zeros), with `keep` * `known` pixels in its place when inpainting."""
     s = eps.shape[-1]
     mean = torch.zeros(1, 3, s, s) if mean is None else F.interpolate(torch.tensor(mean)[None], size=(s, s), mode="bilinear", align_corners=False)
     x_start = mean.to(eps) if known is None else keep * known + (1 - keep) * mean.to(eps)
-    return diffusion.q_sample(x_start.expand_as(eps), torch.full((eps.shape[0],), DECODER_T_START), eps)
+    return diffusion.q_sample(x_start.expand_as(eps), torch.full((eps.shape[0],), t_start), eps)
+
+
+def where_kept(keep: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Rows of `a` where keep (B,) is True, else of `b` (broadcast over the batch)."""
+    return torch.where(keep.view(-1, *([1] * (a.dim() - 1))), a, b.to(a.dtype))
 
 
 def decoder_denoiser(diffusion: GaussianDiffusion, net, z_i: torch.Tensor, states: torch.Tensor, mask: torch.Tensor,
-                     scale: float, known: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> Denoiser:
+                     scale: float, known: torch.Tensor | None = None, keep: torch.Tensor | None = None, *,
+                     z_t: torch.Tensor | None = None, uncond: tuple | None = None, clamp: float = 1.0) -> Denoiser:
     """The decoder's guided denoiser for z_i (B, D), token states (B, L, W) and mask (B, L).
 
     `net(x, t, cond=, z_i=, z_keep=, text_states=, text_mask=)` is the decoder call (returning float).
     Guidance drops z_i (learned null) and the caption together, as the decoder was trained to see both
     missing. With `known` (B, 3, s, s) and `keep` (B, 1, s, s; 1 = known), the inpainting channels carry
     the masked image and the mask (GLIDE §4.3), and every x_start prediction keeps the known pixels (as
-    GLIDE's inpainting notebook does), so unmasked areas stay fixed throughout sampling."""
+    GLIDE's inpainting notebook does), so unmasked areas stay fixed throughout sampling.
+
+    Karlo's decoder (`uncond` = the encoded empty caption (z_t (1, D), states (1, L, W), mask (1, L))) also
+    reads the caption's CLIP text embedding `z_t` (B, D), and its unconditional branch is the learned null
+    z_i with the empty caption instead of a dropped one. A network with learned variance is guided on its
+    noise channels only."""
     B = z_i.shape[0]
     cond = None if known is None else torch.cat([known * keep, keep], dim=1)
 
     def model_fn(x, t, keep_cond):
         reps = x.shape[0] // B
-        return net(x, t, cond=None if cond is None else cond.repeat(reps, 1, 1, 1), z_i=z_i.repeat(reps, 1),
-                   z_keep=keep_cond, text_states=states.repeat(reps, 1, 1), text_mask=mask.repeat(reps, 1) & keep_cond[:, None])
+        if uncond is None:
+            return net(x, t, cond=None if cond is None else cond.repeat(reps, 1, 1, 1), z_i=z_i.repeat(reps, 1),
+                       z_keep=keep_cond, text_states=states.repeat(reps, 1, 1), text_mask=mask.repeat(reps, 1) & keep_cond[:, None])
+        u_z, u_states, u_mask = uncond
+        return net(x, t, cond=None if cond is None else cond.repeat(reps, 1, 1, 1), z_i=z_i.repeat(reps, 1), z_keep=keep_cond,
+                   text_states=where_kept(keep_cond, states.repeat(reps, 1, 1), u_states),
+                   text_mask=where_kept(keep_cond, mask.repeat(reps, 1), u_mask), z_t=where_kept(keep_cond, z_t.repeat(reps, 1), u_z))
 
-    denoise = make_denoiser(diffusion, guided(model_fn, scale), clip_x_start=1.0)
+    channels = None
+    if diffusion.cfg.variance == "learned_range":
+        channels = 3  # the noise; the variance channels follow it
+    denoise = make_denoiser(diffusion, guided(model_fn, scale, channels=channels), clip_x_start=clamp)
     if known is None:
         return denoise
 
     def inpaint(x_t, t):
-        x_start, _ = denoise(x_t, t)
+        x_start = denoise(x_t, t)[0]
         x_start = keep * known + (1 - keep) * x_start
         return x_start, diffusion.eps_from_x_start(x_t, t, x_start)
 

@@ -2,8 +2,8 @@
 
     sample_x(denoise, x, timesteps, diffusion, *, randn=None, eta=..., callback=None) -> x_start
 
-`denoise(x_t, t) -> (pred_x_start, pred_eps)` (see `gaussian.make_denoiser`; guidance and clamping
-live there), `x` is the starting noise at `timesteps[0]`, `timesteps` a descending list of the
+`denoise(x_t, t) -> (pred_x_start, pred_eps[, v])` (see `gaussian.make_denoiser`; guidance and clamping
+live there; v, the learned variance interpolation, only for learned-range diffusions), `x` is the starting noise at `timesteps[0]`, `timesteps` a descending list of the
 original training timesteps (respacing is only the choice of this list), `randn()` draws fresh noise
 shaped like x (from per-image generators, so an image does not depend on its batch), and
 `callback(i, total)` reports progress.
@@ -29,7 +29,7 @@ def sample_ddpm(denoise: Denoiser, x, timesteps, diffusion: GaussianDiffusion, *
     """Ancestral sampling from the DDPM posterior q(x_s | x_t, x_start) (Ho et al. 2020), on respaced steps."""
     for i, t in enumerate(timesteps):
         s = _next(timesteps, i)
-        x_start, _ = denoise(x, t)
+        x_start = denoise(x, t)[0]
         a_t, a_s = diffusion.abar(t, x), diffusion.abar(s, x)
         if s < 0:
             x = x_start
@@ -48,7 +48,7 @@ def sample_ddim(denoise: Denoiser, x, timesteps, diffusion: GaussianDiffusion, *
     """DDIM (Song et al. 2021, eq. 12): deterministic at eta = 0, DDPM-like at eta = 1."""
     for i, t in enumerate(timesteps):
         s = _next(timesteps, i)
-        x_start, eps = denoise(x, t)
+        x_start, eps = denoise(x, t)[:2]
         a_t, a_s = diffusion.abar(t, x), diffusion.abar(s, x)
         sigma = eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).sqrt()
         x = a_s.sqrt() * x_start + (1 - a_s - sigma**2).clamp(min=0).sqrt() * eps
@@ -69,7 +69,7 @@ def sample_dpmpp_2m(denoise: Denoiser, x, timesteps, diffusion: GaussianDiffusio
     prev_x_start, h_prev = None, None
     for i, t in enumerate(timesteps):
         s = _next(timesteps, i)
-        x_start, _ = denoise(x, t)
+        x_start = denoise(x, t)[0]
         if s < 0:
             x = x_start
         else:
@@ -86,7 +86,69 @@ def sample_dpmpp_2m(denoise: Denoiser, x, timesteps, diffusion: GaussianDiffusio
     return x
 
 
-SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
+def ancestral_step(denoise: Denoiser, x, t: int, s: int, diffusion: GaussianDiffusion, randn):
+    """One step t -> s (s = -1: the clean image) of Karlo's ancestral sampler: the DDPM posterior mean from
+    the clamped x_start, plus noise of the fixed small variance (log-clamped at 1e-20) or, for a learned-range
+    diffusion, of exp(v' log beta + (1 - v') log beta~) with v' = (v + 1) / 2 (Nichol & Dhariwal 2021, eq. 15).
+    The coefficients are computed in the schedule's own dtype and order of operations, as diffusers'
+    UnCLIPScheduler.step does, so a float32 schedule reproduces its numbers. No noise is added at t = 0."""
+    out = denoise(x, t)
+    x_start = out[0]
+    a_t, a_s = diffusion.abar(t, x), diffusion.abar(s, x)
+    beta = diffusion.beta(t, s, x)
+    alpha = 1 - beta
+    mean = (a_s**0.5 * beta) / (1 - a_t) * x_start + (alpha**0.5 * (1 - a_s)) / (1 - a_t) * x
+    if t <= 0:
+        return mean
+    var = (1 - a_s) / (1 - a_t) * beta
+    if len(out) > 2:  # learned range
+        frac = (out[2] + 1) / 2
+        log_var = frac * torch.log(beta) + (1 - frac) * torch.log(var)
+    else:
+        log_var = torch.log(torch.clamp(var, min=1e-20))
+    return mean + torch.exp(0.5 * log_var) * randn()
+
+
+@torch.no_grad()
+def sample_ancestral(denoise: Denoiser, x, timesteps, diffusion: GaussianDiffusion, *, randn=None, eta=1.0, callback: Callback = None):
+    """Karlo's sampler (its p_sample on respaced steps; diffusers' UnCLIPScheduler): ancestral DDPM steps with
+    fixed-small or learned-range variance. `eta` is not used."""
+    for i, t in enumerate(timesteps):
+        x = ancestral_step(denoise, x, t, _next(timesteps, i), diffusion, randn)
+        if callback:
+            callback(i + 1, len(timesteps))
+    return x
+
+
+@torch.no_grad()
+def sample_repaint(denoise: Denoiser, x, timesteps, diffusion: GaussianDiffusion, *, known, keep, randn, resample: int = 1,
+                   callback: Callback = None):
+    """RePaint (Lugmayr et al. 2022): ancestral sampling where, after every step t -> s, the known region is
+    replaced by the known image noised to s (exactly the known image at the end), so a model without
+    inpainting channels fills only the unknown region. `keep` (B, 1, H, W) is 1 where `known` (B, C, H, W)
+    holds. With `resample` r > 1, each step is taken r times, jumping back to t (by renoising s -> t)
+    between tries, which harmonises the filled region with the known one."""
+
+    def paste(x_s, s):
+        known_s = known if s < 0 else diffusion.q_sample(known, torch.full((known.shape[0],), s), randn())
+        return keep * known_s + (1 - keep) * x_s
+
+    x = paste(x, timesteps[0])
+    for i, t in enumerate(timesteps):
+        s = _next(timesteps, i)
+        tries = resample if s >= 0 else 1  # the step to the clean image has nothing left to harmonise
+        for r in range(tries):
+            x_s = paste(ancestral_step(denoise, x, t, s, diffusion, randn), s)
+            if r + 1 < tries:  # jump back: q(x_t | x_s)
+                a = diffusion.abar(t, x_s) / diffusion.abar(s, x_s)
+                x = a.sqrt() * x_s + (1 - a).sqrt() * randn()
+        x = x_s
+        if callback:
+            callback(i + 1, len(timesteps))
+    return x
+
+
+SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m, "ancestral": sample_ancestral}
 
 
 @torch.no_grad()
@@ -99,7 +161,7 @@ def ddim_invert(denoise: Denoiser, x_start, timesteps, diffusion: GaussianDiffus
     x = x_start
     for i in range(len(ts) - 1):
         t, t_next = ts[i], ts[i + 1]
-        pred_x_start, eps = denoise(x, t)
+        pred_x_start, eps = denoise(x, t)[:2]
         a_next = diffusion.abar(t_next, x)
         x = a_next.sqrt() * pred_x_start + (1 - a_next).sqrt() * eps
         if callback:

@@ -34,11 +34,21 @@ def make_betas(name: str, timesteps: int) -> np.ndarray:
     return SCHEDULES[name](timesteps)
 
 
-def spaced_timesteps(timesteps: int, steps: int, start: int | None = None) -> list[int]:
-    """`steps` evenly strided timesteps from `start` (default T-1) down to 0, descending (the sampling order)."""
+SPACINGS = ("linspace", "karlo")
+
+
+def spaced_timesteps(timesteps: int, steps: int, start: int | None = None, spacing: str = "linspace") -> list[int]:
+    """`steps` evenly strided timesteps from `start` (default T-1) down to 0, descending (the sampling order).
+
+    spacing "linspace": round(linspace(start, 0, steps)); "karlo": round(i * start / (steps - 1)) for
+    i = steps-1 .. 0, as Karlo's respacing and diffusers' UnCLIPScheduler compute them (ties to even)."""
     if not 1 <= steps <= timesteps:
         raise ValueError(f"steps must be between 1 and {timesteps}, got {steps}")
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose from {', '.join(SPACINGS)}")
     start = timesteps - 1 if start is None else min(start, timesteps - 1)
     if steps == 1:
         return [start]
+    if spacing == "karlo":
+        return [int(x) for x in (np.arange(steps) * (start / (steps - 1))).round()[::-1]]
     return [int(round(x)) for x in np.linspace(start, 0, steps)]

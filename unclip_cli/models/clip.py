@@ -16,6 +16,12 @@ On top of the towers this module adds what the unCLIP stack needs:
 - inputs in [-1, 1] at any size, resized here to the vision tower's resolution.
 
 Embeddings are returned unit-norm: the prior, decoder, slerp and text diffs all work on the sphere.
+
+The same towers also hold OpenAI's CLIP as Karlo uses it (a converted set, `unclip convert karlo`), by
+configuration: `activation="quick_gelu"`, `vocab="bpe"` (the tokenizer's 49,408 ids as Hugging Face's
+CLIPTokenizer numbers them: start 49406, end 49407, padding 0), `normalize=False` (the raw projected
+embeddings Karlo's prior and decoder were trained on) and `preprocess="openai"` (shortest side resized
+bicubically, centre crop, OpenAI's mean and std).
 """
 
 from __future__ import annotations
@@ -31,8 +37,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from unclip_cli.models.layers import activation
+
 PAD, SOT, EOT, UNK, FIRST_WORD = 0, 1, 2, 3, 4
 BPE_VOCAB = 49408
+BPE_SOT, BPE_EOT = 49406, 49407  # <|startoftext|>, <|endoftext|> in the full BPE vocabulary
+# The pixel statistics OpenAI's CLIP was trained with (and Hugging Face's CLIPImageProcessor applies).
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+VOCABS = ("compact", "bpe")
+PREPROCESS = ("resize", "openai")
 
 
 @dataclass
@@ -48,6 +62,11 @@ class ClipConfig:
     text_width: int = 256
     text_heads: int = 4
     text_layers: int = 4
+    activation: str = "gelu"  # "quick_gelu": OpenAI's CLIP
+    vocab: str = "compact"  # "bpe": the full 49,408-token vocabulary with Hugging Face's ids (vocab_size 49408)
+    normalize: bool = True  # False: raw projected embeddings (Karlo's prior and decoder read them so)
+    preprocess: str = "resize"  # "openai": shortest side to image_size (bicubic), centre crop, OpenAI mean/std
+    vision: bool = True  # False: a text tower only (a Karlo set converted without its image-variation folder)
 
 
 @functools.lru_cache(maxsize=1)
@@ -69,13 +88,13 @@ def bpe_tokenizer():
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)). open_clip's names."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, act: str = "gelu"):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict(
-            c_fc=nn.Linear(width, 4 * width), gelu=nn.GELU(), c_proj=nn.Linear(4 * width, width),
+            c_fc=nn.Linear(width, 4 * width), gelu=activation(act), c_proj=nn.Linear(4 * width, width),
         ))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,9 +104,9 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int):
+    def __init__(self, width: int, layers: int, heads: int, act: str = "gelu"):
         super().__init__()
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, act) for _ in range(layers))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.resblocks:
@@ -106,7 +125,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(W))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, W))
         self.ln_pre = nn.LayerNorm(W)
-        self.transformer = Transformer(W, cfg.vision_layers, W // cfg.vision_head_width)
+        self.transformer = Transformer(W, cfg.vision_layers, W // cfg.vision_head_width, cfg.activation)
         self.ln_post = nn.LayerNorm(W)
         self.proj = nn.Parameter(scale * torch.randn(W, cfg.embed_dim))
 
@@ -118,20 +137,29 @@ class VisionTransformer(nn.Module):
         return self.ln_post(x)[:, 0] @ self.proj  # (B, D)
 
 
+class NoImageEncoder(RuntimeError):
+    """An image was to be encoded by a CLIP that has only its text tower."""
+
+
+def causal_mask(L: int) -> torch.Tensor:
+    """(L, L) additive mask: -inf above the diagonal, so token i attends to tokens 0..i."""
+    return torch.full((L, L), float("-inf")).triu_(1)
+
+
 class ClipTowers(nn.Module):
     """Both towers under the attribute names of open_clip's `CLIP`, so state dicts are interchangeable."""
 
     def __init__(self, cfg: ClipConfig):
         super().__init__()
         W, L = cfg.text_width, cfg.context_length
-        self.visual = VisionTransformer(cfg)
+        self.visual = VisionTransformer(cfg) if cfg.vision else None
         self.token_embedding = nn.Embedding(cfg.vocab_size, W)
         self.positional_embedding = nn.Parameter(torch.empty(L, W))
-        self.transformer = Transformer(W, cfg.text_layers, cfg.text_heads)
+        self.transformer = Transformer(W, cfg.text_layers, cfg.text_heads, cfg.activation)
         self.ln_final = nn.LayerNorm(W)
         self.text_projection = nn.Parameter(torch.empty(W, cfg.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature 0.07
-        self.register_buffer("attn_mask", torch.full((L, L), float("-inf")).triu_(1), persistent=False)  # causal
+        self.register_buffer("attn_mask", causal_mask(L), persistent=False)
         # The text tower's initialisation from CLIP (Radford et al. 2021) as open_clip keeps it;
         # the vision tower keeps PyTorch's defaults plus the scaled embeddings above, as open_clip does.
         nn.init.normal_(self.token_embedding.weight, std=0.02)
@@ -144,19 +172,36 @@ class ClipTowers(nn.Module):
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
         nn.init.normal_(self.text_projection, std=W**-0.5)
 
+    def reset_buffers(self) -> None:
+        """Recompute the derived, non-persistent buffers (after a load that built the module without data)."""
+        self.attn_mask = causal_mask(self.positional_embedding.shape[0]).to(self.positional_embedding.device)
+
 
 class Clip(nn.Module):
     def __init__(self, cfg: ClipConfig):
         super().__init__()
+        if cfg.vocab not in VOCABS:
+            raise ValueError(f"ClipConfig.vocab is {cfg.vocab!r}; choose from {', '.join(VOCABS)}")
+        if cfg.vocab == "bpe" and cfg.vocab_size != BPE_VOCAB:
+            raise ValueError(f"ClipConfig.vocab_size is {cfg.vocab_size}; the full BPE vocabulary has {BPE_VOCAB}")
+        if cfg.preprocess not in PREPROCESS:
+            raise ValueError(f"ClipConfig.preprocess is {cfg.preprocess!r}; choose from {', '.join(PREPROCESS)}")
         self.cfg = cfg
         self.model = ClipTowers(cfg)
-        # Until `fit_vocab` is called the BPE ids are hashed into the table.
-        ids = torch.arange(BPE_VOCAB)
-        self.register_buffer("token_map", FIRST_WORD + ids % (cfg.vocab_size - FIRST_WORD))
+        if cfg.vocab == "compact":
+            # Until `fit_vocab` is called the BPE ids are hashed into the table.
+            ids = torch.arange(BPE_VOCAB)
+            self.register_buffer("token_map", FIRST_WORD + ids % (cfg.vocab_size - FIRST_WORD))
+            self.pad_id, self.sot_id, self.eot_id = PAD, SOT, EOT
+        else:  # the BPE ids are the table's rows; the tokenizer's own start and end ids; padding 0 (`!`, as HF pads)
+            self.token_map = None
+            self.pad_id, self.sot_id, self.eot_id = 0, BPE_SOT, BPE_EOT
 
     # -- text ----------------------------------------------------------------------------------------
     def fit_vocab(self, texts: list[str]) -> int:
         """Give each BPE token of `texts` its own embedding row, most frequent first. Returns tokens kept."""
+        if self.token_map is None:
+            raise ValueError("a CLIP with the full BPE vocabulary has a row for every token already")
         counts = Counter(tok for text in texts for tok in bpe_tokenizer().encode(text))
         kept = [tok for tok, _ in counts.most_common(self.cfg.vocab_size - FIRST_WORD)]
         token_map = torch.full((BPE_VOCAB,), UNK, dtype=torch.long)
@@ -164,39 +209,105 @@ class Clip(nn.Module):
         self.token_map.copy_(token_map)
         return len(kept)
 
+    def _bpe_ids(self, text: str) -> list[int]:
+        """BPE ids of a text. With the full vocabulary, as Hugging Face's CLIP tokenizer with Karlo's padding
+        token `!` makes them: each `!` is split out and becomes the padding id 0, the text around it is
+        tokenized piece by piece."""
+        if self.token_map is not None:
+            return bpe_tokenizer().encode(text)
+        ids: list[int] = []
+        for k, piece in enumerate(text.split("!")):
+            if k:
+                ids.append(self.pad_id)
+            ids += bpe_tokenizer().encode(piece)
+        return ids
+
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, list[bool]]:
         """Texts -> (tokens (B, L) long, truncated flags). Layout: SOT, words..., EOT, PAD..."""
         L = self.cfg.context_length
-        tokens = torch.full((len(texts), L), PAD, dtype=torch.long)
+        tokens = torch.full((len(texts), L), self.pad_id, dtype=torch.long)
         truncated = []
         for i, text in enumerate(texts):
-            ids = torch.tensor(bpe_tokenizer().encode(text), dtype=torch.long)
+            ids = torch.tensor(self._bpe_ids(text), dtype=torch.long)
             truncated.append(len(ids) > L - 2)
-            ids = self.token_map.cpu()[ids[: L - 2]]
-            tokens[i, 0] = SOT
+            ids = ids[: L - 2] if self.token_map is None else self.token_map.cpu()[ids[: L - 2]]
+            tokens[i, 0] = self.sot_id
             tokens[i, 1 : 1 + len(ids)] = ids
-            tokens[i, 1 + len(ids)] = EOT
-        return tokens.to(self.token_map.device), truncated
+            tokens[i, 1 + len(ids)] = self.eot_id
+        return tokens.to(self.model.positional_embedding.device), truncated
 
     def encode_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """tokens (B, L) -> z_t (B, D) unit-norm, token states (B, L, W), mask (B, L) True = SOT..EOT."""
+        """tokens (B, L) -> z_t (B, D) unit-norm (raw with `normalize=False`), token states (B, L, W),
+        mask (B, L) True = SOT..EOT."""
         m = self.model
         x = m.token_embedding(tokens) + m.positional_embedding  # (B, L, W)
-        x = m.transformer(x, attn_mask=m.attn_mask)  # causal
+        x = m.transformer(x, attn_mask=m.attn_mask.to(x.dtype))  # causal
         states = m.ln_final(x)  # (B, L, W) — the per-token states the prior and decoder read
-        eot = (tokens == EOT).int().argmax(dim=1)  # (B,)
+        eot = (tokens == self.eot_id).int().argmax(dim=1)  # (B,)
         pooled = states[torch.arange(tokens.shape[0]), eot]  # (B, W)
         z_t = pooled @ m.text_projection  # (B, D)
         mask = torch.arange(tokens.shape[1], device=tokens.device)[None] <= eot[:, None]  # (B, L)
-        return F.normalize(z_t, dim=-1), states, mask
+        return (F.normalize(z_t, dim=-1) if self.cfg.normalize else z_t), states, mask
 
     # -- images --------------------------------------------------------------------------------------
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, 3, H, W) in [-1, 1] -> z_i (B, D) unit-norm."""
+        """x (B, 3, H, W) in [-1, 1] -> z_i (B, D) unit-norm (raw with `normalize=False`)."""
         size = self.cfg.image_size
+        if self.cfg.preprocess == "openai":
+            return self.encode_pixels(self._openai_pixels(x))
         if x.shape[-1] != size or x.shape[-2] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        return F.normalize(self.model.visual(x), dim=-1)
+        return self.encode_pixels(x)
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed pixels (B, 3, S, S), as `image_pixels` makes them -> z_i (B, D)."""
+        if self.model.visual is None:
+            raise NoImageEncoder("this model set's CLIP has no image encoder")
+        z = self.model.visual(pixels)
+        return F.normalize(z, dim=-1) if self.cfg.normalize else z
+
+    def image_pixels(self, img) -> torch.Tensor:
+        """A PIL image -> the vision tower's input (1, 3, S, S) float32, as this CLIP was trained to see it.
+
+        "openai": shortest side resized to S (bicubic), centre crop, then (x / 255 - mean) / std, the steps of
+        OpenAI's CLIP preprocessing and Hugging Face's CLIPImageProcessor. "resize": the whole image resized to
+        S x S, in [-1, 1]."""
+        import numpy as np
+        from PIL import Image
+
+        S = self.cfg.image_size
+        img = img.convert("RGB")
+        if self.cfg.preprocess == "resize":
+            if img.size != (S, S):
+                img = img.resize((S, S), Image.Resampling.BICUBIC, reducing_gap=None)
+            x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1
+            return x[None]
+        w, h = img.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(S * long / short)
+        size = (S, new_long) if w <= h else (new_long, S)
+        if img.size != size:
+            img = img.resize(size, Image.Resampling.BICUBIC)
+        w, h = img.size
+        left, top = (w - S) // 2, (h - S) // 2
+        img = img.crop((left, top, left + S, top + S))
+        x = (torch.from_numpy(np.asarray(img).copy()).double() * (1 / 255)).float().permute(2, 0, 1)  # (3, S, S) in [0, 1]
+        mean, std = torch.tensor(OPENAI_MEAN).view(3, 1, 1), torch.tensor(OPENAI_STD).view(3, 1, 1)
+        return ((x - mean) / std)[None]
+
+    def _openai_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> OpenAI-normalised pixels (B, 3, S, S): the tensor form of `image_pixels`."""
+        S = self.cfg.image_size
+        H, W = x.shape[-2:]
+        if min(H, W) != S:
+            size = (S, int(S * W / H)) if H <= W else (int(S * H / W), S)
+            x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+        H, W = x.shape[-2:]
+        top, left = (H - S) // 2, (W - S) // 2
+        x = (x[..., top : top + S, left : left + S] + 1) / 2
+        mean = torch.tensor(OPENAI_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(OPENAI_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         """For open_clip's ClipLoss: (image features, text features, logit scale)."""

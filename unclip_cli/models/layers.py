@@ -28,7 +28,24 @@ class TimestepMLP(nn.Sequential):
         self.in_dim = in_dim
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return super().forward(timestep_embedding(t, self.in_dim))
+        # The sinusoid is computed in float32 and then cast to the weights' dtype (fp16 on GPUs, float64 in parity tests).
+        return super().forward(timestep_embedding(t, self.in_dim).to(self[0].weight.dtype))
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with (and Karlo's CLIP uses)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def activation(name: str) -> nn.Module:
+    """The MLP activation a config names: "gelu" (exact) or "quick_gelu"."""
+    if name == "gelu":
+        return nn.GELU()
+    if name == "quick_gelu":
+        return QuickGELU()
+    raise ValueError(f"unknown activation {name!r}; choose from gelu, quick_gelu")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,6 +8,11 @@ unnoised CLIP image embedding." The network predicts x_start directly (L = ||f(z
 Embeddings are standardised per dimension with dataset statistics stored in this module's buffers
 (as karlo does), so the diffusion runs on unit-variance inputs; `standardize` / `destandardize` map
 between unit-norm CLIP space and diffusion space.
+
+Karlo's prior (diffusers' PriorTransformer) is this network with the same token order, configured by
+`raw_embeddings=True` (CLIP's raw text embedding goes in unscaled; the output, destandardised with the
+stored mean and std, is used as it is) and `learned_null_text=False` (its unconditional branch is the
+encoded empty caption, not a learned null embedding).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ class PriorConfig:
     heads: int = 6
     mlp_ratio: int = 4
     dropout: float = 0.0
+    raw_embeddings: bool = False  # True: z_t enters as CLIP gives it (Karlo); False: unit-norm z_t scaled by sqrt(clip_dim)
+    learned_null_text: bool = True  # False: no null embedding; guidance encodes the empty caption instead (Karlo)
 
 
 class Block(nn.Module):
@@ -62,8 +69,9 @@ class Prior(nn.Module):
         self.time_embed = TimestepMLP(W, W)
         self.x_proj = nn.Linear(cfg.clip_dim, W)
         self.query = nn.Parameter(torch.randn(W) * 0.02)  # the "final embedding" whose output predicts z_i
-        # Replaces the CLIP text embedding when the text is dropped for classifier-free guidance (§2.2).
-        self.null_text_emb = nn.Parameter(torch.zeros(W))
+        if cfg.learned_null_text:
+            # Replaces the CLIP text embedding when the text is dropped for classifier-free guidance (§2.2).
+            self.null_text_emb = nn.Parameter(torch.zeros(W))
         self.pos_emb = nn.Parameter(torch.randn(L + 4, W) * 0.01)
         self.blocks = nn.ModuleList([Block(W, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.layers)])
         self.ln_f = nn.LayerNorm(W)
@@ -91,8 +99,10 @@ class Prior(nn.Module):
         if text_keep is not None:
             text_mask = text_mask & text_keep[:, None]
         text_tok = self.text_proj(text_states)  # (B, L, W)
-        z_t_tok = self.text_emb_proj(z_t * self.cfg.clip_dim**0.5)  # (B, W)
+        z_t_tok = self.text_emb_proj(z_t if self.cfg.raw_embeddings else z_t * self.cfg.clip_dim**0.5)  # (B, W)
         if text_keep is not None:
+            if not self.cfg.learned_null_text:
+                raise ValueError("this prior has no null text embedding: guide it with the encoded empty caption")
             z_t_tok = torch.where(text_keep[:, None], z_t_tok, self.null_text_emb.to(z_t_tok.dtype)[None])
         seq = torch.cat(
             [text_tok, z_t_tok[:, None], self.time_embed(t)[:, None], self.x_proj(x_t)[:, None], self.query.expand(B, 1, -1)],

@@ -13,6 +13,14 @@ One network class serves both stages; they differ only in configuration:
 
 The network predicts whatever the diffusion parameterisation asks for; it knows nothing of noise
 schedules (those live in `unclip_cli.diffusion`).
+
+Karlo's decoder and super-resolution UNets (diffusers' UNet2DConditionModel with UnCLIPTextProjModel, and
+UNet2DModel) are this network configured: `resblock_updown` (ADM's down/up-sampling inside residual
+blocks: average pooling or nearest upsampling between the first activation and convolution),
+`raw_embeddings` (z_i used as CLIP gives it), `text_embed_to_time` (the CLIP text embedding z_t projected
+and added to the time embedding too), `clip_token_layout="interleaved"` (the 4 extra context tokens read
+from the projection with a stride of 4), `time_conditioning="additive"` for the super-resolution nets, no
+inpainting channels, and 6 output channels for the decoder (eps and the learned variance interpolation).
 """
 
 from __future__ import annotations
@@ -46,6 +54,11 @@ class UNetConfig:
     # Space-to-depth factor: the network runs on (C * p^2, H/p, W/p) and shuffles back at the end. The
     # upsampler uses 2, which makes it 4x cheaper at 128 px on a CPU for the same widths.
     patch_size: int = 1
+    resblock_updown: bool = False  # down/up-sample inside residual blocks (ADM's resblock_updown; Karlo) instead of Down/Up layers
+    time_conditioning: str = "scale_shift"  # "additive": the embedding is added before the second norm (Karlo's super-res)
+    raw_embeddings: bool = False  # True: z_i as CLIP gives it (Karlo); False: unit-norm z_i scaled by sqrt(clip_dim)
+    text_embed_to_time: bool = False  # True: the CLIP text embedding z_t is projected and added to the time embedding (Karlo)
+    clip_token_layout: str = "blocked"  # "interleaved": token k is the projection's outputs k, k + 4, k + 8, ... (Karlo)
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
@@ -61,20 +74,39 @@ def norm(ch: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    """ADM residual block with scale-shift norm: h = norm(h) * (1 + scale) + shift, from the embedding."""
+    """ADM residual block with scale-shift norm: h = norm(h) * (1 + scale) + shift, from the embedding.
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float):
+    `additive`: h = norm(h + emb) instead (DDPM's time conditioning). `resample` "down" / "up": the block
+    also halves / doubles the resolution, of both branches, between the first activation and convolution
+    (ADM's resblock_updown: 2x2 average pooling, nearest-neighbour upsampling)."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, additive: bool = False, resample: str | None = None):
         super().__init__()
+        self.additive, self.resample = additive, resample
         self.in_layers = nn.Sequential(norm(in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_ch))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch if additive else 2 * out_ch))
         self.out_norm = norm(out_ch)
         self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1)))
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
+    def _resampled(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resample == "down":
+            return F.avg_pool2d(x, kernel_size=2, stride=2)
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
     def forward(self, x: torch.Tensor, emb: torch.Tensor, ctx=None) -> torch.Tensor:
-        h = self.in_layers(x)  # (B, C, H, W)
-        scale, shift = self.emb_layers(emb)[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
-        h = self.out_norm(h) * (1 + scale) + shift
+        if self.resample is None:
+            h = self.in_layers(x)  # (B, C, H, W)
+        else:
+            h = self._resampled(self.in_layers[:2](x))  # norm, SiLU, then resample
+            h = self.in_layers[2](h)
+            x = self._resampled(x)
+        e = self.emb_layers(emb)[:, :, None, None]  # (B, C or 2C, 1, 1)
+        if self.additive:
+            h = self.out_norm(h + e)
+        else:
+            scale, shift = e.chunk(2, dim=1)  # (B, C, 1, 1) each
+            h = self.out_norm(h) * (1 + scale) + shift
         return self.skip(x) + self.out_layers(h)
 
 
@@ -139,11 +171,22 @@ class UNet(nn.Module):
         self.time_embed = TimestepMLP(ch0, emb_dim)
         ctx_dim = cfg.context_dim if cfg.has_context else None
 
+        if cfg.time_conditioning not in ("scale_shift", "additive"):
+            raise ValueError(f"UNetConfig.time_conditioning is {cfg.time_conditioning!r}; choose from scale_shift, additive")
+        if cfg.clip_token_layout not in ("blocked", "interleaved"):
+            raise ValueError(f"UNetConfig.clip_token_layout is {cfg.clip_token_layout!r}; choose from blocked, interleaved")
+        additive = cfg.time_conditioning == "additive"
+
+        def res(i, o, resample=None):
+            return ResBlock(i, o, emb_dim, cfg.dropout, additive, resample)
+
         if cfg.clip_dim:
             self.clip_to_emb = nn.Linear(cfg.clip_dim, emb_dim)
             self.clip_to_tokens = nn.Linear(cfg.clip_dim, cfg.num_clip_tokens * cfg.context_dim)
             # Replaces z_i when it is dropped for classifier-free guidance (unCLIP §2.1: "a learned embedding").
             self.null_clip = nn.Parameter(torch.randn(cfg.clip_dim) / math.sqrt(cfg.clip_dim))
+            if cfg.text_embed_to_time:
+                self.text_emb_to_emb = nn.Linear(cfg.clip_dim, emb_dim)
         if cfg.text_width:
             self.text_proj = nn.Sequential(nn.Linear(cfg.text_width, cfg.context_dim), nn.LayerNorm(cfg.context_dim))
 
@@ -157,24 +200,24 @@ class UNet(nn.Module):
         skip_chs, ch, ds = [ch0], ch0, 1
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                self.down.append(Blocks([ResBlock(ch, mult * ch0, emb_dim, cfg.dropout), *attn_or_none(mult * ch0, ds)]))
+                self.down.append(Blocks([res(ch, mult * ch0), *attn_or_none(mult * ch0, ds)]))
                 ch = mult * ch0
                 skip_chs.append(ch)
             if level < len(cfg.channel_mult) - 1:
-                self.down.append(Blocks([Down(ch)]))
+                self.down.append(Blocks([res(ch, ch, "down") if cfg.resblock_updown else Down(ch)]))
                 skip_chs.append(ch)
                 ds *= 2
         # The middle block attends whenever the model has attention at all (the upsampler has none).
         mid_attn = [AttentionBlock(ch, cfg.head_channels, ctx_dim)] if cfg.attention_ds else []
-        self.middle = Blocks([ResBlock(ch, ch, emb_dim, cfg.dropout), *mid_attn, ResBlock(ch, ch, emb_dim, cfg.dropout)])
+        self.middle = Blocks([res(ch, ch), *mid_attn, res(ch, ch)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                blocks = [ResBlock(ch + skip_chs.pop(), mult * ch0, emb_dim, cfg.dropout)]
+                blocks = [res(ch + skip_chs.pop(), mult * ch0)]
                 ch = mult * ch0
                 blocks += attn_or_none(ch, ds)
                 if level > 0 and i == cfg.num_res_blocks:
-                    blocks.append(Up(ch))
+                    blocks.append(res(ch, ch, "up") if cfg.resblock_updown else Up(ch))
                     ds //= 2
                 self.up.append(Blocks(blocks))
         self.out = nn.Sequential(norm(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, cfg.out_channels * p2, 3, padding=1)))
@@ -189,10 +232,11 @@ class UNet(nn.Module):
         x: torch.Tensor,  # (B, 3, H, W) the noised image x_t
         t: torch.Tensor,  # (B,) timesteps
         cond: torch.Tensor | None = None,  # (B, extra_channels, H, W): inpainting (known image, mask) or the low-res image
-        z_i: torch.Tensor | None = None,  # (B, clip_dim) unit-norm CLIP image embedding
+        z_i: torch.Tensor | None = None,  # (B, clip_dim) unit-norm CLIP image embedding (raw with raw_embeddings)
         z_keep: torch.Tensor | None = None,  # (B,) bool, False = use the learned null embedding
         text_states: torch.Tensor | None = None,  # (B, L, text_width)
         text_mask: torch.Tensor | None = None,  # (B, L) bool, True = a real token; all False = text dropped
+        z_t: torch.Tensor | None = None,  # (B, clip_dim) CLIP text embedding, read with text_embed_to_time
     ) -> torch.Tensor:
         cfg = self.cfg
         B = x.shape[0]
@@ -207,9 +251,15 @@ class UNet(nn.Module):
         if cfg.clip_dim:
             if z_keep is not None:
                 z_i = torch.where(z_keep[:, None], z_i, self.null_clip.to(z_i.dtype)[None])
-            z = z_i * math.sqrt(cfg.clip_dim)  # unit-norm -> unit variance per dimension
-            emb = emb + self.clip_to_emb(z)
-            tokens = self.clip_to_tokens(z).view(B, cfg.num_clip_tokens, cfg.context_dim)  # (B, 4, ctx)
+            z = z_i if cfg.raw_embeddings else z_i * math.sqrt(cfg.clip_dim)  # unit-norm -> unit variance per dimension
+            if cfg.text_embed_to_time:
+                emb = emb + (self.clip_to_emb(z) + self.text_emb_to_emb(z_t))  # (B, 4*ch0)
+            else:
+                emb = emb + self.clip_to_emb(z)
+            if cfg.clip_token_layout == "blocked":
+                tokens = self.clip_to_tokens(z).view(B, cfg.num_clip_tokens, cfg.context_dim)  # (B, 4, ctx)
+            else:
+                tokens = self.clip_to_tokens(z).view(B, cfg.context_dim, cfg.num_clip_tokens).transpose(1, 2)  # (B, 4, ctx)
             token_mask = torch.ones(B, cfg.num_clip_tokens, dtype=torch.bool, device=x.device)
             if cfg.text_width and text_states is not None:
                 tokens = torch.cat([tokens, self.text_proj(text_states)], dim=1)  # (B, 4 + L, ctx)

@@ -1,0 +1,147 @@
+"""A converted Karlo set against diffusers' UnCLIPPipeline, same machine, same run: seconds per image.
+
+    python benchmarks/bench_karlo.py --size karlo --device cuda            # a GPU: Karlo's shapes, fp16, 4 images
+    python benchmarks/bench_karlo.py --size tiny --device cpu --steps 2 2 2 --no-results   # CPU smoke test
+
+Builds a random-weight Karlo pipeline with diffusers' own classes (`unclip_cli.convert.random_karlo`;
+size `karlo` has Karlo-v1.0.alpha's shapes, ~3.7 B parameters, ~7.4 GB in fp16), saves it in diffusers'
+layout, converts it with `unclip convert karlo`'s code, and then times text-to-image both ways with the
+same steps and batch: our engine (`Engine.run`, the set's own recipe) and diffusers' pipeline, each after a
+warm-up run, each the median of `--repeats` runs. Random weights make meaningless pictures at the speed
+of real ones. Peak accelerator memory is reported per side. Needs diffusers and transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import add_run_options, append_results, apply_threads, load_note, machine_lines  # noqa: E402
+
+import torch  # noqa: E402
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _peak_reset(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak(device: str) -> str:
+    return f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.startswith("cuda") else "n/a (CPU)"
+
+
+def timed(fn, device: str, repeats: int) -> tuple[float, list[float]]:
+    fn()  # warm-up: kernels, allocator, caches
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=("tiny", "karlo"), default="karlo")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=("float16", "float32"), default=None, help="default: float16 on CUDA, float32 on CPU")
+    ap.add_argument("-n", type=int, default=4, help="images per run (one batch)")
+    ap.add_argument("--steps", type=int, nargs=3, default=(25, 25, 7), metavar=("PRIOR", "DECODER", "SUPER_RES"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workdir", help="where the random pipeline and the converted set go (default: a temporary folder)")
+    add_run_options(ap)
+    args = ap.parse_args(argv)
+    apply_threads(args.threads)
+    start_load = os.getloadavg()
+    dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
+    from unclip_cli.convert import karlo, random_karlo
+    from unclip_cli.engine import Engine
+    from unclip_cli.requests import GenerateRequest
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-karlo-"))
+    t0 = time.perf_counter()
+    print(f"building a random {args.size} pipeline on {args.device}…", file=sys.stderr)
+    pipe, var = random_karlo.build(args.size, seed=0, device=args.device)
+    pipe.to(dtype=dtype)
+    src, _ = random_karlo.save(pipe, var, work)
+    del var
+    pipe.to("cpu")  # out of the accelerator's memory while unclip is timed
+    t_build = time.perf_counter() - t0
+    print("converting…", file=sys.stderr)
+    t0 = time.perf_counter()
+    dst = karlo.convert(src, work / "converted", dtype=torch.float16 if dtype == torch.float16 else torch.float32, force=True)
+    t_convert = time.perf_counter() - t0
+    size_gb = sum(f.stat().st_size for f in dst.glob("*.safetensors")) / 1e9
+
+    n, (ps, ds, ss) = args.n, args.steps
+    results = {}
+
+    def time_unclip():
+        """Load the converted set (every network read before timing) and time Engine.run; the engine is freed on return."""
+        _peak_reset(args.device)
+        t0 = time.perf_counter()
+        engine = Engine.load(dst, device=args.device, dtype=dtype)
+        for stage in engine.models.stages:
+            stage.model
+        load_s = time.perf_counter() - t0
+        nan = []
+        finish = Engine._finish
+        Engine._finish = lambda self, x: nan.append(not bool(torch.isfinite(x).all())) or finish(self, x.nan_to_num())
+        req = GenerateRequest(prompt="a photo of a corgi on a beach", n=n, seed=0, batch_size=n, prior_steps=ps, decoder_steps=ds,
+                              upsampler_steps=ss)
+        try:
+            timing = timed(lambda: engine.run(req), args.device, args.repeats) + (_peak(args.device),)
+        finally:
+            Engine._finish = finish
+        return timing, load_s, engine.image_size, any(nan)
+
+    print("timing unclip…", file=sys.stderr)
+    results["unclip"], t_load, size, nan = time_unclip()
+    _peak_reset(args.device)
+    # The pipeline built above, not from_pretrained: diffusers' model_index names text_proj's class, which it does not export.
+    theirs = pipe.to(args.device)
+    theirs.set_progress_bar_config(disable=True)
+    gen = torch.Generator(args.device).manual_seed(0)
+    print("timing diffusers…", file=sys.stderr)
+    results["diffusers"] = timed(lambda: theirs("a photo of a corgi on a beach", num_images_per_prompt=n, prior_num_inference_steps=ps,
+                                                decoder_num_inference_steps=ds, super_res_num_inference_steps=ss, generator=gen,
+                                                output_type="np"), args.device, args.repeats) + (_peak(args.device),)
+
+    src_bytes = sum(f.stat().st_size for f in src.rglob("*.safetensors"))
+    body = machine_lines() + [
+        load_note(start_load),
+        f"- Device: {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
+        + f", {str(dtype).replace('torch.', '')}",
+        f"- Random-weight Karlo pipeline, size `{args.size}` ({src_bytes / 1e9:.2f} GB of diffusers safetensors); built and saved in "
+        f"{t_build:.0f} s, converted in {t_convert:.0f} s to {size_gb:.2f} GB; unclip loaded it in {t_load:.1f} s",
+        f"- {n} images at {size} px in one batch, steps prior/decoder/super-res {ps}/{ds}/{ss}, guidance 4 / 8; median of "
+        f"{args.repeats} runs after a warm-up" + ("; random weights gave NaN in unclip's output (timed anyway)" if nan else ""),
+        "",
+        "| implementation | s per run | s per image | runs (s) | peak memory |",
+        "|---|---|---|---|---|",
+    ]
+    for name, (med, times, peak) in results.items():
+        body.append(f"| {name} | {med:.2f} | {med / n:.2f} | {', '.join(f'{t:.2f}' for t in times)} | {peak} |")
+    print("\n".join(body))
+    if not args.no_results:
+        print(f"appended to {append_results(f'karlo — unclip vs diffusers ({args.size}, {args.device})', body)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""Random-weight Karlo pipelines built with diffusers' and transformers' own classes, saved in diffusers'
+folder layout: what the parity tests convert (size "tiny") and what the GPU benchmark times (size "karlo",
+Karlo-v1.0.alpha's shapes, ~3.7 B parameters). Needs diffusers and transformers; no download: the tokenizer
+is written from open_clip's bundled BPE vocabulary.
+
+    pipe, var = build("tiny", seed=0)                 # in memory: UnCLIPPipeline, UnCLIPImageVariationPipeline
+    src, var_dir = save(pipe, var, tmp / "karlo")     # the folders `unclip convert karlo` reads
+
+Parameters that diffusers initialises to constants (zeros: clip_mean, clip_std, the prior's positional
+embeddings and final token, the learned null image embedding; ones and zeros: every norm) are set to random
+values, so a conversion that dropped or swapped any of them fails the comparison.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SIZES = {
+    # text/vision width, layers, heads; prior heads x head dim, layers; decoder channels, res blocks, head dim, context;
+    # super-res channels, res blocks; decoder and super-res sample sizes; image encoder size and patch
+    "tiny": dict(text=(32, 2, 4), vision=(32, 2, 4), embed=32, image=32, patch=4, prior=(2, 12, 1), dec=((32, 64), 1, 4, 100),
+                 sr=((32, 64), 1), dec_size=16, sr_size=32),
+    "karlo": dict(text=(768, 12, 12), vision=(1024, 24, 16), embed=768, image=224, patch=14, prior=(32, 64, 20),
+                  dec=((320, 640, 960, 1280), 3, 64, 1536), sr=((320, 640, 960, 1280), 3), dec_size=64, sr_size=256),
+}
+
+
+def hf_vocab(encoder: dict) -> dict:
+    """open_clip's vocabulary under the names Hugging Face's CLIP tokenizers give the two special tokens."""
+    from unclip_cli.convert.karlo import HF_SPECIAL
+
+    return {HF_SPECIAL.get(k, k): v for k, v in encoder.items()}
+
+
+def _bpe_files(folder: Path) -> tuple[Path, Path]:
+    """vocab.json and merges.txt of CLIP's BPE, from open_clip's bundled copy (what Hugging Face's CLIP tokenizers hold)."""
+    from unclip_cli.models.clip import bpe_tokenizer
+
+    tok = bpe_tokenizer()
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    vocab.write_text(json.dumps(hf_vocab(tok.encoder), ensure_ascii=False), encoding="utf-8")
+    ranked = sorted(tok.bpe_ranks.items(), key=lambda kv: kv[1])
+    merges.write_text("#version: 0.2\n" + "\n".join(" ".join(pair) for pair, _ in ranked) + "\n", encoding="utf-8")
+    return vocab, merges
+
+
+@torch.no_grad()
+def randomise_constants(module: torch.nn.Module, g: torch.Generator) -> None:
+    """Give every constant parameter (all zeros, all ones) random values; standard deviations stay positive."""
+    for name, p in module.named_parameters():
+        flat = p.detach().flatten()
+        if flat.numel() and bool((flat == flat[0]).all()):
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p)
+            if name.endswith("clip_std"):
+                p.copy_(0.5 + noise.abs())
+            elif float(flat[0]) == 1.0:
+                p.copy_(1 + 0.2 * noise)
+            else:
+                p.copy_(0.2 * noise)
+
+
+def build(size: str = "tiny", seed: int = 0, device: str | torch.device = "cpu"):
+    """An UnCLIPPipeline and an UnCLIPImageVariationPipeline sharing every component, with random weights."""
+    import tempfile
+
+    from diffusers import PriorTransformer, UnCLIPImageVariationPipeline, UnCLIPPipeline, UNet2DConditionModel, UNet2DModel, UnCLIPScheduler
+    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
+
+    from unclip_cli.convert.verify import quiet_libraries, text_proj_class
+
+    quiet_libraries()
+    s = SIZES[size]
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    (tw, tl, th), (vw, vl, vh), D = s["text"], s["vision"], s["embed"]
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab, merges = _bpe_files(Path(tmp))
+        tokenizer = CLIPTokenizer(str(vocab), str(merges), pad_token="!", model_max_length=77)
+    with torch.device(device):
+        text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=49408, hidden_size=tw, intermediate_size=4 * tw, num_hidden_layers=tl, num_attention_heads=th,
+            max_position_embeddings=77, projection_dim=D, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=0))
+        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=vw, intermediate_size=4 * vw, num_hidden_layers=vl, num_attention_heads=vh, image_size=s["image"],
+            patch_size=s["patch"], projection_dim=D, hidden_act="quick_gelu", layer_norm_eps=1e-5))
+        heads, head_dim, layers = s["prior"]
+        prior = PriorTransformer(num_attention_heads=heads, attention_head_dim=head_dim, num_layers=layers, embedding_dim=D)
+        chs, per, head, ctx = s["dec"]
+        n = len(chs)
+        text_proj = text_proj_class()(clip_embeddings_dim=D, time_embed_dim=4 * chs[0], cross_attention_dim=ctx)
+        decoder = UNet2DConditionModel(
+            sample_size=s["dec_size"], in_channels=3, out_channels=6, layers_per_block=per, block_out_channels=chs,
+            down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * (n - 1),
+            up_block_types=("SimpleCrossAttnUpBlock2D",) * (n - 1) + ("ResnetUpsampleBlock2D",),
+            mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=ctx, attention_head_dim=head,
+            resnet_time_scale_shift="scale_shift", class_embed_type="identity")
+        sr_chs, sr_per = s["sr"]
+
+        def super_res():
+            return UNet2DModel(sample_size=s["sr_size"], in_channels=6, out_channels=3, layers_per_block=sr_per, block_out_channels=sr_chs,
+                               down_block_types=("ResnetDownsampleBlock2D",) * len(sr_chs),
+                               up_block_types=("ResnetUpsampleBlock2D",) * len(sr_chs), add_attention=False)
+
+        super_res_first, super_res_last = super_res(), super_res()
+    for m in (text_encoder, image_encoder, prior, text_proj, decoder, super_res_first, super_res_last):
+        randomise_constants(m, g)
+        m.eval()
+    schedulers = dict(
+        prior_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample", clip_sample_range=5.0),
+        decoder_scheduler=UnCLIPScheduler(variance_type="learned_range", prediction_type="epsilon"),
+        super_res_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="epsilon"))
+    pipe = UnCLIPPipeline(prior=prior, decoder=decoder, text_proj=text_proj, text_encoder=text_encoder, tokenizer=tokenizer,
+                          super_res_first=super_res_first, super_res_last=super_res_last, **schedulers)
+    processor = CLIPImageProcessor(size={"shortest_edge": s["image"]}, crop_size={"height": s["image"], "width": s["image"]})
+    var = UnCLIPImageVariationPipeline(decoder=decoder, text_encoder=text_encoder, tokenizer=tokenizer, text_proj=text_proj,
+                                       feature_extractor=processor, image_encoder=image_encoder, super_res_first=super_res_first,
+                                       super_res_last=super_res_last, decoder_scheduler=schedulers["decoder_scheduler"],
+                                       super_res_scheduler=schedulers["super_res_scheduler"])
+    return pipe, var
+
+
+def save(pipe, var, root: str | Path, **kwargs) -> tuple[Path, Path]:
+    """Save both pipelines as diffusers folders: root/karlo and root/karlo-variations."""
+    root = Path(root)
+    src, var_dir = root / "karlo", root / "karlo-variations"
+    pipe.save_pretrained(src, **kwargs)
+    var.save_pretrained(var_dir, **kwargs)
+    # The pipelines' save can leave text_proj without weights (its class is not exported by diffusers):
+    # save it with its own method.
+    for folder in (src, var_dir):
+        pipe.text_proj.save_pretrained(folder / "text_proj", **kwargs)
+    return src, var_dir
