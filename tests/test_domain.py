@@ -67,3 +67,18 @@ def test_a_damaged_domain_file_is_an_error_naming_it(tmp_path, text):
     (tmp_path / domain.FILE).write_text(text)
     with pytest.raises(WeightsError, match="domain.json"):
         domain.load_domain(tmp_path)
+
+
+def test_vary_on_a_photograph_warns_and_still_answers(tmp_path):
+    """The warning reaches the user through the engine: one line on stderr, in --json, and the image is written."""
+    data = pytest.importorskip("skimage.data", reason="pip install scikit-image (a test dependency) for its sample photographs")
+    from clirun import cli
+
+    photo = tmp_path / "chelsea.png"
+    Image.fromarray(data.chelsea()).save(photo)
+    r = cli("vary", photo, "--weights", WEIGHTS, "--decoder-steps", "2", "--upsampler-steps", "1", "--seed", "0", "--json",
+            "--out", tmp_path / "out", "--device", "cpu")
+    assert r.code == 0, r.err
+    res = json.loads(r.out)
+    assert res["warnings"] == ["chelsea.png is far from the emoji this model knows: expect abstract results"]
+    assert "Warning: chelsea.png is far from the emoji" in r.err and Path(res["images"][0]["path"]).is_file()

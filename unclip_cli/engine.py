@@ -44,11 +44,12 @@ from unclip_cli.diffusion.policy import DECODER_T_START, decoder_denoiser, noise
 from unclip_cli.diffusion.recipe import DEFAULT as DEFAULT_RECIPE
 from unclip_cli.diffusion.samplers import SAMPLERS, ddim_invert, sample_ddim, sample_repaint, slerp
 from unclip_cli.diffusion.schedule import spaced_timesteps
+from unclip_cli.domain import image_warning, load_domain, prompt_warning
 from unclip_cli.errors import InputError, UnclipError
 from unclip_cli.models.prior import pick_closest
 from unclip_cli.modelset import ModelSet, load_model_set
 from unclip_cli.progress import Callback, Tick
-from unclip_cli.requests import Request, Steps
+from unclip_cli.requests import Request, Steps, source_name
 
 # The emoji set's values; a set's own recipe may say otherwise (`self.sampling`).
 PRIOR_CANDIDATES = DEFAULT_RECIPE.prior_candidates  # 2, §2.2: sample two z_i, keep the one closer to z_t
@@ -135,6 +136,7 @@ class Engine:
         self.work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self._lock = threading.Lock()
         self._empty: tuple | None = None
+        self.domain = load_domain(models.root)  # None: the set has no calibrated out-of-domain checks
 
     @classmethod
     def load(cls, weights: str | Path, device: str = "auto", dtype: torch.dtype | None = None) -> "Engine":
@@ -215,7 +217,8 @@ class Engine:
         if self.device.type == "cpu" and self.models.parameters >= CPU_WARN_PARAMETERS:
             slow = [f"this model set has {self.models.parameters / 1e9:.1f} B parameters: on a CPU each image takes many "
                     "minutes (a CUDA GPU with --device cuda takes seconds)"]
-        out = [Result([], [], list(dict.fromkeys(r.inputs().warnings + w + slow))) for r, w in zip(reqs, warnings)]
+        out = [Result([], [], list(dict.fromkeys(r.inputs().warnings + self._domain_warnings(r) + w + slow)))
+               for r, w in zip(reqs, warnings)]
         for (k, i), img in images.items():
             if (k, i) in wanted:
                 out[k].images.append(img)
@@ -223,6 +226,14 @@ class Engine:
                 if (k, i) in z_i:
                     out[k].z_i.append(z_i[(k, i)])
         return out
+
+    def _domain_warnings(self, req: Request) -> list[str]:
+        """A line for each input image or text far from what the set was trained on (see unclip_cli/domain.py)."""
+        if self.domain is None:
+            return []
+        found = [image_warning(self.domain, source_name(src), im) for src, im in zip(req.sources(), req.inputs().images)]
+        found += [prompt_warning(self.domain, self.models.clip.model, what, text) for what, text in req.texts() if text]
+        return [w for w in found if w]
 
     def _recipe(self, req: Request, i: int) -> dict:
         size = list(req.inputs().images[0].size) if req.op == "edit" else [self.image_size, self.image_size]

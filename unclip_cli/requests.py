@@ -260,6 +260,14 @@ class Request:
     def _shared_own(self) -> tuple:
         return ()
 
+    def sources(self) -> list:
+        """The input images as given (paths, bytes or PIL), in the order of `inputs().images`."""
+        return []
+
+    def texts(self) -> list[tuple[str, str]]:
+        """The request's texts, each with how messages name it."""
+        return []
+
     def wanted(self) -> list[int]:
         """The indices of the images to return."""
         return list(range(self.count)) if self.index is None else [self.index]
@@ -333,6 +341,9 @@ class GenerateRequest(Request):
     def _validate_own(self, label) -> dict:
         return {"prompt": check_text(label("prompt"), self.prompt, hint='say what to draw, e.g. unclip generate "a red apple"')}
 
+    def texts(self):
+        return [("the prompt", self.prompt)]
+
     def _recipe_own(self, i):
         return {"prompt": self.prompt}
 
@@ -362,6 +373,9 @@ class VaryRequest(Request):
     def _load_inputs(self):
         image, notes = _load(self.image, self.fit)
         return Inputs([image], notes=notes)
+
+    def sources(self):
+        return [self.image]
 
     def _recipe_own(self, i):
         return {"strength": self.strength, "input": source_name(self.image), "fit": self.fit}
@@ -398,6 +412,9 @@ class BlendRequest(Request):
         a, notes_a = _load(self.image_a, self.fit)
         b, notes_b = _load(self.image_b, self.fit)
         return Inputs([a, b], notes=notes_a + notes_b)
+
+    def sources(self):
+        return [self.image_a, self.image_b]
 
     def _recipe_own(self, i):
         return {"frame": i, "frames": self.frames, "theta": self.theta(i), "fit": self.fit,
@@ -436,6 +453,12 @@ class EditRequest(Request):
         notes.append(f"Repainting {fraction:.0%} of {source_name(self.image)} ({image.size[0]}×{image.size[1]})")
         return Inputs([image], mask=mask, mask_fraction=fraction, notes=notes, warnings=warnings)
 
+    def sources(self):
+        return [self.image]
+
+    def texts(self):
+        return [("the prompt", self.prompt)]
+
     def _recipe_own(self, i):
         inputs = self._inputs
         return {"prompt": self.prompt, "input": source_name(self.image), "mask": source_name(self.mask, "mask"),
@@ -471,6 +494,12 @@ class NudgeRequest(Request):
     def _load_inputs(self):
         image, notes = _load(self.image, self.fit)
         return Inputs([image], notes=notes)
+
+    def sources(self):
+        return [self.image]
+
+    def texts(self):
+        return [("--to", self.to), ("--from", self.from_)]
 
     def _recipe_own(self, i):
         return {"to": self.to, "from": self.from_, "amount": self.amount, "theta": self.theta(i),
