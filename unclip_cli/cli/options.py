@@ -61,8 +61,10 @@ QualityOpt = Annotated[Optional[Quality], typer.Option("--quality", show_default
 PriorStepsOpt = _sampling("--prior-steps", int, "Prior sampling steps (overrides --quality).")
 DecoderStepsOpt = _sampling("--decoder-steps", int, "Decoder sampling steps (overrides --quality).")
 UpsamplerStepsOpt = _sampling("--upsampler-steps", int, "Upsampler sampling steps (overrides --quality).")
-GuidanceOpt = _sampling("--guidance", float, "Decoder classifier-free guidance scale (1 = none).", f"{DEFAULT_GUIDANCE:g}", "-g")
-PriorGuidanceOpt = _sampling("--prior-guidance", float, "Prior classifier-free guidance scale (1 = none).", f"{DEFAULT_PRIOR_GUIDANCE:g}")
+GuidanceOpt = _sampling("--guidance", float, "Decoder classifier-free guidance scale (1 = none).",
+                        f"the model set's: {DEFAULT_GUIDANCE:g} for emoji, 8 for Karlo", "-g")
+PriorGuidanceOpt = _sampling("--prior-guidance", float, "Prior classifier-free guidance scale (1 = none).",
+                             f"the model set's: {DEFAULT_PRIOR_GUIDANCE:g} for emoji, 4 for Karlo")
 BatchSizeOpt = _sampling("--batch-size", int, "Images per model call; lower it if memory runs out. Another batch size changes "
                          "pixels only by rounding; --from reruns the recorded one.", str(DEFAULT_BATCH))
 OutOpt = Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder for the results (created if needed).", rich_help_panel=P_OUTPUT)]
