@@ -100,14 +100,14 @@ def main(argv=None) -> int:
             stage.model
         load_s = time.perf_counter() - t0
         nan = []
-        finish = Engine._finish
-        Engine._finish = lambda self, x: nan.append(not bool(torch.isfinite(x).all())) or finish(self, x.nan_to_num())
+        finish = Engine.to_images
+        Engine.to_images = lambda self, x: nan.append(not bool(torch.isfinite(x).all())) or finish(self, x.nan_to_num())
         req = GenerateRequest(prompt="a photo of a corgi on a beach", n=n, seed=0, batch_size=n, prior_steps=ps, decoder_steps=ds,
                               upsampler_steps=ss)
         try:
             timing = timed(lambda: engine.run(req), args.device, args.repeats) + (_peak(args.device),)
         finally:
-            Engine._finish = finish
+            Engine.to_images = finish
         return timing, load_s, engine.image_size, any(nan)
 
     print("timing unclip…", file=sys.stderr)

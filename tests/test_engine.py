@@ -393,7 +393,7 @@ def test_golden_numbers_of_the_tiny_set(case, tiny_engine, monkeypatch):
 
     want, kw = GOLDEN[case]
     seen = []
-    finish = Engine._finish
-    monkeypatch.setattr(Engine, "_finish", lambda self, x: seen.append(x) or finish(self, x))
+    finish = Engine.to_images
+    monkeypatch.setattr(Engine, "to_images", lambda self, x: seen.append(x) or finish(self, x))
     tiny_engine.run(GenerateRequest(prompt="a red circle", seed=5, **kw))
     torch.testing.assert_close(seen[0][0, :, -3:, -3:].flatten(), torch.tensor(want), atol=1e-4, rtol=0)

@@ -158,9 +158,9 @@ def float64(karlo_dirs, karlo_set):
             def __call__(self, *shape):
                 return draws((self.n, *shape))
 
-        finish = Engine._finish
+        finish = Engine.to_images
         monkeypatch.setattr(engine_mod, "Noise", Noise)
-        monkeypatch.setattr(Engine, "_finish", lambda self, x: finished.append(x) or finish(self, x))
+        monkeypatch.setattr(Engine, "to_images", lambda self, x: finished.append(x) or finish(self, x))
         ours.run(request)
         return (finished[0] * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1), draws.sizes
 
@@ -198,7 +198,7 @@ def test_sampling_schedule_and_timesteps_are_diffusers(karlo_engine):
         assert torch.equal(stage.diffusion.alphas_cumprod, ref.alphas_cumprod)
     for n in (2, 3, 7, 25, 50):
         ref.set_timesteps(n)
-        assert karlo_engine._timesteps(karlo_engine.models.decoder, n) == ref.timesteps.tolist()
+        assert karlo_engine.timesteps(karlo_engine.models.decoder, n) == ref.timesteps.tolist()
 
 
 # -- every operation on the converted set -------------------------------------------------------------------------
@@ -211,7 +211,7 @@ def _picture(w=40, h=30, seed=0):
 
 def test_quality_maps_onto_the_sets_own_steps_and_defaults(karlo_engine):
     req = GenerateRequest(prompt="a cat", seed=1, quality="fast", prior_steps=2, upsampler_steps=2).validated().under(karlo_engine.sampling)
-    r = karlo_engine._recipe(req, 0)  # what a run records, without the run
+    r = karlo_engine.recipe(req, 0)  # what a run records, without the run
     assert r["steps"] == {"prior": 2, "decoder": 15, "upsampler": 2, "decoder_candidates": 1}
     assert (r["guidance"], r["prior_guidance"]) == (8.0, 4.0)
     assert r["sampler"] == {"prior": "ancestral", "decoder": "ancestral", "upsampler": "ancestral from t=999"}

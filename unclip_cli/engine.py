@@ -222,7 +222,7 @@ class Engine:
         for (k, i), img in images.items():
             if (k, i) in wanted:
                 out[k].images.append(img)
-                out[k].recipes.append(self._recipe(reqs[k], i))
+                out[k].recipes.append(self.recipe(reqs[k], i))
                 if (k, i) in z_i:
                     out[k].z_i.append(z_i[(k, i)])
         return out
@@ -235,7 +235,8 @@ class Engine:
         found += [prompt_warning(self.domain, self.models.clip.model, what, text) for what, text in req.texts() if text]
         return [w for w in found if w]
 
-    def _recipe(self, req: Request, i: int) -> dict:
+    def recipe(self, req: Request, i: int) -> dict:
+        """What reproduces image i of a validated request on this set: its request, samplers and model."""
         size = list(req.inputs().images[0].size) if req.op == "edit" else [self.image_size, self.image_size]
         rec = self.sampling
         decoder = rec.decoder_sampler if req.uses_prior else "ddim"
@@ -277,7 +278,7 @@ class Engine:
                                                       for a in ("known", "keep", "known_full", "keep_full"))
             x = self.decode_from_noise(z_i, states, mask, noise, steps, guidance, known=known, keep=keep, tick=tick, z_t=z_t)
             x = self.run_upsamplers(x, noise, steps.upsampler, known=known_full, keep_full=keep_full, tick=tick)
-            for (k, i), img, z in zip(chunk, self._finish(x), z_i):
+            for (k, i), img, z in zip(chunk, self.to_images(x), z_i):
                 images[(k, i)] = img if canvases is None else paste_back(img, canvases[k].image, canvases[k].repaint)
                 embeddings[(k, i)] = z
         return images, warnings, embeddings
@@ -303,7 +304,7 @@ class Engine:
                 x_init, t_init = x_T[rows], None
             x = self.run_decoder(denoise, x_init, steps.decoder, sampler=sampler, eta=strength, noise=noise, start=t_init, tick=tick)
             x = self.run_upsamplers(x, noise, steps.upsampler, tick=tick)
-            images.update(zip(chunk, self._finish(x)))
+            images.update(zip(chunk, self.to_images(x)))
         return images, [[] for _ in reqs], {}
 
     def _blend(self, reqs, chunks, batch, callback):
@@ -320,7 +321,7 @@ class Engine:
                             for k, i in chunk])
             x = self.run_decoder(self.decoder_denoiser(zs, guidance), xs, steps.decoder, sampler="ddim", eta=0.0, tick=tick)
             x = self.run_upsamplers(x, Noise([reqs[k].item_seed(i) for k, i in chunk], self.device), steps.upsampler, tick=tick)
-            images.update(zip(chunk, self._finish(x)))
+            images.update(zip(chunk, self.to_images(x)))
         return images, [[] for _ in reqs], {}
 
     def _nudge(self, reqs, chunks, batch, callback):
@@ -348,7 +349,7 @@ class Engine:
             x = self.run_decoder(self.decoder_denoiser(z, guidance), x_T[[k for k, _ in chunk]], steps.decoder, sampler="ddim",
                                  eta=0.0, tick=tick)
             x = self.run_upsamplers(x, Noise([reqs[k].item_seed(i) for k, i in chunk], self.device), steps.upsampler, tick=tick)
-            images.update(zip(chunk, self._finish(x)))
+            images.update(zip(chunk, self.to_images(x)))
         return images, warnings, {}
 
     # -- shared pieces -------------------------------------------------------------------------------
@@ -364,7 +365,7 @@ class Engine:
 
         return fn
 
-    def _timesteps(self, stage, steps: int, start: int | None = None) -> list[int]:
+    def timesteps(self, stage, steps: int, start: int | None = None) -> list[int]:
         """A stage's sampling timesteps, spaced as the set's recipe says."""
         return spaced_timesteps(stage.diffusion.num_timesteps, steps, start=start, spacing=self.sampling.timestep_spacing)
 
@@ -463,7 +464,7 @@ class Engine:
 
         denoise = make_denoiser(stage.diffusion, guided(model_fn, scale), clip_x_start=rec.prior_clamp)
         x = noise(K, D).view(B * K, D)
-        ts = self._timesteps(stage, steps)
+        ts = self.timesteps(stage, steps)
         x = SAMPLERS[rec.prior_sampler](denoise, x, ts, stage.diffusion, randn=lambda: noise(K, D).view(B * K, D),
                                         callback=_stage(tick, "prior"))
         z = prior.destandardize(x.to(self.dtype)).to(self.work_dtype)
@@ -499,7 +500,7 @@ class Engine:
         """Sample base images from x_T at timestep `start` (default T - 1) down to 0 (the recipe's sampler by
         default). With `known` and `keep`, RePaint keeps the known region (networks without inpainting channels)."""
         stage = self.models.decoder
-        ts = self._timesteps(stage, steps, start=start)
+        ts = self.timesteps(stage, steps, start=start)
         randn = (lambda: noise(3, self.base_size, self.base_size)) if noise else None
         if known is not None:
             return sample_repaint(denoise, x_T, ts, stage.diffusion, known=known, keep=keep, randn=randn,
@@ -544,7 +545,7 @@ class Engine:
         """DDIM inversion of base-resolution images x_start (B, 3, s, s) under their z_i (B, D), without
         caption: -> x_T (§3). In batches of `batch` images (default: all at once)."""
         stage = self.models.decoder
-        ts = self._timesteps(stage, steps)
+        ts = self.timesteps(stage, steps)
         batch = batch or len(x_start)
         parts = range(0, len(x_start), batch)
         return torch.cat([
@@ -580,7 +581,7 @@ class Engine:
                 low = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(-1, 1)
             else:  # clamp, then bicubic with antialiasing (what diffusers' UnCLIP pipelines do)
                 low = F.interpolate(x.clamp(-1, 1), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-            ts = self._timesteps(stage, steps, start=rec.upsampler_t_start)
+            ts = self.timesteps(stage, steps, start=rec.upsampler_t_start)
             net = self._model_fn(stage.model)
             if stage.last is None:
                 model = lambda x_t, t, net=net, low=low: net(x_t, t, cond=low)  # noqa: E731
@@ -615,7 +616,8 @@ class Engine:
                 x = SAMPLERS[rec.upsampler_sampler](denoise, x_start, ts, stage.diffusion, randn=randn, callback=_stage(tick, name))
         return x
 
-    def _finish(self, x: torch.Tensor) -> list[Image.Image]:
+    def to_images(self, x: torch.Tensor) -> list[Image.Image]:
+        """Final tensors (B, 3, H, W) in [-1, 1] -> PIL images; NaN or inf is an error with advice."""
         if not torch.isfinite(x).all():
             raise UnclipError(
                 "the model produced NaN or inf values",
