@@ -224,6 +224,9 @@ def _cli(*args) -> tuple[int, str, str]:
 def test_eval_quick_end_to_end(tiny_weights, eval_shards, tmp_path, monkeypatch):
     import dataclasses
 
+    import unclip_cli.cli.eval as eval_cli
+
+    monkeypatch.setattr(eval_cli, "SHIPPED_CLASSIFIER", tmp_path / "no-classifier.safetensors")  # measured without one
     monkeypatch.setattr(ev, "QUICK", dataclasses.replace(ev.QUICK, steps=(2, 3, 2)))  # the same runs, fewer steps
     out = tmp_path / "metrics.json"
     code, stdout, stderr = _cli("eval", "--weights", tiny_weights, "--data", eval_shards, "--quick", "--out", out, "--json",
