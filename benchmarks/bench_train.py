@@ -5,11 +5,14 @@ Each stage (clip, then prior, decoder and upsampler against that CLIP) runs `unc
 for --warmup + --steps optimiser steps in a fresh run folder, logging every step; the median step time
 after the warm-up gives images/s. The FLOPs of one step (forward and backward; the optimiser's
 elementwise work is not counted) are counted with FlopCounterMode on the stage's task object
-(`unclip_cli.train.stages.TASKS`) on a batch of the same size. Appends a section to benchmarks/RESULTS.md.
+(`unclip_cli.train.stages.TASKS`) on a batch of the same size. For the decoder and upsampler it also times the
+data path alone: the stage's loss with its network replaced by a stub, at --data-batch (a GPU's batch), which
+is the host work a GPU step waits for. Appends a section to benchmarks/RESULTS.md.
 
     python benchmarks/bench_train.py                              # architecture of weights/emoji, else the emoji preset
     python benchmarks/bench_train.py --preset tiny --steps 3      # quick check of the script
     python benchmarks/bench_train.py --stages decoder --batch-size 64
+    python benchmarks/bench_train.py --preset emoji256 --data ~/.cache/unclip/emoji-256 --stages decoder upsampler --data-on-device
 """
 
 from __future__ import annotations
@@ -97,16 +100,39 @@ def step_flops(stage: str, preset: str, data, run: Path, batch: int) -> tuple[in
     return counter.get_total_flops(), sum(p.numel() for p in task.model.parameters() if p.requires_grad)
 
 
+def data_path_seconds(stage: str, preset: str, data, run: Path, batch: int, on_device: bool, repeats: int) -> float | None:
+    """Median seconds of one batch of the stage's data path: its loss with the network replaced by a stub that
+    predicts zeros, so what is timed is the gathering, the random draws and the noising."""
+    from unclip_cli.presets import load_preset
+    from unclip_cli.train.stages import TASKS
+
+    task = TASKS[stage](load_preset(preset), data, run, torch.device("cpu"))
+    if on_device:
+        if not getattr(task, "device_data", False):
+            return None
+        task.hold_data_on_device()
+    task.net = lambda x, t, **kw: torch.zeros_like(x)
+    times = []
+    for r in range(repeats + 1):  # the first batch warms the page cache
+        idx = np.random.default_rng(r).choice(task.n, size=batch, replace=batch > task.n)
+        start = time.perf_counter()
+        task.loss(idx, torch.Generator().manual_seed(r))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weights", default="weights/emoji", help="train the architecture of this model set (default: weights/emoji)")
-    ap.add_argument("--preset", default="emoji", help="preset to use when --weights has no model set (default: emoji)")
+    ap.add_argument("--weights", help="train the architecture of this model set (default: weights/emoji, unless --preset is given)")
+    ap.add_argument("--preset", help="train this preset's architecture; with --weights, its training hyperparameters (default: emoji)")
     ap.add_argument("--data", default="~/.cache/unclip/emoji", help="corpus folder (default: ~/.cache/unclip/emoji)")
     ap.add_argument("--shards", type=int, default=2, help="train shards of --data to use (the image cache is built per run)")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     ap.add_argument("--steps", type=int, default=5, help="timed optimiser steps per stage")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--batch-size", type=int, help="per-stage batch size (default: the preset's)")
+    ap.add_argument("--data-on-device", action="store_true", help="decoder, upsampler: data as tensors on the device (here the CPU)")
+    ap.add_argument("--data-batch", type=int, default=512, help="batch of the data-path timing (default: 512, v0.3's GPU batch)")
     common.add_run_options(ap)
     args = ap.parse_args(argv)
     load_start = os.getloadavg()
@@ -118,15 +144,17 @@ def main(argv=None) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="unclip-bench-train-"))
     notes = []
-    weights = Path(args.weights)
-    if weights.is_dir() and any(weights.glob("*.safetensors")):
+    weights = Path(args.weights) if args.weights else Path("weights/emoji") if args.preset is None else None
+    args.preset = args.preset or "emoji"
+    if weights is not None and weights.is_dir() and any(weights.glob("*.safetensors")):
         preset_path = tmp / "preset.json"
         preset_path.write_text(json.dumps(preset_from_weights(weights, args.preset)))
         preset, arch = str(preset_path), f"the networks of `{weights}` (training hyperparameters of the `{args.preset}` preset)"
         label = weights.name
     else:
         preset, arch, label = args.preset, f"the `{args.preset}` preset", f"{args.preset} preset"
-        notes.append(f"{weights} has no model set: timing the `{args.preset}` preset's architecture")
+        if args.weights:
+            notes.append(f"{weights} has no model set: timing the `{args.preset}` preset's architecture")
     data_dir = Path(args.data).expanduser()
     train_shards = [p for p in expand_shards(data_dir)] if data_dir.exists() else []
     train_shards = [p for p in train_shards if not p.name.startswith("val-")][: args.shards]
@@ -142,15 +170,16 @@ def main(argv=None) -> None:
     print("measuring the matmul peak…", file=sys.stderr)
     peak = common.matmul_peak()
     run = tmp / "run"
-    rows = []
+    rows, data_rows = [], []
     for stage in STAGES:
         if stage not in args.stages and not (stage == "clip" and set(args.stages) & {"prior", "decoder"}):
             continue
         batch = args.batch_size or hp[stage]["batch_size"]
         print(f"{stage}: {args.warmup} + {args.steps} steps at batch {batch}…", file=sys.stderr)
         t = time.perf_counter()
+        on_device = args.data_on_device and stage in ("decoder", "upsampler")
         opts = TrainOptions(stage=stage, run=run, data=data, preset=preset, max_steps=args.warmup + args.steps, batch_size=batch,
-                            device="cpu", log_seconds=0.0, checkpoint_minutes=1e9)
+                            device="cpu", log_seconds=0.0, checkpoint_minutes=1e9, **({"data_on_device": True} if on_device else {}))
         summary = train(opts)
         wall = time.perf_counter() - t
         if stage not in args.stages:
@@ -160,6 +189,9 @@ def main(argv=None) -> None:
         median_s = statistics.median(step_s)
         flops, params = step_flops(stage, preset, data, run, batch)
         rows.append((stage, batch, params, median_s, min(step_s), max(step_s), flops, wall, summary["step"]))
+        if stage in ("decoder", "upsampler"):
+            print(f"{stage}: data path at batch {args.data_batch}…", file=sys.stderr)
+            data_rows.append((stage, data_path_seconds(stage, preset, data, run, args.data_batch, on_device, repeats=5)))
 
     pf = peak["flops_per_s"]
     body = [*common.machine_lines(peak), common.load_note(load_start), f"- Networks: {arch}; float32 on CPU",
@@ -171,6 +203,11 @@ def main(argv=None) -> None:
         body.append(f"| {stage} | {params / 1e6:.2f} M | {batch} | {med:.3f} ({lo:.3f}–{hi:.3f}) | {batch / med:.1f} | {flops / 1e9:.1f} | "
                     f"{flops / med / 1e9:.1f} | {100 * flops / med / pf:.0f}% | {wall:.0f} |")
     body += ["", "Stage wall time includes building the image cache and CLIP embeddings and the final checkpoint."]
+    if data_rows:
+        where = "tensors in memory (--data-on-device, the CPU as the device)" if args.data_on_device else "the memory-mapped caches"
+        body += ["", f"Data path alone (the loss with the network replaced by a zero stub; data from {where}), median of 5 batches of "
+                     f"{args.data_batch}:", "", "| stage | s/batch | images/s |", "|---|---|---|"]
+        body += [f"| {stage} | {s:.4f} | {args.data_batch / s:,.0f} |" for stage, s in data_rows if s is not None]
     print("\n".join(body))
     if not args.no_results:
         path = common.append_results(f"train — {label}", body)

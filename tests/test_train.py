@@ -412,8 +412,14 @@ def test_export_replaces_the_stage_files_all_at_once(trained_run, tmp_path, monk
 
     with monkeypatch.context() as m:
         m.setattr(os, "replace", replace_then_interrupt)
-        with pytest.raises(KeyboardInterrupt):
-            export(trained_run, dest, dtype=torch.float32, force=True)
+        # Python's own Ctrl-C handler, whatever this process inherited: a shell starts background jobs
+        # (a CI runner's, say) with SIGINT ignored, and export hands a held-back Ctrl-C to that handler.
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                export(trained_run, dest, dtype=torch.float32, force=True)
+        finally:
+            signal.signal(signal.SIGINT, previous)
     after = contents()
     assert sorted(after) == ["MODEL_CARD.md", "clip.safetensors", "decoder.safetensors", "notes.safetensors", "prior.safetensors",
                              "upsampler.safetensors"]
@@ -473,3 +479,82 @@ def test_eval_reads_its_default_corpus_from_unclip_data(tiny_weights, tmp_path):
     code, err = _cli("eval", "--quick", "--weights", tiny_weights, "--out", tmp_path / "m.json", "--device", "cpu", "--quiet",
                      env={"UNCLIP_DATA": str(data), "HOME": str(tmp_path / "home")})
     assert code == 1 and f"Error: no corpus at {data}" in err and ".cache/unclip" not in err, err
+
+
+@pytest.mark.parametrize("stage", ["decoder", "upsampler"])
+def test_data_on_the_device_gives_the_same_batches_as_the_host_memory_maps(trained_run, shards, tmp_path, stage):
+    """--data-on-device (here with the CPU as the device): images, token states and caption tables as tensors,
+    random numbers from a generator where the data lives; the same losses, bit for bit, as reading the memory
+    maps, step after step; and another seed gives other batches."""
+    import shutil
+
+    from unclip_cli.train.loop import build_task
+
+    def losses(run, on_device, seed=0):
+        shutil.copytree(trained_run / "cache", _copy_clip(trained_run, run) / "cache")
+        opts = _opts(run, shards, stage, max_steps=3, data_on_device=on_device, seed=seed,
+                     log_seconds=0.0)
+        task = build_task(opts, torch.device("cpu"))
+        summary = train(opts, task=task)
+        assert task.data_held == bool(on_device)
+        return [json.loads(x)["loss"] for x in (run / stage / "metrics.jsonl").read_text().splitlines()], summary
+
+    host, _ = losses(tmp_path / "host", None)  # the default on a CPU: memory maps
+    device, summary = losses(tmp_path / "device", True)
+    assert len(host) == 3 and host == device and summary["step"] == 3
+    other, _ = losses(tmp_path / "other", True, seed=1)
+    assert other != device
+
+
+def test_random_keep_masks_erase_one_to_three_rectangles():
+    from unclip_cli.train.stages import random_keep_masks
+
+    keep = random_keep_masks(64, 16, torch.Generator().manual_seed(0))
+    assert keep.shape == (64, 1, 16, 16) and set(keep.unique().tolist()) == {0.0, 1.0}
+    erased = (keep == 0).sum(dim=(1, 2, 3))
+    assert erased.min() >= 16 and erased.max() <= 3 * 12 * 12  # at least one 4x4, at most three 12x12
+    assert torch.equal(keep, random_keep_masks(64, 16, torch.Generator().manual_seed(0)))
+
+
+def test_the_emoji256_preset_keeps_v03s_clip_and_prior_and_builds_64_and_256_pixel_stages():
+    """emoji v0.4: the `emoji` preset's CLIP and prior (so a run trains against weights/emoji's CLIP), a 64 px
+    decoder with the same conditioning and inpainting channels, and a convolutional 64 -> 256 upsampler."""
+    from unclip_cli.checkpoint import config_from_dict
+    from unclip_cli.models.unet import UNet, UNetConfig
+    from unclip_cli.presets import list_presets, load_preset
+
+    assert "emoji256" in list_presets()
+    new, old = load_preset("emoji256"), load_preset("emoji")
+    assert new["clip"] == old["clip"] and new["prior"] == old["prior"]
+    dec, old_dec = new["decoder"]["model"], old["decoder"]["model"]
+    assert dec["image_size"] == 64 and all(dec[k] == old_dec[k] for k in ("extra_channels", "clip_dim", "num_clip_tokens", "text_width", "context_dim"))
+    assert new["upsampler"]["model"]["attention_ds"] == [] and dec["image_size"] * new["upsampler"]["scale"] == 256
+    decoder = UNet(config_from_dict(UNetConfig, dec))
+    upsampler = UNet(config_from_dict(UNetConfig, new["upsampler"]["model"]))
+    with torch.no_grad():
+        x = torch.zeros(1, 3, 64, 64)
+        assert decoder(x, torch.zeros(1, dtype=torch.long), z_i=torch.zeros(1, 256)).shape == x.shape
+        assert upsampler(x, torch.zeros(1, dtype=torch.long), cond=x).shape == x.shape  # a training crop
+
+
+def test_a_new_decoder_trains_against_a_model_sets_clip(shards, tiny_weights, tmp_path):
+    """--clip-from SET: the run's frozen CLIP is the set's, the decoder starts from new weights (another
+    architecture than the set's may be trained), and export --base completes the set with its prior."""
+    from unclip_cli import checkpoint
+    from unclip_cli.modelset import load_model_set
+    from unclip_cli.train.export import export
+
+    run = tmp_path / "run"
+    train(_opts(run, shards, "decoder", max_steps=1, clip_from=tiny_weights))
+    frozen = checkpoint.load(run / "frozen_clip.safetensors", "clip")
+    assert frozen.extra["uid"] == checkpoint.load(tiny_weights / "clip.safetensors", "clip").extra["uid"]
+    info = json.loads((run / "decoder" / "run.json").read_text())
+    assert "init_from" not in info and info["extra"]["clip_uid"] == frozen.extra["uid"]
+    export(run, tmp_path / "set", base=tiny_weights)
+    assert load_model_set(tmp_path / "set").decoder.extra["trained_steps"] == 1
+    for stage, kw, match in [("clip", {}, "is CLIP"), ("upsampler", {}, "never sees CLIP"), ("decoder", {"resume": True}, "new run"),
+                             ("decoder", {"init_from": tiny_weights}, "new run")]:
+        with pytest.raises(InputError, match=match):
+            _opts(tmp_path / "other", shards, stage, clip_from=tiny_weights, **kw)
+    with pytest.raises(InputError, match="cannot keep its data on the device"):
+        _opts(tmp_path / "other", shards, "prior", data_on_device=True)

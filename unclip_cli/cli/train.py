@@ -21,11 +21,13 @@ app.add_typer(train_app, name="train")
 
 DataOpt = Annotated[str, typer.Option("--data", help="Shards: a folder, a glob, or a brace range like data/train-{000000..000009}.tar")]
 RunDirOpt = Annotated[Path, typer.Option("--run", "--run-dir", help="Run folder (keep it outside the repo), shared by all stages of one stack; under torchrun spell it --run-dir (torchrun claims --run as an abbreviation of its --run-path)")]
-PresetOpt = Annotated[str, typer.Option("--preset", help="tiny, emoji, base, or a .json file")]
+PresetOpt = Annotated[str, typer.Option("--preset", help="tiny, emoji, emoji256, base, or a .json file")]
 MaxMinutesOpt = Annotated[Optional[float], typer.Option("--max-minutes", help="Stop (with a checkpoint) after this many minutes")]
 MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many optimiser steps in total")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the stage's saved state: step, optimiser, EMA, data position, RNG")]
 InitFromOpt = Annotated[Optional[Path], typer.Option("--init-from", metavar="SET", help="Start a new run from a model set's weights (e.g. weights/emoji), to train it further or on your own images")]
+ClipFromOpt = Annotated[Optional[Path], typer.Option("--clip-from", metavar="SET", help="Prior or decoder: train new weights (another architecture, say) against a model set's CLIP; export --base SET completes the set")]
+DataOnDeviceOpt = Annotated[Optional[bool], typer.Option("--data-on-device/--data-on-host", help="Decoder, upsampler: keep the image cache and text states on the training device as tensors, and draw random numbers there (default: on a GPU)")]
 TrainBatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Per-process batch size (default: the preset's)")]
 LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: the preset's)")]
 CkptMinutesOpt = Annotated[float, typer.Option("--checkpoint-minutes", help="Minutes between checkpoints")]
@@ -42,8 +44,9 @@ def _run_stage(stage: str, quiet: bool, **options):
     o = options
     opts = TrainOptions(stage=stage, run=o["run"].expanduser(), data=str(Path(o["data"]).expanduser()), preset=o["preset"],
                         max_minutes=o["max_minutes"], max_steps=o["max_steps"], resume=o["resume"],
-                        init_from=o["init_from"] and o["init_from"].expanduser(), batch_size=o["batch_size"], lr=o["lr"],
-                        checkpoint_minutes=o["checkpoint_minutes"], seed=o["seed"], device=o["device"].value)
+                        init_from=o["init_from"] and o["init_from"].expanduser(), clip_from=o["clip_from"] and o["clip_from"].expanduser(),
+                        batch_size=o["batch_size"], lr=o["lr"], checkpoint_minutes=o["checkpoint_minutes"], seed=o["seed"],
+                        device=o["device"].value, data_on_device=o["data_on_device"])
     console = Console(stderr=True)
     show = not quiet and console.is_terminal
     with Bars(console, enabled=show) as bars:
@@ -70,11 +73,13 @@ def _run_stage(stage: str, quiet: bool, **options):
 def _register(stage: str, doc: str) -> None:
     def command(
         data: DataOpt, run: RunDirOpt, preset: PresetOpt = "emoji", max_minutes: MaxMinutesOpt = None, max_steps: MaxStepsOpt = None,
-        resume: ResumeOpt = False, init_from: InitFromOpt = None, batch_size: TrainBatchOpt = None, lr: LrOpt = None,
-        checkpoint_minutes: CkptMinutesOpt = 10.0, seed: TrainSeedOpt = 0, device: DeviceOpt = DeviceChoice.auto, quiet: QuietOpt = False,
+        resume: ResumeOpt = False, init_from: InitFromOpt = None, clip_from: ClipFromOpt = None, batch_size: TrainBatchOpt = None,
+        lr: LrOpt = None, checkpoint_minutes: CkptMinutesOpt = 10.0, seed: TrainSeedOpt = 0, device: DeviceOpt = DeviceChoice.auto,
+        data_on_device: DataOnDeviceOpt = None, quiet: QuietOpt = False,
     ):
         _run_stage(stage, quiet, data=data, run=run, preset=preset, max_minutes=max_minutes, max_steps=max_steps, resume=resume,
-                   init_from=init_from, batch_size=batch_size, lr=lr, checkpoint_minutes=checkpoint_minutes, seed=seed, device=device)
+                   init_from=init_from, clip_from=clip_from, batch_size=batch_size, lr=lr, checkpoint_minutes=checkpoint_minutes,
+                   seed=seed, device=device, data_on_device=data_on_device)
 
     command.__doc__ = doc
     train_app.command(stage)(command)

@@ -45,6 +45,7 @@ class TrainOptions:
     max_steps: int | None = None
     resume: bool = False
     init_from: Path | None = None  # a model set whose weights start a new run (fine-tuning)
+    clip_from: Path | None = None  # a model set whose CLIP a new prior or decoder trains against, from new weights
     batch_size: int | None = None
     lr: float | None = None
     checkpoint_minutes: float = 10.0
@@ -53,6 +54,7 @@ class TrainOptions:
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     log_seconds: float = 10.0
+    data_on_device: bool | None = None  # decoder, upsampler: data as tensors on the training device; None: on a GPU
 
     def __post_init__(self):
         self.validate()
@@ -76,6 +78,13 @@ class TrainOptions:
             raise InputError(f"the gradient clipping norm must be a finite number above 0, not {self.grad_clip}")
         if self.init_from is not None and self.resume:
             raise InputError("--init-from starts a new run and --resume continues one", hint="pass only one of them")
+        if self.clip_from is not None:
+            if self.init_from is not None or self.resume:
+                raise InputError("--clip-from starts a new run from new weights", hint="drop --init-from and --resume (--init-from takes the set's CLIP too)")
+            if self.stage not in ("prior", "decoder"):
+                raise InputError(f"--clip-from is for the prior and the decoder; the {self.stage} stage {'is' if self.stage == 'clip' else 'never sees'} CLIP")
+        if self.data_on_device and not TASKS[self.stage].device_data:
+            raise InputError(f"the {self.stage} stage cannot keep its data on the device", hint="drop --data-on-device")
         run = Path(self.run)
         for folder in (run, *run.parents):  # the run folder, or the nearest of its parents that exists
             if folder.exists():
@@ -111,11 +120,17 @@ class BatchOrder:
     def __init__(self, indices: np.ndarray, batch: int, seed: int, rank: int, world: int, epoch=0, offset=0):
         self.indices, self.batch, self.seed, self.rank, self.world = indices, batch, seed, rank, world
         self.epoch, self.offset = epoch, offset
+        self._perm: tuple[int, np.ndarray] | None = None  # (epoch, this rank's permutation), drawn once per epoch
+
+    def permutation(self) -> np.ndarray:
+        if self._perm is None or self._perm[0] != self.epoch:
+            self._perm = (self.epoch, np.random.default_rng(self.seed + self.epoch).permutation(self.indices)[self.rank :: self.world])
+        return self._perm[1]
 
     def next(self) -> np.ndarray:
         out = []
         while len(out) < self.batch:  # a batch may run into the next epoch (or several, for tiny data)
-            perm = np.random.default_rng(self.seed + self.epoch).permutation(self.indices)[self.rank :: self.world]
+            perm = self.permutation()
             take = perm[self.offset : self.offset + self.batch - len(out)]
             out.extend(take.tolist())
             self.offset += len(take)
@@ -207,6 +222,9 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # fixed shapes per stage: pick the fastest kernels once
         self.device = device
         self.task = task = self._task()
+        on_device = opts.data_on_device if opts.data_on_device is not None else device.type != "cpu" and task.device_data
+        if on_device and not task.data_held:
+            task.hold_data_on_device()
         started_from = init_from_set(task, Path(opts.init_from)) if opts.init_from is not None else None
         self.model = model = task.model
         task.net = model
@@ -229,8 +247,9 @@ class Trainer:
             return self.task
         if not self.dist.is_main:
             self.dist.barrier()
-        if self.opts.init_from is not None and self.dist.is_main:
-            adopt_clip(self.run_dir, Path(self.opts.init_from), self.opts.stage)
+        model_set = self.opts.init_from or self.opts.clip_from
+        if model_set is not None and self.dist.is_main:
+            adopt_clip(self.run_dir, Path(model_set), self.opts.stage)
         task = TASKS[self.opts.stage](self.preset, self.opts.data, self.run_dir, self.device)
         if self.dist.is_main:
             self.dist.barrier()

@@ -10,6 +10,11 @@ cache, and turns a list of sample indices into a loss; the loop in `loop.py` doe
 
 CLIP embeddings for the prior and decoder come from one frozen CLIP and are computed once into
 `RUN/embeddings/` (z_i per image; z_t and token states per distinct caption), never per step.
+
+The decoder and upsampler can also hold their data on the training device (`hold_data_on_device`: uint8
+images, fp16 token states, caption tables) and draw a step's random numbers there from a generator seeded by
+the step's, so a GPU step needs nothing from the host but the batch's indices. Both ways give the same
+batches from the same numbers when the device is the CPU.
 """
 
 from __future__ import annotations
@@ -68,14 +73,58 @@ def blur(x: torch.Tensor, sigma: float = 0.6) -> torch.Tensor:
 
 
 def random_keep_masks(B: int, size: int, gen: torch.Generator) -> torch.Tensor:
-    """Known-pixel masks (B, 1, s, s), 1 = known: one to three random rectangles erased per image."""
-    keep = torch.ones(B, 1, size, size)
-    for b in range(B):
-        for _ in range(int(torch.randint(1, 4, (1,), generator=gen))):
-            h, w = (int(v) for v in torch.randint(size // 4, size * 3 // 4 + 1, (2,), generator=gen))
-            y, x = int(torch.randint(0, size - h + 1, (1,), generator=gen)), int(torch.randint(0, size - w + 1, (1,), generator=gen))
-            keep[b, :, y : y + h, x : x + w] = 0
-    return keep
+    """Known-pixel masks (B, 1, s, s), 1 = known: one to three random rectangles erased per image, each side a
+    quarter to three quarters of the image's. Drawn with a few tensor operations on the generator's device."""
+    dev = gen.device
+    count = torch.randint(1, 4, (B, 1), generator=gen, device=dev)  # rectangles per image
+    sides = torch.randint(size // 4, size * 3 // 4 + 1, (B, 3, 2), generator=gen, device=dev)  # (B, 3, [h, w])
+    corner = (torch.rand(B, 3, 2, generator=gen, device=dev) * (size - sides + 1)).long()  # uniform in [0, size - side]
+    pos = torch.arange(size, device=dev)
+    inside = (pos >= corner[..., None]) & (pos < (corner + sides)[..., None])  # (B, 3, 2, s): rows, then columns
+    used = torch.arange(3, device=dev) < count  # (B, 3)
+    erased = (inside[:, :, 0, :, None] & inside[:, :, 1, None, :] & used[..., None, None]).any(dim=1)  # (B, s, s)
+    return (~erased)[:, None].float()
+
+
+def step_generator(gen: torch.Generator, device: torch.device) -> torch.Generator:
+    """A generator on `device`, seeded from the step's (CPU) generator: a step draws its random numbers where
+    its data lives, so a task whose data is on the GPU sends nothing from the host per step. Seeded per step,
+    so runs stay reproducible and resume exactly."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def unit_rows(images, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Rows `idx` of a uint8 (N, H, W, 3) image cache, a host memory map or a tensor on the training device,
+    as float (B, 3, H, W) in [-1, 1] on `device` (the same numbers as `to_unit`); only uint8 is moved."""
+    if isinstance(images, torch.Tensor):
+        rows = images[idx.to(images.device)]
+    else:
+        rows = torch.from_numpy(np.ascontiguousarray(images[idx.cpu().numpy()]))
+    return rows.to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def crops(x: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, c: int) -> torch.Tensor:
+    """(B, C, c, c) windows of x (B, C, H, W) with top-left corners (ys, xs) (B,), in one gather."""
+    r = torch.arange(c, device=x.device)
+    rows = (ys[:, None] + r)[:, None, :, None]  # (B, 1, c, 1)
+    cols = (xs[:, None] + r)[:, None, None, :]  # (B, 1, 1, c)
+    b = torch.arange(x.shape[0], device=x.device)[:, None, None, None]
+    ch = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return x[b, ch, rows, cols]
+
+
+def to_device_tensor(array: np.ndarray, device: torch.device, chunk_bytes: int = 1 << 28) -> torch.Tensor:
+    """A host array (a memory map, say) as a tensor on `device`, copied in chunks of rows, so a cache of
+    several GB never needs a second whole copy in host memory."""
+    rows = max(1, chunk_bytes // max(1, array[:1].nbytes))
+    out = None
+    for s in range(0, len(array), rows):
+        chunk = torch.from_numpy(np.array(array[s : s + rows])).to(device)  # a writable copy of the rows
+        if out is None:
+            out = torch.empty((len(array), *chunk.shape[1:]), dtype=chunk.dtype, device=device)
+        out[s : s + len(chunk)] = chunk
+    return out
 
 
 # -- tasks --------------------------------------------------------------------------------------------
@@ -91,6 +140,8 @@ class Task:
         self.preset, self.data, self.run, self.device = preset, data, Path(run), device
         self.cache_root = self.run / "cache"
         self.net = None  # the model as called in training (DDP-wrapped under torchrun)
+        self.data_device = torch.device("cpu")  # where the training data lives and a step draws its random numbers
+        self.data_held = False  # True once hold_data_on_device has run
 
     def train_indices(self) -> np.ndarray:
         return np.arange(self.n)
@@ -103,6 +154,14 @@ class Task:
 
     def after_step(self) -> None:
         """Stage-specific fix-ups after an optimiser step."""
+
+    # Whether `hold_data_on_device` works for this stage.
+    device_data = False
+
+    def hold_data_on_device(self) -> None:
+        """Keep the training data on the training device as tensors, so that a step gathers its batch and draws
+        its random numbers there instead of on the host. The batches are the same numbers either way."""
+        raise NotImplementedError(f"the {self.kind} stage reads its data from the host")
 
 
 class ClipTask(Task):
@@ -204,6 +263,26 @@ class Embeddings:
         L = st.shape[1]
         mask = torch.arange(L)[None] < self.lengths[rows][:, None]
         return self.z_t[rows].to(device), st.to(device), mask.to(device)
+
+    def caption_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image's caption rows, padded: (N, C) int64, and how many it has (N,), so that a batch draws one
+        caption per image with tensor operations."""
+        counts = torch.tensor([len(r) for r in self.caption_rows])
+        table = torch.zeros(len(self.caption_rows), int(counts.max()), dtype=torch.int64)
+        for i, r in enumerate(self.caption_rows):
+            table[i, : len(r)] = torch.tensor(r)
+        return table, counts
+
+
+def text_rows(states, lengths: torch.Tensor, rows: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token states (B, L, W) as float32 and their mask (B, L) for caption `rows`, from fp16 states that are
+    a host memory map or a tensor on the training device; both give the same numbers."""
+    if isinstance(states, torch.Tensor):
+        st = states[rows.to(states.device)].float()
+    else:
+        st = torch.from_numpy(states[rows.cpu().numpy()].astype(np.float32))
+    mask = torch.arange(st.shape[1], device=lengths.device)[None] < lengths[rows.to(lengths.device)][:, None]
+    return st.to(device), mask.to(device)
 
 
 def frozen_clip(run: Path, device) -> tuple[Clip, str, dict]:
@@ -319,23 +398,36 @@ class DecoderTask(Task):
         self.n = len(self.cache)
         self.model = UNet(self.config).to(device)
         self.extra = {"clip_uid": clip_uid, "x_start_mean": mean_image(self.cache.images)}
+        # What a step reads: host memory maps and CPU tensors here; tensors on the device after hold_data_on_device.
+        self.images, self.states, self.lengths, self.z_i = self.cache.images, self.emb.states, self.emb.lengths, self.emb.z_i
+        self.captions, self.caption_counts = self.emb.caption_table()
+
+    device_data = True
+
+    def hold_data_on_device(self):
+        dev = self.device
+        self.images, self.states = to_device_tensor(self.cache.images, dev), to_device_tensor(self.emb.states, dev)  # uint8, fp16
+        self.lengths, self.z_i = self.emb.lengths.to(dev), self.emb.z_i.to(dev)
+        self.captions, self.caption_counts = (t.to(dev) for t in self.emb.caption_table())
+        self.data_device, self.data_held = dev, True
 
     def loss(self, idx, gen):
-        B, s = len(idx), self.config.image_size
-        idx = np.sort(idx)
-        x_start = to_unit(self.cache.images[idx]).to(self.device)
-        z_i = self.emb.z_i[idx].to(self.device)
-        rows = [self.emb.caption_rows[i][int(torch.randint(len(self.emb.caption_rows[i]), (1,), generator=gen))] for i in idx]
-        _, states, mask = self.emb.text(rows, self.device)
-        z_keep = (torch.rand(B, generator=gen) >= DECODER_Z_DROP).to(self.device)
-        mask = mask & (torch.rand(B, generator=gen) >= DECODER_TEXT_DROP).to(self.device)[:, None]
+        B, s, dev, here = len(idx), self.config.image_size, self.device, self.data_device
+        g = step_generator(gen, here)
+        idx = torch.from_numpy(np.sort(idx)).to(here)
+        x_start = unit_rows(self.images, idx, dev)
+        z_i = self.z_i[idx].to(dev)
+        pick = (torch.rand(B, generator=g, device=here) * self.caption_counts[idx]).long()  # one caption per image
+        states, mask = text_rows(self.states, self.lengths, self.captions[idx, pick], dev)
+        z_keep = (torch.rand(B, generator=g, device=here) >= DECODER_Z_DROP).to(dev)
+        mask = mask & (torch.rand(B, generator=g, device=here) >= DECODER_TEXT_DROP).to(dev)[:, None]
         cond = None
         if self.config.extra_channels:
-            keep = random_keep_masks(B, s, gen).to(self.device)
-            inpaint = (torch.rand(B, generator=gen) < INPAINT_FRACTION).to(self.device)[:, None, None, None].float()
+            keep = random_keep_masks(B, s, g).to(dev)
+            inpaint = (torch.rand(B, generator=g, device=here) < INPAINT_FRACTION).to(dev)[:, None, None, None].float()
             cond = torch.cat([x_start * keep, keep], dim=1) * inpaint  # zero for plain generation
-        t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=gen).to(self.device)
-        noise = torch.randn(x_start.shape, generator=gen).to(self.device)
+        t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=g, device=here).to(dev)
+        noise = torch.randn(x_start.shape, generator=g, device=here).to(dev)
         fn = lambda x, tt: self.net(x, tt, cond=cond, z_i=z_i, z_keep=z_keep, text_states=states, text_mask=mask)  # noqa: E731
         return self.diffusion.training_losses(fn, x_start, t, noise).mean()
 
@@ -376,22 +468,28 @@ class UpsamplerTask(Task):
         self.n = len(self.cache)
         self.model = UNet(self.config).to(device)
         self.extra = {"scale": self.scale, "low_res": self.low_res}
+        self.images = self.cache.images  # a host memory map; a uint8 tensor on the device after hold_data_on_device
+
+    device_data = True
+
+    def hold_data_on_device(self):
+        self.images, self.data_device, self.data_held = to_device_tensor(self.cache.images, self.device), self.device, True
 
     def low_res_condition(self, hi: torch.Tensor) -> torch.Tensor:
         low = F.interpolate(hi, size=(self.low_res,) * 2, mode="bilinear", antialias=True, align_corners=False)
         return F.interpolate(blur(low), size=hi.shape[-2:], mode="bilinear", align_corners=False).clamp(-1, 1)
 
     def loss(self, idx, gen):
-        B, c = len(idx), self.config.image_size
-        hi = to_unit(self.cache.images[np.sort(idx)]).to(self.device)  # (B, 3, S, S)
+        B, c, dev, here = len(idx), self.config.image_size, self.device, self.data_device
+        g = step_generator(gen, here)
+        hi = unit_rows(self.images, torch.from_numpy(np.sort(idx)).to(here), dev)  # (B, 3, S, S)
         cond = self.low_res_condition(hi)
         # One random crop per image, a quarter of the target side (App. C); the network is convolutional.
-        ys = torch.randint(0, self.size - c + 1, (B,), generator=gen)
-        xs = torch.randint(0, self.size - c + 1, (B,), generator=gen)
-        x_start = torch.stack([hi[b, :, y : y + c, x : x + c] for b, (y, x) in enumerate(zip(ys.tolist(), xs.tolist()))])
-        low = torch.stack([cond[b, :, y : y + c, x : x + c] for b, (y, x) in enumerate(zip(ys.tolist(), xs.tolist()))])
-        t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=gen).to(self.device)
-        noise = torch.randn(x_start.shape, generator=gen).to(self.device)
+        ys = torch.randint(0, self.size - c + 1, (B,), generator=g, device=here).to(dev)
+        xs = torch.randint(0, self.size - c + 1, (B,), generator=g, device=here).to(dev)
+        x_start, low = crops(hi, ys, xs, c), crops(cond, ys, xs, c)
+        t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=g, device=here).to(dev)
+        noise = torch.randn(x_start.shape, generator=g, device=here).to(dev)
         return self.diffusion.training_losses(lambda x, tt: self.net(x, tt, cond=low), x_start, t, noise).mean()
 
     @torch.no_grad()
