@@ -113,17 +113,11 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3, help="in-process and whole-process runs per preset (medians reported)")
     ap.add_argument("-n", type=int, default=4, help="images per command")
     ap.add_argument("--prompt", default=PROMPT)
-    common.add_run_options(ap)
-    args = ap.parse_args(argv)
-    load_start = os.getloadavg()
-    common.apply_threads(args.threads)
+    args, load_start, weights, notes = common.start(ap, argv)
 
     from unclip_cli.engine import Engine
     from unclip_cli.requests import QUALITY, GenerateRequest
 
-    weights, notes = common.pick_weights(args.weights, args.random)
-    for note in notes:
-        print("NOTE:", note.replace("**", ""), file=sys.stderr)
     print("measuring the matmul peak…", file=sys.stderr)
     peak = common.matmul_peak()
     t = time.perf_counter()

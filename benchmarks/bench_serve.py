@@ -152,14 +152,7 @@ def main(argv=None) -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4], help="concurrency levels")
     ap.add_argument("--repeats", type=int, default=3, help="CLI processes and in-process runs (medians reported)")
     ap.add_argument("--prompt", default=PROMPT)
-    common.add_run_options(ap)
-    args = ap.parse_args(argv)
-    load_start = os.getloadavg()
-    common.apply_threads(args.threads)
-
-    weights, notes = common.pick_weights(args.weights, args.random)
-    for note in notes:
-        print("NOTE:", note.replace("**", ""), file=sys.stderr)
+    args, load_start, weights, notes = common.start(ap, argv)
     print(f"CLI: {args.repeats} whole processes and in-process runs…", file=sys.stderr)
     cli, cli_shown = time_cli(weights, args.quality, args.prompt, args.repeats)
     engine_s = time_engine(weights, args.quality, args.prompt, args.repeats)

@@ -141,3 +141,16 @@ def apply_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)  # for timed subprocesses
 
+
+
+def start(ap, argv=None):
+    """Parse a benchmark's arguments (with the shared run options), apply --threads and pick its weights,
+    printing the notes: -> (args, load average at start, weights folder, notes for the results)."""
+    add_run_options(ap)
+    args = ap.parse_args(argv)
+    load_start = os.getloadavg()
+    apply_threads(args.threads)
+    weights, notes = pick_weights(args.weights, args.random)
+    for note in notes:
+        print("NOTE:", note.replace("**", ""), file=sys.stderr)
+    return args, load_start, weights, notes

@@ -657,8 +657,8 @@ compute what Karlo's do; weights in {str(dtype).replace("torch.", "")} (tensors 
 ## Where it came from
 
 Karlo is kakaobrain's text-conditional image generation model based on OpenAI's unCLIP architecture
-(https://github.com/kakaobrain/karlo), trained on 115M image-text pairs (COYO-100M high-quality subset,
-CC3M, CC12M). Its text and image encoders are OpenAI's CLIP ViT-L/14 (https://github.com/openai/CLIP).
+(the kakaobrain/karlo repository), trained on 115M image-text pairs (COYO-100M high-quality subset,
+CC3M, CC12M). Its text and image encoders are OpenAI's CLIP ViT-L/14 (the openai/CLIP repository).
 Nothing here was trained by unclip.
 
 ## Licence
