@@ -290,6 +290,32 @@ def test_model_set_chains_several_upsamplers(two_sets, tmp_path):
     ms = load_model_set(chained)
     assert [u.path.name for u in ms.upsamplers] == ["upsampler.safetensors", "upsampler-2.safetensors"]
     assert ms.image_size == 32
-    # The second stage must start where the first ends (16 px), not at the decoder's 8 px.
-    checkpoint.save(second, "upsampler", ck.model, ck.config, ck.diffusion, {**ck.extra, "low_res": 8})
-    _raises_naming(second, lambda: load_model_set(chained))
+    # The second stage takes what the first gives (16 px), or that image downsized by a whole factor.
+    for low_res in (12, 32):
+        checkpoint.save(second, "upsampler", ck.model, ck.config, ck.diffusion, {**ck.extra, "low_res": low_res})
+        _raises_naming(second, lambda: load_model_set(chained), match=str(low_res))
+
+
+def test_an_upsampler_may_take_the_previous_image_downsized(two_sets, tmp_path, monkeypatch):
+    """emoji: 32 -> 128 by the first upsampler, then 128 -> 64 (antialiased) -> 256 by a stage trained on 64 px crops."""
+    from unclip_cli.engine import Engine
+    from unclip_cli.requests import GenerateRequest
+
+    chained = tmp_path / "chained"
+    shutil.copytree(two_sets[0], chained)
+    ck = checkpoint.load(chained / "upsampler.safetensors")
+    checkpoint.save(chained / "upsampler-2.safetensors", "upsampler", ck.model, ck.config, ck.diffusion, {**ck.extra, "low_res": 8})
+    ms = load_model_set(chained)
+    assert (ms.base_size, ms.image_size) == (8, 16)
+    resized = []
+    interpolate = torch.nn.functional.interpolate
+
+    def spy(x, size=None, **kw):
+        resized.append((x.shape[-1], size))
+        return interpolate(x, size=size, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "interpolate", spy)
+    result = Engine(ms, torch.device("cpu"), torch.float32).run(GenerateRequest(prompt="a red circle", n=1, seed=0, quality="fast"))
+    assert result.images[0].size == (16, 16) and result.recipes[0]["size"] == [16, 16]
+    # 8 -> 16 (first stage's condition), 16 -> 8 (downsized for the second), 8 -> 16 (its condition)
+    assert [r for r in resized if r[1] is not None] == [(8, (16, 16)), (16, (8, 8)), (8, (16, 16))]

@@ -433,3 +433,19 @@ def _png_file(d: Path, seed: int = 0) -> Path:
     p = d / f"in{seed}.png"
     _noise(16, 16, seed).save(p)
     return p
+
+
+def test_the_cli_lets_waiting_threads_sleep_and_sets_it_before_torch_starts():
+    """OMP_WAIT_POLICY is read once, when torch's OpenMP runtime starts: importing the CLI sets it before
+    torch is imported (see unclip_cli/cpu.py), and keeps a value the user set."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "import os, sys; import unclip_cli.cli; print('torch' in sys.modules, os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "PASSIVE"]
+    out = subprocess.run([sys.executable, "-c", probe], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False", "ACTIVE"]

@@ -94,6 +94,38 @@ def test_frechet_covariance_term_against_a_closed_form():
 
 
 # ---------------------------------------------------------------------------------------------------
+# Sharpness: power in detail bands
+
+
+def _disc(size: int) -> Image.Image:
+    """A hard-edged dark disc on white, the kind of edge emoji are made of."""
+    y, x = np.mgrid[:size, :size] - (size - 1) / 2
+    grey = np.where(np.hypot(x, y) < size / 3, 40, 255).astype(np.uint8)
+    return Image.fromarray(np.stack([grey] * 3, -1), "RGB")
+
+
+def test_band_power_of_a_flat_image_is_zero_and_of_a_set_its_mean():
+    flat = Image.new("RGB", (64, 64), (200, 30, 30))
+    assert ev.band_power([flat], 64) == pytest.approx([0, 0, 0], abs=1e-20)
+    disc = ev.band_power([_disc(64)], 64)
+    assert (disc > 0).all()
+    assert ev.band_power([_disc(64), flat], 64) == pytest.approx(disc / 2)
+
+
+def test_band_power_falls_with_resolution_lost_most_in_the_finest_band():
+    """A disc drawn at 64 px, and the same shown at 64 px after passing through 32 and 16 px."""
+    sharp = ev.band_power([_disc(64)], 64)
+    shares = [ev.band_power([_disc(64).resize((s, s), Image.Resampling.LANCZOS)], 64) / sharp for s in (32, 16)]
+    for share in shares:
+        assert (share < 1).all() and share[0] > share[1] > share[2]
+    assert (shares[1] < shares[0]).all()
+    assert shares[0][2] < 0.2 and shares[1][2] < 0.02  # detail finer than the image passed through is gone
+    # White noise puts more power than the disc into the finest band: grain reads as too much, not as sharp.
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8), "RGB")
+    assert ev.band_power([noise], 64)[2] > 10 * sharp[2]
+
+
+# ---------------------------------------------------------------------------------------------------
 # Blend, edit, inversion
 
 
@@ -247,6 +279,9 @@ def test_eval_quick_end_to_end(tiny_weights, eval_shards, tmp_path, monkeypatch)
     assert g["prompts"] == {"en": 5, "zh": 5} and g["n_generated"] == 10 and g["candidates"] == {"en": 12, "zh": 12}
     assert 0 <= g["own_concept_rate"]["en"] <= 1 and 0 <= g["own_concept_rate_real"]["zh"] <= 1
     assert g["frechet_clip"] > 0 and m["prior"]["n"] == 10
+    sh = m["sharpness"]
+    assert sh["size"] == 32 and sh["generated_size"] == 16 and sh["n_generated"] == 10 and sh["bands_px"] == ["8-16", "4-8", "2-4"]
+    assert all(v > 0 for v in sh["share_of_real"])
     assert -1 <= m["vary"]["cosine_to_source"] <= 1 and m["vary"]["n_style_pairs"] == 5
     assert m["inversion"]["mse"] >= 0 and m["inversion"]["resolution"] == 8
     assert 0 <= m["blend"]["monotone_fraction"] <= m["blend"]["progress_fraction"] <= 1 and m["blend"]["pairs"] == 2

@@ -84,6 +84,36 @@ def test_every_stage_trains_checkpoints_and_exports(trained_run, tmp_path):
         export(trained_run, tmp_path / "set")
 
 
+def test_export_appends_the_runs_upsampler_as_one_more_stage(trained_run, tmp_path):
+    """How emoji got its 256 px stage: a set, plus a run's upsampler after its last stage (here 16 px ->
+    8 -> 16: the stage takes the image before it downsized)."""
+    from unclip_cli.engine import Engine
+    from unclip_cli.modelset import load_model_set
+    from unclip_cli.requests import GenerateRequest
+    from unclip_cli.train.export import append_upsampler, export
+
+    base = tmp_path / "base"
+    export(trained_run, base)
+    (base / "MODEL_CARD.md").write_text("card")
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    written = append_upsampler(trained_run, base, tmp_path / "more")
+    assert [p.name for p in written] == ["upsampler-2.safetensors"]
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before  # the base is untouched
+    more = {p.name: p.read_bytes() for p in (tmp_path / "more").iterdir()}
+    assert {k: v for k, v in more.items() if k != "upsampler-2.safetensors"} == before
+    ms = load_model_set(tmp_path / "more")
+    assert [u.path.name for u in ms.upsamplers] == ["upsampler.safetensors", "upsampler-2.safetensors"] and ms.image_size == 16
+    result = Engine(ms, torch.device("cpu"), torch.float32).run(
+        GenerateRequest(prompt="a red circle", seed=0, prior_steps=2, decoder_steps=2, upsampler_steps=2, decoder_candidates=1))
+    assert result.images[0].size == (16, 16)
+    with pytest.raises(UnclipError, match="already holds"):
+        append_upsampler(trained_run, base, tmp_path / "more")
+    assert append_upsampler(trained_run, base, base)[0].name == "upsampler-2.safetensors"  # in place
+    assert len(load_model_set(base).upsamplers) == 2
+    r = cli("train", "export", str(trained_run), "--to", str(tmp_path / "x"), "--append-upsampler")
+    assert r.code == 1 and "needs --base" in r.err and not (tmp_path / "x").exists()
+
+
 def test_the_decoder_records_its_training_mean_image_and_exports_it(trained_run, tmp_path):
     from unclip_cli import checkpoint
     from unclip_cli.train.export import export

@@ -576,7 +576,10 @@ class Engine:
         for edits."""
         rec = self.sampling
         for k, stage in enumerate(self.models.upsamplers):
-            size = x.shape[-1] * stage.extra["scale"]
+            low_res = stage.extra.get("low_res", x.shape[-1])
+            if low_res != x.shape[-1]:  # the stage takes a smaller image: downsize as its training did (antialiased)
+                x = F.interpolate(x.clamp(-1, 1), size=(low_res, low_res), mode="bilinear", antialias=True, align_corners=False)
+            size = low_res * stage.extra["scale"]
             if rec.upsample_filter == "bilinear":
                 low = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(-1, 1)
             else:  # clamp, then bicubic with antialiasing (what diffusers' UnCLIP pipelines do)

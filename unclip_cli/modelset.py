@@ -5,7 +5,7 @@
 
 The prior and decoder record the id of the CLIP they were trained with; loading refuses a mismatched
 set (a decoder from one CLIP with a prior from another only produces noise). The upsamplers must chain
-from the decoder's resolution.
+from the decoder's resolution; a stage may take the previous image downsized by a whole factor (its `low_res`).
 
 An upsampler may have a companion `upsampler-last.safetensors` (same config) that takes only the final
 sampling step of its stage, as Karlo's super_res_last does. The decoder's `extra` may hold a `sampling`
@@ -112,7 +112,7 @@ class ModelSet:
     def image_size(self) -> int:
         size = self.base_size
         for up in self.upsamplers:
-            size *= up.extra["scale"]
+            size = up.extra.get("low_res", size) * up.extra["scale"]
         return size
 
     @property
@@ -200,13 +200,15 @@ def _chain(up: Stage, size: int) -> int:
         got = shorten(scale) if "scale" in up.extra else "missing"
         raise WeightsError(f"{up.path}: extra field 'scale' is {got}; it must be an integer from {SCALES[0]} to {SCALES[-1]}",
                            hint=DAMAGED_HINT)
-    if type(low_res) is not int or low_res != size:
+    # A stage may take the image before it downsized by a whole factor (emoji: 32 -> 128, then 128 -> 64 -> 256;
+    # the 64 -> 256 stage was trained on real images downsized to 64 px, so it gets what it knows).
+    if type(low_res) is not int or low_res <= 0 or low_res > size or size % low_res:
         raise WeightsError(f"{up.path}: upsamples from {shorten(low_res)} px (extra field 'low_res'), "
                            f"but the stage before it gives {size} px")
-    if size * scale > MAX_IMAGE_SIZE:
-        raise WeightsError(f"{up.path}: extra field 'scale' ({scale}) makes {size * scale} px images, above {MAX_IMAGE_SIZE} px",
+    if low_res * scale > MAX_IMAGE_SIZE:
+        raise WeightsError(f"{up.path}: extra field 'scale' ({scale}) makes {low_res * scale} px images, above {MAX_IMAGE_SIZE} px",
                            hint=DAMAGED_HINT)
-    return size * scale
+    return low_res * scale
 
 
 def _check_mean(decoder: Stage) -> None:

@@ -7,10 +7,14 @@ Ctrl-C exits 130. Set UNCLIP_DEBUG=1 to see tracebacks.
 
 from __future__ import annotations
 
-import os
-import sys
+from unclip_cli.cpu import share_the_cpu
 
-import typer
+share_the_cpu()  # before anything imports torch: OpenMP reads it when it starts (see unclip_cli/cpu.py)
+
+import os  # noqa: E402
+import sys  # noqa: E402
+
+import typer  # noqa: E402
 
 app = typer.Typer(
     name="unclip",

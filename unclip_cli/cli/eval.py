@@ -38,6 +38,8 @@ def eval_cmd(
     quick: Annotated[bool, typer.Option("--quick", help="40 prompts and few sampling steps: about a minute on a 2-core CPU (the full set: about 23 minutes).")] = False,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", metavar="FILE",
                                                    help="Held-out prompt list (default: eval_prompts.json beside the shards).")] = None,
+    max_prompts: Annotated[Optional[int], typer.Option("--max-prompts", metavar="N", min=1,
+                                                     help="Generate from only the first N held-out prompts (default: all; 40 with --quick).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="Where to write the metrics (replaced if present).")] = Path("metrics.json"),
     seed: Annotated[int, typer.Option("--seed", help="Seed of every sampling run and random draw.")] = 0,
     classifier: Annotated[Optional[Path], typer.Option("--classifier", metavar="FILE", show_default="the shipped one",
@@ -61,6 +63,8 @@ def eval_cmd(
     if out.is_dir():
         raise InputError(f"--out {out} is a folder", hint="give a file name, e.g. --out metrics.json")
     settings = dataclasses.replace(ev.QUICK if quick else ev.FULL, seed=seed)
+    if max_prompts is not None:
+        settings = dataclasses.replace(settings, prompts=max_prompts if settings.prompts is None else min(max_prompts, settings.prompts))
     started = time.time()
     default_data = data is None
     data = str(default_corpus_dir()) if default_data else data
@@ -89,7 +93,7 @@ def eval_cmd(
         "machine": ev.machine_info(engine.device),
         "device": str(engine.device),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": _command(weights_dir, data, quick, prompts, out, seed, device.value, classifier),
+        "command": _command(weights_dir, data, quick, prompts, out, seed, device.value, classifier, max_prompts),
         "wall_seconds": round(time.time() - started, 1),
         "version": unclip_cli.__version__,
     }
@@ -123,11 +127,12 @@ def _load_classifier(path: Optional[Path]):
     return checkpoint.load(path.expanduser(), "classifier")
 
 
-def _command(weights_dir, data, quick, prompts, out, seed, device, classifier=None) -> str:
+def _command(weights_dir, data, quick, prompts, out, seed, device, classifier=None, max_prompts=None) -> str:
     """The command line that reproduces this run, with every choice spelled out."""
     args = ["unclip", "eval", "--weights", str(weights_dir), "--data", str(data)]
     args += ["--quick"] if quick else []
     args += ["--prompts", str(prompts)] if prompts else []
+    args += ["--max-prompts", str(max_prompts)] if max_prompts else []
     args += ["--classifier", str(classifier)] if classifier else []
     args += ["--out", str(out), "--seed", str(seed), "--device", device]
     return shlex.join(args)
@@ -174,6 +179,10 @@ def metrics_table(report: dict):
                           f"{g['prompts'].get(lang)} prompts × {g['images_per_prompt']}")
         t.add_row("generate", "Fréchet distance, CLIP features", _f(g["frechet_clip"]),
                   f"real vs real {_f(g['frechet_clip_real_vs_real'])}", f"{g['n_generated']} vs {g['n_real']} real")
+    sh = m.get("sharpness")
+    if sh:
+        t.add_row("sharpness", f"detail power {' / '.join(sh['bands_px'])} px, share of real", " / ".join(_f(v, 2) for v in sh["share_of_real"]),
+                  f"1 = real ({sh['size']} px)", f"{sh['n_generated']} vs {sh['n_real']} real")
     p = m.get("prior")
     if p:
         t.add_row("prior", "cosine to the concept's real z_i", _langs(p["cosine_to_concept"]),

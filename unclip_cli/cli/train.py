@@ -110,12 +110,21 @@ def export_cmd(
     fp32: Annotated[bool, typer.Option("--fp32", help="Keep float32 weights (default: fp16, small tensors fp32)")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing model set")] = False,
     base: Annotated[Optional[Path], typer.Option("--base", metavar="SET", help="Take the stages the run has not trained from this model set (the one given to --init-from)")] = None,
+    append_upsampler: Annotated[bool, typer.Option("--append-upsampler", help="Write only the run's upsampler, as one more stage after "
+                                                   "the last of --base (which --to may name, to add the stage in place)")] = False,
 ):
     """Write the run's EMA weights as an inference model set (clip/prior/decoder/upsampler .safetensors)."""
     import torch
 
-    from unclip_cli.train.export import export
+    from unclip_cli.errors import InputError
+    from unclip_cli.train import export as ex
 
-    for path in export(run.expanduser(), to.expanduser(), dtype=torch.float32 if fp32 else torch.float16, force=force,
-                       base=base and base.expanduser()):
+    dtype = torch.float32 if fp32 else torch.float16
+    if append_upsampler:
+        if base is None:
+            raise InputError("--append-upsampler needs --base SET, the set the stage is added to")
+        paths = ex.append_upsampler(run.expanduser(), base.expanduser(), to.expanduser(), dtype=dtype, force=force)
+    else:
+        paths = ex.export(run.expanduser(), to.expanduser(), dtype=dtype, force=force, base=base and base.expanduser())
+    for path in paths:
         typer.echo(str(path))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -57,17 +58,7 @@ def export(run: str | Path, to: str | Path, dtype: torch.dtype = torch.float16, 
     outputs = {"clip": (clip.model, clip.config, None, clip.extra)}
     for stage in STAGES[1:]:
         if sources[stage].parent == run / stage:
-            info = json.loads((run / stage / "run.json").read_text())
-            cfg_cls, model_cls = checkpoint.KINDS[stage]
-            cfg = config_from_dict(cfg_cls, info["config"])
-            model = model_cls(cfg)
-            meta = load_ema_weights(sources[stage], model)
-            extra = {**info["extra"], "uid": f"{info['uid']}-step{meta['step']}", "trained_steps": meta["step"],
-                     "images_seen": meta["images_seen"], "train_seconds": round(meta["seconds"], 1),
-                     "final_loss": meta.get("last_loss"), "world_size": info.get("world_size", 1)}
-            if info.get("init_from"):
-                extra["init_from"] = info["init_from"]["uid"]
-            diffusion = config_from_dict(DiffusionConfig, info["diffusion"]) if info.get("diffusion") else None
+            model, cfg, diffusion, extra = _trained(run, stage)
         else:
             ck = checkpoint.load(sources[stage], stage)
             model, cfg, diffusion, extra = ck.model, ck.config, ck.diffusion, ck.extra
@@ -92,6 +83,60 @@ def export(run: str | Path, to: str | Path, dtype: torch.dtype = torch.float16, 
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
     return list(staged)
+
+
+def _trained(run: Path, stage: str):
+    """(model, config, diffusion, extra) of a run's stage from its latest state's EMA weights."""
+    info = json.loads((run / stage / "run.json").read_text())
+    cfg_cls, model_cls = checkpoint.KINDS[stage]
+    cfg = config_from_dict(cfg_cls, info["config"])
+    model = model_cls(cfg)
+    meta = load_ema_weights(run / stage / "state.safetensors", model)
+    extra = {**info["extra"], "uid": f"{info['uid']}-step{meta['step']}", "trained_steps": meta["step"],
+             "images_seen": meta["images_seen"], "train_seconds": round(meta["seconds"], 1),
+             "final_loss": meta.get("last_loss"), "world_size": info.get("world_size", 1)}
+    if info.get("init_from"):
+        extra["init_from"] = info["init_from"]["uid"]
+    diffusion = config_from_dict(DiffusionConfig, info["diffusion"]) if info.get("diffusion") else None
+    return model, cfg, diffusion, extra
+
+
+def append_upsampler(run: str | Path, base: str | Path, to: str | Path, dtype: torch.dtype = torch.float16,
+                     force: bool = False) -> list[Path]:
+    """Model set `base` with the run's upsampler as one more stage after its last (`upsampler-K.safetensors`).
+
+    The run's upsampler may take the image before it downsized by a whole factor (emoji: its 128 px
+    output -> 64 -> 256 by a stage trained on 64 px; see `modelset._chain`). `to` is `base` itself (the
+    stage file is added) or a new folder, which gets a copy of every file of `base` first. The stage is
+    written under a hidden name, checked against the chain, and renamed into place: a failure leaves
+    `to` as it was, apart from copies of base's files in a new folder."""
+    from unclip_cli.modelset import Stage, _chain, load_model_set
+
+    run, base, to = Path(run), Path(base), Path(to)
+    if not (run / "upsampler" / "state.safetensors").is_file():
+        raise UnclipError(f"{run} has no trained upsampler", hint=f"train one: unclip train upsampler --run {run} ...")
+    models = load_model_set(base)
+    name = f"upsampler-{len(models.upsamplers) + 1}.safetensors"
+    same = to.exists() and to.resolve() == base.resolve()
+    if not same and stage_files(to) and not force:
+        raise UnclipError(f"{to} already holds a model set", hint="pass --force to replace it")
+    model, cfg, diffusion, extra = _trained(run, "upsampler")
+    to.mkdir(parents=True, exist_ok=True)
+    if not same:
+        for stale in stage_files(to):
+            stale.unlink()
+        for f in sorted(base.iterdir()):
+            if f.is_file() and not f.name.startswith("."):
+                shutil.copy2(f, to / f.name)
+    fd, tmp = tempfile.mkstemp(dir=to, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        checkpoint.save(tmp, "upsampler", model, cfg, diffusion, extra, dtype=dtype)
+        _chain(Stage(checkpoint.inspect(tmp, "upsampler"), "cpu", None), models.image_size)
+        os.replace(tmp, to / name)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return [to / name]
 
 
 def stage_files(folder: Path) -> list[Path]:
