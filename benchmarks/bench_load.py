@@ -6,9 +6,10 @@ For each K, each variant runs the same command `--repeats` times (median reporte
 checkout, or another checkout given with `--before DIR` (its `unclip_cli` put first on PYTHONPATH), so
 a thread policy can be compared with the code before it on the same machine in the same run.
 
-"In proportion" on C cores: with K spinning processes and our T threads, a fair scheduler gives us
-min(T, C) * C / (K + T) cores at best, so the fair slowdown is about (K + T) / C for T <= C (reported
-beside each measurement for T = C).
+"In proportion" on C cores: beside K spinning processes, a fair share for our process is the CPU of one
+of K + 1 equal processes, C / (K + 1) cores (at most one core per thread). The "fair share" column is the time
+the command would take on exactly that much CPU: its one-thread time on the idle machine (measured first,
+OMP_NUM_THREADS=1) times max(1, (K + 1) / C).
 
     python benchmarks/bench_load.py --before /tmp/before                 # generate -n 4, K = 0 1 2 4
     python benchmarks/bench_load.py --op blend --loads 0 4 --repeats 1 --no-results
@@ -92,6 +93,10 @@ def main(argv=None) -> None:
     base_env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")}
     rows, idle = [], {}
     try:
+        one = {**base_env, "PYTHONPATH": str(here), "OMP_NUM_THREADS": "1"}
+        one_thread = statistics.median(time_once(command(args.op, weights, tmp / "out", inputs), one, tmp / "out")
+                                       for _ in range(args.repeats))
+        print(f"one thread, idle: {one_thread:.1f} s", flush=True)
         for k in args.loads:
             for name, root in variants.items():
                 env = {**base_env, "PYTHONPATH": str(root)}
@@ -103,7 +108,7 @@ def main(argv=None) -> None:
                 med = statistics.median(times)
                 idle.setdefault(name, med if k == 0 else None)
                 ratio = f"{med / idle[name]:.1f}×" if idle.get(name) else ""
-                fair = f"{(k + cores) / cores:.1f}×"
+                fair = f"{one_thread * max(1.0, (k + 1) / cores):.1f} s" if k else ""
                 rows.append(f"| {k} | {name} | {med:.1f} s | {ratio} | {fair} | {', '.join(f'{t:.1f}' for t in times)} |")
                 print(rows[-1], flush=True)
     finally:
@@ -113,10 +118,11 @@ def main(argv=None) -> None:
         *common.machine_lines(),
         common.load_note(load_start),
         f"- Workload: `{shown}`, the whole process; background: K processes each spinning one core (`python -c 'while True: pass'`).",
-        f"- \"fair\": the slowdown a fair share of {cores} cores gives when {cores} threads run beside K spinners, (K + {cores}) / {cores}.",
+        f"- \"fair share\": the one-thread time on the idle machine ({one_thread:.1f} s, this checkout, OMP_NUM_THREADS=1) "
+        f"times max(1, (K + 1) / {cores}): the command on the CPU of one of K + 1 equal processes.",
         *[f"- {n}" for n in notes],
         "",
-        "| K spinners | code | median | vs its own K = 0 | fair | runs (s) |",
+        "| K spinners | code | median | vs its own K = 0 | fair share | runs (s) |",
         "| --- | --- | --- | --- | --- | --- |",
         *rows,
     ]

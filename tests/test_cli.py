@@ -435,17 +435,46 @@ def _png_file(d: Path, seed: int = 0) -> Path:
     return p
 
 
-def test_the_cli_lets_waiting_threads_sleep_and_sets_it_before_torch_starts():
-    """OMP_WAIT_POLICY is read once, when torch's OpenMP runtime starts: importing the CLI sets it before
-    torch is imported (see unclip_cli/cpu.py), and keeps a value the user set."""
-    import os
+def test_threads_wait_passively_only_while_other_processes_are_busy(monkeypatch):
+    """unclip_cli/cpu.py: the CPU time others used during start-up decides OMP_WAIT_POLICY (read by OpenMP
+    when torch starts); a value the user set is kept, and without /proc/stat nothing is set."""
+    import time
+
+    from unclip_cli import cpu
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    clock = {"busy": 100.0}
+    monkeypatch.setattr(cpu, "_busy_seconds", lambda: clock["busy"])
+    monkeypatch.setattr(time, "process_time", lambda: 0.0)  # our own CPU time: none
+
+    def started(others_cores: float) -> str | None:
+        watch = cpu.CpuWatch()
+        watch.wall -= 1.0  # one second of start-up has passed...
+        clock["busy"] += others_cores * 1.0  # ...while others kept this many cores busy
+        return cpu.share_the_cpu(watch)
+
+    assert started(0.1) is None and "OMP_WAIT_POLICY" not in os.environ
+    assert started(0.6) == "PASSIVE" and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert started(2.0) is None and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setattr(cpu, "_busy_seconds", lambda: None)
+    assert started(2.0) is None and "OMP_WAIT_POLICY" not in os.environ
+
+
+def test_the_cli_decides_the_wait_policy_before_torch_starts():
+    """Beside a process spinning a core, a starting `unclip` lets its threads wait passively, and torch is
+    not imported before that decision (main() makes it before importing the command modules)."""
     import subprocess
     import sys
 
-    probe = "import os, sys; import unclip_cli.cli; print('torch' in sys.modules, os.environ['OMP_WAIT_POLICY'])"
+    probe = ("import os, sys, time; from unclip_cli import cli; t = 'torch' in sys.modules; time.sleep(0.3); "
+             "print(t, cli.share_the_cpu(cli._watch), os.environ.get('OMP_WAIT_POLICY'))")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["False", "PASSIVE"]
-    out = subprocess.run([sys.executable, "-c", probe], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True, text=True,
-                         check=True).stdout.split()
-    assert out == ["False", "ACTIVE"]
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout.split()
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert out == ["False", "PASSIVE", "PASSIVE"]

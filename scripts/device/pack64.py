@@ -13,6 +13,7 @@ import hashlib
 import json
 import lzma
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,13 +33,17 @@ work = run / "pack64"
 work.mkdir(exist_ok=True)
 stream = work / "images-64.sorted.u8.xz"
 # xz -9 on one thread: the 64 MB dictionary reaches across a whole style; ~4 min per 100 MB on this machine.
-with open(stream, "wb") as f:
-    xz = subprocess.Popen(["xz", "-9", "-T1", "-c"], stdin=subprocess.PIPE, stdout=f)
-    for s in range(0, len(order), 1024):
-        xz.stdin.write(np.ascontiguousarray(cache.images[np.array(order[s : s + 1024])]).tobytes())
-    xz.stdin.close()
-    if xz.wait() != 0:
-        sys.exit("xz failed")
+# REUSE_XZ=1 keeps a stream made before (same cache), to cut it again when the working tree has grown.
+if os.environ.get("REUSE_XZ") and stream.is_file():
+    print(f"reusing {stream}")
+else:
+    with open(stream, "wb") as f:
+        xz = subprocess.Popen(["xz", "-9", "-T1", "-c"], stdin=subprocess.PIPE, stdout=f)
+        for s in range(0, len(order), 1024):
+            xz.stdin.write(np.ascontiguousarray(cache.images[np.array(order[s : s + 1024])]).tobytes())
+        xz.stdin.close()
+        if xz.wait() != 0:
+            sys.exit("xz failed")
 data = stream.read_bytes()
 size = int(part_mib * 2**20)
 parts = math.ceil(len(data) / size)

@@ -3,7 +3,8 @@
 # device call carries beside the working tree: 1 .. N-1 are staged by short calls, N (with train64.sh, prep64.py
 # and the three wheels the device image lacks) is the training call. Prints the calls to make.
 # Usage: scripts/device/pack64.sh RUN CORPUS     e.g. ~/unclip-runs/v04 ~/.cache/unclip/emoji-256
-# Env: PREFIX (.gpu64; another for a rehearsal), MARGIN_MIB (4), PART_MIB (instead of the computed size),
+# Env: PREFIX (.gpu64; another for a rehearsal), MARGIN_MIB (4), PART_MIB (instead of the computed size), REUSE_XZ
+#      (set: cut the xz stream made before again, e.g. after the working tree grew),
 #      NO_WHEELS (set: skip the download).
 set -euo pipefail
 run=$1 corpus=$2 prefix=${PREFIX:-.gpu64}

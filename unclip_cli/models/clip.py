@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unclip_cli.models.layers import activation
+from unclip_cli.models.layers import activation, initial
 
 PAD, SOT, EOT, UNK, FIRST_WORD = 0, 1, 2, 3, 4
 BPE_VOCAB = 49408
@@ -122,12 +122,12 @@ class VisionTransformer(nn.Module):
         W, grid = cfg.vision_width, cfg.image_size // cfg.patch_size
         scale = W**-0.5
         self.conv1 = nn.Conv2d(3, W, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
-        self.class_embedding = nn.Parameter(scale * torch.randn(W))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, W))
+        self.class_embedding = nn.Parameter(initial(lambda: scale * torch.randn(W), W))
+        self.positional_embedding = nn.Parameter(initial(lambda: scale * torch.randn(grid * grid + 1, W), grid * grid + 1, W))
         self.ln_pre = nn.LayerNorm(W)
         self.transformer = Transformer(W, cfg.vision_layers, W // cfg.vision_head_width, cfg.activation)
         self.ln_post = nn.LayerNorm(W)
-        self.proj = nn.Parameter(scale * torch.randn(W, cfg.embed_dim))
+        self.proj = nn.Parameter(initial(lambda: scale * torch.randn(W, cfg.embed_dim), W, cfg.embed_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x).flatten(2).transpose(1, 2)  # (B, grid², W)
@@ -142,8 +142,10 @@ class NoImageEncoder(RuntimeError):
 
 
 def causal_mask(L: int) -> torch.Tensor:
-    """(L, L) additive mask: -inf above the diagonal, so token i attends to tokens 0..i."""
-    return torch.full((L, L), float("-inf")).triu_(1)
+    """(L, L) additive mask: -inf above the diagonal, so token i attends to tokens 0..i. On the meta device
+    an empty one (see layers.initial: triu there imports torch's compiler, 1.5 s); loading recomputes it."""
+    full = torch.full((L, L), float("-inf"))
+    return full if full.is_meta else full.triu_(1)
 
 
 class ClipTowers(nn.Module):
@@ -153,7 +155,7 @@ class ClipTowers(nn.Module):
         super().__init__()
         W, L = cfg.text_width, cfg.context_length
         self.visual = VisionTransformer(cfg) if cfg.vision else None
-        self.token_embedding = nn.Embedding(cfg.vocab_size, W)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, W, _weight=initial(lambda: None, cfg.vocab_size, W))  # None: it draws its own
         self.positional_embedding = nn.Parameter(torch.empty(L, W))
         self.transformer = Transformer(W, cfg.text_layers, cfg.text_heads, cfg.activation)
         self.ln_final = nn.LayerNorm(W)
@@ -162,6 +164,8 @@ class ClipTowers(nn.Module):
         self.register_buffer("attn_mask", causal_mask(L), persistent=False)
         # The text tower's initialisation from CLIP (Radford et al. 2021) as open_clip keeps it;
         # the vision tower keeps PyTorch's defaults plus the scaled embeddings above, as open_clip does.
+        if self.positional_embedding.is_meta:  # shapes only (see layers.initial)
+            return
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         proj_std, attn_std, fc_std = W**-0.5 * (2 * cfg.text_layers) ** -0.5, W**-0.5, (2 * W) ** -0.5
@@ -190,8 +194,8 @@ class Clip(nn.Module):
         self.model = ClipTowers(cfg)
         if cfg.vocab == "compact":
             # Until `fit_vocab` is called the BPE ids are hashed into the table.
-            ids = torch.arange(BPE_VOCAB)
-            self.register_buffer("token_map", FIRST_WORD + ids % (cfg.vocab_size - FIRST_WORD))
+            self.register_buffer("token_map", initial(lambda: FIRST_WORD + torch.arange(BPE_VOCAB) % (cfg.vocab_size - FIRST_WORD),
+                                                      BPE_VOCAB, dtype=torch.long))
             self.pad_id, self.sot_id, self.eot_id = PAD, SOT, EOT
         else:  # the BPE ids are the table's rows; the tokenizer's own start and end ids; padding 0 (`!`, as HF pads)
             self.token_map = None

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unclip_cli.models.layers import TimestepMLP, attention
+from unclip_cli.models.layers import TimestepMLP, attention, initial
 
 
 @dataclass
@@ -68,11 +68,11 @@ class Prior(nn.Module):
         self.text_emb_proj = nn.Linear(cfg.clip_dim, W)
         self.time_embed = TimestepMLP(W, W)
         self.x_proj = nn.Linear(cfg.clip_dim, W)
-        self.query = nn.Parameter(torch.randn(W) * 0.02)  # the "final embedding" whose output predicts z_i
+        self.query = nn.Parameter(initial(lambda: torch.randn(W) * 0.02, W))  # the "final embedding" whose output predicts z_i
         if cfg.learned_null_text:
             # Replaces the CLIP text embedding when the text is dropped for classifier-free guidance (§2.2).
             self.null_text_emb = nn.Parameter(torch.zeros(W))
-        self.pos_emb = nn.Parameter(torch.randn(L + 4, W) * 0.01)
+        self.pos_emb = nn.Parameter(initial(lambda: torch.randn(L + 4, W) * 0.01, L + 4, W))
         self.blocks = nn.ModuleList([Block(W, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.layers)])
         self.ln_f = nn.LayerNorm(W)
         self.out = nn.Linear(W, cfg.clip_dim)

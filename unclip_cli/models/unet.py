@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unclip_cli.models.layers import TimestepMLP, attention, zero_module
+from unclip_cli.models.layers import TimestepMLP, attention, initial, zero_module
 
 
 @dataclass
@@ -184,7 +184,7 @@ class UNet(nn.Module):
             self.clip_to_emb = nn.Linear(cfg.clip_dim, emb_dim)
             self.clip_to_tokens = nn.Linear(cfg.clip_dim, cfg.num_clip_tokens * cfg.context_dim)
             # Replaces z_i when it is dropped for classifier-free guidance (unCLIP §2.1: "a learned embedding").
-            self.null_clip = nn.Parameter(torch.randn(cfg.clip_dim) / math.sqrt(cfg.clip_dim))
+            self.null_clip = nn.Parameter(initial(lambda: torch.randn(cfg.clip_dim) / math.sqrt(cfg.clip_dim), cfg.clip_dim))
             if cfg.text_embed_to_time:
                 self.text_emb_to_emb = nn.Linear(cfg.clip_dim, emb_dim)
         if cfg.text_width:
