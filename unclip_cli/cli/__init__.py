@@ -7,14 +7,10 @@ Ctrl-C exits 130. Set UNCLIP_DEBUG=1 to see tracebacks.
 
 from __future__ import annotations
 
-from unclip_cli.cpu import CpuWatch, share_the_cpu
+import os
+import sys
 
-_watch = CpuWatch()  # how busy the CPU is while the CLI's own modules load, for share_the_cpu below
-
-import os  # noqa: E402
-import sys  # noqa: E402
-
-import typer  # noqa: E402
+import typer
 
 app = typer.Typer(
     name="unclip",
@@ -53,7 +49,6 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and map errors to exit codes."""
     from unclip_cli.errors import UnclipError
 
-    share_the_cpu(_watch)  # before the command modules import torch: OpenMP reads it when it starts
     _register()
     for stream in (sys.stdout, sys.stderr):
         # A terminal or pipe that cannot encode a path or prompt shows it escaped instead of failing the run.
