@@ -4,7 +4,7 @@ proportion to the share of the CPU it gets?
 The background load is fixed and reproducible: K processes that each spin one core in a pure-Python loop.
 For each K, each variant runs the same command `--repeats` times (median reported): a variant is this
 checkout, or another checkout given with `--before DIR` (its `unclip_cli` put first on PYTHONPATH), so
-a thread policy can be compared with the code before it on the same machine in the same run.
+thread settings can be compared with the code before them on the same machine in the same run.
 
 "In proportion" on C cores: beside K spinning processes, a fair share for our process is the CPU of one
 of K + 1 equal processes, C / (K + 1) cores (at most one core per thread). The "fair share" column is the time
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
     ap.add_argument("--random", help=argparse.SUPPRESS)
     args, load_start, weights, notes = common.start(ap, argv)
     if args.threads:
-        raise SystemExit("--threads would override the policy under test; leave it out")
+        raise SystemExit("--threads would override the thread settings under test; leave it out")
     cores = common.machine_info()["cores"] or 1
     here = Path(__file__).resolve().parents[1]
     variants = {"this checkout": here}

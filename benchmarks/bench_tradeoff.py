@@ -22,9 +22,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -57,8 +54,8 @@ def parse_setting(text: str) -> tuple:
 
 
 def run_setting(engine, prompts, setting, seed: int):
-    """Images (one per prompt; prompt i is image i % 4 of a batch of 4 with seed `seed + 4 * (i // 4)`) and
-    the mean seconds of a batch of 4."""
+    """Images (one per prompt, prompt i with seed `seed + i`, in batches of 4 prompts) and the mean seconds of a
+    batch of 4."""
     from unclip_cli.requests import GenerateRequest
 
     p, d, u, k, g = setting
@@ -76,17 +73,10 @@ def run_setting(engine, prompts, setting, seed: int):
 
 def startup_seconds(weights: Path, engine, prompt: str) -> float:
     """Whole `unclip generate -n 4 --quality default` minus the same in-process: imports, loading, PNGs."""
+    from bench_generate import time_process
     from unclip_cli.requests import GenerateRequest
 
-    exe = Path(sys.executable).parent / "unclip"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "unclip_cli"]
-    whole = []
-    for _ in range(2):
-        with tempfile.TemporaryDirectory() as out:
-            t = time.perf_counter()
-            subprocess.run([*cmd, "generate", prompt, "-n", str(N), "--seed", "0", "--quiet", "--weights", str(weights), "--out", out],
-                           check=True, capture_output=True)
-            whole.append(time.perf_counter() - t)
+    whole, _ = time_process(weights, "default", N, prompt, repeats=2)
     inside = []
     for _ in range(2):
         t = time.perf_counter()
@@ -114,8 +104,7 @@ def main(argv=None) -> None:
     classifier = checkpoint.load(args.classifier, "classifier")
     index = {c: k for k, c in enumerate(classifier.extra["concepts"])}
     labels = [index.get(p["concept"], -1) for p in prompts]
-    sizes = [max(it.image.size) for it in data.items]
-    size = max(set(sizes), key=sizes.count)
+    size = ev.reference_size(data.items)
     real = ev.band_power([it.image for it in data.items], size)
     real_hits = ev.concept_hits(ev.classify(classifier, [it.image for it in data.items]), [index.get(it.concept, -1) for it in data.items])
     key_row = {it.key: r for r, it in enumerate(data.items)}

@@ -61,7 +61,7 @@ def main() -> None:
     m.save(mask)
     show("edit (lower half repainted)", ["edit", str(cat.relative_to(HERE.parent)), "--mask", str(mask.relative_to(HERE.parent)), "red heart", "-n", "4", "--seed", str(SEED)], grid)
     show("nudge", ["nudge", str(cat.relative_to(HERE.parent)), "--to", "dog face", "--from", "cat face", "--amount", "0.5", "-n", "4", "--seed", str(SEED)], grid)
-    rows.append(stages_compared(weights, [firsts[p] for p in ("cat face", "pizza", "rocket")]))
+    rows.append(stages_compared(weights, {p: firsts[p] for p in ("cat face", "pizza", "rocket")}))
     keep = {cat, pizza, mask, *(OUT / line.split("](gallery/")[1].rstrip(")") for row in rows for line in row.splitlines()
                                  if "](gallery/" in line)}
     for p in OUT.iterdir():  # only what the page shows and the inputs its commands name
@@ -74,30 +74,30 @@ def main() -> None:
     print(HERE / "GALLERY.md")
 
 
-def stages_compared(weights: str, images: list[Path]) -> str:
+def stages_compared(weights: str, images: dict[str, Path]) -> str:
     """The same images as the set's last upsampler stage makes them, beside what the stages before it give
-    (enlarged by the viewer, bicubic): a crop of each at full size. Made from the same seeds by the set
-    without its last stage file."""
+    (enlarged by the viewer, bicubic): a crop of each at full size. `images`: prompt -> image 0 of its
+    `generate -n 4 --seed SEED`, made again by the set without its last stage file."""
     import tempfile
 
-    ups = sorted(Path(weights).glob("upsampler*.safetensors"), key=lambda p: (len(p.name), p.name))
-    if len(ups) < 2:
+    from unclip_cli.modelset import upsampler_files
+
+    last = upsampler_files(Path(weights))[-1]
+    if last.name == "upsampler.safetensors":  # one stage: nothing to compare
         return ""
     with tempfile.TemporaryDirectory() as tmp:
         fewer = Path(tmp) / "fewer"
         fewer.mkdir()
         for f in Path(weights).iterdir():
-            if f.is_file() and f != ups[-1]:
+            if f.is_file() and f != last:
                 (fewer / f.name).symlink_to(f.resolve())
-        out = Path(tmp) / "out"
         before = []
-        for img in images:
-            prompt, _, index = img.stem.rpartition("-0-")  # e.g. "cat-face-0-0": prompt slug, seed 0, image 0
-            cmd = [sys.executable, "-m", "unclip_cli", "generate", prompt.replace("-", " "), "-n", "4", "--seed", str(SEED),
-                   "--weights", str(fewer), "--out", str(out), "--quiet", "--force"]
+        for prompt in images:
+            cmd = [sys.executable, "-m", "unclip_cli", "generate", prompt, "-n", "4", "--seed", str(SEED),
+                   "--weights", str(fewer), "--out", str(Path(tmp) / "out"), "--quiet", "--force"]
             done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-            before.append(Image.open(next(Path(p) for p in done.stdout.split() if Path(p).stem.endswith(f"-0-{index}"))).convert("RGB"))
-        after = [Image.open(p).convert("RGB") for p in images]
+            before.append(Image.open(done.stdout.split()[0]).convert("RGB"))  # image 0, as `images` holds
+        after = [Image.open(p).convert("RGB") for p in images.values()]
         size = after[0].size[0]
         half = size // 2
         sheet = Image.new("RGB", (2 * half * len(images), 2 * half), "white")
@@ -113,7 +113,7 @@ def stages_compared(weights: str, images: list[Path]) -> str:
     shown = f"{before[0].size[0]} px" if before else ""
     return (f"### {Path(weights).name}: {shown} output enlarged (left) and the {size} px stage (right)\n\n"
             f"Each image whole, reduced (top), and its centre at full size (bottom), from `generate -n 4 --seed {SEED}` "
-            f"with and without `{ups[-1].name}`: {', '.join(p.stem for p in images)}.\n\n![stages compared](gallery/{name})\n")
+            f"with and without `{last.name}`: {', '.join(p.stem for p in images.values())}.\n\n![stages compared](gallery/{name})\n")
 
 
 if __name__ == "__main__":

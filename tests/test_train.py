@@ -112,6 +112,18 @@ def test_export_appends_the_runs_upsampler_as_one_more_stage(trained_run, tmp_pa
     assert len(load_model_set(base).upsamplers) == 2
     r = cli("train", "export", str(trained_run), "--to", str(tmp_path / "x"), "--append-upsampler")
     assert r.code == 1 and "needs --base" in r.err and not (tmp_path / "x").exists()
+    # An upsampler that does not fit after the set's last stage (12 px does not divide 16) is refused
+    # before anything is written.
+    import shutil
+
+    odd = tmp_path / "odd-run"
+    shutil.copytree(trained_run / "upsampler", odd / "upsampler")
+    info = json.loads((odd / "upsampler" / "run.json").read_text())
+    info["extra"]["low_res"] = 12
+    (odd / "upsampler" / "run.json").write_text(json.dumps(info))
+    with pytest.raises(UnclipError, match="12"):
+        append_upsampler(odd, base, tmp_path / "y")
+    assert not (tmp_path / "y").exists()
 
 
 def test_the_decoder_records_its_training_mean_image_and_exports_it(trained_run, tmp_path):

@@ -658,12 +658,17 @@ def _generate_section(ctx: _Context) -> dict:
     }
 
 
+def reference_size(items: Sequence[Item]) -> int:
+    """The side of the real held-out images (the most common one), the size sharpness is measured at."""
+    sizes = [max(it.image.size) for it in items]
+    return max(set(sizes), key=sizes.count)
+
+
 def _sharpness(generated: Sequence[Image.Image], items: Sequence[Item]) -> dict:
     """Generated images' power in the detail bands as a share of real held-out images', at the real images'
     size (the most common one): 1 in every band is as sharp as real; a set whose images are smaller is
     upsampled (bicubic) to that size, as a viewer would show it."""
-    sizes = [max(it.image.size) for it in items]
-    size = max(set(sizes), key=sizes.count)
+    size = reference_size(items)
     gen, real = band_power(generated, size), band_power([it.image for it in items], size)
     return {"size": size, "bands_px": [f"{round(1 / hi)}-{round(1 / lo)}" for lo, hi in SHARPNESS_BANDS],
             "generated": gen.tolist(), "real": real.tolist(), "share_of_real": (gen / np.maximum(real, 1e-30)).tolist(),

@@ -108,9 +108,11 @@ def append_upsampler(run: str | Path, base: str | Path, to: str | Path, dtype: t
     The run's upsampler may take the image before it downsized by a whole factor (emoji: its 128 px
     output -> 64 -> 256 by a stage trained on 64 px; see `modelset._chain`). `to` is `base` itself (the
     stage file is added) or a new folder, which gets a copy of every file of `base` first. The stage is
-    written under a hidden name, checked against the chain, and renamed into place: a failure leaves
-    `to` as it was, apart from copies of base's files in a new folder."""
-    from unclip_cli.modelset import Stage, _chain, load_model_set
+    checked against the chain before anything is written, then written under a hidden name and renamed
+    into place."""
+    from types import SimpleNamespace
+
+    from unclip_cli.modelset import _chain, load_model_set
 
     run, base, to = Path(run), Path(base), Path(to)
     if not (run / "upsampler" / "state.safetensors").is_file():
@@ -121,6 +123,7 @@ def append_upsampler(run: str | Path, base: str | Path, to: str | Path, dtype: t
     if not same and stage_files(to) and not force:
         raise UnclipError(f"{to} already holds a model set", hint="pass --force to replace it")
     model, cfg, diffusion, extra = _trained(run, "upsampler")
+    _chain(SimpleNamespace(extra=extra, path=run / "upsampler"), models.image_size)
     to.mkdir(parents=True, exist_ok=True)
     if not same:
         for stale in stage_files(to):
@@ -132,7 +135,6 @@ def append_upsampler(run: str | Path, base: str | Path, to: str | Path, dtype: t
     os.close(fd)
     try:
         checkpoint.save(tmp, "upsampler", model, cfg, diffusion, extra, dtype=dtype)
-        _chain(Stage(checkpoint.inspect(tmp, "upsampler"), "cpu", None), models.image_size)
         os.replace(tmp, to / name)
     finally:
         Path(tmp).unlink(missing_ok=True)
