@@ -308,7 +308,7 @@ def test_edit_rgba_mask_and_invert(w, tmp_path, pics):
 
 
 def test_nudge(w, tmp_path, pics):
-    r = ok("nudge", pics["png"], "--to", "a tiger", "--from", "noise", "--amount", "0.4", "-n", "2", "--json", "--out", tmp_path, *FAST, *w)
+    r = ok("nudge", pics["png"], "--to", "a tiger", "--from-text", "noise", "--amount", "0.4", "-n", "2", "--json", "--out", tmp_path, *FAST, *w)
     res = json.loads(r.out)
     recipes = [i["recipe"] for i in res["images"]]
     assert [rc["theta"] for rc in recipes] == pytest.approx([0.2, 0.4])
@@ -433,3 +433,103 @@ def _png_file(d: Path, seed: int = 0) -> Path:
     p = d / f"in{seed}.png"
     _noise(16, 16, seed).save(p)
     return p
+
+
+# -- a newcomer's first hour (issue 24): the small things ---------------------------------------------
+def test_version():
+    from unclip_cli import __version__
+
+    for flag in ("--version", "-V"):
+        r = ok(flag)
+        assert r.out.strip() == f"unclip {__version__}"
+
+
+def test_help_has_no_bool_labels():
+    _register()
+    commands = [[c.name or c.callback.__name__] for c in app.registered_commands] + [[]]
+    commands += [[g.name, c.name] for g in app.registered_groups for c in g.typer_instance.registered_commands]
+    for cmd in commands:
+        r = runner.invoke(app, [*cmd, "--help"], terminal_width=120)
+        assert r.exit_code == 0, cmd
+        assert "<bool>" not in r.output, cmd
+    r = runner.invoke(app, ["edit", "--help"], terminal_width=120)
+    assert "--invert-mask" in r.output and "<int>" in r.output  # options with values keep their type
+
+
+def test_nudge_from_is_a_recipe_and_the_old_text_spelling_still_works(w, tmp_path, pics):
+    r = ok("nudge", pics["png"], "--to", "a tiger", "--from-text", "a cat", "--seed", "4", "--json", "--out", tmp_path, *FAST, *w)
+    made = json.loads(r.out)
+    assert made["warnings"] == [] and made["images"][0]["recipe"]["from"] == "a cat"
+    png = made["images"][0]["path"]
+    # --from is a recipe PNG, as in every other command
+    again = ok("nudge", pics["png"], "--from", png, "--out", tmp_path, "--device", "cpu", *w).out.split()
+    assert np.array_equal(np.asarray(Image.open(again[0])), np.asarray(Image.open(png)))
+    # The old spelling, --from TEXT, still works, with a deprecation warning, and makes the same image
+    old = ok("nudge", pics["png"], "--to", "a tiger", "--from", "a cat", "--seed", "4", "--json", "--out", tmp_path, *FAST, *w)
+    res = json.loads(old.out)
+    assert len(res["warnings"]) == 1 and "--from-text 'a cat'" in res["warnings"][0] and "deprecated" in res["warnings"][0]
+    assert "Warning: `nudge --from TEXT` is deprecated" in old.err
+    assert np.array_equal(np.asarray(Image.open(res["images"][0]["path"])), np.asarray(Image.open(png)))
+    assert "unclip nudge IMAGE --from " in ok("info", png).out
+
+
+def test_info_is_short_and_card_prints_the_whole_card(tiny_weights, tmp_path):
+    import shutil
+
+    ws = tmp_path / "set"
+    shutil.copytree(tiny_weights, ws)
+    sections = "\n\n".join(f"## Section {k}\n\n" + "\n".join(f"line {k}.{j}" for j in range(30)) for k in range(8))
+    card = "# Tiny model\n\nA tiny model for tests.\n\n## What it is good and not good at\n\n- Good: nothing.\n\n" + sections
+    (ws / "MODEL_CARD.md").write_text(card)
+    short = ok("info", "--weights", ws).out
+    assert "# Tiny model" in short and "- Good: nothing." in short and "line 7.29" not in short
+    assert len(short.splitlines()) < 30 and "unclip info --card" in short
+    whole = ok("info", "--card", "--weights", ws).out
+    assert "line 7.29" in whole and "- Good: nothing." in whole
+
+
+def test_a_rerun_is_named_as_a_rerun(w, tmp_path):
+    out = tmp_path / "o"
+    made = ok("generate", "cat face", "-n", "2", "--seed", "42", "--out", out, *FAST, *w).out.split()
+    names = [Path(ok("generate", "--from", made[0], "--out", out, "--device", "cpu", *w).out.split()[0]).name for _ in range(2)]
+    assert names == ["cat-face-42-0-rerun.png", "cat-face-42-0-rerun2.png"]
+    assert np.array_equal(np.asarray(Image.open(out / names[1])), np.asarray(Image.open(made[0])))
+
+
+def test_edit_box_marks_a_rectangle_and_reruns(w, tmp_path, pics):
+    r = ok("edit", pics["png"], "--box", "0.5,0,1,1", "a red hat", "--seed", "3", "--json", "--out", tmp_path, *FAST, *w)
+    res = json.loads(r.out)
+    recipe = res["images"][0]["recipe"]
+    assert recipe["box"] == [0.5, 0, 1, 1] and "mask" not in recipe and recipe["mask_fraction"] == 0.5
+    out = np.asarray(Image.open(res["images"][0]["path"]))
+    src = np.asarray(Image.open(pics["png"]).convert("RGB"))
+    assert np.array_equal(out[:, :20], src[:, :20]) and not np.array_equal(out[:, 20:], src[:, 20:])
+    again = ok("edit", pics["png"], "--from", res["images"][0]["path"], "--out", tmp_path, "--device", "cpu", *w).out.split()
+    assert np.array_equal(np.asarray(Image.open(again[0])), out)
+    assert "Rerun: unclip edit IMAGE --from " in ok("info", res["images"][0]["path"]).out
+    for box, match in [("0.5,0,1", "--box must be four numbers"), ("0.6,0,0.5,1", "left < right"), ("0,0,1,x", "separated by commas"),
+                       ("0,0,1,1.5", "--box must be between 0 and 1")]:
+        fails("edit", pics["png"], "--box", box, "x", "--out", tmp_path / "no", *FAST, *w, match=match)
+    fails("edit", pics["png"], "--box", "0,0,1,0.5", "--mask", pics["mask"], "x", "--out", tmp_path / "no", *FAST, *w, match="not both")
+    assert not (tmp_path / "no").exists()
+
+
+def test_edit_feather_blends_inside_the_mask_only(w, tmp_path, pics):
+    """--feather PX: the result fades in over PX pixels inside the mask; unmasked pixels stay bit-identical
+    and the mask's inner part is the hard paste's."""
+    src = np.asarray(Image.open(pics["png"]).convert("RGB")).astype(int)
+    made = {f: np.asarray(Image.open(ok("edit", pics["png"], "--mask", pics["mask"], "x", "--feather", str(f), "--seed", "2",
+                                        "--out", tmp_path / str(f), *FAST, *w).out.split()[0])).astype(int) for f in (0, 2)}
+    repaint = np.zeros((24, 40), bool)
+    repaint[4:20, 10:30] = True
+    for out in made.values():
+        assert np.array_equal(out[~repaint], src[~repaint])
+    assert np.array_equal(made[2][7:17, 13:27], made[0][7:17, 13:27])  # 3 px and more inside: the generated image
+    ring = repaint.copy()
+    ring[5:19, 11:29] = False  # the mask's outermost pixels: about a quarter of the result (smoothstep(1/3) = 0.26)
+    diff = made[0][ring] - src[ring]
+    moved = made[2][ring] - src[ring]
+    big = np.abs(diff) > 20
+    assert big.sum() > 10 and np.all(np.abs(moved[big] - 0.259 * diff[big]) <= 1.5)
+    fails("edit", pics["png"], "--mask", pics["mask"], "x", "--feather", "-1", "--out", tmp_path / "no", *FAST, *w,
+          match="--feather must be between 0 and 256")

@@ -103,14 +103,44 @@ def square(img: Image.Image) -> Image.Image:
     return canvas
 
 
-def paste_back(generated: Image.Image, original: Image.Image, repaint: np.ndarray) -> Image.Image:
-    """Map a square result back onto the original canvas; take only masked pixels from it."""
+def feather_weights(repaint: np.ndarray, feather: int) -> np.ndarray:
+    """(H, W) float weights of the generated image: 0 outside the mask, rising smoothly (smoothstep) over the
+    `feather` pixels of the mask nearest its border, 1 deeper inside. The band lies inside the mask, so
+    unmasked pixels stay exactly the input's. Distances alternate square and cross steps (an octagonal
+    approximation of Euclidean distance); a mask too thin for the band gets a band of about half its depth,
+    so its centre still shows the generated image. The image's edge is not a border."""
+    inside = torch.from_numpy(np.ascontiguousarray(repaint))
+    if feather <= 0 or not inside.any() or inside.all():
+        return inside.numpy().astype(np.float32)
+    reached = (~inside).float()[None, None]
+    dist = torch.full(inside.shape, float(feather + 1))
+    for k in range(1, feather + 1):
+        if k % 2:
+            reached = F.max_pool2d(reached, 3, 1, 1)
+        else:
+            reached = torch.maximum(F.max_pool2d(reached, (1, 3), 1, (0, 1)), F.max_pool2d(reached, (3, 1), 1, (1, 0)))
+        dist = torch.where((reached[0, 0] > 0) & inside & (dist > feather), torch.tensor(float(k)), dist)
+    depth = float(dist[inside].max())
+    band = feather if depth > feather else max(1.0, (depth - 1) // 2)
+    t = (dist / (band + 1)).clamp(max=1.0)
+    w = t * t * (3 - 2 * t)
+    return torch.where(inside, w, torch.zeros(())).numpy().astype(np.float32)
+
+
+def paste_back(generated: Image.Image, original: Image.Image, repaint: np.ndarray, weights: np.ndarray | None = None) -> Image.Image:
+    """Map a square result back onto the original canvas; take only masked pixels from it, blended with the
+    original by `weights` (H, W) in [0, 1] if given (`feather_weights`), else wholesale."""
     w, h = original.size
     side = max(w, h)
     gen = np.asarray(generated.resize((side, side), Image.Resampling.LANCZOS))
     left, top = (side - w) // 2, (side - h) // 2
     gen = gen[top : top + h, left : left + w]
-    out = np.where(repaint[..., None], gen, np.asarray(original))
+    orig = np.asarray(original)
+    if weights is None:
+        out = np.where(repaint[..., None], gen, orig)
+    else:
+        mixed = np.rint(weights[..., None] * gen.astype(np.float32) + (1 - weights[..., None]) * orig.astype(np.float32))
+        out = np.where(repaint[..., None], mixed.clip(0, 255), orig)  # unmasked pixels: the input's, bit for bit
     return Image.fromarray(out.astype(np.uint8), "RGB")
 
 
@@ -120,6 +150,7 @@ class _EditCanvas:
 
     image: Image.Image  # the input, RGB, its own size
     repaint: np.ndarray  # (H, W) bool, True = repaint
+    weights: np.ndarray | None  # (H, W) how much of the result each repainted pixel takes (feathering), None: all
     known_full: torch.Tensor  # (1, 3, S, S)
     keep_full: torch.Tensor  # (1, 1, S, S), 1 = known
     known: torch.Tensor  # (1, 3, s, s)
@@ -279,7 +310,7 @@ class Engine:
             x = self.decode_from_noise(z_i, states, mask, noise, steps, guidance, known=known, keep=keep, tick=tick, z_t=z_t)
             x = self.run_upsamplers(x, noise, steps.upsampler, known=known_full, keep_full=keep_full, tick=tick)
             for (k, i), img, z in zip(chunk, self.to_images(x), z_i):
-                images[(k, i)] = img if canvases is None else paste_back(img, canvases[k].image, canvases[k].repaint)
+                images[(k, i)] = img if canvases is None else paste_back(img, canvases[k].image, canvases[k].repaint, canvases[k].weights)
                 embeddings[(k, i)] = z
         return images, warnings, embeddings
 
@@ -417,7 +448,8 @@ class Engine:
         keep_full = (repaint_full == 0).float()[None, None].to(self.device)
         known = F.interpolate(known_full, size=(s, s), mode="area")
         keep = (F.interpolate(keep_full, size=(s, s), mode="area") > 0.999).float()  # known only if fully unmasked
-        return _EditCanvas(image, repaint, known_full, keep_full, known, keep)
+        weights = feather_weights(repaint, req.feather) if req.feather > 0 else None
+        return _EditCanvas(image, repaint, weights, known_full, keep_full, known, keep)
 
     def _text_dropped(self, B: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states and an all-False mask: 'no caption', as the decoder saw 50% of the time in training."""

@@ -186,6 +186,15 @@ def load_image(src, fit: str | None = "crop", what: str = "image") -> tuple[Imag
     return im, notes
 
 
+def box_mask(box, size: tuple[int, int]) -> Image.Image:
+    """A mask ("L", 255 = repaint) of `size` that marks the rectangle `box` = (left, top, right, bottom), given
+    as fractions of the image: the pixels whose centres fall inside it."""
+    w, h = size
+    xs, ys = (np.arange(w) + 0.5) / w, (np.arange(h) + 0.5) / h
+    inside = ((ys >= box[1]) & (ys < box[3]))[:, None] & ((xs >= box[0]) & (xs < box[2]))[None, :]
+    return Image.fromarray(inside.astype(np.uint8) * 255, "L")
+
+
 def load_mask(src, size: tuple[int, int], invert: bool = False) -> tuple[Image.Image, float, list[str]]:
     """Read an edit mask: returns (mask "L" with 255 = repaint and 0 = keep, repainted fraction, notes).
 

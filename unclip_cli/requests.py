@@ -49,6 +49,10 @@ DEFAULT_PRIOR_GUIDANCE = DEFAULT_RECIPE.prior_guidance  # 1.5: "we found that gu
 DEFAULT_STRENGTH = 0.5
 DEFAULT_AMOUNT = 0.3
 DEFAULT_FRAMES = 5
+# Edits blend the result into the kept image over a band this wide *inside* the mask (in the output's
+# pixels), so unmasked pixels stay exactly as they were. 0 pastes with a hard edge.
+DEFAULT_FEATHER = 8
+MAX_FEATHER = 256
 FITS = ("crop", "pad")
 
 
@@ -147,6 +151,23 @@ def check_choice(label: str, value: Any, choices) -> str:
         raise InputError(f"{label} must be one of {', '.join(choices)}, not {shown(value)}")
     return value
 
+def check_box(label: str, value: Any) -> tuple[float, float, float, float]:
+    """A rectangle as fractions of the image: (left, top, right, bottom), each 0-1, left < right, top < bottom.
+    Text "0,0.5,1,1" (the command line's form) is read as four numbers."""
+    hint = "four fractions of the image, left,top,right,bottom: 0,0.5,1,1 is the lower half"
+    if isinstance(value, str):
+        try:
+            value = tuple(float(v) for v in value.replace(" ", "").split(","))
+        except ValueError:
+            raise InputError(f"{label} must be four numbers separated by commas, not {shown(value)}", hint=hint) from None
+    if not isinstance(value, (list, tuple)) or len(value) != 4:
+        raise InputError(f"{label} must be four numbers (left, top, right, bottom), not {shown(value)}", hint=hint)
+    box = tuple(check_number(label, v, 0, 1, hint=hint) for v in value)
+    if not (box[0] < box[2] and box[1] < box[3]):
+        raise InputError(f"{label} must have left < right and top < bottom, not {','.join(f'{v:g}' for v in box)}", hint=hint)
+    return box
+
+
 
 def check_flag(label: str, value: Any) -> bool:
     if not isinstance(value, bool):
@@ -188,7 +209,13 @@ def _load(src: ImageSource, fit: str | None, what: str = "image"):
 
 
 # -- requests ----------------------------------------------------------------------------------------
-OPTION = {"n": "-n", "frames": "--steps", "from_": "--from", "to": "--to", "prompt": "the prompt"}
+OPTION = {"n": "-n", "frames": "--steps", "from_": "--from-text", "to": "--to", "prompt": "the prompt"}
+
+
+
+def _option(name: str) -> str:
+    """A request field's command-line option, as messages name it by default."""
+    return OPTION.get(name, "--" + name.replace("_", "-"))
 
 
 @dataclass(kw_only=True)
@@ -437,17 +464,25 @@ class EditRequest(Request):
     invert_mask: bool = False
 
     def _validate_own(self, label):
-        if self.mask is None:
-            raise InputError("edit needs a mask: --mask MASK", hint='e.g. unclip edit photo.png --mask mask.png "a red hat"')
+        if self.mask is None and self.box is None:
+            raise InputError("edit needs a mask: --mask MASK, or --box LEFT,TOP,RIGHT,BOTTOM",
+                             hint='e.g. unclip edit photo.png --box 0,0.5,1,1 "a red hat" (the lower half)')
+        if self.mask is not None and self.box is not None:
+            raise InputError("give either a mask or a box, not both", hint="--box marks a rectangle to repaint without a mask file")
         return {"prompt": check_text(label("prompt"), self.prompt,
                                      hint='say what to paint in the masked area, e.g. unclip edit photo.png --mask m.png "a red hat"'),
-                "invert_mask": check_flag(label("invert_mask"), self.invert_mask)}
+                "invert_mask": check_flag(label("invert_mask"), self.invert_mask),
+                "feather": check_whole(label("feather"), self.feather, 0, MAX_FEATHER, hint=f"pixels; {DEFAULT_FEATHER} is the default"),
+                "box": None if self.box is None else check_box(label("box"), self.box)}
 
     def _load_inputs(self):
+    box: tuple[float, float, float, float] | None = None  # instead of a mask: left, top, right, bottom as fractions of the image
         from unclip_cli import imageio
 
+    feather: int = DEFAULT_FEATHER
         image, notes = _load(self.image, None)
-        mask, fraction, mask_notes = imageio.load_mask(self.mask, image.size, invert=self.invert_mask)
+        source = self.mask if self.box is None else imageio.box_mask(self.box, image.size)
+        mask, fraction, mask_notes = imageio.load_mask(source, image.size, invert=self.invert_mask)
         warnings = [m for m in mask_notes if "resized" in m]
         notes += [m for m in mask_notes if m not in warnings]
         notes.append(f"Repainting {fraction:.0%} of {source_name(self.image)} ({image.size[0]}×{image.size[1]})")
@@ -461,13 +496,17 @@ class EditRequest(Request):
 
     def _recipe_own(self, i):
         inputs = self._inputs
-        return {"prompt": self.prompt, "input": source_name(self.image), "mask": source_name(self.mask, "mask"),
-                "invert_mask": self.invert_mask,
+        mask = {"mask": source_name(self.mask, "mask")} if self.box is None else {"box": list(self.box)}
+        return {"prompt": self.prompt, "input": source_name(self.image), **mask, "invert_mask": self.invert_mask,
+                "feather": self.feather,
                 "mask_fraction": round(inputs.mask_fraction, 4) if inputs and inputs.mask_fraction is not None else None}
 
     @classmethod
     def _from_recipe_own(cls, r):
-        return {"prompt": r.get("prompt"), "invert_mask": r.get("invert_mask", False)}
+        # Recipes from before feathering pasted with a hard edge: feather 0 remakes them.
+        box = r.get("box")
+        return {"prompt": r.get("prompt"), "invert_mask": r.get("invert_mask", False), "feather": r.get("feather", 0),
+                "box": tuple(box) if isinstance(box, list) else box}
 
 
 @dataclass(kw_only=True)

@@ -25,6 +25,39 @@ app = typer.Typer(
 COMMAND_MODULES = ("images", "info", "data", "train", "eval", "serve", "convert")
 
 
+def _flags_without_type_label() -> None:
+    """Typer shows a type label for every option, `<bool>` on plain flags (--help, --json, --force...),
+    where it says nothing a reader needs: flags show no label, as in click's own help."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "_unclip", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag and self.metavar is None else shown(self, ctx)
+
+    display_type_rich._unclip = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_without_type_label()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from unclip_cli import __version__
+
+        print(f"unclip {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", "-V", is_eager=True, callback=_version,
+                                       help="Print the version and exit.")) -> None:
+    """Creative image operations with unCLIP (the DALL-E 2 architecture): generate, vary, blend, edit, nudge."""
+
+
 def _register() -> None:
     # Imported for their side effect of adding commands to `app`; every command module imports `app` from here.
     import importlib

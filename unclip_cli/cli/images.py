@@ -16,9 +16,9 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from unclip_cli.cli.options import FitOpt, NOpt, NudgeRecipeOpt, RecipeOpt, image_command, resolve_weights
+from unclip_cli.cli.options import FitOpt, NOpt, RecipeOpt, image_command, resolve_weights
 from unclip_cli.errors import InputError
-from unclip_cli.requests import (MAX_FRAMES, BlendRequest, EditRequest, GenerateRequest, NudgeRequest, Request, VaryRequest,
+from unclip_cli.requests import (DEFAULT_FEATHER, MAX_FRAMES, BlendRequest, EditRequest, GenerateRequest, NudgeRequest, Request, VaryRequest,
                                  request_from_recipe)
 
 INPUTS = {"generate": "", "vary": "IMAGE", "blend": "A B", "edit": "IMAGE --mask MASK", "nudge": "IMAGE"}
@@ -29,9 +29,20 @@ def rerun_command(path: Path, recipe: dict) -> str:
     op = recipe.get("op")
     if op not in INPUTS:
         return "unclip info " + shlex.quote(str(path))
-    option = "--recipe" if op == "nudge" else "--from"  # nudge's --from is its text
     flags = " --invert-mask" if op == "edit" and recipe.get("invert_mask") is True else ""
-    return " ".join(p for p in ("unclip", op, INPUTS[op], option, shlex.quote(str(path))) if p) + flags
+    inputs = "IMAGE" if op == "edit" and recipe.get("box") is not None else INPUTS[op]  # the box is in the recipe
+    return " ".join(p for p in ("unclip", op, inputs, "--from", shlex.quote(str(path))) if p) + flags
+
+
+def rerun_stem(out: Path, name: str, force: bool = False) -> str:
+    """The stem of a rerun of image `name` (such as `cat-face-42-0`) in folder `out`: `name-rerun`, then
+    `name-rerun2`, `name-rerun3`... for the first that is free (with --force: always `name-rerun`)."""
+    k = 1
+    while True:
+        stem = f"{name}-rerun" + (str(k) if k > 1 else "")
+        if force or not (out / f"{stem}.png").exists():
+            return stem
+        k += 1
 
 
 def _stderr_console():
@@ -102,6 +113,8 @@ class Job:
             raise InputError(f"{path} was made by " + (f"`unclip {recipe['op']}`" if known else "an unknown operation")
                              + f", not `unclip {cls.op}`", hint=f"rerun it with `{rerun_command(path, recipe)}`")
         inputs = {k: given.pop(k) for k in ("image", "image_a", "image_b", "mask") if k in given}
+        if "mask" in inputs:  # a mask given here replaces the recipe's box
+            recipe = {**recipe, "box": None}
         req = request_from_recipe(recipe, source=str(path), **inputs)
         if "n" in given or "seed" in sampling:
             # A new run from this image's settings: it starts at the image's own seed unless --seed says otherwise.
@@ -162,8 +175,11 @@ class Job:
             from unclip_cli.imageio import grid
 
             for im, rec in zip(result.images, result.recipes):
-                planned["images"].append(outs.add_png(im, f"{stem}" if req.index is None else f"{stem}-{rec['index']}",
-                                                      index=req.index is None, recipe=rec))
+                if req.index is None:
+                    planned["images"].append(outs.add_png(im, stem, index=True, recipe=rec))
+                else:  # a --from rerun of one image: named as a rerun of it, never `…-42-0-2` (seed 42, images 0 and 2?)
+                    planned["images"].append(outs.add_png(im, rerun_stem(self.c.out, f"{stem}-{rec['index']}", self.c.force),
+                                                          recipe=rec))
             if len(result.images) > 1:
                 planned["grid"].append(outs.add_png(grid(result.images), f"{stem}-grid"))
 
@@ -288,18 +304,26 @@ def blend(
 @image_command(epilog="""\
 [b]Examples[/b]
 
+  unclip edit photo.png --box 0,0,1,0.4 "a red hat"      [dim]# repaint the top 40%[/dim]
   unclip edit photo.png --mask mask.png "a red hat"
   unclip edit photo.png --mask keep.png --invert-mask "a starry sky" -n 4
 
 A mask marks in white what to repaint (black is kept). A mask with transparency marks the
-transparent area instead, as the DALL-E edits API does. The results have the input's size, and
-pixels outside the mask are kept exactly.
+transparent area instead, as the DALL-E edits API does. --box marks a rectangle instead, as
+fractions of the image (left,top,right,bottom). The results have the input's size; pixels outside
+the mask are kept exactly, and the result blends into them over --feather pixels inside the mask.
 """)
 def edit(
     image: ImageArg,
     prompt: Annotated[Optional[str], typer.Argument(metavar="PROMPT", help="What to paint in the masked area.", show_default=False)] = None,
     mask: Annotated[Optional[Path], typer.Option("--mask", "-m", metavar="MASK", show_default=False,
-                                                 help="White (or transparent) = repaint, black = keep (required).")] = None,
+                                                 help="White (or transparent) = repaint, black = keep (this or --box).")] = None,
+    box: Annotated[Optional[str], typer.Option("--box", metavar="L,T,R,B", show_default=False,
+                                               help="Repaint a rectangle instead of a mask: left,top,right,bottom as fractions "
+                                                    "of the image, e.g. 0,0.5,1,1 for the lower half.")] = None,
+    feather: Annotated[Optional[int], typer.Option("--feather", metavar="PX", show_default=str(DEFAULT_FEATHER),
+                                                   help="Blend the result into the kept image over this many pixels inside "
+                                                        "the mask (0: a hard edge). Unmasked pixels never change.")] = None,
     invert_mask: Annotated[Optional[bool], typer.Option("--invert-mask", help="Repaint what the mask would keep.",
                                                         show_default=False)] = None,
     n: NOpt = None,
@@ -308,7 +332,10 @@ def edit(
 ) -> None:
     """Repaint only the masked part of an image from a prompt; the rest stays pixel-for-pixel."""
     job = Job("edit", common)
-    req = job.request(EditRequest, recipe, image=image, mask=mask, prompt=prompt, invert_mask=invert_mask, n=n)
+    from unclip_cli.requests import check_box
+
+    req = job.request(EditRequest, recipe, image=image, mask=mask, box=None if box is None else check_box("--box", box),
+                      prompt=prompt, invert_mask=invert_mask, n=n, feather=feather)
     job.images_with_grid(req, _stem(_name_part(image), req.prompt))
 
 
@@ -316,7 +343,8 @@ def edit(
 [b]Examples[/b]
 
   unclip nudge cat.png --to "a tiger"
-  unclip nudge cat.png --from "a cat" --to "a dog" --amount 0.4 -n 4
+  unclip nudge cat.png --from-text "a cat" --to "a dog" --amount 0.4 -n 4
+  unclip nudge cat.png --from outputs/cat-to-a-dog-7-0.png   [dim]# rerun a stored recipe[/dim]
 
 The image's CLIP embedding is turned toward the difference between the two texts (the paper's
 "text diffs"); a larger --amount moves further.
@@ -325,16 +353,22 @@ def nudge(
     image: ImageArg,
     to_text: Annotated[Optional[str], typer.Option("--to", "-t", metavar="TEXT", show_default=False,
                                                    help="What the image should become (required).")] = None,
-    from_text: Annotated[Optional[str], typer.Option("--from", metavar="TEXT", show_default=False,
+    from_text: Annotated[Optional[str], typer.Option("--from-text", metavar="TEXT", show_default=False,
                                                      help="What the image shows now (a better anchor than nothing).")] = None,
     amount: Annotated[Optional[float], typer.Option("--amount", "-a", show_default="0.3",
                                                     help="How far to turn, 0-1 (0.25-0.5 is typical); with -n, the images step up to it.")] = None,
     n: NOpt = None,
     fit: FitOpt = None,
-    recipe: NudgeRecipeOpt = None,
+    recipe: RecipeOpt = None,
     *, common,
 ) -> None:
     """Turn an image toward a text (the paper's text diffs), keeping what the text does not change."""
     job = Job("nudge", common)
+    if recipe is not None and from_text is None and not recipe.is_file():
+        # nudge's --from used to be its text; --from is a recipe PNG in every command now. A --from that
+        # names no file is read the old way, so old command lines keep working.
+        job.warn(f"`nudge --from TEXT` is deprecated: write --from-text {shlex.quote(str(recipe))} (--from now reruns a recipe PNG, "
+                 "as in the other commands)")
+        from_text, recipe = str(recipe), None
     req = job.request(NudgeRequest, recipe, image=image, to=to_text, from_=from_text, amount=amount, n=n, fit=_value(fit))
     job.images_with_grid(req, _stem(_name_part(image), "to", req.to))

@@ -17,13 +17,14 @@ from unclip_cli.requests import printable, shown
 INFO_EXAMPLES = """\
 [b]Examples[/b]
 
-  unclip info                               [dim]# the shipped model set and its card[/dim]
+  unclip info                               [dim]# the shipped model set, in short[/dim]
+  unclip info --card                        [dim]# ... and its whole model card[/dim]
   unclip info --weights runs/my-model --json
   unclip info outputs/a-red-apple-42-0.png  [dim]# how an image was made[/dim]
 """
 
 # Recipe fields in the order a person reads them; others follow alphabetically.
-RECIPE_ORDER = ["op", "prompt", "to", "from", "input", "inputs", "mask", "invert_mask", "mask_fraction", "seed",
+RECIPE_ORDER = ["op", "prompt", "to", "from", "input", "inputs", "mask", "box", "invert_mask", "feather", "mask_fraction", "seed",
                 "strength", "amount", "frames", "frame", "theta", "quality", "steps", "guidance", "prior_guidance",
                 "sampler", "size", "fit", "model", "model_hash", "version"]
 
@@ -68,7 +69,25 @@ def _show_png(path: Path, as_json: bool) -> None:
     print(f"Rerun: {rerun_command(path, recipe)}")
 
 
-def _show_model(weights: Optional[Path], as_json: bool) -> None:
+def card_summary(card: str) -> str:
+    """What `unclip info` shows of a model card without --card: its title, and its section on what the model
+    is good and not good at (a card without one: its first paragraph)."""
+    lines = [line.rstrip() for line in card.strip().splitlines()]
+    title = lines[0] if lines else ""
+    start = next((i for i, line in enumerate(lines) if line.startswith("#") and "good at" in line.lower()), None)
+    if start is None:  # the first paragraph after the title
+        body = []
+        for line in lines[1:]:
+            if not line.strip() and body:
+                break
+            if line.strip():
+                body.append(line)
+        return "\n".join([title, "", *body])
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("#")), len(lines))
+    return "\n".join([title, "", *lines[start:end]]).rstrip()
+
+
+def _show_model(weights: Optional[Path], as_json: bool, whole_card: bool = False) -> None:
     from unclip_cli.engine import Engine
 
     info = Engine.load(resolve_weights(weights), device="cpu").info()
@@ -106,8 +125,15 @@ def info(
     weights: WeightsOpt = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Show how a PNG was made (its stored recipe), or, without a file, the model set and its card."""
+    if not whole_card:
+        print(printable(card_summary(card)))
+        print()
+        print(f"The whole model card ({len(card.splitlines())} lines: metrics, training data, calibration, "
+              f"speed): unclip info --card, or {printable(str(Path(info['path']) / 'MODEL_CARD.md'))}")
+        return
+    """Show how a PNG was made (its stored recipe), or, without a file, the model set in short (--card: with its whole card)."""
     if file is not None:
         _show_png(file, json_)
     else:
-        _show_model(weights, json_)
+        _show_model(weights, json_, whole_card=card)
+    card: Annotated[bool, typer.Option("--card", help="Print the model set's whole model card.")] = False,

@@ -46,8 +46,6 @@ FitOpt = Annotated[Optional[Fit], typer.Option("--fit", show_default=False,
                                                help="Make a non-square input square by cropping its centre (default) or padding it with white.")]
 _RECIPE_HELP = "Rerun the recipe stored in a PNG written by unclip; options given here override it."
 RecipeOpt = Annotated[Optional[Path], typer.Option("--from", "--recipe", metavar="PNG", show_default=False, help=_RECIPE_HELP)]
-# `nudge` uses --from for its text, so there the recipe option is only --recipe.
-NudgeRecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", metavar="PNG", show_default=False, help=_RECIPE_HELP)]
 
 
 def _sampling(flag: str, kind, help: str, show_default=None, *names: str):
