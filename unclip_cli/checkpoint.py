@@ -123,6 +123,19 @@ def check_diffusion(cfg: DiffusionConfig) -> DiffusionConfig:
     return cfg
 
 
+def process_umask() -> int:
+    """The process umask, read without changing it where the system says it (Linux), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path), then rename over `path`: an interrupted write never leaves a partial file."""
     path = Path(path)
@@ -131,6 +144,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp makes 0600; a written file gets the mode any other would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -65,7 +65,7 @@ def karlo_command(
     check: Annotated[Optional[Path], typer.Option("--check", metavar="DIR", show_default=False,
                                                   help="Check a set converted earlier against SRC; writes nothing.")] = None,
     device: Annotated[VerifyDevice, typer.Option("--device", help="Where --verify / --check run the networks (float32).")] = VerifyDevice.cpu,
-    force: Annotated[bool, typer.Option("--force", help="Replace a model set already in --to.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Write into a --to folder that is not empty (replacing a set there).")] = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -86,9 +86,10 @@ def karlo_command(
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "cpu"
     if to is not None:
+        karlo.check_destination(to, (src, variation), force)  # before any work
         _err(f"Reading {src}" + (f" and {variation}" if variation else ""), quiet)
         plan = karlo.prepare(src, variation, dtype=torch.float16 if dtype is DType.float16 else torch.float32)
-        total = sum(sum(int(torch.Size(i[1]).numel()) for i in f[4]) for f in plan.files.values())
+        total = plan.parameters
         _err(f"Converting {total / 1e6:,.1f} M parameters to {dtype.value}", quiet)
         karlo.write(plan, to, force=force, progress=lambda name: _err(f"  writing {to / name}", quiet))
         if not verify:

@@ -136,3 +136,89 @@ def save(pipe, var, root: str | Path, **kwargs) -> tuple[Path, Path]:
     for folder in (src, var_dir):
         pipe.text_proj.save_pretrained(folder / "text_proj", **kwargs)
     return src, var_dir
+
+
+# -- pipelines from the hub's own config files ------------------------------------------------------------------------
+HUB_CONFIGS = Path(__file__).resolve().parents[2] / "tests" / "data" / "karlo-hub"
+HUB_FOLDERS = ("karlo-v1-alpha", "karlo-v1-alpha-image-variations")
+
+
+def hub_configs(root: str | Path = HUB_CONFIGS) -> dict[str, dict[str, dict]]:
+    """{folder: {relative path: the JSON object}} of the hub's config files (tests/data/karlo-hub)."""
+    root = Path(root)
+    return {folder: {str(p.relative_to(root / folder)): json.loads(p.read_text(encoding="utf-8"))
+                     for p in sorted((root / folder).rglob("*.json"))} for folder in HUB_FOLDERS}
+
+
+# Layer counts and widths of the reduced pipelines: everything else stays as the hub's files have it (4 levels with
+# multipliers 1-2-3-4, attention at three levels with 64-wide heads, learned-range variance, the legacy eos id, the old
+# key sets, super_res_last's null sample_size, the decoder's 64 px and super-res 256 px sizes).
+REDUCED = {
+    "text_encoder/config.json": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, projection_dim=64),
+    "image_encoder/config.json": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, projection_dim=64),
+    "prior/config.json": dict(num_attention_heads=2, num_layers=2, embedding_dim=64),
+    "text_proj/config.json": dict(clip_embeddings_dim=64, cross_attention_dim=96, time_embed_dim=256),
+    "decoder/config.json": dict(block_out_channels=[64, 128, 192, 256], layers_per_block=2, cross_attention_dim=96),
+    "super_res_first/config.json": dict(block_out_channels=[32, 64, 96, 128], layers_per_block=2),
+    "super_res_last/config.json": dict(block_out_channels=[32, 64, 96, 128], layers_per_block=2),
+}
+
+
+def reduce(configs: dict[str, dict[str, dict]], changes: dict[str, dict] = REDUCED) -> dict[str, dict[str, dict]]:
+    """The hub's configs with layer counts and widths replaced (the keys each file has are kept as they are)."""
+    return {folder: {rel: {**cfg, **changes.get(rel, {})} for rel, cfg in files.items()} for folder, files in configs.items()}
+
+
+def build_from_configs(configs: dict[str, dict[str, dict]], seed: int = 0, device: str | torch.device = "cpu", dtype=torch.float32):
+    """An UnCLIPPipeline and an UnCLIPImageVariationPipeline built by diffusers' and transformers' classes from config
+    files as the hub holds them (`hub_configs`, maybe `reduce`d), with random weights (constants randomised too)."""
+    import tempfile
+
+    from diffusers import PriorTransformer, UnCLIPImageVariationPipeline, UnCLIPPipeline, UNet2DConditionModel, UNet2DModel, UnCLIPScheduler
+    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
+
+    from unclip_cli.convert.verify import quiet_libraries, text_proj_class
+
+    quiet_libraries()
+    main, variation = (configs[f] for f in HUB_FOLDERS)
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def made(module):
+        randomise_constants(module, g)
+        return module.to(dtype).eval()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab, merges = _bpe_files(Path(tmp))
+        tokenizer = CLIPTokenizer(str(vocab), str(merges), pad_token="!", model_max_length=77)
+    with torch.device(device):
+        text_encoder = made(CLIPTextModelWithProjection(CLIPTextConfig.from_dict(main["text_encoder/config.json"])))
+        image_encoder = made(CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(variation["image_encoder/config.json"])))
+        prior = made(PriorTransformer.from_config(main["prior/config.json"]))
+        text_proj = made(text_proj_class().from_config(main["text_proj/config.json"]))
+        decoder = made(UNet2DConditionModel.from_config(main["decoder/config.json"]))
+        super_res_first = made(UNet2DModel.from_config(main["super_res_first/config.json"]))
+        super_res_last = made(UNet2DModel.from_config(main["super_res_last/config.json"]))
+    schedulers = {name: UnCLIPScheduler.from_config(main[f"{name}/scheduler_config.json"])
+                  for name in ("prior_scheduler", "decoder_scheduler", "super_res_scheduler")}
+    pipe = UnCLIPPipeline(prior=prior, decoder=decoder, text_proj=text_proj, text_encoder=text_encoder, tokenizer=tokenizer,
+                          super_res_first=super_res_first, super_res_last=super_res_last, **schedulers)
+    fe = variation["feature_extractor/preprocessor_config.json"]
+    processor = CLIPImageProcessor(size={"shortest_edge": fe["size"]}, crop_size={"height": fe["crop_size"], "width": fe["crop_size"]},
+                                   resample=fe["resample"], image_mean=fe["image_mean"], image_std=fe["image_std"])
+    var = UnCLIPImageVariationPipeline(decoder=decoder, text_encoder=text_encoder, tokenizer=tokenizer, text_proj=text_proj,
+                                       feature_extractor=processor, image_encoder=image_encoder, super_res_first=super_res_first,
+                                       super_res_last=super_res_last, decoder_scheduler=schedulers["decoder_scheduler"],
+                                       super_res_scheduler=schedulers["super_res_scheduler"])
+    return pipe, var
+
+
+def save_as_hub(pipe, var, configs: dict[str, dict[str, dict]], root: str | Path, **kwargs) -> tuple[Path, Path]:
+    """`save`, then every config file written back as the hub has it (diffusers' save writes today's key sets)."""
+    src, var_dir = save(pipe, var, root, **kwargs)
+    for folder, files in zip((src, var_dir), (configs[f] for f in HUB_FOLDERS)):
+        for rel, cfg in files.items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return src, var_dir

@@ -220,9 +220,9 @@ def check(src: str | Path, dst: str | Path, variation: str | Path | None = None,
     from unclip_cli.convert import karlo
     from unclip_cli.modelset import load_model_set
 
-    karlo.read_folder(src, karlo.PARTS, karlo.PIPELINE)
+    karlo.read_folder(src, karlo.PARTS, karlo.PIPELINE, karlo.FOLDER_HINT)
     if variation is not None:
-        karlo.read_folder(variation, karlo.VARIATION_PARTS, karlo.VARIATION_PIPELINE)
+        karlo.read_folder(variation, karlo.VARIATION_PARTS, karlo.VARIATION_PIPELINE, karlo.FOLDER_HINT)
     theirs = originals(src, variation, device=device)
     ours = load_model_set(dst, device=device, dtype=torch.float32)
     if variation is not None and not ours.clip.config.vision:

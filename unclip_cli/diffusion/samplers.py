@@ -98,7 +98,9 @@ def ancestral_step(denoise: Denoiser, x, t: int, s: int, diffusion: GaussianDiff
     beta = diffusion.beta(t, s, x)
     alpha = 1 - beta
     mean = (a_s**0.5 * beta) / (1 - a_t) * x_start + (alpha**0.5 * (1 - a_s)) / (1 - a_t) * x
-    if t <= 0:
+    if t <= 0 or s < 0:
+        # A step straight to the clean image (s = -1, a single-step run) has posterior variance 0: its log is -inf,
+        # which the learned range turns into inf or NaN wherever v' >= 1 (diffusers adds exp(-inf) = 0 where finite).
         return mean
     var = (1 - a_s) / (1 - a_t) * beta
     if len(out) > 2:  # learned range

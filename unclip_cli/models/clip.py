@@ -67,6 +67,8 @@ class ClipConfig:
     normalize: bool = True  # False: raw projected embeddings (Karlo's prior and decoder read them so)
     preprocess: str = "resize"  # "openai": shortest side to image_size (bicubic), centre crop, OpenAI mean/std
     vision: bool = True  # False: a text tower only (a Karlo set converted without its image-variation folder)
+    text_mlp_width: int = 0  # hidden width of the text tower's MLPs; 0: 4 x text_width (CLIP's ratio; sets before this field)
+    vision_mlp_width: int = 0  # the same for the vision tower; 0: 4 x vision_width
 
 
 @functools.lru_cache(maxsize=1)
@@ -88,13 +90,14 @@ def bpe_tokenizer():
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)). open_clip's names."""
 
-    def __init__(self, width: int, heads: int, act: str = "gelu"):
+    def __init__(self, width: int, heads: int, act: str = "gelu", mlp_width: int = 0):
         super().__init__()
+        hidden = mlp_width or 4 * width
         self.ln_1 = nn.LayerNorm(width)
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict(
-            c_fc=nn.Linear(width, 4 * width), gelu=activation(act), c_proj=nn.Linear(4 * width, width),
+            c_fc=nn.Linear(width, hidden), gelu=activation(act), c_proj=nn.Linear(hidden, width),
         ))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,9 +107,9 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, act: str = "gelu"):
+    def __init__(self, width: int, layers: int, heads: int, act: str = "gelu", mlp_width: int = 0):
         super().__init__()
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, act) for _ in range(layers))
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, act, mlp_width) for _ in range(layers))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.resblocks:
@@ -125,7 +128,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(initial(lambda: scale * torch.randn(W), W))
         self.positional_embedding = nn.Parameter(initial(lambda: scale * torch.randn(grid * grid + 1, W), grid * grid + 1, W))
         self.ln_pre = nn.LayerNorm(W)
-        self.transformer = Transformer(W, cfg.vision_layers, W // cfg.vision_head_width, cfg.activation)
+        self.transformer = Transformer(W, cfg.vision_layers, W // cfg.vision_head_width, cfg.activation, cfg.vision_mlp_width)
         self.ln_post = nn.LayerNorm(W)
         self.proj = nn.Parameter(initial(lambda: scale * torch.randn(W, cfg.embed_dim), W, cfg.embed_dim))
 
@@ -157,7 +160,7 @@ class ClipTowers(nn.Module):
         self.visual = VisionTransformer(cfg) if cfg.vision else None
         self.token_embedding = nn.Embedding(cfg.vocab_size, W, _weight=initial(lambda: None, cfg.vocab_size, W))  # None: it draws its own
         self.positional_embedding = nn.Parameter(torch.empty(L, W))
-        self.transformer = Transformer(W, cfg.text_layers, cfg.text_heads, cfg.activation)
+        self.transformer = Transformer(W, cfg.text_layers, cfg.text_heads, cfg.activation, cfg.text_mlp_width)
         self.ln_final = nn.LayerNorm(W)
         self.text_projection = nn.Parameter(torch.empty(W, cfg.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature 0.07

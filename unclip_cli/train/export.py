@@ -74,6 +74,7 @@ def export(run: str | Path, to: str | Path, dtype: torch.dtype = torch.float16, 
             os.close(fd)
             staged[to / FILES[stage]] = Path(tmp)
             checkpoint.save(tmp, stage, model, cfg, diffusion, extra, dtype=dtype)
+            os.chmod(tmp, 0o666 & ~checkpoint.process_umask())  # mkstemp makes 0600; a set gets the usual mode
         with _signals_deferred():  # a handful of renames, not split by Ctrl-C
             for stale in set(stage_files(to)) - set(staged):
                 stale.unlink()
@@ -135,6 +136,7 @@ def append_upsampler(run: str | Path, base: str | Path, to: str | Path, dtype: t
     os.close(fd)
     try:
         checkpoint.save(tmp, "upsampler", model, cfg, diffusion, extra, dtype=dtype)
+        os.chmod(tmp, 0o666 & ~checkpoint.process_umask())
         os.replace(tmp, to / name)
     finally:
         Path(tmp).unlink(missing_ok=True)
