@@ -146,11 +146,6 @@ def check_text(label: str, value: Any, *, hint: str | None = None, allow_empty: 
     return text
 
 
-def check_choice(label: str, value: Any, choices) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise InputError(f"{label} must be one of {', '.join(choices)}, not {shown(value)}")
-    return value
-
 def check_box(label: str, value: Any) -> tuple[float, float, float, float]:
     """A rectangle as fractions of the image: (left, top, right, bottom), each 0-1, left < right, top < bottom.
     Text "0,0.5,1,1" (the command line's form) is read as four numbers."""
@@ -167,6 +162,11 @@ def check_box(label: str, value: Any) -> tuple[float, float, float, float]:
         raise InputError(f"{label} must have left < right and top < bottom, not {','.join(f'{v:g}' for v in box)}", hint=hint)
     return box
 
+
+def check_choice(label: str, value: Any, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise InputError(f"{label} must be one of {', '.join(choices)}, not {shown(value)}")
+    return value
 
 
 def check_flag(label: str, value: Any) -> bool:
@@ -460,8 +460,10 @@ class EditRequest(Request):
     uses_prior: ClassVar[bool] = True
     image: ImageSource | None = None
     mask: ImageSource | None = None
+    box: tuple[float, float, float, float] | None = None  # instead of a mask: left, top, right, bottom as fractions of the image
     prompt: str | None = None
     invert_mask: bool = False
+    feather: int = DEFAULT_FEATHER
 
     def _validate_own(self, label):
         if self.mask is None and self.box is None:
@@ -476,10 +478,8 @@ class EditRequest(Request):
                 "box": None if self.box is None else check_box(label("box"), self.box)}
 
     def _load_inputs(self):
-    box: tuple[float, float, float, float] | None = None  # instead of a mask: left, top, right, bottom as fractions of the image
         from unclip_cli import imageio
 
-    feather: int = DEFAULT_FEATHER
         image, notes = _load(self.image, None)
         source = self.mask if self.box is None else imageio.box_mask(self.box, image.size)
         mask, fraction, mask_notes = imageio.load_mask(source, image.size, invert=self.invert_mask)

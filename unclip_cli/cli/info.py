@@ -108,6 +108,12 @@ def _show_model(weights: Optional[Path], as_json: bool, whole_card: bool = False
     if not card:
         print("This model set has no MODEL_CARD.md.")
         return
+    if not whole_card:
+        print(printable(card_summary(card)))
+        print()
+        print(f"The whole model card ({len(card.splitlines())} lines: metrics, training data, calibration, "
+              f"speed): unclip info --card, or {printable(str(Path(info['path']) / 'MODEL_CARD.md'))}")
+        return
     from rich.console import Console
 
     out = Console(highlight=False, soft_wrap=True)
@@ -124,16 +130,10 @@ def info(
     file: Annotated[Optional[Path], typer.Argument(metavar="FILE.png", help="A PNG written by unclip.", show_default=False)] = None,
     weights: WeightsOpt = None,
     json_: JsonOpt = False,
+    card: Annotated[bool, typer.Option("--card", help="Print the model set's whole model card.")] = False,
 ) -> None:
-    if not whole_card:
-        print(printable(card_summary(card)))
-        print()
-        print(f"The whole model card ({len(card.splitlines())} lines: metrics, training data, calibration, "
-              f"speed): unclip info --card, or {printable(str(Path(info['path']) / 'MODEL_CARD.md'))}")
-        return
     """Show how a PNG was made (its stored recipe), or, without a file, the model set in short (--card: with its whole card)."""
     if file is not None:
         _show_png(file, json_)
     else:
         _show_model(weights, json_, whole_card=card)
-    card: Annotated[bool, typer.Option("--card", help="Print the model set's whole model card.")] = False,
