@@ -128,12 +128,16 @@ class Draws:
 
 @pytest.fixture(scope="module")
 def float64(karlo_dirs, karlo_set):
+    return in_float64(karlo_dirs, karlo_set)
+
+
+def in_float64(dirs, converted):
     """diffusers' pipelines and our engine, both in float64; functions that run each with injected noise."""
     import diffusers.schedulers.scheduling_unclip as sched
 
-    pipe, var = (p.to(torch.float64) for p in karlo_dirs[:2])
+    pipe, var = (p.to(torch.float64) for p in dirs[:2])
     pipelines = [sys.modules[type(p).__module__] for p in (pipe, var)]
-    ours = Engine.load(karlo_set, device="cpu", dtype=torch.float64)
+    ours = Engine.load(converted, device="cpu", dtype=torch.float64)
 
     def theirs(fn, seed):
         draws = Draws(seed)

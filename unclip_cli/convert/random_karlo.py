@@ -150,16 +150,17 @@ def hub_configs(root: str | Path = HUB_CONFIGS) -> dict[str, dict[str, dict]]:
                      for p in sorted((root / folder).rglob("*.json"))} for folder in HUB_FOLDERS}
 
 
-# Layer counts and widths of the reduced pipelines: everything else stays as the hub's files have it (4 levels with
-# multipliers 1-2-3-4, attention at three levels with 64-wide heads, learned-range variance, the legacy eos id, the old
-# key sets, super_res_last's null sample_size, the decoder's 64 px and super-res 256 px sizes).
+# Layer counts and widths of the reduced pipelines, and the sizes halved (decoder 64 -> 32 px, super-res 256 -> 128 px:
+# a float64 run of the whole pipeline then takes seconds); everything else stays as the hub's files have it (4 levels
+# with multipliers 1-2-3-4, attention at three levels with 64-wide heads, learned-range variance, the legacy eos id, the
+# old key sets, super_res_last's null sample_size, the x4 super-resolution).
 REDUCED = {
     "text_encoder/config.json": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, projection_dim=64),
     "image_encoder/config.json": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, projection_dim=64),
     "prior/config.json": dict(num_attention_heads=2, num_layers=2, embedding_dim=64),
     "text_proj/config.json": dict(clip_embeddings_dim=64, cross_attention_dim=96, time_embed_dim=256),
-    "decoder/config.json": dict(block_out_channels=[64, 128, 192, 256], layers_per_block=2, cross_attention_dim=96),
-    "super_res_first/config.json": dict(block_out_channels=[32, 64, 96, 128], layers_per_block=2),
+    "decoder/config.json": dict(block_out_channels=[64, 128, 192, 256], layers_per_block=2, cross_attention_dim=96, sample_size=32),
+    "super_res_first/config.json": dict(block_out_channels=[32, 64, 96, 128], layers_per_block=2, sample_size=128),
     "super_res_last/config.json": dict(block_out_channels=[32, 64, 96, 128], layers_per_block=2),
 }
 
