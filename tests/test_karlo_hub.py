@@ -273,3 +273,44 @@ def test_old_clip_configs_without_the_mlp_width_still_load():
     cfg = config_from_dict(ClipConfig, {"embed_dim": 16, "text_width": 32, "vision_width": 32, "vision_head_width": 16, "text_heads": 2,
                                         "text_layers": 1, "vision_layers": 1, "image_size": 16, "patch_size": 8, "vocab_size": 64})
     assert Clip(cfg).model.transformer.resblocks[0].mlp.c_fc.weight.shape == (128, 32)
+
+
+def test_offload_keeps_one_network_loaded_and_changes_no_pixel(hub_set, monkeypatch):
+    from unclip_cli.modelset import ModelSet
+
+    a = _picture()
+    mask = Image.new("L", a.size, 0)
+    ImageDraw.Draw(mask).rectangle((20, 16, 50, 40), fill=255)
+    reqs = [GenerateRequest(prompt="a red apple", n=2, seed=3, **FEW),
+            EditRequest(image=a, mask=mask, prompt="a star", n=1, seed=3, **FEW)]
+    whole = Engine.load(hub_set, device="cpu", offload="off")
+    assert not whole.models.offload
+    expected = [whole.run(r).images for r in reqs]
+    seen = []
+    make_room = ModelSet._make_room
+
+    def spy(self, stage):
+        make_room(self, stage)
+        seen.append((stage.path.name, sorted(s.path.name for s in self.stages if s.loaded)))
+
+    monkeypatch.setattr(ModelSet, "_make_room", spy)
+    staged = Engine.load(hub_set, device="cpu", offload="on")
+    assert staged.models.offload
+    for r, images in zip(reqs, expected):
+        assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(staged.run(r).images, images))
+    assert {name for name, _ in seen} == {"clip.safetensors", "prior.safetensors", "decoder.safetensors", "upsampler.safetensors",
+                                          "upsampler-last.safetensors"}
+    for name, loaded in seen:  # when a network is read, at most its upsampler companion is still loaded
+        assert set(loaded) <= ({"upsampler.safetensors", "upsampler-last.safetensors"} if name.startswith("upsampler") else set()), (name, loaded)
+
+
+def test_offload_auto_follows_the_free_memory(hub_set, monkeypatch):
+    from unclip_cli import modelset
+
+    e = Engine.load(hub_set, device="cpu", offload="off")
+    need = e.models.memory_needed()
+    assert need == 4 * sum(s.parameters for s in e.models.stages)  # float32 on the CPU
+    monkeypatch.setattr(modelset, "free_memory", lambda device: int(need / 0.7) + 1)
+    assert not e.models.set_offload("auto")
+    monkeypatch.setattr(modelset, "free_memory", lambda device: int(need / 0.7) - 1)
+    assert e.models.set_offload("auto")

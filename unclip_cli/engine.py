@@ -170,13 +170,16 @@ class Engine:
         self.domain = load_domain(models.root)  # None: the set has no calibrated out-of-domain checks
 
     @classmethod
-    def load(cls, weights: str | Path, device: str = "auto", dtype: torch.dtype | None = None) -> "Engine":
+    def load(cls, weights: str | Path, device: str = "auto", dtype: torch.dtype | None = None, offload: str = "auto") -> "Engine":
         """Load a model set (its networks are read on first use). `dtype` overrides the default: fp32 on CPU
-        (fp16 there is slow and lossy), half precision on accelerators."""
+        (fp16 there is slow and lossy), half precision on accelerators. `offload` (auto, on, off): whether only
+        the network in use stays loaded (`ModelSet.set_offload`); auto turns it on when the set does not fit."""
         dev = pick_device(device)
         if dtype is None:
             dtype = torch.float16 if dev.type in ("cuda", "mps") else torch.float32
-        return cls(load_model_set(weights, device=dev, dtype=dtype), dev, dtype)
+        models = load_model_set(weights, device=dev, dtype=dtype)
+        models.set_offload(offload)
+        return cls(models, dev, dtype)
 
     # -- facts ---------------------------------------------------------------------------------------
     @property

@@ -55,6 +55,7 @@ class Stage:
         self.diffusion = GaussianDiffusion(header.diffusion) if header.diffusion else None
         self._model: torch.nn.Module | None = None
         self._lock = threading.Lock()
+        self.before_load = None  # called with this stage before its network is read (the set's offloading)
 
     @property
     def loaded(self) -> bool:
@@ -65,6 +66,8 @@ class Stage:
         if self._model is None:
             with self._lock:
                 if self._model is None:
+                    if self.before_load is not None:
+                        self.before_load(self)
                     self._model = checkpoint.materialize(self.header, self.device, self.dtype)
         return self._model
 
@@ -104,6 +107,45 @@ class ModelSet:
     def parameters(self) -> int:
         return sum(s.parameters for s in self.stages)
 
+    # -- memory: the whole set on the device, or one network at a time -----------------------------------------------
+    offload: bool = False
+
+    def memory_needed(self) -> int:
+        """Bytes the networks take on their device in the dtype they run in, all stages loaded at once."""
+        return sum(s.parameters * _element_size(s) for s in self.stages)
+
+    def set_offload(self, mode: str = "auto") -> bool:
+        """"on": keep only the network in use (with its final-step companion) loaded, dropping the others, which are
+        read again from their files when next used (the system's file cache usually still holds them), as diffusers'
+        model offload keeps one network on the device at a time; "off": keep every network once read; "auto": "on"
+        when the whole set would take more than 70% of the memory free on its device. Returns whether it is on."""
+        if mode not in OFFLOAD_MODES:
+            raise ValueError(f"offload mode {mode!r}; choose from {', '.join(OFFLOAD_MODES)}")
+        device = self.decoder.device
+        on = mode == "on" or mode == "auto" and self.memory_needed() > 0.7 * free_memory(device)
+        self.offload = on
+        for stage in self.stages:
+            stage.before_load = self._make_room if on else None
+        if on:
+            for stage in self.stages:
+                stage.unload()
+        return on
+
+    def _make_room(self, stage: Stage) -> None:
+        """Drop every loaded network but `stage`'s group (an upsampler and its final-step companion run together)."""
+        group = [stage] + [x for u in self.upsamplers if stage in (u, u.last) for x in (u, u.last)]
+        dropped = False
+        for other in self.stages:
+            if all(other is not g for g in group) and other.loaded:
+                other.unload()
+                dropped = True
+        if dropped:
+            import gc
+
+            gc.collect()  # free the dropped network now, before the next one is read
+            if torch.device(stage.device).type == "cuda":
+                torch.cuda.empty_cache()
+
     @property
     def base_size(self) -> int:
         return self.decoder.config.image_size
@@ -120,6 +162,28 @@ class ModelSet:
         """A short id of the set, from the ids its files carry (stable, cheap: no tensor hashing)."""
         ids = [s.extra.get("uid", "") for s in self.stages]
         return hashlib.sha256("/".join(ids).encode()).hexdigest()[:10]
+
+
+OFFLOAD_MODES = ("auto", "on", "off")
+
+
+def _element_size(stage: Stage) -> int:
+    return torch.empty((), dtype=stage.dtype or torch.float32).element_size()
+
+
+def free_memory(device) -> int:
+    """Bytes free for networks on `device`: the GPU's free memory, or the host's available memory (Linux's
+    MemAvailable; elsewhere, unknown, so treated as plenty)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1 << 62
 
 
 def upsampler_files(root: Path) -> list[Path]:

@@ -131,11 +131,14 @@ class Job:
         if status is not None:
             status.start()
         try:
-            eng = Engine.load(self.weights_dir, device=self.c.device.value)
+            eng = Engine.load(self.weights_dir, device=self.c.device.value, offload=self.c.offload.value)
         finally:
             if status is not None:
                 status.stop()
         self.note(f"Model {eng.name} from {self.weights_dir} on {eng.device}")
+        if eng.models.offload:
+            self.note(f"Running stage by stage (--offload): the set takes {eng.models.memory_needed() / 2**30:.1f} GiB "
+                      f"on {eng.device}; only the network in use is kept")
         if self.recipe_model and self.recipe_model[1] and self.recipe_model[1] != eng.models.model_hash:
             self.warn(f"the recipe was made with another model set than the loaded {eng.name} ({eng.models.model_hash}): "
                       "the result will differ")

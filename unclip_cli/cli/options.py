@@ -38,6 +38,13 @@ WeightsOpt = Annotated[
 DeviceOpt = Annotated[
     DeviceChoice, typer.Option("--device", help="Where to run: auto picks cuda, then mps, then cpu.", rich_help_panel=P_MODEL)
 ]
+Offload = Enum("Offload", {m: m for m in ("auto", "on", "off")}, type=str)
+OffloadOpt = Annotated[
+    Offload, typer.Option("--offload", rich_help_panel=P_MODEL,
+                          help="Keep only the network in use in memory, reading each stage again when it runs (slower, far less "
+                               "memory: how a multi-gigabyte set runs on a small GPU or a 16 GB machine); auto: when the set "
+                               "would take over 70% of the free memory.")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON result on stdout instead of file paths.", rich_help_panel=P_OUTPUT)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes on stderr (warnings still show).",
                                         rich_help_panel=P_OUTPUT)]
@@ -77,6 +84,7 @@ class Common:
 
     weights: WeightsOpt = None
     device: DeviceOpt = DeviceChoice.auto
+    offload: OffloadOpt = Offload.auto
     seed: SeedOpt = None
     quality: QualityOpt = None
     prior_steps: PriorStepsOpt = None
