@@ -109,3 +109,141 @@ def test_generate_paint_edit_keeps_unmasked_pixels(browser, tiny_engine, tmp_pat
         assert not problems, problems
         assert all(u.startswith((url + "/", "blob:", "data:")) for u in requested), requested
         page.close()
+
+
+def mask_alpha(page) -> int:
+    """How many mask pixels are painted."""
+    return page.evaluate("""() => {
+        const c = document.querySelector("#edit-mask");
+        const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] >= 128; return n;
+    }""")
+
+
+def test_undo_redo_feather_and_history_across_reloads(browser, tiny_engine):
+    with running(create_app(tiny_engine, Settings(steps=STEPS))) as (url, _):
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        problems = []
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.goto(url + "/")
+        page.evaluate("localStorage.clear()")
+        page.reload()
+        sync_api.expect(page.locator("#history")).to_be_hidden()
+        page.fill("#gen-n", "1")
+        page.fill("#gen-seed", "9")
+        page.fill("#gen-prompt", "a red circle")
+        page.click("#gen-go")
+        sync_api.expect(page.locator(".run[data-op=generate] .card")).to_have_count(1, timeout=60_000)
+        page.get_by_role("button", name="Edit with seed 9").click()
+        sync_api.expect(page.locator("#stage")).to_have_attribute("data-ready", "1")
+
+        # Two strokes; undo twice, redo once; Ctrl+Z undoes too; a clear is undone like a stroke.
+        box = page.locator("#edit-mask").bounding_box()
+        for y in (0.2, 0.7):
+            page.mouse.move(box["x"] + 0.2 * box["width"], box["y"] + y * box["height"])
+            page.mouse.down()
+            page.mouse.move(box["x"] + 0.6 * box["width"], box["y"] + y * box["height"], steps=5)
+            page.mouse.up()
+        both = mask_alpha(page)
+        page.click("#mask-undo")
+        one = mask_alpha(page)
+        assert 0 < one < both
+        page.click("#mask-undo")
+        assert mask_alpha(page) == 0 and page.locator("#mask-undo").is_disabled()
+        page.click("#mask-redo")
+        assert mask_alpha(page) == one
+        page.click("#mask-redo")
+        assert mask_alpha(page) == both and page.locator("#mask-redo").is_disabled()
+        page.click("#brush-clear")
+        assert mask_alpha(page) == 0
+        page.keyboard.press("Control+z")
+        assert mask_alpha(page) == both
+
+        # The feather slider reaches the recipe.
+        page.locator("#edit-feather").fill("3")
+        page.fill("#edit-prompt", "a green star")
+        page.fill("#edit-n", "1")
+        page.click("#edit-go")
+        edited = page.locator(".run[data-op=edit] .card")
+        sync_api.expect(edited).to_have_count(1, timeout=60_000)
+        assert "feather 3" in edited.locator(".recipe").text_content()
+        before = page.locator(".run .card img").evaluate_all("els => els.map(e => e.alt)")
+
+        # A reload keeps both runs, newest first, with their recipes and the edit's mask; Clear history forgets them.
+        page.reload()
+        sync_api.expect(page.locator(".run")).to_have_count(2)
+        assert page.locator(".run").first.get_attribute("data-op") == "edit"
+        assert page.locator(".run .card img").evaluate_all("els => els.map(e => e.alt)") == before
+        assert "feather 3" in page.locator(".run[data-op=edit] .recipe").text_content()
+        assert page.locator(".run[data-op=edit] img.mask").count() == 1
+        sync_api.expect(page.locator("#history-note")).to_have_text("2 runs kept in this browser.")
+        page.click("#history-clear")
+        sync_api.expect(page.locator(".run")).to_have_count(0)
+        page.reload()
+        sync_api.expect(page.locator(".run")).to_have_count(0)
+        sync_api.expect(page.locator("#intro")).to_be_visible()
+        assert not problems, problems
+        page.close()
+
+
+def test_time_left_comes_from_measured_step_times(browser, tiny_engine):
+    """The estimate: this job's seconds per step for the stages it has seen, the last job's for the rest."""
+    with running(create_app(tiny_engine, Settings(steps=STEPS))) as (url, _):
+        page = browser.new_page()
+        page.goto(url + "/")
+        left = page.evaluate("""() => {
+            localStorage.removeItem("unclip-timing-v1");
+            const c = newClock("generate"), out = [];
+            tick(c, {stage: "prior", step: 1, total: 4, batch: 1, batches: 2}, 0);
+            tick(c, {stage: "prior", step: 3, total: 4, batch: 1, batches: 2}, 2000);       // 1 s a step
+            out.push(secondsLeft(c, {stage: "prior", step: 3, total: 4, batch: 1, batches: 2}));  // 1 left + a batch of 4
+            tick(c, {stage: "decoder", step: 1, total: 10, batch: 1, batches: 2}, 2500);
+            out.push(secondsLeft(c, {stage: "decoder", step: 1, total: 10, batch: 1, batches: 2}));  // decoder speed unknown
+            tick(c, {stage: "decoder", step: 5, total: 10, batch: 1, batches: 2}, 4500);    // 0.5 s a step
+            out.push(secondsLeft(c, {stage: "decoder", step: 5, total: 10, batch: 1, batches: 2}));  // 2.5 + (4 + 5)
+            keepTiming(c);
+            const next = newClock("generate");  // the next job starts with the last one's speeds
+            tick(next, {stage: "prior", step: 0, total: 4, batch: 1, batches: 1}, 0);
+            out.push(secondsLeft(next, {stage: "prior", step: 0, total: 4, batch: 1, batches: 1}));  // 4 + 5
+            return out;
+        }""")
+        assert left == [5, None, 11.5, 9]
+        page.close()
+
+
+@pytest.mark.parametrize("level", [None, "info"])
+def test_console_is_quiet_by_default_and_never_logs_progress_polls(tiny_weights, level):
+    import queue
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    import httpx
+
+    cmd = [sys.executable, "-m", "unclip_cli", "serve", "--weights", str(tiny_weights), "--port", "0", "--device", "cpu"]
+    proc = subprocess.Popen(cmd + (["--log-level", level] if level else []), stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True)
+    reader.start()  # a thread, not select(): the line we wait for may already sit in the reader's buffer
+    try:
+        url, seen = None, []
+        while url is None:
+            line = lines.get(timeout=120)
+            seen.append(line)
+            if line.startswith("Serving on "):
+                url = line.split()[2].rstrip("/")
+        with httpx.Client(base_url=url, timeout=60, trust_env=False) as c:
+            assert c.get("/v1/models").status_code == 200
+            for _ in range(3):
+                c.get("/v1/unclip/jobs/page-1-2")  # what the page polls while a job runs
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        reader.join(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    console = "".join(seen) + "".join(iter(lambda: lines.get_nowait() if not lines.empty() else None, None))
+    assert "/v1/unclip/jobs/" not in console, console
+    assert ("GET /v1/models" in console) == (level == "info"), console

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
@@ -11,12 +12,15 @@ from unclip_cli.cli.options import (DecoderStepsOpt, DeviceChoice, DeviceOpt, Pr
                                     WeightsOpt, resolve_weights)
 from unclip_cli.errors import InputError
 
+LogLevel = Enum("LogLevel", {v: v for v in ("warning", "info", "debug")}, type=str)
+
 SERVE_EXAMPLES = """\
 [b]Examples[/b]
 
   unclip serve                                   [dim]# http://127.0.0.1:8000/: the page; /v1: the API[/dim]
   UNCLIP_API_KEY=secret unclip serve --host 0.0.0.0 --port 8080
   unclip serve --max-queue 8 --timeout 120
+  unclip serve --log-level info                  [dim]# a line per request (default: problems only)[/dim]
 
 With the openai package: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret" or any text).
 """
@@ -41,6 +45,9 @@ def serve(
     decoder_steps: DecoderStepsOpt = None,
     upsampler_steps: UpsamplerStepsOpt = None,
     quiet: QuietOpt = False,
+    log_level: Annotated[LogLevel, typer.Option("--log-level", help="What the console shows: warning (problems only), info "
+                                                                  "(one line per request, progress polls left out), debug (every "
+                                                                  "request).")] = LogLevel.warning,
 ) -> None:
     """Serve OpenAI's Images API (generations, edits, variations) plus blend and nudge, and a page at /."""
     try:
@@ -71,7 +78,12 @@ def serve(
     loopback = is_loopback(sock)
     settings = Settings(api_key=api_key.strip() if api_key else None, max_queue=max_queue, timeout=timeout,
                         max_body_bytes=int(max_upload_mb * 2**20), steps=steps, allowed_hosts=LOOPBACK_NAMES if loopback else None)
-    server = make_server(create_app(engine, settings), log_level="warning" if quiet else "info", access_log=not quiet)
+    level = "warning" if quiet else log_level.value
+    server = make_server(create_app(engine, settings), log_level=level, access_log=level != "warning")
+    if level == "info":  # the page polls a job's progress about twice a second: one line per request, not per poll
+        import logging
+
+        logging.getLogger("uvicorn.access").addFilter(lambda record: "/v1/unclip/jobs/" not in str(record.args))
     url = url_of(sock)
     if not loopback and settings.api_key is None:
         err.print(f"Warning: listening on {host} without an API key: anyone who can reach this machine can use it "

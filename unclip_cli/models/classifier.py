@@ -52,10 +52,14 @@ class Classifier(nn.Module):
         self.body = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(ch, cfg.num_classes))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, 3, H, W) in [-1, 1] -> logits (B, num_classes)."""
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, 3, H, W) in [-1, 1] -> the pooled features the head reads (B, C): a yardstick of how far
+        apart two images are that shares nothing with the model set being measured."""
         s = self.cfg.image_size
         if x.shape[-2:] != (s, s):
             x = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
-        h = self.body(self.stem(x))  # (B, C, s / 2^(stages-1), ...)
-        return self.head(h.mean(dim=(2, 3)))
+        return self.body(self.stem(x)).mean(dim=(2, 3))  # (B, C), pooled over s / 2^(stages-1) squared
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, 3, H, W) in [-1, 1] -> logits (B, num_classes)."""
+        return self.head(self.features(x))

@@ -18,6 +18,7 @@ server's own policy or the API's vocabulary:
 | `stream: true`, `markup` | refused: unclip answers once every image is ready |
 | `seed` (extension) | the first image's seed, as `--seed` |
 | `strength` (variations, extension) | as `unclip vary --strength` |
+| `feather` (edits, extension) | as `unclip edit --feather` (pixels, default 8) |
 
 Edits: `mask` marks in transparent pixels what to repaint (as OpenAI); a mask without transparency
 marks it in white (as the CLI). Without a mask, the image's own transparent pixels are repainted. The
@@ -283,8 +284,9 @@ def plan_edit(f: Fields, native: int, steps: dict) -> Planned:
     else:
         raise ApiError(400, "mask is missing: send a mask (transparent or white = repaint), or an image whose transparent "
                             "pixels mark what to repaint", param="mask", code="missing_field")
-    req = EditRequest(image=image, mask=mask, prompt=f.text("prompt"), **_sampling(f, steps))
-    return Planned(req, parse_output(f, native, sizes=False), ["prompt", "n", "seed", "quality", "mask", "image"],
+    extra = {"feather": f.whole("feather")} if f.has("feather") else {}  # an extension: as `unclip edit --feather`
+    req = EditRequest(image=image, mask=mask, prompt=f.text("prompt"), **extra, **_sampling(f, steps))
+    return Planned(req, parse_output(f, native, sizes=False), ["prompt", "n", "seed", "quality", "feather", "mask", "image"],
                    edit_size=f.text("size"), edit_mask_given=bool(masks), native=native)
 
 

@@ -1,0 +1,92 @@
+"""Make the model's own outputs that the out-of-domain image test is calibrated on (issue 24, item 1).
+
+    python scripts/make_domain_set.py --out ~/.cache/unclip/domain-set [--generate 512] [--quality fast]
+
+Writes PNGs under OUT: generated/ (text to image: English and Chinese emoji names of the concepts the
+independent classifier knows, drawn at random, plus everyday prompts, one seed each), and the other
+operations applied to generated images as a user would chain them: vary/, blend/ (every frame), edit/ (a
+box repainted, feathered as by default), nudge/. Resumable: files already there are kept and counted.
+Emoji names come from the emojibase-data tarball of `unclip data emoji`'s npm cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+EVERYDAY = ["a dog", "a red car", "pizza", "a rocket", "two cats", "猫", "火箭", "a smiling cat", "a red hat", "a starry sky",
+            "a tiger", "a house", "a tree", "a birthday cake", "the sun", "a blue bird", "coffee", "a heart"]
+
+
+def prompts(n: int, seed: int = 0) -> list[str]:
+    from unclip_cli import checkpoint
+    from unclip_cli.data.emoji import canonical_hex, chinese_name, english_name, load_concepts
+
+    tarball = next(Path.home().joinpath(".cache", "unclip", "npm").glob("emojibase-data-*.tgz"))
+    names = load_concepts(tarball)
+    known = checkpoint.load(REPO / "weights" / "classifier" / "emoji-concepts.safetensors", "classifier").extra["concepts"]
+    rng = random.Random(seed)
+    chosen = rng.sample([c for c in known if canonical_hex(c) in names], n)
+    out = []
+    for k, code in enumerate(chosen):
+        c = names[canonical_hex(code)]
+        out.append(english_name(c.label_en, c.skin_tone) if k % 2 == 0 else chinese_name(c.label_zh, c.skin_tone))
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", default=str(REPO / "weights" / "emoji"))
+    ap.add_argument("--out", type=Path, default=Path.home() / ".cache" / "unclip" / "domain-set")
+    ap.add_argument("--generate", type=int, default=512)
+    ap.add_argument("--derived", type=int, default=32, help="generated images each derived operation starts from")
+    ap.add_argument("--quality", default="fast")
+    ap.add_argument("--batch", type=int, default=8)
+    args = ap.parse_args(argv)
+
+    from unclip_cli.engine import Engine
+    from unclip_cli.requests import BlendRequest, EditRequest, GenerateRequest, NudgeRequest, VaryRequest
+
+    t0 = time.time()
+    engine = Engine.load(args.weights, device="cpu")
+    gen_dir = args.out / "generated"
+    gen_dir.mkdir(parents=True, exist_ok=True)
+    texts = EVERYDAY + prompts(args.generate - len(EVERYDAY))
+
+    def run(reqs, folder: Path, names: list[str]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        todo = [(r, nm) for r, nm in zip(reqs, names) if not (folder / f"{nm}-0.png").exists()]
+        for s in range(0, len(todo), args.batch):
+            part = todo[s : s + args.batch]
+            for (r, nm), res in zip(part, engine.run_many([r for r, _ in part], batch_size=args.batch * max(r.count for r, _ in part))):
+                for i, im in enumerate(res.images):
+                    im.save(folder / f"{nm}-{i}.png")
+            print(f"{folder.name}: {s + len(part)}/{len(todo)} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+
+    run([GenerateRequest(prompt=p, seed=k, quality=args.quality) for k, p in enumerate(texts)], gen_dir,
+        [f"{k:04d}" for k in range(len(texts))])
+    made = sorted(gen_dir.glob("*.png"))
+    from PIL import Image
+
+    pick = [Image.open(p).convert("RGB") for p in made[len(EVERYDAY) : len(EVERYDAY) + args.derived]]
+    n = len(pick)
+    run([VaryRequest(image=im, seed=k, quality=args.quality, strength=(0.3, 0.5, 0.8)[k % 3]) for k, im in enumerate(pick)],
+        args.out / "vary", [f"{k:04d}" for k in range(n)])
+    run([EditRequest(image=im, box=(0.25, 0.5, 0.75, 1.0) if k % 2 else (0.0, 0.0, 1.0, 0.4), prompt=texts[len(EVERYDAY) + (k + 7) % n],
+                     seed=k, quality=args.quality) for k, im in enumerate(pick)], args.out / "edit", [f"{k:04d}" for k in range(n)])
+    run([NudgeRequest(image=im, to=("tiger face", "red heart", "sun", "snowflake")[k % 4], amount=0.3, seed=k, quality=args.quality)
+         for k, im in enumerate(pick)], args.out / "nudge", [f"{k:04d}" for k in range(n)])
+    pairs = [(pick[2 * k], pick[2 * k + 1]) for k in range(n // 4)]
+    run([BlendRequest(image_a=a, image_b=b, frames=5, seed=k, quality=args.quality) for k, (a, b) in enumerate(pairs)],
+        args.out / "blend", [f"{k:04d}" for k in range(len(pairs))])
+    print(f"done in {time.time() - t0:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
