@@ -1,19 +1,22 @@
 """A converted Karlo set against diffusers' UnCLIPPipeline, same machine, same run: seconds per image.
 
-    python benchmarks/bench_karlo.py --size karlo --device cuda            # a GPU: Karlo's shapes, fp16, 4 images
-    python benchmarks/bench_karlo.py --size tiny --device cpu --steps 2 2 2 --no-results   # CPU smoke test
+    python benchmarks/bench_karlo.py --size karlo --device cuda            # a GPU: Karlo itself, fp16, 4 images
+    python benchmarks/bench_karlo.py --size karlo --device cuda --offload on   # as on a 12 GB GPU: one network at a time
+    python benchmarks/bench_karlo.py --size reduced --device cpu --steps 2 2 2 --repeats 1 --no-results   # CPU smoke test
 
-Builds a random-weight Karlo pipeline with diffusers' own classes (`unclip_cli.convert.random_karlo`;
-size `karlo` has Karlo-v1.0.alpha's shapes, ~3.7 B parameters, ~7.4 GB in fp16), saves it in diffusers'
-layout, converts it with `unclip convert karlo`'s code, and then times text-to-image both ways with the
-same steps and batch: our engine (`Engine.run`, the set's own recipe) and diffusers' pipeline, each after a
-warm-up run, each the median of `--repeats` runs. Random weights make meaningless pictures at the speed
-of real ones. Peak accelerator memory is reported per side. Needs diffusers and transformers.
+Builds a random-weight Karlo pipeline with diffusers' own classes from the hub's own config files
+(tests/data/karlo-hub; size `karlo`: kakaobrain/karlo-v1-alpha's, 3,726 M parameters, ~7.4 GB in fp16; `reduced`:
+the test fixture's layer counts and widths), saves it with the hub's config texts, converts it with `unclip convert
+karlo`'s code, and then times text-to-image both ways with the same steps and batch: our engine (`Engine.run`, the
+set's own recipe) and diffusers' pipeline, each after a warm-up run, each the median of `--repeats` runs. Random
+weights make meaningless pictures at the speed of real ones. Peak accelerator memory is reported per side: unclip's
+while diffusers' pipeline waits on the host, diffusers' after unclip's engine is freed. Needs diffusers and transformers.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -57,7 +60,8 @@ def timed(fn, device: str, repeats: int) -> tuple[float, list[float]]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=("tiny", "karlo"), default="karlo")
+    ap.add_argument("--size", choices=("reduced", "karlo"), default="karlo")
+    ap.add_argument("--offload", choices=("auto", "on", "off"), default="off", help="unclip's --offload (default off: all on the device)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=("float16", "float32"), default=None, help="default: float16 on CUDA, float32 on CPU")
     ap.add_argument("-n", type=int, default=4, help="images per run (one batch)")
@@ -76,9 +80,10 @@ def main(argv=None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-karlo-"))
     t0 = time.perf_counter()
     print(f"building a random {args.size} pipeline on {args.device}…", file=sys.stderr)
-    pipe, var = random_karlo.build(args.size, seed=0, device=args.device)
-    pipe.to(dtype=dtype)
-    src, _ = random_karlo.save(pipe, var, work)
+    configs = random_karlo.hub_configs()
+    configs = random_karlo.reduce(configs) if args.size == "reduced" else configs
+    pipe, var = random_karlo.build_from_configs(configs, seed=0, device=args.device, dtype=dtype)
+    src, _ = random_karlo.save_as_hub(pipe, var, configs, work)
     del var
     pipe.to("cpu")  # out of the accelerator's memory while unclip is timed
     t_build = time.perf_counter() - t0
@@ -95,9 +100,10 @@ def main(argv=None) -> int:
         """Load the converted set (every network read before timing) and time Engine.run; the engine is freed on return."""
         _peak_reset(args.device)
         t0 = time.perf_counter()
-        engine = Engine.load(dst, device=args.device, dtype=dtype)
-        for stage in engine.models.stages:
-            stage.model
+        engine = Engine.load(dst, device=args.device, dtype=dtype, offload=args.offload)
+        if not engine.models.offload:
+            for stage in engine.models.stages:
+                stage.model
         load_s = time.perf_counter() - t0
         nan = []
         finish = Engine.to_images
@@ -112,6 +118,7 @@ def main(argv=None) -> int:
 
     print("timing unclip…", file=sys.stderr)
     results["unclip"], t_load, size, nan = time_unclip()
+    gc.collect()  # unclip's engine is gone before diffusers' peak is measured
     _peak_reset(args.device)
     # The pipeline built above, not from_pretrained: diffusers' model_index names text_proj's class, which it does not export.
     theirs = pipe.to(args.device)
@@ -126,7 +133,7 @@ def main(argv=None) -> int:
     body = machine_lines() + [
         load_note(start_load),
         f"- Device: {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
-        + f", {str(dtype).replace('torch.', '')}",
+        + f", {str(dtype).replace('torch.', '')}; unclip --offload {args.offload}",
         f"- Random-weight Karlo pipeline, size `{args.size}` ({src_bytes / 1e9:.2f} GB of diffusers safetensors); built and saved in "
         f"{t_build:.0f} s, converted in {t_convert:.0f} s to {size_gb:.2f} GB; unclip loaded it in {t_load:.1f} s",
         f"- {n} images at {size} px in one batch, steps prior/decoder/super-res {ps}/{ds}/{ss}, guidance 4 / 8; median of "

@@ -1,6 +1,6 @@
 """Random-weight Karlo pipelines built with diffusers' and transformers' own classes, saved in diffusers'
-folder layout: what the parity tests convert (size "tiny") and what the GPU benchmark times (size "karlo",
-Karlo-v1.0.alpha's shapes, ~3.7 B parameters). Needs diffusers and transformers; no download: the tokenizer
+folder layout: what the parity tests convert (`build("tiny")`), and pipelines built from the hub's own config files
+(`hub_configs`, full size or `reduce`d) that the real-layout tests convert and the benchmarks time. Needs diffusers and transformers; no download: the tokenizer
 is written from open_clip's bundled BPE vocabulary.
 
     pipe, var = build("tiny", seed=0)                 # in memory: UnCLIPPipeline, UnCLIPImageVariationPipeline
@@ -23,8 +23,6 @@ SIZES = {
     # super-res channels, res blocks; decoder and super-res sample sizes; image encoder size and patch
     "tiny": dict(text=(32, 2, 4), vision=(32, 2, 4), embed=32, image=32, patch=4, prior=(2, 12, 1), dec=((32, 64), 1, 4, 100),
                  sr=((32, 64), 1), dec_size=16, sr_size=32),
-    "karlo": dict(text=(768, 12, 12), vision=(1024, 24, 16), embed=768, image=224, patch=14, prior=(32, 64, 20),
-                  dec=((320, 640, 960, 1280), 3, 64, 1536), sr=((320, 640, 960, 1280), 3), dec_size=64, sr_size=256),
 }
 
 
@@ -170,49 +168,96 @@ def reduce(configs: dict[str, dict[str, dict]], changes: dict[str, dict] = REDUC
     return {folder: {rel: {**cfg, **changes.get(rel, {})} for rel, cfg in files.items()} for folder, files in configs.items()}
 
 
-def build_from_configs(configs: dict[str, dict[str, dict]], seed: int = 0, device: str | torch.device = "cpu", dtype=torch.float32):
-    """An UnCLIPPipeline and an UnCLIPImageVariationPipeline built by diffusers' and transformers' classes from config
-    files as the hub holds them (`hub_configs`, maybe `reduce`d), with random weights (constants randomised too)."""
+COMPONENTS = ("text_encoder", "image_encoder", "prior", "text_proj", "decoder", "super_res_first", "super_res_last")
+
+
+def _component(name: str, configs: dict[str, dict[str, dict]]):
+    """One network built by diffusers' or transformers' own class from its hub config (random weights)."""
+    from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from unclip_cli.convert.verify import text_proj_class
+
+    main, variation = (configs[f] for f in HUB_FOLDERS)
+    if name == "text_encoder":
+        return CLIPTextModelWithProjection(CLIPTextConfig.from_dict(main["text_encoder/config.json"]))
+    if name == "image_encoder":
+        return CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(variation["image_encoder/config.json"]))
+    cls = {"prior": PriorTransformer, "text_proj": text_proj_class(), "decoder": UNet2DConditionModel,
+           "super_res_first": UNet2DModel, "super_res_last": UNet2DModel}[name]
+    return cls.from_config(main[f"{name}/config.json"])
+
+
+def _tokenizer_and_schedulers(configs: dict[str, dict[str, dict]]):
     import tempfile
 
-    from diffusers import PriorTransformer, UnCLIPImageVariationPipeline, UnCLIPPipeline, UNet2DConditionModel, UNet2DModel, UnCLIPScheduler
-    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionConfig,
-                              CLIPVisionModelWithProjection)
+    from diffusers import UnCLIPScheduler
+    from transformers import CLIPImageProcessor, CLIPTokenizer
 
-    from unclip_cli.convert.verify import quiet_libraries, text_proj_class
-
-    quiet_libraries()
     main, variation = (configs[f] for f in HUB_FOLDERS)
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed + 1)
-
-    def made(module):
-        randomise_constants(module, g)
-        return module.to(dtype).eval()
-
     with tempfile.TemporaryDirectory() as tmp:
         vocab, merges = _bpe_files(Path(tmp))
         tokenizer = CLIPTokenizer(str(vocab), str(merges), pad_token="!", model_max_length=77)
-    with torch.device(device):
-        text_encoder = made(CLIPTextModelWithProjection(CLIPTextConfig.from_dict(main["text_encoder/config.json"])))
-        image_encoder = made(CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(variation["image_encoder/config.json"])))
-        prior = made(PriorTransformer.from_config(main["prior/config.json"]))
-        text_proj = made(text_proj_class().from_config(main["text_proj/config.json"]))
-        decoder = made(UNet2DConditionModel.from_config(main["decoder/config.json"]))
-        super_res_first = made(UNet2DModel.from_config(main["super_res_first/config.json"]))
-        super_res_last = made(UNet2DModel.from_config(main["super_res_last/config.json"]))
     schedulers = {name: UnCLIPScheduler.from_config(main[f"{name}/scheduler_config.json"])
                   for name in ("prior_scheduler", "decoder_scheduler", "super_res_scheduler")}
-    pipe = UnCLIPPipeline(prior=prior, decoder=decoder, text_proj=text_proj, text_encoder=text_encoder, tokenizer=tokenizer,
-                          super_res_first=super_res_first, super_res_last=super_res_last, **schedulers)
     fe = variation["feature_extractor/preprocessor_config.json"]
     processor = CLIPImageProcessor(size={"shortest_edge": fe["size"]}, crop_size={"height": fe["crop_size"], "width": fe["crop_size"]},
                                    resample=fe["resample"], image_mean=fe["image_mean"], image_std=fe["image_std"])
-    var = UnCLIPImageVariationPipeline(decoder=decoder, text_encoder=text_encoder, tokenizer=tokenizer, text_proj=text_proj,
-                                       feature_extractor=processor, image_encoder=image_encoder, super_res_first=super_res_first,
-                                       super_res_last=super_res_last, decoder_scheduler=schedulers["decoder_scheduler"],
-                                       super_res_scheduler=schedulers["super_res_scheduler"])
+    return tokenizer, schedulers, processor
+
+
+def build_from_configs(configs: dict[str, dict[str, dict]], seed: int = 0, device: str | torch.device = "cpu", dtype=torch.float32):
+    """An UnCLIPPipeline and an UnCLIPImageVariationPipeline built by diffusers' and transformers' classes from config
+    files as the hub holds them (`hub_configs`, maybe `reduce`d), with random weights (constants randomised too)."""
+    from diffusers import UnCLIPImageVariationPipeline, UnCLIPPipeline
+
+    from unclip_cli.convert.verify import quiet_libraries
+
+    quiet_libraries()
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    nets = {}
+    with torch.device(device):
+        for name in COMPONENTS:
+            nets[name] = _component(name, configs)
+            randomise_constants(nets[name], g)
+            nets[name] = nets[name].to(dtype).eval()
+    tokenizer, schedulers, processor = _tokenizer_and_schedulers(configs)
+    shared = dict(decoder=nets["decoder"], text_proj=nets["text_proj"], text_encoder=nets["text_encoder"], tokenizer=tokenizer,
+                  super_res_first=nets["super_res_first"], super_res_last=nets["super_res_last"])
+    pipe = UnCLIPPipeline(prior=nets["prior"], **shared, **schedulers)
+    var = UnCLIPImageVariationPipeline(**shared, feature_extractor=processor, image_encoder=nets["image_encoder"],
+                                       decoder_scheduler=schedulers["decoder_scheduler"], super_res_scheduler=schedulers["super_res_scheduler"])
     return pipe, var
+
+
+def write_hub_folders(configs: dict[str, dict[str, dict]], root: str | Path, seed: int = 0, dtype=torch.float16,
+                      progress=None) -> tuple[Path, Path]:
+    """The two hub folders with random weights, written one network at a time (the full-size set never whole in
+    memory): what a user's download of kakaobrain/karlo-v1-alpha and its image-variation repository holds, but random."""
+    from unclip_cli.convert.verify import quiet_libraries
+
+    quiet_libraries()
+    root = Path(root)
+    folders = [root / "karlo", root / "karlo-variations"]
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for name in COMPONENTS:
+        if progress:
+            progress(name)
+        net = _component(name, configs)
+        randomise_constants(net, g)
+        net = net.to(dtype)
+        for folder in folders[1:] if name == "image_encoder" else folders[:1] if name == "prior" else folders:
+            net.save_pretrained(folder / name, safe_serialization=True)
+        del net
+    tokenizer, schedulers, processor = _tokenizer_and_schedulers(configs)
+    for folder, files in zip(folders, (configs[f] for f in HUB_FOLDERS)):
+        tokenizer.save_pretrained(folder / "tokenizer")
+        for rel, cfg in files.items():  # the hub's texts over whatever the classes wrote
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return folders[0], folders[1]
 
 
 def save_as_hub(pipe, var, configs: dict[str, dict[str, dict]], root: str | Path, **kwargs) -> tuple[Path, Path]:
