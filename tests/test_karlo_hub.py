@@ -314,3 +314,14 @@ def test_offload_auto_follows_the_free_memory(hub_set, monkeypatch):
     assert not e.models.set_offload("auto")
     monkeypatch.setattr(modelset, "free_memory", lambda device: int(need / 0.7) - 1)
     assert e.models.set_offload("auto")
+
+
+def test_cli_offload_says_so_and_writes_the_same_image(hub_set, tmp_path):
+    args = ("generate", "a red apple", "--weights", hub_set, "--seed", "4", "--prior-steps", "1", "--decoder-steps", "1",
+            "--upsampler-steps", "1")
+    on = cli(*args, "--offload", "on", "--out", tmp_path / "on")
+    off = cli(*args, "--offload", "off", "--out", tmp_path / "off")
+    assert on.code == off.code == 0, on.err + off.err
+    assert "stage by stage" in on.err and "stage by stage" not in off.err
+    (a,), (b,) = (list((tmp_path / d).glob("*-0.png")) for d in ("on", "off"))
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
