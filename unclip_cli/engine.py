@@ -368,7 +368,8 @@ class Engine:
             z_to, _, _, cut_to = self.encode_text([r.to])
             z_from, _, _, cut_from = self.encode_text([r.from_], allow_empty=True)
             if (z_to - z_from).norm() < 1e-6:
-                raise InputError("--to and --from have the same CLIP embedding, so there is no direction to move in",
+                raise InputError(f"{r.name('to')} and {r.name('from_')} have the same CLIP embedding, so there is no direction "
+                                 "to move in",
                                  hint="use texts that differ in meaning")
             z_d.append(F.normalize(z_to - z_from, dim=-1))
             warnings.append([self._truncation_warning()] if cut_to[0] or cut_from[0] else [])

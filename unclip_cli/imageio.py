@@ -179,7 +179,7 @@ def load_image(src, fit: str | None = "crop", what: str = "image") -> tuple[Imag
         notes.append(f"{name} has {frames} frames: using the first")
     im, upright_notes = _upright(im, name)
     notes += upright_notes
-    im = _to_rgb(im, name=f"{what} {name}")
+    im = _to_rgb(im, name=name if name == what else f"{what} {name}")  # bytes are named by `what` alone
     if fit is not None:
         im, fit_notes = fit_square(im, fit, name)
         notes += fit_notes

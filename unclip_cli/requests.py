@@ -143,6 +143,11 @@ def check_text(label: str, value: Any, *, hint: str | None = None, allow_empty: 
     if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text):
         raise InputError(f"{label} contains control characters (such as a newline or an escape)",
                          hint="write it on one line, in plain text")
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+        # Bytes that are not UTF-8 (a shell passes them as lone surrogates) and lone surrogates (JSON's
+        # "\ud800") are not text: they would fail only when the result's recipe is written, after the run.
+        raise InputError(f"{label} is not valid Unicode text (it holds bytes that are not UTF-8, or a lone surrogate)",
+                         hint="send the text as UTF-8")
     return text
 
 
@@ -218,6 +223,12 @@ def _option(name: str) -> str:
     return OPTION.get(name, "--" + name.replace("_", "-"))
 
 
+
+def _option(name: str) -> str:
+    """A request field's command-line option, as messages name it by default."""
+    return OPTION.get(name, "--" + name.replace("_", "-"))
+
+
 @dataclass(kw_only=True)
 class Request:
     """What every operation shares. `seed` is the first image's seed (image i uses seed + i, except in
@@ -240,6 +251,7 @@ class Request:
     index: int | None = None
     _inputs: Inputs | None = field(default=None, init=False, repr=False, compare=False)
     _sampling: SamplingRecipe | None = field(default=None, init=False, repr=False, compare=False)
+    _label: Any = field(default=None, init=False, repr=False, compare=False)  # how `validated` was told to name fields
 
     # -- the facts an engine needs
     @property
@@ -255,8 +267,13 @@ class Request:
     def under(self, recipe: SamplingRecipe) -> "Request":
         """A copy that resolves quality and default scales with a model set's recipe (the engine calls this)."""
         out = dataclasses.replace(self)
-        out._inputs, out._sampling = self._inputs, recipe
+        out._inputs, out._sampling, out._label = self._inputs, recipe, self._label
         return out
+
+    def name(self, field: str) -> str:
+        """How messages name a field: as the front end that validated the request does (the CLI's option,
+        the API's field), so that problems found later (by the engine) speak the caller's language."""
+        return (self._label or _option)(field)
 
     @property
     def steps(self) -> Steps:
@@ -303,7 +320,7 @@ class Request:
     def validated(self, label=None) -> "Request":
         """A checked copy with a seed drawn if none was given. `label(field)` names a field in messages
         (default: the command-line option)."""
-        label = label or (lambda f: OPTION.get(f, "--" + f.replace("_", "-")))
+        label = label or self._label or _option
         changes: dict[str, Any] = {"quality": check_choice(label("quality"), self.quality, tuple(QUALITY))}
         if self.op != "blend":
             changes["n"] = check_whole(label("n"), self.n, 1, MAX_N, hint=f"for more than {MAX_N} images, run again with another --seed")
@@ -323,7 +340,7 @@ class Request:
         out = dataclasses.replace(self, **changes)
         if out.index is not None:
             out.index = check_whole(label("index"), out.index, 0, out.count - 1)
-        out._inputs, out._sampling = self._inputs, self._sampling
+        out._inputs, out._sampling, out._label = self._inputs, self._sampling, label
         return out
 
     def _validate_own(self, label) -> dict:
@@ -525,8 +542,12 @@ class NudgeRequest(Request):
         return self.amount * (i + 1) / self.n
 
     def _validate_own(self, label):
-        return {"to": check_text(label("to"), self.to, hint='say what the image should become, e.g. --to "a tiger"'),
-                "from_": check_text(label("from_"), self.from_, allow_empty=True),
+        to = check_text(label("to"), self.to, hint='say what the image should become, e.g. --to "a tiger"')
+        from_ = check_text(label("from_"), self.from_, allow_empty=True)
+        if " ".join(to.lower().split()) == " ".join(from_.lower().split()):  # CLIP reads both alike: no direction
+            raise InputError(f"{label('to')} and {label('from_')} are the same text, so there is no direction to move in",
+                             hint="use texts that differ in meaning")
+        return {"to": to, "from_": from_,
                 "amount": check_number(label("amount"), self.amount, 0, 1, above=True, hint="0.25-0.5 is typical"),
                 **_fit_field(self, label)}
 
@@ -538,7 +559,7 @@ class NudgeRequest(Request):
         return [self.image]
 
     def texts(self):
-        return [("--to", self.to), ("--from", self.from_)]
+        return [(self.name("to"), self.to), (self.name("from_"), self.from_)]
 
     def _recipe_own(self, i):
         return {"to": self.to, "from": self.from_, "amount": self.amount, "theta": self.theta(i),
