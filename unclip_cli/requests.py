@@ -217,13 +217,6 @@ def _load(src: ImageSource, fit: str | None, what: str = "image"):
 OPTION = {"n": "-n", "frames": "--steps", "from_": "--from-text", "to": "--to", "prompt": "the prompt"}
 
 
-
-def _option(name: str) -> str:
-    """A request field's command-line option, as messages name it by default."""
-    return OPTION.get(name, "--" + name.replace("_", "-"))
-
-
-
 def _option(name: str) -> str:
     """A request field's command-line option, as messages name it by default."""
     return OPTION.get(name, "--" + name.replace("_", "-"))
