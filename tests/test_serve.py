@@ -413,11 +413,11 @@ def test_progress_of_a_job(tiny_engine):
     engine = HeldEngine(tiny_engine)
     app = create_app(engine, Settings(steps=STEPS))
     with running(app) as (url, _), httpx.Client(base_url=url, timeout=60, trust_env=False) as c:
-        t = threading.Thread(target=c.post, args=(GEN,), kwargs={"json": {"prompt": "x"}, "headers": {"x-unclip-job": "job-12345678"}},
+        t = threading.Thread(target=c.post, args=(GEN,), kwargs={"json": {"prompt": "x"}, "headers": {"x-unclip-job": "job-0123456789abcdef"}},
                              daemon=True)
         t.start()
         assert engine.started.wait(30)
-        status = c.get("/v1/unclip/jobs/job-12345678").json()
+        status = c.get("/v1/unclip/jobs/job-0123456789abcdef").json()
         assert status["status"] == "running" and status["running"] == 1
         engine.gate.set()
         t.join(60)
@@ -544,3 +544,268 @@ def test_serve_process_stops_cleanly_on_sigterm(tiny_weights):
             proc.kill()
     assert proc.returncode == 0, "".join(seen) + rest
     assert "Stopped." in rest and "Traceback" not in rest
+
+
+# ======================================================================================================
+# Issue 23: the second hostile pass
+class Counted:
+    """The tiny engine, counting the runs it is asked for: a refused request must not reach it."""
+
+    def __init__(self, engine):
+        self.engine, self.runs = engine, 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def run(self, request, callback=None):
+        self.runs += 1
+        return self.engine.run(request, callback)
+
+
+@pytest.fixture(scope="module")
+def counted(tiny_engine):
+    """A server like `server` over a Counted engine: (base URL, engine, httpx client with the key)."""
+    engine = Counted(tiny_engine)
+    app = create_app(engine, Settings(api_key=KEY, steps=STEPS, max_body_bytes=MAX_BODY, allowed_hosts=("127.0.0.1", "localhost", "::1")))
+    with running(app) as (url, _), httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                                                 trust_env=False) as c:
+        yield url, engine, c
+
+
+def refused(counted, r: httpx.Response, status: int, param=None, code=None) -> dict:
+    """OpenAI's error shape, and no model run for it."""
+    runs = counted[1].runs
+    error = error_of(r, status, param, code)
+    assert counted[1].runs == runs
+    return error
+
+
+def test_text_that_is_not_unicode_is_refused_before_the_model_runs(counted):
+    _, engine, c = counted
+    before = engine.runs
+    for prompt in ["cat \ud800", "\udcff face", "a \udfff"]:  # lone surrogates: JSON's escapes, a shell's undecodable bytes
+        body = json.dumps({"prompt": prompt, "response_format": "b64_json"})  # ASCII JSON with \u escapes
+        e = error_of(c.post(GEN, content=body, headers={"content-type": "application/json"}), 400, "prompt", "invalid_value")
+        assert "unicode" in e["message"].lower()
+    assert engine.runs == before
+
+
+def test_trailing_slash_is_not_redirected(counted, server):
+    _, engine, c = counted
+    for path in [GEN + "/", EDIT + "/", VARY + "/", "/v1/unclip/blend/"]:
+        for headers, status, code in [({"Host": "evil.example"}, 403, "forbidden_host"),
+                                      ({"Origin": "http://evil.example"}, 403, "cross_origin"),
+                                      ({"Authorization": "Bearer wrong"}, 401, "invalid_api_key"),
+                                      ({}, 404, None)]:
+            r = c.post(path, json={"prompt": "x"}, headers=headers)
+            assert r.status_code != 307 and "location" not in r.headers, (path, headers, r.headers)
+            error_of(r, status, code=code)
+    assert engine.runs == 0
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:1@evil.example", "localhost@evil.example", "127.0.0.1:8000/evil", "[::1]:1@evil",
+                                  "evil.example#127.0.0.1", "127.0.0.1:99999999", "127.0.0.1\\@evil"])
+def test_host_header_must_be_a_host_and_port(raw, host):
+    error_of(raw.get("/v1/models", headers={"Host": host}), 403, code="forbidden_host")
+    error_of(raw.get("/", headers={"Host": host}), 403, code="forbidden_host")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:80", "localhost", "LOCALHOST:1234", "[::1]:8000", "[::1]"])
+def test_loopback_host_headers_are_answered(raw, host):
+    assert raw.get("/v1/models", headers={"Host": host}).status_code == 200
+
+
+@pytest.mark.parametrize("to, from_", [("a cat", "a cat"), ("A Cat ", "a  cat"), ("a red circle", "a red circle")])
+def test_nudge_with_the_same_texts_names_the_api_fields(counted, to, from_):
+    _, engine, c = counted
+    r = c.post("/v1/unclip/nudge", files={"image": ("a.png", png(picture(1)))}, data={"to": to, "from": from_})
+    e = refused(counted, r, 400, "to", "invalid_value")
+    assert "--" not in e["message"] and "from" in e["message"], e
+
+
+def test_nudge_texts_with_one_embedding_found_by_the_engine_name_the_api_fields(counted):
+    """Texts that differ but read alike (punctuation) pass the request's check; the engine finds them: still the API's names."""
+    _, engine, c = counted
+    r = c.post("/v1/unclip/nudge", files={"image": ("a.png", png(picture(1)))}, data={"to": "a cat.", "from": "a cat"})
+    if r.status_code == 200:
+        pytest.skip("the tiny CLIP tells these texts apart")
+    e = error_of(r, 400, "to", "invalid_value")
+    assert "--" not in e["message"], e
+
+
+def test_float_image_without_numbers_is_named_once(counted):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8), np.nan, np.float32), "F").save(buf, format="TIFF")
+    e = refused(counted, counted[2].post(VARY, files={"image": ("x.tif", buf.getvalue())}), 400, "image")
+    assert "image image" not in e["message"] and "NaN" in e["message"], e
+
+
+def test_output_pixels_of_a_request_are_bounded(counted):
+    """A 2048x2048 upload as an edit with n=5 would return 21 million pixels: refused before decoding."""
+    big = Image.new("RGBA", (2048, 2048), (10, 20, 30, 255))
+    ImageDraw.Draw(big).rectangle((0, 0, 100, 100), fill=(0, 0, 0, 0))
+    r = counted[2].post(EDIT, files={"image": ("a.png", png(big))}, data={"prompt": "x", "n": "5"})
+    e = refused(counted, r, 400, "n", "output_too_large")
+    assert "2048x2048" in e["message"], e
+
+
+@pytest.mark.parametrize("path, files, data", [
+    (VARY, {"image": ("a.png", png(picture(1)))}, {}),
+    ("/v1/unclip/nudge", {"image": ("a.png", png(picture(1)))}, {"to": "a dog"}),
+    ("/v1/unclip/blend", [("image[]", ("a", png(picture(1)))), ("image[]", ("b", png(picture(2))))], {}),
+])
+@pytest.mark.parametrize("stream", ["true", "True"])
+def test_stream_is_refused_everywhere(counted, path, files, data, stream):
+    refused(counted, counted[2].post(path, files=files, data={**data, "stream": stream}), 400, "stream", "unsupported_value")
+
+
+@pytest.mark.parametrize("job_id", ["job-1", "12345678", "a" * 15, "bad id with spaces 1234", "x" * 65])
+def test_job_ids_must_be_unguessable(counted, job_id):
+    r = counted[2].post(GEN, json={"prompt": "x"}, headers={"x-unclip-job": job_id})
+    refused(counted, r, 400, None, "invalid_job_id")
+
+
+def test_a_queued_client_that_leaves_logs_nothing(tiny_engine, caplog):
+    engine = HeldEngine(tiny_engine)
+    app = create_app(engine, Settings(steps=STEPS))
+    with running(app) as (url, _), httpx.Client(base_url=url, timeout=60, trust_env=False) as c:
+        first = threading.Thread(target=c.post, args=(GEN,), kwargs={"json": {"prompt": "x"}}, daemon=True)
+        first.start()
+        assert engine.started.wait(30)
+        host, port = url.removeprefix("http://").split(":")
+        body = json.dumps({"prompt": "y"}).encode()
+        for _ in range(2):  # each queued client goes away before its turn
+            sock = socket.create_connection((host, int(port)), timeout=30)
+            sock.sendall(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (GEN.encode(), url.removeprefix("http://").encode(), len(body), body))
+            deadline = time.monotonic() + 30
+            while app.state.worker.counts()["queued"] != 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert app.state.worker.counts()["queued"] == 1
+            sock.close()
+            while app.state.worker.counts()["queued"] != 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert app.state.worker.counts()["queued"] == 0
+        engine.gate.set()
+        first.join(60)
+    import gc
+
+    gc.collect()  # an unretrieved exception is reported when its future is collected
+    assert "never retrieved" not in caplog.text, caplog.text
+
+
+class Unstoppable(HeldEngine):
+    """The tiny engine run without the worker's callback: nothing can stop it, so a 504 can only come before it starts."""
+
+    def run(self, request, callback=None):
+        self.runs += 1
+        return self.engine.run(request)
+
+
+def test_the_time_limit_starts_when_the_job_runs(tiny_engine):
+    """A slow upload does not spend the job's time: the body comes after the whole limit has passed."""
+    app = create_app(Unstoppable(tiny_engine), Settings(steps=STEPS, timeout=1.0))
+    with running(app) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        body = json.dumps({"prompt": "x", "response_format": "b64_json"}).encode()
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            sock.sendall(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                         % (GEN.encode(), url.removeprefix("http://").encode(), len(body)))
+            time.sleep(1.5)  # the upload is slower than the whole limit
+            sock.sendall(body)
+            answer = sock.makefile("rb").readline()
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+
+
+def test_a_job_past_its_time_says_how_far_it_got(tiny_engine):
+    engine = HeldEngine(tiny_engine)
+    with running(create_app(engine, Settings(steps=STEPS, timeout=1.0))) as (url, _), httpx.Client(base_url=url, timeout=60,
+                                                                                                    trust_env=False) as c:
+        e = error_of(c.post(GEN, json={"prompt": "x"}), 504, code="timeout")
+    assert "decoder" in e["message"] and "step 1 of 2" in e["message"], e
+
+
+# -- the command, as a process ---------------------------------------------------------------------------
+def _serve_proc(tiny_weights, *args, env=None):
+    """`unclip serve` on a free port: (process, base URL, stderr lines so far)."""
+    proc = subprocess.Popen([sys.executable, "-m", "unclip_cli", "serve", "--weights", str(tiny_weights), "--port", "0", "--device",
+                             "cpu", *sum((["--" + k.replace("_", "-"), str(v)] for k, v in STEPS.items()), []), *args],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    url, seen, deadline = None, [], time.monotonic() + 120
+    while url is None and time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], deadline - time.monotonic())
+        line = proc.stderr.readline() if ready else ""
+        if not line:
+            break
+        seen.append(line)
+        if line.startswith("Serving on "):
+            url = line.split()[2].rstrip("/")
+    if url is None:
+        proc.kill()
+        pytest.fail("".join(seen))
+    return proc, url, seen
+
+
+def test_serve_on_another_loopback_address_with_an_empty_key_variable(tiny_weights):
+    """--host 127.0.0.2 answers its own URL; an empty UNCLIP_API_KEY is said at start; keys in query strings stay out of the log."""
+    proc, url, seen = _serve_proc(tiny_weights, "--host", "127.0.0.2", env={"UNCLIP_API_KEY": ""})
+    try:
+        assert url.startswith("http://127.0.0.2:")
+        with httpx.Client(base_url=url, timeout=60, trust_env=False) as c:
+            assert c.get("/").status_code == 200
+            assert c.get("/v1/models?api_key=sk-secret-4242").status_code == 200
+            assert c.post(GEN, json={"prompt": "x", "response_format": "b64_json"}).status_code == 200
+            error_of(c.get("/v1/models", headers={"Host": "127.0.0.3"}), 403, code="forbidden_host")
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = "".join(seen) + rest
+    assert proc.returncode == 0, log
+    assert "UNCLIP_API_KEY" in "".join(seen) and "empty" in "".join(seen), log
+    assert "sk-secret-4242" not in log and "/v1/models" in log, log
+
+
+def test_sigterm_while_a_client_uploads_answers_it_at_once(tiny_weights):
+    proc, url, seen = _serve_proc(tiny_weights)
+    try:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            stream = sock.makefile("rb")
+            # One whole request first: the connection is being served before the upload starts.
+            sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: %s\r\n\r\n" % url.removeprefix("http://").encode())
+            head = stream.readline()
+            assert head.startswith(b"HTTP/1.1 200"), head
+            headers = list(iter(stream.readline, b"\r\n"))
+            stream.read(next(int(line.split(b":")[1]) for line in headers if line.lower().startswith(b"content-length")))
+            sock.sendall(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{\"prompt\": "
+                         % (GEN.encode(), url.removeprefix("http://").encode()))
+            time.sleep(0.5)  # the server reads what came (a local socket: well within this)
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            status = stream.readline()
+            headers = list(iter(stream.readline, b"\r\n"))
+            answered = time.monotonic() - started
+            length = next(int(line.split(b":")[1]) for line in headers if line.lower().startswith(b"content-length"))
+            body = json.loads(stream.read(length))
+        rest = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert status.startswith(b"HTTP/1.1 503"), (status, rest)
+    assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["code"] == "server_shutting_down"
+    assert answered < 5, answered  # not after uvicorn's 10 s of graceful shutdown
+    assert proc.returncode == 0 and "Traceback" not in rest, rest
+
+
+@pytest.mark.parametrize("key", ["clé-secrète", "key\u200b", "ключ"])
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_serve_refuses_a_key_clients_cannot_send(tiny_weights, key, how):
+    from clirun import cli
+
+    args = ["serve", "--weights", str(tiny_weights), "--port", "0", "--device", "cpu"]
+    r = cli(*args, "--api-key", key) if how == "option" else cli(*args, env={"UNCLIP_API_KEY": key})
+    assert r.code == 1 and "Traceback" not in r.err, (r.code, r.err)
+    errors = [line for line in r.err.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "--api-key" in errors[0] and "ASCII" in errors[0], r.err

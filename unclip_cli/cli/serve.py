@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from typing import Annotated, Optional
 
@@ -36,8 +37,8 @@ def serve(
                                                    help="Require this key (Authorization: Bearer KEY) for the API.")] = None,
     max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait while one runs; more are answered "
                                                                "503 with Retry-After.")] = 4,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds a request may take, its wait in the queue included; "
-                                                             "then its job stops (504).")] = 600.0,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds a job may run, from when it starts (its upload and its "
+                                                             "wait in the queue not included); then it stops (504).")] = 600.0,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest request body, its images included (413 "
                                                                          "above).")] = 20.0,
     device: DeviceOpt = DeviceChoice.auto,
@@ -51,8 +52,8 @@ def serve(
 ) -> None:
     """Serve OpenAI's Images API (generations, edits, variations) plus blend and nudge, and a page at /."""
     try:
-        from unclip_cli.serve.app import LOOPBACK_NAMES, Settings, create_app
-        from unclip_cli.serve.server import bind, is_loopback, make_server, url_of
+        from unclip_cli.serve.app import Settings, create_app
+        from unclip_cli.serve.server import bind, is_loopback, loopback_names, make_server, url_of
     except ImportError as e:
         raise InputError(f"unclip serve needs the serve extra ({e.name} is not installed)",
                          hint="pip install 'unclip-cli[serve]'") from None
@@ -68,6 +69,12 @@ def serve(
     check_number("--max-upload-mb", max_upload_mb, 0, 4096, above=True)
     if api_key is not None and not api_key.strip():
         raise InputError("--api-key (or UNCLIP_API_KEY) is empty", hint="give a key, or leave both unset for no key")
+    if api_key is not None and not all(" " <= c <= "~" for c in api_key.strip()):
+        # HTTP headers carry ASCII: clients (the openai package, httpx, browsers) cannot send any other key.
+        raise InputError("--api-key (or UNCLIP_API_KEY) must be printable ASCII (letters, digits, punctuation): clients cannot "
+                         "send other characters in a header", hint="generate one, e.g. python -c 'import secrets; print(secrets.token_urlsafe())'")
+    # click reads an empty variable as unset: say so, rather than start an open server that was meant to be keyed.
+    unset_key = api_key is None and "UNCLIP_API_KEY" in os.environ
     steps = {k: v for k, v in {"prior_steps": prior_steps, "decoder_steps": decoder_steps, "upsampler_steps": upsampler_steps}.items()
              if v is not None}
     GenerateRequest(prompt="x", **steps).validated()  # the step options are checked as every command checks them
@@ -77,7 +84,7 @@ def serve(
     sock = bind(host, port)
     loopback = is_loopback(sock)
     settings = Settings(api_key=api_key.strip() if api_key else None, max_queue=max_queue, timeout=timeout,
-                        max_body_bytes=int(max_upload_mb * 2**20), steps=steps, allowed_hosts=LOOPBACK_NAMES if loopback else None)
+                        max_body_bytes=int(max_upload_mb * 2**20), steps=steps, allowed_hosts=loopback_names(sock) if loopback else None)
     level = "warning" if quiet else log_level.value
     server = make_server(create_app(engine, settings), log_level=level, access_log=level != "warning")
     if level == "info":  # the page polls a job's progress about twice a second: one line per request, not per poll
@@ -85,6 +92,8 @@ def serve(
 
         logging.getLogger("uvicorn.access").addFilter(lambda record: "/v1/unclip/jobs/" not in str(record.args))
     url = url_of(sock)
+    if unset_key:
+        err.print("Warning: UNCLIP_API_KEY is set but empty: this server requires no API key", markup=False, style="yellow")
     if not loopback and settings.api_key is None:
         err.print(f"Warning: listening on {host} without an API key: anyone who can reach this machine can use it "
                   "(set --api-key or UNCLIP_API_KEY)", markup=False, style="yellow")

@@ -15,10 +15,13 @@ server's own policy or the API's vocabulary:
 | `response_format` | `url` (default, kept an hour) or `b64_json` |
 | `output_format`, `output_compression` | png (default, with the recipe), webp or jpeg (0–100, the encoder's quality) |
 | `background` | `auto` and `opaque` only; `transparent` is refused |
-| `stream: true`, `markup` | refused: unclip answers once every image is ready |
+| `stream: true`, `markup` | refused on every endpoint: unclip answers once every image is ready |
 | `seed` (extension) | the first image's seed, as `--seed` |
 | `strength` (variations, extension) | as `unclip vary --strength` |
 | `feather` (edits, extension) | as `unclip edit --feather` (pixels, default 8) |
+
+A request returns at most `max_output_pixels` (n × the pixels of each image; 4096² by default): an edit keeps
+its upload's size, so ten edits of a large image are refused with a 400 naming `n` rather than filling memory.
 
 Edits: `mask` marks in transparent pixels what to repaint (as OpenAI); a mask without transparency
 marks it in white (as the CLI). Without a mask, the image's own transparent pixels are repainted. The
@@ -218,16 +221,29 @@ class Planned:
     edit_mask_given: bool = True
     native: int = 0
 
-    def prepare(self) -> Request:
+    def prepare(self, max_output_pixels: int | None = None) -> Request:
         """Validate the request and decode its inputs. Problems are ApiErrors."""
         try:
             req = self.request.validated(label=label)
+            if isinstance(req, EditRequest):  # its output has the upload's size: bounded before decoding it
+                self._check_output(req, upright_size(req.image), max_output_pixels)
             inputs = req.inputs()
         except InputError as e:
             raise input_error(e, self.fields) from None
         if isinstance(req, EditRequest):
             self._check_edit(req, inputs.images[0].size)
+        self._check_output(req, self.output.size or (inputs.images[0].size if isinstance(req, EditRequest) else (self.native,) * 2),
+                           max_output_pixels)
         return req
+
+    def _check_output(self, req: Request, size: tuple[int, int] | None, limit: int | None) -> None:
+        """Refuse a request whose images would hold more than `limit` pixels in all."""
+        if limit is None or size is None or req.count * size[0] * size[1] <= limit:
+            return
+        name = "frames" if isinstance(req, BlendRequest) else "n"
+        raise ApiError(400, f"{name} {req.count} x {size[0]}x{size[1]} images would be {req.count * size[0] * size[1]:,} pixels, more "
+                            f"than the {limit:,} this server returns for one request: ask for fewer images or smaller ones",
+                       param=name, code="output_too_large")
 
     def _check_edit(self, req: EditRequest, size: tuple[int, int]) -> None:
         if self.edit_mask_given:
@@ -291,6 +307,7 @@ def plan_edit(f: Fields, native: int, steps: dict) -> Planned:
 
 
 def plan_vary(f: Fields, native: int, steps: dict) -> Planned:
+    refuse_unsupported(f)
     image = _one_image(f)
     extra = {"strength": f.number("strength")} if f.has("strength") else {}
     req = VaryRequest(image=image, **extra, **_sampling(f, steps))
@@ -298,6 +315,7 @@ def plan_vary(f: Fields, native: int, steps: dict) -> Planned:
 
 
 def plan_blend(f: Fields, native: int, steps: dict) -> Planned:
+    refuse_unsupported(f)
     parts = f.image_parts("image", "image[]") or f.image_parts("image_a") + f.image_parts("image_b")
     if len(parts) != 2:
         raise ApiError(400, f"blend takes two images (image[] twice, or image_a and image_b), not {len(parts)}", param="image",
@@ -311,6 +329,7 @@ def plan_blend(f: Fields, native: int, steps: dict) -> Planned:
 
 
 def plan_nudge(f: Fields, native: int, steps: dict) -> Planned:
+    refuse_unsupported(f)
     image = _one_image(f)
     extra = {"amount": f.number("amount")} if f.has("amount") else {}
     if f.has("from"):
@@ -322,14 +341,14 @@ def plan_nudge(f: Fields, native: int, steps: dict) -> Planned:
 PLANS = {"generate": plan_generate, "edit": plan_edit, "vary": plan_vary, "blend": plan_blend, "nudge": plan_nudge}
 
 
-def prepare(op: str, f: Fields, native: int, steps: dict, max_pixels: int) -> Planned:
+def prepare(op: str, f: Fields, native: int, steps: dict, max_pixels: int, max_output_pixels: int | None = None) -> Planned:
     """The validated request of an API call, its inputs decoded, and how to deliver its images. Blocking
     (it decodes images): run it in a thread. Every problem is an ApiError."""
     for name, parts in f.files.items():
         for data in parts:
             check_pixels(data, name.removesuffix("[]"), max_pixels)
     planned = PLANS[op](f, native, steps)
-    planned.request = planned.prepare()
+    planned.request = planned.prepare(max_output_pixels)
     return planned
 
 

@@ -14,14 +14,16 @@ Routes (all under /v1 need the API key when one is set, as `Authorization: Beare
     POST /v1/images/variations      multipart: image, n, size, strength, ...
     POST /v1/unclip/blend           multipart: image[] twice (or image_a, image_b), frames, ...
     POST /v1/unclip/nudge           multipart: image, to, from, amount, n, ...
-    GET  /v1/unclip/jobs/ID         a job's place in the queue or its progress (ID: the x-unclip-job header it was sent with;
+    GET  /v1/unclip/jobs/ID         a job's place in the queue or its progress (ID: the x-unclip-job header it was sent with,
+                                    16-64 of A-Z a-z 0-9 _ -, chosen at random so that no other client can guess it;
                                     "unknown" before it is queued and once it is over)
     GET  /v1/images/files/NAME      an image of a `url` response (no key needed: NAME is a random id), kept an hour
 
 Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 bad input, 401 wrong or
-missing key, 403 another origin or host, 404, 413 body too large, 503 queue full or stopping (with
-Retry-After), 504 past the deadline, 500 a fault (with `x-should-retry: false`, so that clients do not
-repeat a costly job).
+missing key, 403 another origin or host, 404 (a trailing slash too: nothing is redirected), 413 body too
+large, 503 queue full or stopping (with Retry-After), 504 a job that ran past the server's limit (the
+message says how far it got), 500 a fault (with `x-should-retry: false`, so that clients do not repeat a
+costly job).
 """
 
 from __future__ import annotations
@@ -51,11 +53,13 @@ from unclip_cli.serve.worker import Busy, Cancelled, Worker
 
 log = logging.getLogger("unclip.serve")
 
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 FORM_CHUNK = 256 * 2**10  # a buffered form is parsed in pieces of this size, the event loop free between them
 DRAIN_BYTES = 16 * 2**20  # of a body over the limit, read (and dropped) before answering 413, so the client sees the answer
 MAX_FIELD_BYTES = 64 * 2**10  # a text field of a form (a prompt is at most 4,000 characters)
-JOB_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")  # 16 random characters of these are 96 bits: not guessable
+# A Host header: a name or an IPv4 address, or an IPv6 address in brackets, then an optional port. Nothing else
+# (userinfo such as "127.0.0.1:1@evil.example", paths, spaces) may pass the host check.
+HOST = re.compile(r"(?P<name>[a-z0-9_.-]+|\[[0-9a-f:.]+(?:%[a-z0-9._-]+)?\])(?::(?P<port>[0-9]{1,5}))?")
 PAGE_HEADERS = {
     # The page is one file: nothing may come from elsewhere, and it may only talk to this server.
     "content-security-policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data: blob:; "
@@ -71,9 +75,10 @@ class Settings:
 
     api_key: str | None = None
     max_queue: int = 4  # jobs waiting while one runs; more are answered 503
-    timeout: float = 600.0  # seconds a request may take, its wait in the queue included
+    timeout: float = 600.0  # seconds a job may run, from when it starts (reading its upload and its wait in the queue excluded)
     max_body_bytes: int = 20 * 2**20  # a whole request body, its files included
     max_pixels: int = 4096 * 4096  # per uploaded image, read from its header before decoding
+    max_output_pixels: int = 4096 * 4096  # n x the pixels of each image a request returns (10 at 1024x1024 fit)
     max_files: int = 4
     max_fields: int = 32
     url_ttl: float = 3600.0
@@ -95,6 +100,8 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
     # -- checks every /v1 request passes -------------------------------------------------------------
     def guard(request: Request, key: bool = True) -> None:
         host = request.headers.get("host", "")
+        if (host or settings.allowed_hosts is not None) and _hostname(host) is None:
+            raise api.ApiError(403, f"the Host header {host[:100]!r} is not a host name and port", code="forbidden_host")
         if settings.allowed_hosts is not None and _hostname(host) not in settings.allowed_hosts:
             raise api.ApiError(403, f"this server answers requests for {', '.join(settings.allowed_hosts)} only, not {host!r}",
                                code="forbidden_host")
@@ -111,6 +118,20 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
 
     # -- bodies ---------------------------------------------------------------------------------------
     async def read_body(request: Request, limit: int) -> bytes:
+        """The body, or a 503 as soon as the server is stopping (a slow upload must not hold the shutdown up)."""
+        reading = asyncio.ensure_future(_read_body(request, limit))
+        stopping = asyncio.ensure_future(worker.stopping.wait())
+        try:
+            await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not reading.done():
+                reading.cancel()
+        if reading.cancelled() or not reading.done():
+            busy(Busy(worker.retry_after(), stopping=True))
+        return reading.result()
+
+    async def _read_body(request: Request, limit: int) -> bytes:
         declared = request.headers.get("content-length", "")
         over = declared.isdigit() and int(declared) > limit
         chunks, size = [], 0
@@ -176,11 +197,9 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
         return api.Fields(values, files, form=True)
 
     # -- running a job ------------------------------------------------------------------------------
-    async def run(request: Request, req, arrived: float):
-        job_id = request.headers.get("x-unclip-job")
+    async def run(request: Request, req, job_id: str | None):
         try:
-            job = worker.submit(req, deadline=arrived + settings.timeout,
-                                job_id=job_id if job_id and JOB_ID.fullmatch(job_id) else None)
+            job = worker.submit(req, timeout=settings.timeout, job_id=job_id)
         except Busy as b:
             busy(b)
         gone = asyncio.ensure_future(_disconnected(request))
@@ -197,7 +216,7 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
         try:
             return job.future.result()
         except Cancelled as c:
-            raise _cancelled(c, settings, worker) from None
+            raise _cancelled(c, settings, worker, job) from None
         except InputError as e:  # found by the engine itself (a nudge whose two texts mean the same)
             raise api.input_error(e, ["prompt", "to", "from", "image"]) from None
         except UnclipError as e:
@@ -211,12 +230,17 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
                                code="internal_error") from None
 
     async def images(request: Request, op: str) -> Response:
-        arrived = time.monotonic()
         guard(request)
+        job_id = request.headers.get("x-unclip-job")
+        if job_id is not None and not JOB_ID.fullmatch(job_id):
+            raise api.ApiError(400, "the x-unclip-job header must be 16-64 letters, digits, '-' or '_', chosen at random (such as "
+                                    "22 random base64url characters): another client could guess a shorter or predictable id "
+                                    "and read the job's progress", code="invalid_job_id")
         fields = await (json_fields(request) if op == "generate" else form_fields(request))
         busy(worker.room())  # a full queue is answered before any image is decoded
-        planned = await anyio.to_thread.run_sync(api.prepare, op, fields, native, settings.steps, settings.max_pixels, limiter=limiter)
-        result = await run(request, planned.request, arrived)
+        planned = await anyio.to_thread.run_sync(api.prepare, op, fields, native, settings.steps, settings.max_pixels,
+                                                 settings.max_output_pixels, limiter=limiter)
+        result = await run(request, planned.request, job_id)
         files = str(request.url_for("image_file", name="-"))[:-1]
 
         def respond() -> bytes:  # encoding images and base64 takes a while: not on the event loop
@@ -310,8 +334,13 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
             await anyio.to_thread.run_sync(worker.join, 30.0)
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        message = {404: f"unknown URL: {request.method} {request.url.path}",
-                   405: f"method {request.method} is not allowed for {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        try:  # a URL that is not ours is checked as ours are: Host, Origin, then (under /v1) the key
+            guard(request, key=request.url.path.startswith("/v1"))
+        except api.ApiError as e:
+            return error_response(e)
+        path = request.url.path
+        message = {404: f"unknown URL: {request.method} {path}" + (f" (did you mean {path.rstrip('/')}?)" if path.endswith("/") else ""),
+                   405: f"method {request.method} is not allowed for {path}"}.get(exc.status_code, str(exc.detail))
         return error_response(api.ApiError(exc.status_code, message, headers=exc.headers))
 
     async def crash(request: Request, exc: Exception) -> Response:
@@ -320,6 +349,9 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
                                            code="internal_error"))
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error, Exception: crash})
+    # Starlette answers a path with a trailing slash by a redirect, before any handler checks the Host, Origin or key
+    # (and echoes the Host into its location): such paths are 404s in OpenAI's shape instead.
+    app.router.redirect_slashes = False
     app.state.worker, app.state.store, app.state.settings, app.state.engine = worker, store, settings, engine
     return app
 
@@ -328,10 +360,13 @@ def error_response(e: api.ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-def _cancelled(c: Cancelled, settings: Settings, worker: Worker) -> api.ApiError:
+def _cancelled(c: Cancelled, settings: Settings, worker: Worker, job=None) -> api.ApiError:
     if c.reason == "deadline":
-        return api.ApiError(504, f"the job took longer than this server's limit of {settings.timeout:g} s (its wait in the "
-                                 "queue included) and was stopped", code="timeout")
+        t = getattr(job, "tick", None)
+        where = "" if t is None else (f" in its {t.stage} stage, at step {t.step} of {t.total}"
+                                      + (f" of batch {t.batch} of {t.batches}" if t.batches > 1 else ""))
+        return api.ApiError(504, f"the job ran longer than this server's limit of {settings.timeout:g} s and was stopped{where}; "
+                                 "ask for fewer images (n) or a lower quality", code="timeout")
     if c.reason == "disconnected":
         return api.ApiError(499, "the client closed the request; its job was stopped", code="client_closed_request")
     return api.ApiError(503, "the server is shutting down; the job was stopped", code="server_shutting_down",
@@ -346,12 +381,12 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-def _hostname(host: str) -> str:
-    """The name in a Host header, without its port ("[::1]:8000" -> "::1")."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[1:].split("]")[0]
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+def _hostname(host: str) -> str | None:
+    """The name in a Host header, without its port ("[::1]:8000" -> "::1"); None if it is not a host and port."""
+    m = HOST.fullmatch(host.strip().lower())
+    if m is None:
+        return None
+    return m.group("name").strip("[]")
 
 
 def _mib(n: int) -> str:

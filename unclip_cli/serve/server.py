@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import ipaddress
+import logging
 import signal
 import socket
 import threading
@@ -45,6 +46,24 @@ def bind(host: str, port: int) -> socket.socket:
 
 def is_loopback(sock: socket.socket) -> bool:
     return ipaddress.ip_address(sock.getsockname()[0].split("%")[0]).is_loopback
+
+
+def loopback_names(sock: socket.socket) -> tuple[str, ...]:
+    """The Host names a loopback server answers: the usual loopback names and the address it is bound to (any
+    of 127.0.0.0/8 is loopback; `--host 127.0.0.2` must answer its own URL)."""
+    bound = sock.getsockname()[0].split("%")[0].lower()
+    return tuple(dict.fromkeys(("127.0.0.1", "localhost", "::1", bound)))
+
+
+class HideQuery(logging.Filter):
+    """The access log shows paths without their query strings: a client may put a key there (`?api_key=`)
+    and the log must not keep it. The API itself reads nothing from query strings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], args[2].split("?", 1)[0] + "?[query hidden]", *args[3:])
+        return True
 
 
 def url_of(sock: socket.socket) -> str:
@@ -89,6 +108,9 @@ def make_server(app, *, log_level: str = "info", access_log: bool = True) -> Ser
             handler["stream"] = "ext://sys.stderr"  # logs on stderr, as every command's notes; stdout stays empty
     config = uvicorn.Config(app, log_level=log_level, access_log=access_log, log_config=logging_config, lifespan="on",
                             timeout_graceful_shutdown=10, server_header=False)
+    access = logging.getLogger("uvicorn.access")  # configured by uvicorn.Config above
+    if not any(isinstance(f, HideQuery) for f in access.filters):
+        access.addFilter(HideQuery())
     return Server(config, worker=getattr(app.state, "worker", None))
 
 

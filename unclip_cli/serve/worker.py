@@ -7,7 +7,7 @@ its deadline passes: the engine's progress callback raises `Cancelled`, and the 
 
     worker = Worker(engine, max_queue=4)
     worker.start()                                   # on the event loop
-    job = worker.submit(request, deadline=time.monotonic() + 600)   # or Busy
+    job = worker.submit(request, timeout=600)        # or Busy; the 600 s count from when the job starts running
     result = await job.future                        # engine Result, or Cancelled / another exception
     worker.stop(); worker.join()
 """
@@ -49,7 +49,8 @@ class Job:
     request: Any
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
-    deadline: float | None = None  # time.monotonic()
+    timeout: float | None = None  # seconds the job may run once it starts (its wait in the queue is not its time)
+    deadline: float | None = None  # time.monotonic(), set when it starts
     id: str | None = None
     state: str = "queued"  # queued | running | done
     tick: Tick | None = None
@@ -105,6 +106,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._seconds_per_job = 5.0  # a running mean of job times, for Retry-After; a guess until the first job
+        self.stopping = asyncio.Event()  # set on the event loop once `stop` is called: requests still being read give up
 
     # -- the event loop's side ---------------------------------------------------------------------
     def start(self) -> None:
@@ -121,7 +123,7 @@ class Worker:
                 return Busy(self.retry_after(), stopping=self._stopping)
         return None
 
-    def submit(self, request, deadline: float | None = None, job_id: str | None = None) -> Job:
+    def submit(self, request, timeout: float | None = None, job_id: str | None = None) -> Job:
         loop = asyncio.get_running_loop()
         with self._cond:
             full = self.room()
@@ -129,7 +131,7 @@ class Worker:
                 raise full
             if job_id in self._by_id:  # ids are the client's: a clash gets no progress reports rather than another's
                 job_id = None
-            job = Job(request, loop.create_future(), loop, deadline=deadline, id=job_id)
+            job = Job(request, loop.create_future(), loop, timeout=timeout, id=job_id)
             self._waiting.append(job)
             if job_id is not None:
                 self._by_id[job_id] = job
@@ -140,6 +142,8 @@ class Worker:
         """Cancel a job: a queued one leaves the queue at once (its place is free), a running one stops
         at its next sampler step."""
         job.cancel(reason)
+        # Nobody awaits the job's outcome any more: take it when it comes, so that asyncio does not log it as lost.
+        job.future.add_done_callback(lambda f: f.cancelled() or f.exception())
         with self._cond:
             if job in self._waiting:
                 self._waiting.remove(job)
@@ -169,6 +173,8 @@ class Worker:
     def stop(self) -> None:
         """Stop taking jobs, fail the queued ones and stop the running one at its next step (Cancelled
         "shutdown"). Thread-safe, but not from a signal handler: use `stop_soon` there."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.stopping.set)
         with self._cond:
             self._stopping = True
             while self._waiting:
@@ -209,6 +215,8 @@ class Worker:
                 self._running = job
                 job.state = "running"
             started = time.monotonic()
+            if job.timeout is not None:
+                job.deadline = started + job.timeout
             try:
                 job.check()  # cancelled or out of time while it waited
                 outcome = self.engine.run(job.request, callback=job.check)
