@@ -36,6 +36,14 @@ FOREIGN_PROMPTS = [
     "a baroque still life with lemons and silver", "an architectural drawing of a bridge", "a selfie on a beach at sunset",
     "a medieval manuscript page", "a herd of elephants crossing a savanna, wildlife photography",
 ]
+# The same in Chinese: the held-out prompts include Chinese CLDR names, and the check must not flag those.
+FOREIGN_PROMPTS_ZH = [
+    "东京夜晚繁忙街道的照片", "河流三角洲的航拍照片", "阿尔卑斯山的水彩风景画", "老渔夫的肖像，布面油画", "蜻蜓翅膀的微距照片", "哥特式大教堂的内部",
+    "喷气发动机的蓝图", "胸部X光片", "飓风的卫星图像", "文艺复兴时期的天使壁画", "马拉喀什的街头市场", "公路上车灯的长曝光", "生锈金属的特写",
+    "睡莲的印象派油画", "血细胞的显微镜图像", "黎明时分雾蒙蒙的松树林", "现代厨房的三维渲染", "爵士乐队的黑白照片", "季度销售额的电子表格", "伦敦地铁的详细地图",
+    "人类头骨的铅笔素描", "跑鞋的产品照片", "足球场上的人群", "从轨道上看到的火星表面", "电路板的特写", "巴洛克风格的柠檬与银器静物画", "桥梁的建筑图纸",
+    "日落时海滩上的自拍", "中世纪的手抄本", "大象群穿越稀树草原，野生动物摄影",
+]
 CALIBRATION_PERCENTILE = 2.0  # threshold at this percentile of held-out emoji: about 2% false alarms
 
 
@@ -61,6 +69,22 @@ def skimage_images(names):
     return out
 
 
+def caption_chars(paths) -> str:
+    """The characters beyond ASCII of every caption in the shards (their `.json` metadata, lower-cased as the
+    check reads prompts), sorted: `domain.json`'s `chars`."""
+    import tarfile
+
+    chars = set()
+    for path in paths:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(member).read())
+                    texts = [t for ts in (meta.get("captions") or {}).values() for t in ts] + [meta.get("caption") or ""]
+                    chars.update(c for t in texts for c in t.lower() if ord(c) > 127)
+    return "".join(sorted(chars))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default="weights/emoji")
@@ -79,9 +103,14 @@ def main(argv=None) -> None:
     photos, drawings = skimage_images(PHOTOS), skimage_images(DRAWINGS)
     photo = np.array([domain.white_share(im) for _, im in photos])
     drawing = np.array([domain.white_share(im) for _, im in drawings])
-    prompts = [p["prompt"] for p in json.loads(Path(args.data, "eval_prompts.json").read_text())]
-    held_unknown = [bool(domain.unknown_words(clip, p)) for p in prompts]
-    foreign_unknown = [bool(domain.unknown_words(clip, p)) for p in FOREIGN_PROMPTS]
+    chars = caption_chars(sorted(glob.glob(os.path.join(args.data, "train-*.tar"))))
+    known = frozenset(chars)
+    eval_prompts = json.loads(Path(args.data, "eval_prompts.json").read_text())
+    prompts = [p["prompt"] for p in eval_prompts]
+    held_unknown = [bool(domain.unknown_words(clip, p, known)) for p in prompts]
+    held_zh = [u for p, u in zip(eval_prompts, held_unknown) if p.get("lang") == "zh"]
+    foreign_unknown = [bool(domain.unknown_words(clip, p, known)) for p in FOREIGN_PROMPTS]
+    foreign_zh = [bool(domain.unknown_words(clip, p, known)) for p in FOREIGN_PROMPTS_ZH]
     facts = {
         "images": {"feature": f"share of near-white pixels (all channels > {domain.WHITE}) of the centre square at {domain.SIDE} px",
                    "threshold": threshold, "percentile_of_held_out": CALIBRATION_PERCENTILE, "held_out_emoji": len(held),
@@ -90,13 +119,16 @@ def main(argv=None) -> None:
                    "photos": len(photos), "photos_flagged": int((photo < threshold).sum()),
                    "drawings": len(drawings), "drawings_flagged": int((drawing < threshold).sum()),
                    "not_flagged": [n for (n, _), v in zip(photos + drawings, np.concatenate([photo, drawing])) if v >= threshold]},
-        "prompts": {"rule": "warn when a word never occurred in a training caption (the CLIP maps it to its unknown row)",
+        "prompts": {"rule": "warn when a word never occurred in a training caption (the CLIP maps it to its unknown row), "
+                            "an emoji or symbol included, or a character beyond ASCII is not among the captions' (chars)",
                     "held_out_prompts": len(prompts), "false_alarms_on_held_out_prompts": round(float(np.mean(held_unknown)), 4),
+                    "held_out_chinese_prompts": len(held_zh), "false_alarms_on_held_out_chinese_prompts": round(float(np.mean(held_zh or [0])), 4),
                     "foreign_prompts": len(FOREIGN_PROMPTS), "foreign_flagged": int(sum(foreign_unknown)),
-                    "foreign_not_flagged": [p for p, u in zip(FOREIGN_PROMPTS, foreign_unknown) if not u]},
+                    "foreign_not_flagged": [p for p, u in zip(FOREIGN_PROMPTS, foreign_unknown) if not u],
+                    "foreign_chinese_prompts": len(FOREIGN_PROMPTS_ZH), "foreign_chinese_flagged": int(sum(foreign_zh))},
         "command": "python scripts/calibrate_domain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    report = {"subject": "emoji", "white_share_min": threshold, "facts": facts}
+    report = {"subject": "emoji", "white_share_min": threshold, "facts": facts, "chars": chars}
     text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
     print(text)
     if args.write:
