@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import typer
 
@@ -88,6 +89,11 @@ def main(argv: list[str] | None = None) -> None:
         if stream is not None and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     debug = os.environ.get("UNCLIP_DEBUG") == "1"
+    if not debug and not sys.warnoptions and sys.stderr is sys.__stderr__:
+        # Libraries' warnings (torch, numpy, Pillow) name their source lines and nothing a user can act on; unclip's
+        # own warnings are its `Warning:` lines. UNCLIP_DEBUG=1 (or python -W) shows them. Only in a real process:
+        # a program or test that runs `main` inside its own capture keeps its warnings.
+        warnings.simplefilter("ignore")
     try:
         # Non-standalone mode returns the exit code of `typer.Exit` (Ctrl-C arrives as 130) instead of
         # exiting, and raises usage errors, so that all the mapping happens here.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -29,6 +30,22 @@ RECIPE_ORDER = ["op", "prompt", "to", "from", "input", "inputs", "mask", "box", 
                 "sampler", "size", "fit", "model", "model_hash", "version"]
 
 
+def _json(value: Any) -> str:
+    """JSON that every reader accepts: a recipe is untrusted and may hold NaN or infinities, which JSON has
+    no numbers for; they are written as the strings "NaN", "Infinity" and "-Infinity"."""
+
+    def finite(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return "NaN" if v != v else ("Infinity" if v > 0 else "-Infinity")
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(value), indent=2, ensure_ascii=False, default=str, allow_nan=False)
+
+
 def _fmt(v: Any) -> str:
     """A recipe value on one line; the recipe is untrusted text, so control characters are shown escaped."""
     if isinstance(v, dict):
@@ -51,7 +68,7 @@ def _show_png(path: Path, as_json: bool) -> None:
     recipe = read_recipe(path) if RECIPE_KEY in text else None
     params = text.get(PARAMETERS_KEY)
     if as_json:
-        sys.stdout.write(json.dumps({"file": str(path), "recipe": recipe, "parameters": params}, indent=2, ensure_ascii=False) + "\n")
+        sys.stdout.write(_json({"file": str(path), "recipe": recipe, "parameters": params}) + "\n")
         return
     if recipe is None:
         if params:
@@ -92,7 +109,7 @@ def _show_model(weights: Optional[Path], as_json: bool, whole_card: bool = False
 
     info = Engine.load(resolve_weights(weights), device="cpu").info()
     if as_json:
-        sys.stdout.write(json.dumps(info, indent=2, ensure_ascii=False, default=str) + "\n")
+        sys.stdout.write(_json(info) + "\n")
         return
     print(f"Model:      {info['name']}")
     print(f"Folder:     {info['path']}")

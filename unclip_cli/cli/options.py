@@ -28,10 +28,19 @@ Quality = Enum("Quality", {q: q for q in QUALITY}, type=str)
 DeviceChoice = Enum("DeviceChoice", {d: d for d in ("auto", "cpu", "cuda", "mps")}, type=str)
 Fit = Enum("Fit", {f: f for f in ("crop", "pad")}, type=str)
 
+
+
+def _weights_dir(value) -> Path:
+    """--weights as given: an empty value is a mistake (a variable that was not set), not the current folder."""
+    if not str(value).strip():
+        raise WeightsError("--weights is empty", hint="pass a model-set folder, or leave --weights out for the shipped one")
+    return Path(value)
+
+
 WeightsOpt = Annotated[
     Optional[Path],
     typer.Option(
-        "--weights", "-w", envvar="UNCLIP_WEIGHTS", metavar="DIR", show_default="the shipped weights/emoji",
+        "--weights", "-w", envvar="UNCLIP_WEIGHTS", metavar="DIR", show_default="the shipped weights/emoji", parser=_weights_dir,
         help="Model set folder (clip, prior, decoder, upsampler .safetensors).", rich_help_panel=P_MODEL,
     ),
 ]
