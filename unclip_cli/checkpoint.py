@@ -22,13 +22,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from unclip_cli.diffusion.gaussian import SCHEDULE_DTYPES, DiffusionConfig, Parameterization, Variance
+from unclip_cli.diffusion.gaussian import FINAL_ALPHAS, SCHEDULE_DTYPES, DiffusionConfig, Parameterization, Variance
 from unclip_cli.diffusion.schedule import SCHEDULES
 from unclip_cli.errors import WeightsError
 from unclip_cli.models.classifier import Classifier, ClassifierConfig
 from unclip_cli.models.clip import Clip, ClipConfig
 from unclip_cli.models.prior import Prior, PriorConfig
 from unclip_cli.models.unet import UNet, UNetConfig
+from unclip_cli.models.vae import VAE, VAEConfig
 
 FORMAT = "unclip"
 FORMAT_VERSION = 1
@@ -39,6 +40,7 @@ KINDS: dict[str, tuple[type, type]] = {
     "prior": (PriorConfig, Prior),
     "decoder": (UNetConfig, UNet),
     "upsampler": (UNetConfig, UNet),
+    "vae": (VAEConfig, VAE),  # a latent decoder's autoencoder
     "classifier": (ClassifierConfig, Classifier),  # not a model-set stage: the eval's independent yardstick
 }
 
@@ -117,6 +119,8 @@ def check_diffusion(cfg: DiffusionConfig) -> DiffusionConfig:
         raise ValueError(f"DiffusionConfig.parameterization is {shorten(cfg.parameterization)}; choose from {kinds}")
     if cfg.schedule_dtype not in SCHEDULE_DTYPES:
         raise ValueError(f"DiffusionConfig.schedule_dtype is {shorten(cfg.schedule_dtype)}; choose from {list(SCHEDULE_DTYPES)}")
+    if cfg.final_alpha not in FINAL_ALPHAS:
+        raise ValueError(f"DiffusionConfig.final_alpha is {shorten(cfg.final_alpha)}; choose from {list(FINAL_ALPHAS)}")
     variances = [v.value for v in Variance]
     if cfg.variance not in variances:
         raise ValueError(f"DiffusionConfig.variance is {shorten(cfg.variance)}; choose from {variances}")

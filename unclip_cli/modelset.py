@@ -11,6 +11,11 @@ An upsampler may have a companion `upsampler-last.safetensors` (same config) tha
 sampling step of its stage, as Karlo's super_res_last does. The decoder's `extra` may hold a `sampling`
 object, the set's sampling recipe (`diffusion.recipe.SamplingRecipe`); without one, the emoji defaults.
 
+A latent set (Stable unCLIP) adds `vae.safetensors`, the autoencoder its decoder samples in, and may add
+`text.safetensors`, the decoder's own text encoder (a CLIP text tower whose token states it cross-attends to;
+without one the decoder reads the CLIP's). It needs no upsampler, and its prior is optional: without one it
+varies, blends and edits images but does not generate from text.
+
 Loading reads every file's metadata and tensor shapes and checks them at once; the tensors are read when
 a stage is first used (`Stage.model`), so `unclip info` on a multi-gigabyte set is quick.
 """
@@ -85,11 +90,13 @@ class Stage:
 class ModelSet:
     root: Path
     clip: Stage
-    prior: Stage
+    prior: Stage | None
     decoder: Stage
     upsamplers: list[Stage]
     card: str | None
     sampling: SamplingRecipe = field(default_factory=SamplingRecipe)
+    vae: Stage | None = None  # the autoencoder of a latent decoder
+    text: Stage | None = None  # the decoder's own text encoder (else the CLIP's text tower)
 
     @property
     def name(self) -> str:
@@ -98,7 +105,7 @@ class ModelSet:
     @property
     def stages(self) -> list[Stage]:
         """Every checkpoint of the set, final-step companions included."""
-        out = [self.clip, self.prior, self.decoder]
+        out = [s for s in (self.clip, self.prior, self.decoder, self.vae, self.text) if s is not None]
         for up in self.upsamplers:
             out += [up] + ([up.last] if up.last else [])
         return out
@@ -151,8 +158,13 @@ class ModelSet:
         return self.decoder.config.image_size
 
     @property
+    def latent_factor(self) -> int:
+        """Pixels per decoder sample along a side: the autoencoder's downsampling, or 1 for a pixel decoder."""
+        return self.vae.config.factor if self.vae is not None else 1
+
+    @property
     def image_size(self) -> int:
-        size = self.base_size
+        size = self.base_size * self.latent_factor
         for up in self.upsamplers:
             size = up.extra.get("low_res", size) * up.extra["scale"]
         return size
@@ -205,7 +217,9 @@ def load_model_set(root: str | Path, device: str | torch.device = "cpu", dtype: 
         raise WeightsError(f"{root}: model set folder cannot be read ({e.strerror or e})", hint="check the --weights path") from None
     if not found:
         raise WeightsError(f"{root}: model set folder not found", hint="pass --weights DIR with clip/prior/decoder/upsampler .safetensors files")
-    missing = [name for name in FILES.values() if not (root / name).is_file()]
+    latent = (root / "vae.safetensors").is_file()
+    required = [FILES["clip"], FILES["decoder"]] if latent else list(FILES.values())
+    missing = [name for name in required if not (root / name).is_file()]
     if missing:  # without its upsampler, a set would quietly make base-size images
         raise WeightsError(f"{root}: incomplete model set, missing {', '.join(missing)}",
                            hint="a model set holds clip, prior, decoder and upsampler .safetensors files exported together")
@@ -223,14 +237,21 @@ def load_model_set(root: str | Path, device: str | torch.device = "cpu", dtype: 
         return Stage(header, device, dtype, last)
 
     clip = stage(root / FILES["clip"], "clip")
-    prior = stage(root / FILES["prior"], "prior")
+    prior = stage(root / FILES["prior"], "prior") if (root / FILES["prior"]).is_file() else None
     decoder = stage(root / FILES["decoder"], "decoder")
+    vae = stage(root / "vae.safetensors", "vae") if latent else None
+    text = stage(root / "text.safetensors", "clip") if (root / "text.safetensors").is_file() else None
     ups = [stage(p, "upsampler") for p in upsampler_files(root)]
-    for s in (clip, prior, decoder, *ups, *(u.last for u in ups if u.last)):  # ids are compared and hashed (model_hash) as strings
+    if vae is not None and decoder.config.in_channels != vae.config.latent_channels:
+        raise WeightsError(f"{decoder.path}: samples {decoder.config.in_channels} channels, but {vae.path.name} has "
+                           f"{vae.config.latent_channels} latent channels", hint=DAMAGED_HINT)
+    if vae is not None and ups:
+        raise WeightsError(f"{root}: a latent set (vae.safetensors) with upsamplers; unclip runs upsamplers on pixel decoders only")
+    for s in (clip, *(s for s in (prior, vae) if s), decoder, *ups, *(u.last for u in ups if u.last)):  # ids are compared and hashed (model_hash) as strings
         for key in ("uid", "clip_uid"):
             if not isinstance(s.extra.get(key, ""), str):
                 raise WeightsError(f"{s.path}: extra field {key!r} is {shorten(s.extra[key])}, not a string", hint=DAMAGED_HINT)
-    for s in (prior, decoder):
+    for s in (x for x in (prior, decoder, vae) if x is not None):
         if s.extra.get("clip_uid") != clip.extra.get("uid"):
             raise WeightsError(
                 f"{s.path}: trained with a different CLIP than {clip.path.name} in this folder",
@@ -243,7 +264,7 @@ def load_model_set(root: str | Path, device: str | torch.device = "cpu", dtype: 
         raise WeightsError(f"{decoder.path}: config field 'image_size' is {size}, above {MAX_IMAGE_SIZE} px", hint=DAMAGED_HINT)
     for up in ups:
         size = _chain(up, size)
-    return ModelSet(root, clip, prior, decoder, ups, _read_card(root / "MODEL_CARD.md"), sampling)
+    return ModelSet(root, clip, prior, decoder, ups, _read_card(root / "MODEL_CARD.md"), sampling, vae=vae, text=text)
 
 
 def _sampling(decoder: Stage) -> SamplingRecipe:

@@ -101,3 +101,67 @@ def karlo_command(
     _report(results, json_, verifier.LIMIT, {"model_set": str(target)})
     if to is not None and not json_:
         print(to)
+
+
+STABLE_UNCLIP_EPILOG = """\
+[b]Examples[/b]
+
+  unclip convert stable-unclip stable-diffusion-2-1-unclip-small --prior karlo-v1-alpha --to weights/sd-unclip-small
+  unclip convert stable-unclip stable-diffusion-2-1-unclip --to weights/sd-unclip --verify
+  unclip convert stable-unclip stable-diffusion-2-1-unclip-small --prior karlo-v1-alpha --check weights/sd-unclip-small
+
+SRC is a diffusers StableUnCLIPImg2ImgPipeline folder: the set varies, blends and edits images. --prior adds Karlo's
+prior and CLIP text encoder (a diffusers UnCLIPPipeline folder), for generate and nudge; its embeddings must be the
+image encoder's (CLIP ViT-L/14: the -small model). --verify and --check run every converted network beside its
+original (they need `pip install diffusers transformers`).
+"""
+
+
+@convert_app.command("stable-unclip", epilog=STABLE_UNCLIP_EPILOG)
+def stable_unclip_command(
+    src: Annotated[Path, typer.Argument(metavar="SRC", help="The diffusers Stable unCLIP img2img folder (model_index.json, unet/, vae/, ...).",
+                                        show_default=False)],
+    to: Annotated[Optional[Path], typer.Option("--to", metavar="DIR", help="Write the model set here.", show_default=False)] = None,
+    prior: Annotated[Optional[Path], typer.Option("--prior", metavar="KARLO_SRC", show_default=False,
+                                                  help="A diffusers Karlo folder: its prior and CLIP text encoder (for generate).")] = None,
+    dtype: Annotated[DType, typer.Option("--dtype", help="Precision of the written weights (small tensors stay float32).")] = DType.float16,
+    verify: Annotated[bool, typer.Option("--verify", help="After converting, check every network against its original.")] = False,
+    check: Annotated[Optional[Path], typer.Option("--check", metavar="DIR", show_default=False,
+                                                  help="Check a set converted earlier against SRC; writes nothing.")] = None,
+    device: Annotated[VerifyDevice, typer.Option("--device", help="Where --verify / --check run the networks (float32).")] = VerifyDevice.cpu,
+    force: Annotated[bool, typer.Option("--force", help="Write into a --to folder that is not empty (replacing a set there).")] = False,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Convert Stable unCLIP 2.1 (stabilityai/stable-diffusion-2-1-unclip[-small], diffusers layout) into an unclip model set."""
+    import torch
+
+    if (to is None) == (check is None):
+        raise typer.BadParameter("give either --to DIR (convert) or --check DIR (check a converted set)", param_hint="--to / --check")
+    if verify and check is not None:
+        raise typer.BadParameter("--verify checks what --to writes; --check checks an existing set", param_hint="--verify")
+    if check is not None and not check.is_dir():
+        raise InputError(f"--check {check}: no such model set folder")
+    from unclip_cli.convert import stable_unclip, verify as verifier, verify_stable_unclip
+
+    if verify or check is not None:
+        verifier.require_diffusers()
+    dev = device.value
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if to is not None:
+        stable_unclip.check_destination(to, (src, prior), force)
+        _err(f"Reading {src}" + (f" and {prior}" if prior else ""), quiet)
+        plan = stable_unclip.prepare(src, prior, dtype=torch.float16 if dtype is DType.float16 else torch.float32)
+        total = plan.parameters
+        _err(f"Converting {total / 1e6:,.1f} M parameters to {dtype.value}", quiet)
+        stable_unclip.write(plan, to, force=force, progress=lambda name: _err(f"  writing {to / name}", quiet))
+        if not verify:
+            sys.stdout.write(json.dumps({"model_set": str(to), "parameters": total}, indent=2) + "\n" if json_ else f"{to}\n")
+            return
+    target = to if to is not None else check
+    _err(f"Checking {target} against {src}" + (f" and {prior}" if prior else "") + f" on {dev} (float32)", quiet)
+    results = verify_stable_unclip.check(src, target, prior, device=dev, progress=lambda name: _err(f"  {name}", quiet))
+    _report(results, json_, verifier.LIMIT, {"model_set": str(target)})
+    if to is not None and not json_:
+        print(to)

@@ -169,15 +169,27 @@ class Tensors:
                         return [self.folder / s for s in shards]
         fail(f"{self.folder}: no weights for {self.what} (expected {WEIGHT_NAMES[0]}.safetensors or model.safetensors, or a .bin)")
 
+    def under(self, prefix: str) -> "Tensors":
+        """Name every tensor as under `prefix` when none is: transformers 5 saves CLIPTextModel without the
+        `text_model.` its earlier versions (and the hub's files) have."""
+        if self.keys and not any(k.startswith(prefix) for k in self.keys):
+            self._where = {prefix + k: v for k, v in self._where.items()}
+            self._names = {prefix + k: k for k in self.keys}
+            self.keys = {prefix + k for k in self.keys}
+        return self
+
+    def _name(self, key: str) -> str:
+        return getattr(self, "_names", {}).get(key, key)
+
     def shape(self, key: str) -> tuple[int, ...]:
-        src = self._where[key]
+        src, name = self._where[key], self._name(key)
         if isinstance(src, dict):
-            return tuple(src[key].shape)
-        return tuple(src.get_slice(key).get_shape())
+            return tuple(src[name].shape)
+        return tuple(src.get_slice(name).get_shape())
 
     def get(self, key: str) -> torch.Tensor:
-        src = self._where[key]
-        t = src[key] if isinstance(src, dict) else src.get_tensor(key)
+        src, name = self._where[key], self._name(key)
+        t = src[name] if isinstance(src, dict) else src.get_tensor(name)
         if t.is_floating_point():
             if not bool(torch.isfinite(t).all()):
                 fail(f"{self.folder}: tensor {key} has NaN or infinite values", hint="the download is damaged; fetch it again")

@@ -28,6 +28,9 @@ class Variance(str, enum.Enum):
 
 
 SCHEDULE_DTYPES = ("float64", "float32")
+# alpha_bar after the last step: "one", the clean image; "first": alpha_bar at t = 0, where diffusers' DDIM with
+# set_alpha_to_one=False (Stable Diffusion's scheduler) ends, a sigma of 0.03 short of it
+FINAL_ALPHAS = ("one", "first")
 
 
 @dataclass
@@ -40,6 +43,7 @@ class DiffusionConfig:
     # differ from those by up to 1.3e-5 relative). "float64": computed in float64, applied in the sample's dtype.
     schedule_dtype: str = "float64"
     variance: str = "fixed_small"  # "learned_range": the network outputs 2C channels, eps then v in [-1, 1]
+    final_alpha: str = "one"  # see FINAL_ALPHAS
 
 
 class GaussianDiffusion:
@@ -63,7 +67,7 @@ class GaussianDiffusion:
         In the sample's dtype, or, for a float32 schedule, in float32 (arithmetic on these values then rounds
         as diffusers' does, and a float64 sample promotes them exactly)."""
         t = torch.as_tensor(t, dtype=torch.long)
-        one = torch.ones((), dtype=self.alphas_cumprod.dtype)
+        one = torch.ones((), dtype=self.alphas_cumprod.dtype) if self.cfg.final_alpha == "one" else self.alphas_cumprod[0]
         a = torch.where(t < 0, one, self.alphas_cumprod[t.clamp(min=0)])
         a = a.to(device=like.device, dtype=torch.float32 if self.exact32 else like.dtype)
         return a.view(-1, *([1] * (like.dim() - 1))) if a.dim() else a

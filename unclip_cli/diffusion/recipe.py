@@ -19,7 +19,8 @@ QUALITIES = ("fast", "default", "best")
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m", "ancestral")
 CHOICES = {
     "unconditional": ("dropped", "empty_caption"),
-    "timestep_spacing": ("linspace", "karlo"),
+    "timestep_spacing": ("linspace", "karlo", "leading", "leading1"),
+    "prior_spacing": ("same", "linspace", "karlo", "leading", "leading1"),
     "prior_sampler": SAMPLER_NAMES,
     "decoder_sampler": SAMPLER_NAMES,
     "vary_sampler": ("ddim", "decoder"),
@@ -58,7 +59,14 @@ class SamplingRecipe:
     decoder_sampler: str = "ddpm"  # text-to-image and edit decoding from noise
     decoder_start: str = "mean"  # "mean": the training mean image noised to decoder_t_start; "noise": pure noise
     decoder_t_start: int = 800
-    decoder_clamp: float = 1.0
+    decoder_clamp: float = 1.0  # 0: no clamp (latents have no fixed range)
+    decoder_eta: float = 1.0  # DDIM's eta when the decoder's sampler is "ddim" and decodes from noise (Stable unCLIP: 0)
+    # The prior's timestep spacing, "same" as timestep_spacing unless its scheduler spaces them otherwise (Stable
+    # unCLIP runs Karlo's prior under diffusers' DDPM scheduler: "leading")
+    prior_spacing: str = "same"
+    # Noise augmentation of the image embedding (decoders with noise_augment): the level 0-999 it is noised to
+    # before the decoder reads it, when a request gives none
+    noise_level: int = 0
     # Fresh-noise variations (strength 1): "ddim" with eta 1 from the decoder start, or "decoder": the decoder's
     # own sampler (what diffusers' UnCLIPImageVariationPipeline does).
     vary_sampler: str = "ddim"
@@ -85,6 +93,8 @@ class SamplingRecipe:
                 raise ValueError(f"SamplingRecipe.steps_{q} is {list(self.table(q))}: at most 1000 steps and 16 decoder candidates")
         if self.inpaint_resample > 20:
             raise ValueError(f"SamplingRecipe.inpaint_resample is {self.inpaint_resample}; it must be at most 20")
+        if not 0 <= self.noise_level <= MAX_TIMESTEP:
+            raise ValueError(f"SamplingRecipe.noise_level is {self.noise_level}; it must be from 0 to {MAX_TIMESTEP}")
         if self.blend_decoder_step_factor > 10:
             raise ValueError(f"SamplingRecipe.blend_decoder_step_factor is {self.blend_decoder_step_factor}; it must be at most 10")
 
@@ -112,4 +122,16 @@ KARLO = SamplingRecipe(
     decoder_sampler="ancestral", decoder_start="noise", decoder_t_start=999, decoder_clamp=1.0, vary_sampler="decoder",
     upsampler_sampler="ancestral", upsampler_start="noise", upsampler_t_start=999, upsampler_clamp=1.0,
     upsample_filter="bicubic_antialias", inpaint="repaint", inpaint_resample=1,
+)
+
+# Stable unCLIP 2.1 as diffusers' StableUnCLIPImg2ImgPipeline and StableUnCLIPPipeline run it: the decoder DDIM
+# (eta 0) from pure latent noise on "leading" timesteps plus 1, guidance 10 with the empty prompt and a zero image
+# embedding as the unconditional branch, no clamp, 20 steps; Karlo's prior (for text-to-image) under a DDPM
+# scheduler, 25 steps, guidance 4; noise level 0. No upsampler; edits are RePaint in latent space.
+STABLE_UNCLIP = SamplingRecipe(
+    steps_fast=(25, 10, 1, 1), steps_default=(25, 20, 1, 1), steps_best=(25, 50, 1, 1),
+    guidance=10.0, prior_guidance=4.0, unconditional="empty_caption", timestep_spacing="leading1", prior_spacing="leading",
+    prior_sampler="ancestral", prior_candidates=1, prior_clamp=5.0,
+    decoder_sampler="ddim", decoder_eta=0.0, decoder_start="noise", decoder_t_start=999, decoder_clamp=0.0, vary_sampler="decoder",
+    inpaint="repaint", inpaint_resample=1, noise_level=0,
 )

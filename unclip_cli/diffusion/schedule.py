@@ -25,7 +25,15 @@ def linear_betas(timesteps: int) -> np.ndarray:
     return np.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=np.float64)
 
 
-SCHEDULES = {"cosine": cosine_betas, "linear": linear_betas}
+def scaled_linear_betas(timesteps: int, start: float = 0.00085, end: float = 0.012) -> np.ndarray:
+    """Latent diffusion's schedule (Rombach et al. 2022): betas linear in sqrt from 0.00085 to 0.012. Computed in
+    float32, as diffusers' schedulers do, so a converted Stable Diffusion samples with its exact values."""
+    import torch
+
+    return (torch.linspace(start**0.5, end**0.5, timesteps, dtype=torch.float32) ** 2).double().numpy()
+
+
+SCHEDULES = {"cosine": cosine_betas, "linear": linear_betas, "scaled_linear": scaled_linear_betas}
 
 
 def make_betas(name: str, timesteps: int) -> np.ndarray:
@@ -34,18 +42,23 @@ def make_betas(name: str, timesteps: int) -> np.ndarray:
     return SCHEDULES[name](timesteps)
 
 
-SPACINGS = ("linspace", "karlo")
+SPACINGS = ("linspace", "karlo", "leading", "leading1")
 
 
 def spaced_timesteps(timesteps: int, steps: int, start: int | None = None, spacing: str = "linspace") -> list[int]:
     """`steps` evenly strided timesteps from `start` (default T-1) down to 0, descending (the sampling order).
 
     spacing "linspace": round(linspace(start, 0, steps)); "karlo": round(i * start / (steps - 1)) for
-    i = steps-1 .. 0, as Karlo's respacing and diffusers' UnCLIPScheduler compute them (ties to even)."""
+    i = steps-1 .. 0, as Karlo's respacing and diffusers' UnCLIPScheduler compute them (ties to even); "leading":
+    i * (T // steps) for i = steps-1 .. 0, diffusers' DDPM and DDIM default; "leading1": the same plus 1 (their
+    steps_offset=1, Stable Diffusion's scheduler). The leading spacings ignore `start` above their first step."""
     if not 1 <= steps <= timesteps:
         raise ValueError(f"steps must be between 1 and {timesteps}, got {steps}")
     if spacing not in SPACINGS:
         raise ValueError(f"unknown timestep spacing {spacing!r}; choose from {', '.join(SPACINGS)}")
+    if spacing in ("leading", "leading1"):
+        ratio, offset = timesteps // steps, spacing == "leading1"
+        return [min(i * ratio + offset, timesteps - 1) for i in reversed(range(steps))]
     start = timesteps - 1 if start is None else min(start, timesteps - 1)
     if steps == 1:
         return [start]

@@ -69,6 +69,10 @@ class ClipConfig:
     vision: bool = True  # False: a text tower only (a Karlo set converted without its image-variation folder)
     text_mlp_width: int = 0  # hidden width of the text tower's MLPs; 0: 4 x text_width (CLIP's ratio; sets before this field)
     vision_mlp_width: int = 0  # the same for the vision tower; 0: 4 x vision_width
+    text: bool = True  # False: an image tower only (Stable unCLIP's image encoder, converted without a prior)
+    # False: no text projection, z_t is the pooled state itself; the token states are what such a tower is for
+    # (Stable Diffusion 2's OpenCLIP ViT-H text tower, its penultimate layer: a separate decoder text encoder)
+    text_projection: bool = True
 
 
 @functools.lru_cache(maxsize=1)
@@ -144,6 +148,10 @@ class NoImageEncoder(RuntimeError):
     """An image was to be encoded by a CLIP that has only its text tower."""
 
 
+class NoTextEncoder(RuntimeError):
+    """A text was to be encoded by a CLIP that has only its image tower."""
+
+
 def causal_mask(L: int) -> torch.Tensor:
     """(L, L) additive mask: -inf above the diagonal, so token i attends to tokens 0..i. On the meta device
     an empty one (see layers.initial: triu there imports torch's compiler, 1.5 s); loading recomputes it."""
@@ -158,12 +166,14 @@ class ClipTowers(nn.Module):
         super().__init__()
         W, L = cfg.text_width, cfg.context_length
         self.visual = VisionTransformer(cfg) if cfg.vision else None
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature 0.07
+        if not cfg.text:
+            return
         self.token_embedding = nn.Embedding(cfg.vocab_size, W, _weight=initial(lambda: None, cfg.vocab_size, W))  # None: it draws its own
         self.positional_embedding = nn.Parameter(torch.empty(L, W))
         self.transformer = Transformer(W, cfg.text_layers, cfg.text_heads, cfg.activation, cfg.text_mlp_width)
         self.ln_final = nn.LayerNorm(W)
-        self.text_projection = nn.Parameter(torch.empty(W, cfg.embed_dim))
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature 0.07
+        self.text_projection = nn.Parameter(torch.empty(W, cfg.embed_dim)) if cfg.text_projection else None
         self.register_buffer("attn_mask", causal_mask(L), persistent=False)
         # The text tower's initialisation from CLIP (Radford et al. 2021) as open_clip keeps it;
         # the vision tower keeps PyTorch's defaults plus the scaled embeddings above, as open_clip does.
@@ -177,11 +187,13 @@ class ClipTowers(nn.Module):
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-        nn.init.normal_(self.text_projection, std=W**-0.5)
+        if self.text_projection is not None:
+            nn.init.normal_(self.text_projection, std=W**-0.5)
 
     def reset_buffers(self) -> None:
         """Recompute the derived, non-persistent buffers (after a load that built the module without data)."""
-        self.attn_mask = causal_mask(self.positional_embedding.shape[0]).to(self.positional_embedding.device)
+        if hasattr(self, "attn_mask"):
+            self.attn_mask = causal_mask(self.positional_embedding.shape[0]).to(self.positional_embedding.device)
 
 
 class Clip(nn.Module):
@@ -241,18 +253,20 @@ class Clip(nn.Module):
             tokens[i, 0] = self.sot_id
             tokens[i, 1 : 1 + len(ids)] = ids
             tokens[i, 1 + len(ids)] = self.eot_id
-        return tokens.to(self.model.positional_embedding.device), truncated
+        return tokens.to(self.model.logit_scale.device), truncated
 
     def encode_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """tokens (B, L) -> z_t (B, D) unit-norm (raw with `normalize=False`), token states (B, L, W),
         mask (B, L) True = SOT..EOT."""
         m = self.model
+        if not self.cfg.text:
+            raise NoTextEncoder("this model set's CLIP has no text encoder")
         x = m.token_embedding(tokens) + m.positional_embedding  # (B, L, W)
         x = m.transformer(x, attn_mask=m.attn_mask.to(x.dtype))  # causal
         states = m.ln_final(x)  # (B, L, W) — the per-token states the prior and decoder read
         eot = (tokens == self.eot_id).int().argmax(dim=1)  # (B,)
         pooled = states[torch.arange(tokens.shape[0]), eot]  # (B, W)
-        z_t = pooled @ m.text_projection  # (B, D)
+        z_t = pooled if m.text_projection is None else pooled @ m.text_projection  # (B, D)
         mask = torch.arange(tokens.shape[1], device=tokens.device)[None] <= eot[:, None]  # (B, L)
         return (F.normalize(z_t, dim=-1) if self.cfg.normalize else z_t), states, mask
 

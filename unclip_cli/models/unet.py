@@ -21,6 +21,13 @@ blocks: average pooling or nearest upsampling between the first activation and c
 and added to the time embedding too), `clip_token_layout="interleaved"` (the 4 extra context tokens read
 from the projection with a stride of 4), `time_conditioning="additive"` for the super-resolution nets, no
 inpainting channels, and 6 output channels for the decoder (eps and the learned variance interpolation).
+
+Stable unCLIP's latent UNet (diffusers' UNet2DConditionModel as Stable Diffusion 2 configures it) is this network
+too: `attention_kind="transformer"` (Rombach et al. 2022 §3.3: a spatial transformer per attention level,
+self-attention, cross-attention to the text encoder's token states, GEGLU feed-forward, linear in/out
+projections; `heads` per level), `class_dim` (the noise-augmented image embedding with its level embedding,
+"projected and added to the timestep embedding" by a two-layer MLP; zeros when dropped for guidance), DDPM's
+additive time conditioning and strided-convolution down/up-sampling, 4 latent channels in and out.
 """
 
 from __future__ import annotations
@@ -59,10 +66,17 @@ class UNetConfig:
     raw_embeddings: bool = False  # True: z_i as CLIP gives it (Karlo); False: unit-norm z_i scaled by sqrt(clip_dim)
     text_embed_to_time: bool = False  # True: the CLIP text embedding z_t is projected and added to the time embedding (Karlo)
     clip_token_layout: str = "blocked"  # "interleaved": token k is the projection's outputs k, k + 4, k + 8, ... (Karlo)
+    # "glide": AttentionBlock, context keys/values appended to self-attention; "transformer": a spatial transformer
+    # (self-attention, cross-attention to the text states, GEGLU), Stable Diffusion's
+    attention_kind: str = "glide"
+    heads: tuple[int, ...] = ()  # transformer: attention heads per level (diffusers' attention_head_dim); () = channels / head_channels
+    class_dim: int = 0  # > 0: z_i is a class input of this width, MLP-projected and added to the time embedding (zeros when dropped)
+    noise_augment: bool = False  # the decoder holds the image embedding's normalising mean and std (emb_mean, emb_std)
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
         self.attention_ds = tuple(self.attention_ds)
+        self.heads = tuple(self.heads)
 
     @property
     def has_context(self) -> bool:
@@ -135,6 +149,60 @@ class AttentionBlock(nn.Module):
         return x + self.proj(h.transpose(1, 2)).view(B, C, H, W)
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention of pixels to themselves or to context tokens (q, k, v without bias)."""
+
+    def __init__(self, ch: int, heads: int, context_dim: int | None = None):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(ch, ch, bias=False)
+        self.to_k = nn.Linear(context_dim or ch, ch, bias=False)
+        self.to_v = nn.Linear(context_dim or ch, ch, bias=False)
+        self.to_out = nn.Linear(ch, ch)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        c = x if context is None else context  # (B, S, ctx)
+        return self.to_out(attention(self.to_q(x), self.to_k(c), self.to_v(c), self.heads, mask))  # (B, HW, C)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN: x + self-attention, x + cross-attention to the context, x + GEGLU feed-forward (Shazeer 2020)."""
+
+    def __init__(self, ch: int, heads: int, context_dim: int):
+        super().__init__()
+        self.norm1, self.attn1 = nn.LayerNorm(ch), CrossAttention(ch, heads)
+        self.norm2, self.attn2 = nn.LayerNorm(ch), CrossAttention(ch, heads, context_dim)
+        self.norm3 = nn.LayerNorm(ch)
+        self.ff_in = nn.Linear(ch, 2 * 4 * ch)  # value and gate
+        self.ff_out = nn.Linear(4 * ch, ch)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context, mask)
+        h, gate = self.ff_in(self.norm3(x)).chunk(2, dim=-1)  # (B, HW, 4C) each
+        return x + self.ff_out(h * F.gelu(gate))
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm, linear projection in, transformer block, linear projection out, residual (Rombach et al. 2022)."""
+
+    def __init__(self, ch: int, heads: int, context_dim: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(math.gcd(32, ch), ch, eps=1e-6)
+        self.proj_in = nn.Linear(ch, ch)
+        self.block = TransformerBlock(ch, heads, context_dim)
+        self.proj_out = nn.Linear(ch, ch)
+
+    def forward(self, x: torch.Tensor, emb=None, ctx: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C))  # (B, HW, C)
+        tokens, mask = ctx
+        if mask is not None:
+            mask = mask[:, None, :]  # (B, 1, S)
+        h = self.proj_out(self.block(h, tokens, mask))
+        return x + h.view(B, H, W, C).permute(0, 3, 1, 2)
+
+
 class Down(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
@@ -175,6 +243,14 @@ class UNet(nn.Module):
             raise ValueError(f"UNetConfig.time_conditioning is {cfg.time_conditioning!r}; choose from scale_shift, additive")
         if cfg.clip_token_layout not in ("blocked", "interleaved"):
             raise ValueError(f"UNetConfig.clip_token_layout is {cfg.clip_token_layout!r}; choose from blocked, interleaved")
+        if cfg.attention_kind not in ("glide", "transformer"):
+            raise ValueError(f"UNetConfig.attention_kind is {cfg.attention_kind!r}; choose from glide, transformer")
+        transformer = cfg.attention_kind == "transformer"
+        if transformer and (cfg.clip_dim or cfg.text_width != cfg.context_dim):
+            raise ValueError("UNetConfig: a transformer UNet reads the text states as they are (text_width = context_dim) and z_i "
+                             "as a class input (class_dim), not clip_dim")
+        if cfg.heads and len(cfg.heads) != len(cfg.channel_mult):
+            raise ValueError(f"UNetConfig.heads has {len(cfg.heads)} entries for {len(cfg.channel_mult)} levels")
         additive = cfg.time_conditioning == "additive"
 
         def res(i, o, resample=None):
@@ -187,14 +263,24 @@ class UNet(nn.Module):
             self.null_clip = nn.Parameter(initial(lambda: torch.randn(cfg.clip_dim) / math.sqrt(cfg.clip_dim), cfg.clip_dim))
             if cfg.text_embed_to_time:
                 self.text_emb_to_emb = nn.Linear(cfg.clip_dim, emb_dim)
-        if cfg.text_width:
+        if cfg.class_dim:
+            self.class_embed = nn.Sequential(nn.Linear(cfg.class_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.noise_augment:  # the image embedding's statistics, which noise augmentation standardises it with
+            self.emb_mean = nn.Parameter(torch.zeros(cfg.class_dim // 2))
+            self.emb_std = nn.Parameter(torch.ones(cfg.class_dim // 2))
+        if cfg.text_width and not transformer:
             self.text_proj = nn.Sequential(nn.Linear(cfg.text_width, cfg.context_dim), nn.LayerNorm(cfg.context_dim))
 
         p2 = cfg.patch_size**2
         self.input_conv = nn.Conv2d((cfg.in_channels + cfg.extra_channels) * p2, ch0, 3, padding=1)
 
+        def attention_block(ch, level):
+            if transformer:
+                return SpatialTransformer(ch, cfg.heads[level] if cfg.heads else max(1, ch // cfg.head_channels), ctx_dim)
+            return AttentionBlock(ch, cfg.head_channels, ctx_dim)
+
         def attn_or_none(ch, ds):
-            return [AttentionBlock(ch, cfg.head_channels, ctx_dim)] if ds in cfg.attention_ds else []
+            return [attention_block(ch, ds.bit_length() - 1)] if ds in cfg.attention_ds else []
 
         self.down = nn.ModuleList()
         skip_chs, ch, ds = [ch0], ch0, 1
@@ -208,7 +294,7 @@ class UNet(nn.Module):
                 skip_chs.append(ch)
                 ds *= 2
         # The middle block attends whenever the model has attention at all (the upsampler has none).
-        mid_attn = [AttentionBlock(ch, cfg.head_channels, ctx_dim)] if cfg.attention_ds else []
+        mid_attn = [attention_block(ch, len(cfg.channel_mult) - 1)] if cfg.attention_ds else []
         self.middle = Blocks([res(ch, ch), *mid_attn, res(ch, ch)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -248,6 +334,11 @@ class UNet(nn.Module):
             x = F.pixel_unshuffle(x, cfg.patch_size)  # (B, C * p^2, H / p, W / p)
         emb = self.time_embed(t)  # (B, 4*ch0)
         ctx = None
+        if cfg.class_dim:
+            c = z_i if z_keep is None else torch.where(z_keep[:, None], z_i, torch.zeros((), dtype=z_i.dtype, device=z_i.device))
+            emb = emb + self.class_embed(c)  # (B, 4*ch0)
+        if cfg.attention_kind == "transformer":
+            ctx = (text_states, None)  # every token attended, as Stable Diffusion's text encoder gives them
         if cfg.clip_dim:
             if z_keep is not None:
                 z_i = torch.where(z_keep[:, None], z_i, self.null_clip.to(z_i.dtype)[None])
