@@ -325,3 +325,15 @@ def test_cli_offload_says_so_and_writes_the_same_image(hub_set, tmp_path):
     assert "stage by stage" in on.err and "stage by stage" not in off.err
     (a,), (b,) = (list((tmp_path / d).glob("*-0.png")) for d in ("on", "off"))
     assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+def test_mix_keeps_raw_embeddings_at_the_parts_weighted_norm(hub_set):
+    """Karlo's embeddings are raw, not unit-norm: a mix gets the weighted mean of its parts' norms."""
+    from unclip_cli.requests import MixRequest
+
+    e = Engine.load(hub_set, device="cpu")
+    a, b = _picture(64, 64), _picture(64, 64, seed=1)  # square: the request's crop leaves them as they are
+    z_a, z_b = e.encode_image(a)[0], e.encode_image(b)[0]
+    res = e.run(MixRequest(images=[a, b], weights=[0.75, 0.5], seed=1, decoder_steps=1, upsampler_steps=1))
+    want = torch.nn.functional.normalize(0.75 * z_a + 0.5 * z_b, dim=-1) * (0.75 * z_a.norm() + 0.5 * z_b.norm()) / 1.25
+    assert torch.allclose(res.z_i[0], want, rtol=1e-5, atol=1e-6) and res.images[0].size == (128, 128)

@@ -387,6 +387,41 @@ class Engine:
             images.update(zip(chunk, self.to_images(x)))
         return images, warnings, {}
 
+    def _mix(self, reqs, chunks, batch, callback):
+        """A weighted mix of embeddings: each image's z_i and each text's (sampled by the prior with the image's own
+        noise), combined with the request's weights and renormalised as the set's embeddings are (unit norm; raw
+        embeddings, Karlo's, get the weighted mean of the parts' norms), then decoded from fresh noise as
+        text-to-image decodes the prior's z_i. The paper's interpolations (§3) with any number of parts."""
+        steps, guidance, prior_guidance = reqs[0].steps, reqs[0].guidance_scale, reqs[0].prior_guidance_scale
+        z_img = [torch.cat([self.encode_image(im) for im in r.inputs().images]) if r.images else None for r in reqs]  # (M, D)
+        raw = not self.models.clip.config.normalize
+        images, warnings, embeddings = {}, [[] for _ in reqs], {}
+        for b, chunk in enumerate(chunks):
+            tick = _ticker(callback, b, len(chunks))
+            noise = Noise([reqs[k].item_seed(i) for k, i in chunk], self.device)
+            parts = [torch.stack([z_img[k][j] for k, _ in chunk]) for j in range(len(reqs[chunk[0][0]].images))]
+            for j in range(len(reqs[chunk[0][0]].prompts)):
+                z_t, states, mask, truncated = self.encode_text([reqs[k].prompts[j] for k, _ in chunk])
+                for (k, _), cut in zip(chunk, truncated):
+                    if cut and self._truncation_warning() not in warnings[k]:
+                        warnings[k].append(self._truncation_warning())
+                parts.append(self.run_prior(z_t, states, mask, noise, steps.prior, prior_guidance, tick))
+            z_parts = torch.stack(parts, dim=1).to(self.work_dtype)  # (B, M, D)
+            w = torch.tensor([reqs[k].mix_weights() for k, _ in chunk], dtype=self.work_dtype, device=z_parts.device)  # (B, M)
+            z = (w[..., None] * (z_parts if raw else F.normalize(z_parts, dim=-1))).sum(1)  # (B, D)
+            if bool((z.norm(dim=-1) < 1e-4).any()):
+                k = chunk[int((z.norm(dim=-1) < 1e-4).nonzero()[0])][0]
+                raise InputError(f"the weighted parts cancel out: their mix has no direction ({reqs[k].name('weights')} "
+                                 f"{', '.join(f'{x:g}' for x in reqs[k].mix_weights())})", hint="change the weights")
+            scale = (w.abs() * z_parts.norm(dim=-1)).sum(1, keepdim=True) / w.abs().sum(1, keepdim=True) if raw else 1.0
+            z = F.normalize(z, dim=-1) * scale
+            x = self.decode_from_noise(z, None, None, noise, steps, guidance, tick=tick)
+            x = self.run_upsamplers(x, noise, steps.upsampler, tick=tick)
+            for (k, i), img, z_k in zip(chunk, self.to_images(x), z):
+                images[(k, i)] = img
+                embeddings[(k, i)] = z_k
+        return images, warnings, embeddings
+
     # -- shared pieces -------------------------------------------------------------------------------
     def _truncation_warning(self) -> str:
         return f"prompt truncated to {self.models.clip.config.context_length - 2} tokens"

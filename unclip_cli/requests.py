@@ -214,7 +214,7 @@ def _load(src: ImageSource, fit: str | None, what: str = "image"):
 
 
 # -- requests ----------------------------------------------------------------------------------------
-OPTION = {"n": "-n", "frames": "--steps", "from_": "--from-text", "to": "--to", "prompt": "the prompt"}
+OPTION = {"n": "-n", "frames": "--steps", "from_": "--from-text", "to": "--to", "prompt": "the prompt", "prompts": "text", "weights": "--mix-weights"}
 
 
 def _option(name: str) -> str:
@@ -564,7 +564,75 @@ class NudgeRequest(Request):
         return {"to": r.get("to"), "from_": r.get("from", ""), "amount": r.get("amount", DEFAULT_AMOUNT), "fit": r.get("fit", "crop")}
 
 
-REQUESTS: dict[str, type[Request]] = {c.op: c for c in (GenerateRequest, VaryRequest, BlendRequest, EditRequest, NudgeRequest)}
+MAX_MIX = 8  # images and texts in one mix
+MAX_MIX_WEIGHT = 10.0
+
+
+@dataclass(kw_only=True)
+class MixRequest(Request):
+    """A weighted mix of images' CLIP embeddings and texts' (`prompts`, through the prior), renormalised as the
+    set's embeddings are and decoded from fresh noise. `weights` follow `images` then `prompts`; None: equal.
+    Weights need not sum to one, and a negative one subtracts its concept."""
+
+    op: ClassVar[str] = "mix"
+    uses_prior: ClassVar[bool] = True
+    images: list = field(default_factory=list)
+    prompts: list = field(default_factory=list)
+    weights: list | None = None
+    fit: str = "crop"
+
+    @property
+    def parts(self) -> int:
+        return len(self.images) + len(self.prompts)
+
+    def mix_weights(self) -> list[float]:
+        return list(self.weights) if self.weights is not None else [1.0 / self.parts] * self.parts
+
+    def _shared_own(self):  # a batch encodes each image position and runs the prior once per text position
+        return (len(self.images), len(self.prompts))
+
+    def _validate_own(self, label):
+        if not isinstance(self.images, (list, tuple)) or not isinstance(self.prompts, (list, tuple)):
+            raise InputError("mix takes lists of images and texts")
+        if not 2 <= self.parts <= MAX_MIX:
+            raise InputError(f"mix takes 2 to {MAX_MIX} images and texts, not {self.parts}",
+                             hint='e.g. unclip mix a.png b.png "a tiger" --mix-weights 0.5,0.3,0.2')
+        prompts = [check_text(f"{label('prompts')} {j + 1}", t) for j, t in enumerate(self.prompts)]
+        weights = self.weights
+        if weights is not None:
+            if not isinstance(weights, (list, tuple)) or len(weights) != self.parts:
+                got = len(weights) if isinstance(weights, (list, tuple)) else shown(weights)
+                raise InputError(f"{label('weights')} must give one weight per image and text ({self.parts}), not {got}",
+                                 hint="weights follow the images, then the texts")
+            weights = [check_number(f"{label('weights')} {j + 1}", w, -MAX_MIX_WEIGHT, MAX_MIX_WEIGHT) for j, w in enumerate(weights)]
+            if not any(weights):
+                raise InputError(f"{label('weights')} are all zero", hint="give at least one weight other than 0")
+        return {"prompts": prompts, "weights": weights, "images": list(self.images), **_fit_field(self, label)}
+
+    def _load_inputs(self):
+        images, notes = [], []
+        for j, src in enumerate(self.images):
+            image, more = _load(src, self.fit, what=f"image {j + 1}" if len(self.images) > 1 else "image")
+            images.append(image)
+            notes += more
+        return Inputs(images, notes=notes)
+
+    def sources(self):
+        return list(self.images)
+
+    def texts(self):
+        return [(f"text {j + 1}", t) for j, t in enumerate(self.prompts)]
+
+    def _recipe_own(self, i):
+        return {"inputs": [source_name(s, f"image {j + 1}") for j, s in enumerate(self.images)], "prompts": list(self.prompts),
+                "weights": self.mix_weights(), "fit": self.fit}
+
+    @classmethod
+    def _from_recipe_own(cls, r):
+        return {"prompts": r.get("prompts", []), "weights": r.get("weights"), "fit": r.get("fit", "crop")}
+
+
+REQUESTS: dict[str, type[Request]] = {c.op: c for c in (GenerateRequest, VaryRequest, BlendRequest, EditRequest, NudgeRequest, MixRequest)}
 
 
 def request_from_recipe(recipe: Any, source: str = "the recipe", **inputs) -> Request:

@@ -1,4 +1,4 @@
-"""The image commands: generate, vary, blend, edit, nudge.
+"""The image commands: generate, vary, blend, edit, nudge, mix.
 
 Each command body builds a request (`unclip_cli.requests`, where every check lives), and `Job` does the
 rest: merge a stored recipe (--from), load the inputs and check the output folder before any model work,
@@ -18,10 +18,10 @@ import typer
 
 from unclip_cli.cli.options import FitOpt, NOpt, RecipeOpt, image_command, resolve_weights
 from unclip_cli.errors import InputError
-from unclip_cli.requests import (DEFAULT_FEATHER, MAX_FRAMES, BlendRequest, EditRequest, GenerateRequest, NudgeRequest, Request, VaryRequest,
-                                 request_from_recipe)
+from unclip_cli.requests import (DEFAULT_FEATHER, MAX_FRAMES, BlendRequest, EditRequest, GenerateRequest, MixRequest, NudgeRequest, Request,
+                                 VaryRequest, request_from_recipe)
 
-INPUTS = {"generate": "", "vary": "IMAGE", "blend": "A B", "edit": "IMAGE --mask MASK", "nudge": "IMAGE"}
+INPUTS = {"generate": "", "vary": "IMAGE", "blend": "A B", "edit": "IMAGE --mask MASK", "nudge": "IMAGE", "mix": "IMAGE..."}
 
 
 def rerun_command(path: Path, recipe: dict) -> str:
@@ -112,7 +112,7 @@ class Job:
             known = recipe.get("op") in INPUTS
             raise InputError(f"{path} was made by " + (f"`unclip {recipe['op']}`" if known else "an unknown operation")
                              + f", not `unclip {cls.op}`", hint=f"rerun it with `{rerun_command(path, recipe)}`")
-        inputs = {k: given.pop(k) for k in ("image", "image_a", "image_b", "mask") if k in given}
+        inputs = {k: given.pop(k) for k in ("image", "image_a", "image_b", "mask", "images") if k in given}
         if "mask" in inputs:  # a mask given here replaces the recipe's box
             recipe = {**recipe, "box": None}
         req = request_from_recipe(recipe, source=str(path), **inputs)
@@ -375,3 +375,62 @@ def nudge(
         from_text, recipe = str(recipe), None
     req = job.request(NudgeRequest, recipe, image=image, to=to_text, from_=from_text, amount=amount, n=n, fit=_value(fit))
     job.images_with_grid(req, _stem(_name_part(image), "to", req.to))
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+def _weights(text: str | None) -> list[float] | None:
+    """--mix-weights 0.5,0.3,-0.2 as numbers; the request checks how many and their range."""
+    if text is None:
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter("give numbers separated by commas, e.g. 0.5,0.3,0.2", param_hint="--mix-weights") from None
+
+
+@image_command(epilog="""\
+[b]Examples[/b]
+
+  unclip mix cat.png heart.png                          [dim]# half of each[/dim]
+  unclip mix a.png b.png "a tiger" --mix-weights 0.5,0.3,0.2
+  unclip mix cat.png "sunglasses" -m 1,0.6 -n 4
+  unclip mix cat.png "a cat" "a dog" -m 1,-0.5,0.5      [dim]# subtract a concept[/dim]
+  unclip mix a.png b.png --from outputs/mix-7-0.png        [dim]# rerun a stored recipe with its images[/dim]
+
+Each argument that names an existing file is an image (its CLIP embedding); any other is a text (a CLIP image
+embedding drawn by the prior). The weights follow the images, then the texts; they need not sum to one. The
+weighted sum is renormalised as the model's embeddings are and decoded from fresh noise. `blend` is the
+two-image morph.
+""")
+def mix(
+    sources: Annotated[Optional[list[str]], typer.Argument(metavar="IMAGE_OR_TEXT...", show_default=False,
+                                                           help="2-8 images and texts to mix.")] = None,
+    mix_weights: Annotated[Optional[str], typer.Option("--mix-weights", "-m", metavar="W1,W2,...", show_default="equal",
+                                                       help="One weight per image and text, in the order given (negative subtracts).")] = None,
+    n: NOpt = None,
+    fit: FitOpt = None,
+    recipe: RecipeOpt = None,
+    *, common,
+) -> None:
+    """Mix images and texts with weights: their CLIP image embeddings, combined, decoded afresh."""
+    job = Job("mix", common)
+    images, prompts, order = [], [], []
+    for s in sources or []:
+        path = Path(s)
+        if path.is_file():
+            images.append(path)
+            order.append(("image", len(images) - 1))
+        elif path.suffix.lower() in IMAGE_SUFFIXES and "\n" not in s:
+            raise InputError(f"image {s} does not exist", hint="check the path; arguments that name no file are read as texts")
+        else:
+            prompts.append(s)
+            order.append(("text", len(prompts) - 1))
+    w = _weights(mix_weights)
+    if w is not None and len(w) == len(order):  # the request's order: images first, then texts
+        by_kind = dict(zip(order, w))
+        w = [by_kind[("image", j)] for j in range(len(images))] + [by_kind[("text", j)] for j in range(len(prompts))]
+    given = dict(images=images or None, prompts=prompts or None, weights=w, n=n, fit=_value(fit))
+    req = job.request(MixRequest, recipe, **given)
+    job.images_with_grid(req, _stem("mix", *[_name_part(p, 12) for p in req.images], *[t[:16] for t in req.prompts], max_len=40))
