@@ -118,3 +118,90 @@ def test_a_hostile_config_is_refused_naming_file_and_field(rel, changes, field, 
     with pytest.raises(InputError, match=field) as e:
         stable_unclip.prepare(src)
     assert rel.split("/")[0] in str(e.value)
+
+
+# -- whole pipelines, float64, the same injected noise ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def su64(su_dirs, su_set):
+    import diffusers.schedulers.scheduling_ddpm as ddpm
+
+    from test_karlo import Draws
+
+    from unclip_cli import engine as engine_mod
+    from unclip_cli.engine import Engine
+
+    img2img = su_dirs[0].to(torch.float64)
+    text2img = random_stable_unclip.text_to_image(img2img, su_dirs[1].to(torch.float64))
+    modules = [ddpm] + [__import__(type(p).__module__, fromlist=["x"]) for p in (img2img, text2img)]
+    ours = Engine.load(su_set, device="cpu", dtype=torch.float64)
+
+    def theirs(fn, seed):
+        draws = Draws(seed)
+        saved = [m.randn_tensor for m in modules]
+        for m in modules:
+            m.randn_tensor = lambda shape, **kw: draws(shape)
+        try:
+            out = fn()
+        finally:
+            for m, f in zip(modules, saved):
+                m.randn_tensor = f
+        return torch.from_numpy(out.images), draws.sizes
+
+    def mine(request, seed, monkeypatch):
+        draws, finished = Draws(seed), []
+
+        class Noise:
+            def __init__(self, seeds, device):
+                self.n = len(seeds)
+
+            def __call__(self, *shape):
+                return draws((self.n, *shape))
+
+        finish = Engine.to_images
+        monkeypatch.setattr(engine_mod, "Noise", Noise)
+        monkeypatch.setattr(Engine, "to_images", lambda self, x: finished.append(x) or finish(self, x))
+        ours.run(request)
+        return (finished[0] * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1), draws.sizes
+
+    return img2img, text2img, ours, theirs, mine
+
+
+def _square(seed=2, size=32):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.random.default_rng(seed).random((size, size, 3)) * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("level", [0, 600])
+def test_img2img_vary_end_to_end_matches_diffusers_in_float64(level, su64, monkeypatch):
+    """diffusers' StableUnCLIPImg2ImgPipeline (empty prompt, guidance 10, DDIM eta 0) against `vary` from fresh noise."""
+    import dataclasses
+
+    from unclip_cli.requests import VaryRequest
+
+    img2img, _, ours, theirs, mine = su64
+    monkeypatch.setattr(ours, "sampling", dataclasses.replace(ours.sampling, noise_level=level))
+    img = _square()
+    ref, ref_draws = theirs(lambda: img2img(image=img, num_inference_steps=4, noise_level=level, output_type="np"), seed=3)
+    out, draws = mine(VaryRequest(image=img, seed=0, strength=1.0, decoder_steps=4), seed=3, monkeypatch=monkeypatch)
+    assert draws == ref_draws  # the embedding's noise, then the latent's, in the same order
+    assert out.shape == ref.shape == (1, 32, 32, 3)
+    assert (out - ref).abs().max() <= 1e-6
+    assert ref.std() > 0.02
+
+
+@pytest.mark.xfail(strict=True, reason="differs from diffusers by 4.7e-3 (img2img matches to 1e-6): the cause, in the prior's "
+                                      "path under DDPMScheduler, is not found yet")
+def test_text_to_image_end_to_end_matches_diffusers_in_float64(su64, monkeypatch):
+    """diffusers' StableUnCLIPPipeline: Karlo's prior under DDPM (guidance 4), then the latent decoder (guidance 10)."""
+    from unclip_cli.requests import GenerateRequest
+
+    _, text2img, ours, theirs, mine = su64
+    ref, ref_draws = theirs(lambda: text2img("a horse", num_images_per_prompt=2, prior_num_inference_steps=5, num_inference_steps=4,
+                                             output_type="np"), seed=5)
+    out, draws = mine(GenerateRequest(prompt="a horse", n=2, seed=0, prior_steps=5, decoder_steps=4), seed=5, monkeypatch=monkeypatch)
+    assert draws == ref_draws
+    assert out.shape == ref.shape == (2, 32, 32, 3)
+    assert (out - ref).abs().max() <= 1e-6
+    assert ref.std() > 0.02

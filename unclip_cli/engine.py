@@ -40,7 +40,7 @@ import unclip_cli
 from unclip_cli.device import pick_device
 from unclip_cli.diffusion.gaussian import make_denoiser
 from unclip_cli.diffusion.guidance import guided
-from unclip_cli.diffusion.policy import DECODER_T_START, decoder_denoiser, noised_mean, where_kept  # noqa: F401  (DECODER_T_START: the emoji start, re-exported)
+from unclip_cli.diffusion.policy import DECODER_T_START, decoder_denoiser, noise_augment, noised_mean, where_kept  # noqa: F401  (DECODER_T_START: the emoji start, re-exported)
 from unclip_cli.diffusion.recipe import DEFAULT as DEFAULT_RECIPE
 from unclip_cli.diffusion.samplers import SAMPLERS, ddim_invert, sample_ddim, sample_repaint, slerp
 from unclip_cli.diffusion.schedule import spaced_timesteps
@@ -167,6 +167,7 @@ class Engine:
         self.work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self._lock = threading.Lock()
         self._empty: tuple | None = None
+        self._decoder_empty_cache: tuple | None = None
         self.domain = load_domain(models.root)  # None: the set has no calibrated out-of-domain checks
 
     @classmethod
@@ -306,11 +307,14 @@ class Engine:
                     warnings[k] = [self._truncation_warning()]
             noise = Noise([reqs[k].item_seed(i) for k, i in chunk], self.device)
             z_i = self.run_prior(z_t, states, mask, noise, steps.prior, prior_guidance, tick)
+            z_dec = z_t
+            if self.models.text is not None:  # the decoder's own text encoder reads the prompts too
+                z_dec, states, mask, _ = self._encode_decoder_text([reqs[k].prompt for k, _ in chunk])
             known = keep = known_full = keep_full = None
             if canvases is not None:
                 known, keep, known_full, keep_full = (torch.cat([getattr(canvases[k], a) for k, _ in chunk])
                                                       for a in ("known", "keep", "known_full", "keep_full"))
-            x = self.decode_from_noise(z_i, states, mask, noise, steps, guidance, known=known, keep=keep, tick=tick, z_t=z_t)
+            x = self.decode_from_noise(z_i, states, mask, noise, steps, guidance, known=known, keep=keep, tick=tick, z_t=z_dec)
             x = self.run_upsamplers(x, noise, steps.upsampler, known=known_full, keep_full=keep_full, tick=tick)
             for (k, i), img, z in zip(chunk, self.to_images(x), z_i):
                 images[(k, i)] = img if canvases is None else paste_back(img, canvases[k].image, canvases[k].repaint, canvases[k].weights)
@@ -328,15 +332,15 @@ class Engine:
             tick = _ticker(callback, b, len(chunks))
             rows = [k for k, _ in chunk]
             noise = Noise([reqs[k].item_seed(i) for k, i in chunk], self.device)
-            denoise = self.decoder_denoiser(z_i[rows], guidance)
-            sampler = "ddim"
+            denoise = self.decoder_denoiser(z_i[rows], guidance, noise=noise)
+            sampler, eta = "ddim", strength
             if x_T is None:  # fresh noise: as text-to-image decoding starts
                 x_init, t_init = self.decoder_start(noise), self.sampling.decoder_t_start
                 if self.sampling.vary_sampler == "decoder":  # the decoder's own sampler, as diffusers' variation pipeline
-                    sampler = self.sampling.decoder_sampler
+                    sampler, eta = self.sampling.decoder_sampler, self.sampling.decoder_eta
             else:
                 x_init, t_init = x_T[rows], None
-            x = self.run_decoder(denoise, x_init, steps.decoder, sampler=sampler, eta=strength, noise=noise, start=t_init, tick=tick)
+            x = self.run_decoder(denoise, x_init, steps.decoder, sampler=sampler, eta=eta, noise=noise, start=t_init, tick=tick)
             x = self.run_upsamplers(x, noise, steps.upsampler, tick=tick)
             images.update(zip(chunk, self.to_images(x)))
         return images, [[] for _ in reqs], {}
@@ -437,17 +441,31 @@ class Engine:
 
     def timesteps(self, stage, steps: int, start: int | None = None) -> list[int]:
         """A stage's sampling timesteps, spaced as the set's recipe says."""
-        return spaced_timesteps(stage.diffusion.num_timesteps, steps, start=start, spacing=self.sampling.timestep_spacing)
+        spacing = self.sampling.timestep_spacing
+        if stage is self.models.prior and self.sampling.prior_spacing != "same":
+            spacing = self.sampling.prior_spacing
+        return spaced_timesteps(stage.diffusion.num_timesteps, steps, start=start, spacing=spacing)
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str], allow_empty: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[bool]]:
         """-> z_t (B, D), token states (B, L, W), mask (B, L), and whether each prompt was truncated."""
         if not allow_empty and any(not p or not p.strip() for p in prompts):
             raise InputError("the prompt is empty", hint='describe what to draw, e.g. "cat face"')
-        clip = self.models.clip.model
+        return self._encode_with(self.models.clip, prompts)
+
+    def _encode_with(self, stage, prompts: list[str]):
+        if not stage.config.text:
+            raise UnclipError(f"the model set {self.name} has no CLIP text encoder, which this operation needs",
+                              hint="convert Stable unCLIP with --prior (Karlo's prior and its CLIP text encoder)")
+        clip = stage.model
         tokens, truncated = clip.tokenize(prompts)
         z_t, states, mask = clip.encode_text(tokens.to(self.device))
         return z_t.to(self.work_dtype), states, mask, list(truncated)
+
+    @torch.no_grad()
+    def _encode_decoder_text(self, prompts: list[str]):
+        """The decoder's text encoder (a set's text.safetensors; else the CLIP's), as encode_text returns."""
+        return self._encode_with(self.models.text, prompts) if self.models.text is not None else self.encode_text(prompts, allow_empty=True)
 
     def _encode_distinct(self, prompts: list[str]):
         """encode_text of each distinct prompt once (in order of first appearance), indexed back to `prompts`."""
@@ -473,7 +491,8 @@ class Engine:
         """z_i (B, D) and base-resolution tensors (B, 3, s, s) of images, each padded square on white."""
         sq = [square(im.convert("RGB")) for im in images]
         z_i = torch.cat([self.encode_image(im) for im in sq])
-        x0 = torch.stack([to_tensor(im, self.base_size) for im in sq]).to(self.device)
+        x0 = torch.stack([to_tensor(im, self.base_size * self.models.latent_factor) for im in sq]).to(self.device)
+        x0 = self.encode_latents(x0)
         return z_i, x0
 
     def _canvas(self, req: Request) -> _EditCanvas:
@@ -487,6 +506,8 @@ class Engine:
         keep_full = (repaint_full == 0).float()[None, None].to(self.device)
         known = F.interpolate(known_full, size=(s, s), mode="area")
         keep = (F.interpolate(keep_full, size=(s, s), mode="area") > 0.999).float()  # known only if fully unmasked
+        if self.models.vae is not None:  # the known region as the decoder samples it: encoded (the pixels are pasted back)
+            known = self.encode_latents(F.interpolate(known_full, size=(s * self.models.latent_factor,) * 2, mode="area"))
         weights = feather_weights(repaint, req.feather) if req.feather > 0 else None
         return _EditCanvas(image, repaint, weights, known_full, keep_full, known, keep)
 
@@ -508,9 +529,17 @@ class Engine:
         """(z_t, states, mask) for B images decoded without a caption (vary, blend, nudge): the dropped caption
         (z_t None), or the empty caption for sets guided with it."""
         if self.sampling.unconditional == "empty_caption":
-            z_t, states, mask = self._empty_caption()
+            z_t, states, mask = self._decoder_empty()
             return z_t.expand(B, -1), states.expand(B, -1, -1), mask.expand(B, -1)
         return (None, *self._text_dropped(B))
+
+    def _decoder_empty(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The empty caption as the decoder's text encoder gives it (the CLIP's, for sets without their own)."""
+        if self.models.text is None:
+            return self._empty_caption()
+        if self._decoder_empty_cache is None:
+            self._decoder_empty_cache = tuple(self._encode_decoder_text([""])[:3])
+        return self._decoder_empty_cache
 
     # -- stage: prior (§2.2) ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -518,6 +547,9 @@ class Engine:
         """Text -> z_i (B, D) unit-norm, choosing the better of two candidates per image. `tick(stage, i, total)`
         reports progress (the stage methods take this per-batch form; see `_ticker`)."""
         stage, rec = self.models.prior, self.sampling
+        if stage is None:
+            raise UnclipError(f"the model set {self.name} has no prior, which text-to-image needs",
+                              hint="convert Stable unCLIP with --prior (Karlo's prior)")
         prior, K = stage.model, rec.prior_candidates
         B, D = z_t.shape
         rep = lambda v: v.repeat_interleave(K, dim=0)  # noqa: E731  (B, ...) -> (B*K, ...)
@@ -548,20 +580,26 @@ class Engine:
         return z[torch.arange(B), best]
 
     # -- stage: decoder (§2.1) -------------------------------------------------------------------------
-    def decoder_denoiser(self, z_i, scale: float, states=None, mask=None, known=None, keep=None, z_t=None):
+    def decoder_denoiser(self, z_i, scale: float, states=None, mask=None, known=None, keep=None, z_t=None, noise: Noise | None = None):
         """The guided decoder denoiser for z_i (B, D); without `states`, there is no caption (`_no_caption`).
-        `z_t` (B, D): the caption's CLIP text embedding, which Karlo's decoder also reads."""
+        `z_t` (B, D): the caption's CLIP text embedding, which Karlo's decoder also reads. A decoder with noise
+        augmentation reads z_i noised to the recipe's level with `noise`'s draws (none: the noiseless path, for
+        inversion and the deterministic decodes after it), its level embedding appended."""
         if states is None:
             z_t, states, mask = self._no_caption(z_i.shape[0])
-        uncond = self._empty_caption() if self.sampling.unconditional == "empty_caption" else None
-        return decoder_denoiser(self.models.decoder.diffusion, self._model_fn(self.models.decoder.model), z_i, states, mask,
-                                scale, known=known, keep=keep, z_t=z_t, uncond=uncond, clamp=self.sampling.decoder_clamp)
+        net = self.models.decoder.model
+        if net.cfg.noise_augment:
+            eps = noise(z_i.shape[-1]).to(z_i) if noise is not None else torch.zeros_like(z_i)
+            z_i = noise_augment(z_i, net.emb_mean.to(z_i), net.emb_std.to(z_i), self.sampling.noise_level, eps)
+        uncond = self._decoder_empty() if self.sampling.unconditional == "empty_caption" else None
+        return decoder_denoiser(self.models.decoder.diffusion, self._model_fn(net), z_i, states, mask,
+                                scale, known=known, keep=keep, z_t=z_t, uncond=uncond, clamp=self.sampling.decoder_clamp or None)
 
     def decoder_start(self, noise: Noise, known: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
         """x at the recipe's decoder start: the training mean image (its known pixels when inpainting) noised
         to decoder_t_start, or pure noise. (B, 3, s, s)"""
         stage, rec = self.models.decoder, self.sampling
-        eps = noise(3, self.base_size, self.base_size)
+        eps = noise(*self.sample_shape)
         if rec.decoder_start == "noise":
             return eps.to(self.work_dtype)
         return noised_mean(stage.diffusion, stage.extra.get("x_start_mean"), eps, known, keep, t_start=rec.decoder_t_start)
@@ -572,7 +610,7 @@ class Engine:
         default). With `known` and `keep`, RePaint keeps the known region (networks without inpainting channels)."""
         stage = self.models.decoder
         ts = self.timesteps(stage, steps, start=start)
-        randn = (lambda: noise(3, self.base_size, self.base_size)) if noise else None
+        randn = (lambda: noise(*self.sample_shape)) if noise else None
         if known is not None:
             return sample_repaint(denoise, x_T, ts, stage.diffusion, known=known, keep=keep, randn=randn,
                                   resample=self.sampling.inpaint_resample, callback=_stage(tick, "decoder"))
@@ -597,8 +635,8 @@ class Engine:
             rep = lambda v: None if v is None else v.repeat_interleave(K, dim=0)  # noqa: E731
         repaint = known is not None and self.sampling.inpaint == "repaint"
         channels = None if repaint else (rep(known), rep(keep))
-        denoise = self.decoder_denoiser(rep(z_i), guidance, rep(states), rep(mask), *(channels or (None, None)), z_t=rep(z_t))
-        x = self.run_decoder(denoise, self.decoder_start(flat, rep(known), rep(keep)), steps.decoder, noise=flat,
+        denoise = self.decoder_denoiser(rep(z_i), guidance, rep(states), rep(mask), *(channels or (None, None)), z_t=rep(z_t), noise=flat)
+        x = self.run_decoder(denoise, self.decoder_start(flat, rep(known), rep(keep)), steps.decoder, noise=flat, eta=self.sampling.decoder_eta,
                              start=self.sampling.decoder_t_start, tick=tick,
                              known=rep(known) if repaint else None, keep=rep(keep) if repaint else None)
         if K == 1:
@@ -644,8 +682,10 @@ class Engine:
         The set's recipe says how: emoji, DDIM from the bilinearly upsampled image noised to t = 400 (unmasked
         pixels kept in every x_start prediction); Karlo, ancestral sampling from pure noise at t = 999 on the
         bicubic (antialiased) upsampled image, a stage's `-last` network taking the final step, and RePaint
-        for edits."""
+        for edits. A latent decoder's samples are decoded to pixels first (such a set has no upsampler)."""
         rec = self.sampling
+        if self.models.vae is not None:
+            x = self.decode_latents(x)
         for k, stage in enumerate(self.models.upsamplers):
             low_res = stage.extra.get("low_res", x.shape[-1])
             if low_res != x.shape[-1]:  # the stage takes a smaller image: downsize as its training did (antialiased)
@@ -689,6 +729,24 @@ class Engine:
             else:
                 x = SAMPLERS[rec.upsampler_sampler](denoise, x_start, ts, stage.diffusion, randn=randn, callback=_stage(tick, name))
         return x
+
+    # -- latent space ------------------------------------------------------------------------------------
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, s, s) of what the decoder samples: an image, or a latent of its autoencoder."""
+        s = self.base_size
+        return (self.models.decoder.config.in_channels, s, s)
+
+    @torch.no_grad()
+    def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> what the decoder samples: the autoencoder's scaled latents, or the images themselves."""
+        if self.models.vae is None:
+            return x
+        return self.models.vae.model.encode(x.to(self.dtype)).to(self.work_dtype)
+
+    @torch.no_grad()
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return self.models.vae.model.decode(z.to(self.dtype)).to(self.work_dtype)
 
     def to_images(self, x: torch.Tensor) -> list[Image.Image]:
         """Final tensors (B, 3, H, W) in [-1, 1] -> PIL images; NaN or inf is an error with advice."""

@@ -89,3 +89,44 @@ def decoder_denoiser(diffusion: GaussianDiffusion, net, z_i: torch.Tensor, state
         return x_start, diffusion.eps_from_x_start(x_t, t, x_start)
 
     return inpaint
+
+
+_AUGMENT: GaussianDiffusion | None = None
+
+
+def noise_augment(z_i: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, level: int, eps: torch.Tensor) -> torch.Tensor:
+    """Stable unCLIP's conditioning (its CLIPEmbeddingNoiseAugmentation): z_i (B, D) standardised with the training
+    embeddings' mean and std, noised to `level` (0-999) on the cosine schedule (squaredcos_cap_v2, float32 values as
+    diffusers' DDPMScheduler holds them) with `eps`, unstandardised, and the sinusoidal embedding of the level
+    appended: (B, 2D). Higher levels keep less of the image, so the decoder varies more."""
+    global _AUGMENT
+    if _AUGMENT is None:
+        from unclip_cli.diffusion.gaussian import DiffusionConfig
+
+        _AUGMENT = GaussianDiffusion(DiffusionConfig(schedule="cosine", schedule_dtype="float32"))
+    from unclip_cli.models.layers import timestep_embedding
+
+    a = _AUGMENT.alphas_cumprod.to(z_i)[level]
+    z = (z_i - mean) * 1.0 / std
+    z = (a**0.5 * z + (1 - a) ** 0.5 * eps) * std + mean
+    levels = torch.full((z_i.shape[0],), level, device=z_i.device)
+    return torch.cat([z, timestep_embedding(levels, z_i.shape[-1]).to(z)], dim=1)
+
+
+def fused_denoiser(diffusion: GaussianDiffusion, paths) -> Denoiser:
+    """Region fusion (MultiDiffusion, Bar-Tal et al. 2023; composable diffusion, Liu et al. 2022): every path
+    (a denoiser, and `weight(t)` -> (B or 1, 1, s, s)) predicts x_start for the whole canvas from the same x_t,
+    and the fused x_start is their average weighted pixel by pixel; eps follows from it. A path may return
+    x_start only (a fixed background). Learned variances are fused the same way where every path has one."""
+
+    def denoise(x_t, t):
+        outs = [d(x_t, t) for d, _ in paths]
+        ws = [w(t) for _, w in paths]
+        total = sum(ws).clamp(min=1e-8)
+        x_start = sum(w * o[0] for w, o in zip(ws, outs)) / total
+        eps = diffusion.eps_from_x_start(x_t, t, x_start)
+        if all(len(o) > 2 for o in outs):
+            return x_start, eps, sum(w * o[2] for w, o in zip(ws, outs)) / total
+        return x_start, eps
+
+    return denoise

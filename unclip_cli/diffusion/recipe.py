@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 QUALITIES = ("fast", "default", "best")
-SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m", "ancestral")
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m", "ancestral", "ancestral_ddpm")
 CHOICES = {
     "unconditional": ("dropped", "empty_caption"),
     "timestep_spacing": ("linspace", "karlo", "leading", "leading1"),
@@ -131,7 +131,7 @@ KARLO = SamplingRecipe(
 STABLE_UNCLIP = SamplingRecipe(
     steps_fast=(25, 10, 1, 1), steps_default=(25, 20, 1, 1), steps_best=(25, 50, 1, 1),
     guidance=10.0, prior_guidance=4.0, unconditional="empty_caption", timestep_spacing="leading1", prior_spacing="leading",
-    prior_sampler="ancestral", prior_candidates=1, prior_clamp=5.0,
+    prior_sampler="ancestral_ddpm", prior_candidates=1, prior_clamp=5.0,
     decoder_sampler="ddim", decoder_eta=0.0, decoder_start="noise", decoder_t_start=999, decoder_clamp=0.0, vary_sampler="decoder",
     inpaint="repaint", inpaint_resample=1, noise_level=0,
 )

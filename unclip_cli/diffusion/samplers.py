@@ -86,7 +86,7 @@ def sample_dpmpp_2m(denoise: Denoiser, x, timesteps, diffusion: GaussianDiffusio
     return x
 
 
-def ancestral_step(denoise: Denoiser, x, t: int, s: int, diffusion: GaussianDiffusion, randn):
+def ancestral_step(denoise: Denoiser, x, t: int, s: int, diffusion: GaussianDiffusion, randn, ratio: bool = False):
     """One step t -> s (s = -1: the clean image) of Karlo's ancestral sampler: the DDPM posterior mean from
     the clamped x_start, plus noise of the fixed small variance (log-clamped at 1e-20) or, for a learned-range
     diffusion, of exp(v' log beta + (1 - v') log beta~) with v' = (v + 1) / 2 (Nichol & Dhariwal 2021, eq. 15).
@@ -95,8 +95,12 @@ def ancestral_step(denoise: Denoiser, x, t: int, s: int, diffusion: GaussianDiff
     out = denoise(x, t)
     x_start = out[0]
     a_t, a_s = diffusion.abar(t, x), diffusion.abar(s, x)
-    beta = diffusion.beta(t, s, x)
-    alpha = 1 - beta
+    if ratio:  # diffusers' DDPMScheduler's order: alpha = abar_t / abar_s first (float32 rounding differs)
+        alpha = a_t / a_s
+        beta = 1 - alpha
+    else:
+        beta = diffusion.beta(t, s, x)
+        alpha = 1 - beta
     mean = (a_s**0.5 * beta) / (1 - a_t) * x_start + (alpha**0.5 * (1 - a_s)) / (1 - a_t) * x
     if t <= 0 or s < 0:
         # A step straight to the clean image (s = -1, a single-step run) has posterior variance 0: its log is -inf,
@@ -150,7 +154,19 @@ def sample_repaint(denoise: Denoiser, x, timesteps, diffusion: GaussianDiffusion
     return x
 
 
-SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m, "ancestral": sample_ancestral}
+@torch.no_grad()
+def sample_ancestral_ddpm(denoise: Denoiser, x, timesteps, diffusion: GaussianDiffusion, *, randn=None, eta=1.0, callback: Callback = None):
+    """The same ancestral steps in the arithmetic order of diffusers' DDPMScheduler (Stable unCLIP runs Karlo's prior
+    under it), so a float32 schedule reproduces its numbers too."""
+    for i, t in enumerate(timesteps):
+        x = ancestral_step(denoise, x, t, _next(timesteps, i), diffusion, randn, ratio=True)
+        if callback:
+            callback(i + 1, len(timesteps))
+    return x
+
+
+SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m, "ancestral": sample_ancestral,
+            "ancestral_ddpm": sample_ancestral_ddpm}
 
 
 @torch.no_grad()
