@@ -5,7 +5,8 @@
 Writes PNGs under OUT: generated/ (text to image: English and Chinese emoji names of the concepts the
 independent classifier knows, drawn at random, plus everyday prompts, one seed each), and the other
 operations applied to generated images as a user would chain them: vary/, blend/ (every frame), edit/ (a
-box repainted, feathered as by default), nudge/. Resumable: files already there are kept and counted.
+box repainted, feathered as by default), nudge/. Resumable: files already there are kept and counted. Run it twice: once to generate, once with
+--skip-generate for the derived operations (on the first --derived generated images); the two may run at once.
 Emoji names come from the emojibase-data tarball of `unclip data emoji`'s npm cache.
 """
 
@@ -48,6 +49,7 @@ def main(argv=None) -> None:
     ap.add_argument("--derived", type=int, default=32, help="generated images each derived operation starts from")
     ap.add_argument("--quality", default="fast")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--skip-generate", action="store_true", help="only the derived operations, on the generated images there")
     args = ap.parse_args(argv)
 
     from unclip_cli.engine import Engine
@@ -69,16 +71,20 @@ def main(argv=None) -> None:
                     im.save(folder / f"{nm}-{i}.png")
             print(f"{folder.name}: {s + len(part)}/{len(todo)} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
 
-    run([GenerateRequest(prompt=p, seed=k, quality=args.quality) for k, p in enumerate(texts)], gen_dir,
-        [f"{k:04d}" for k in range(len(texts))])
+    if not args.skip_generate:
+        run([GenerateRequest(prompt=p, seed=k, quality=args.quality) for k, p in enumerate(texts)], gen_dir,
+            [f"{k:04d}" for k in range(len(texts))])
+        return
     made = sorted(gen_dir.glob("*.png"))
     from PIL import Image
 
-    pick = [Image.open(p).convert("RGB") for p in made[len(EVERYDAY) : len(EVERYDAY) + args.derived]]
+    pick = [Image.open(p).convert("RGB") for p in made[: args.derived]]
     n = len(pick)
-    run([VaryRequest(image=im, seed=k, quality=args.quality, strength=(0.3, 0.5, 0.8)[k % 3]) for k, im in enumerate(pick)],
-        args.out / "vary", [f"{k:04d}" for k in range(n)])
-    run([EditRequest(image=im, box=(0.25, 0.5, 0.75, 1.0) if k % 2 else (0.0, 0.0, 1.0, 0.4), prompt=texts[len(EVERYDAY) + (k + 7) % n],
+    for strength in (0.3, 0.5, 0.8):  # a batch shares its strength
+        ks = [k for k in range(n) if (0.3, 0.5, 0.8)[k % 3] == strength]
+        run([VaryRequest(image=pick[k], seed=k, quality=args.quality, strength=strength) for k in ks], args.out / "vary",
+            [f"{k:04d}" for k in ks])
+    run([EditRequest(image=im, box=(0.25, 0.5, 0.75, 1.0) if k % 2 else (0.0, 0.0, 1.0, 0.4), prompt=texts[(k + 7) % n],
                      seed=k, quality=args.quality) for k, im in enumerate(pick)], args.out / "edit", [f"{k:04d}" for k in range(n)])
     run([NudgeRequest(image=im, to=("tiger face", "red heart", "sun", "snowflake")[k % 4], amount=0.3, seed=k, quality=args.quality)
          for k, im in enumerate(pick)], args.out / "nudge", [f"{k:04d}" for k in range(n)])

@@ -397,3 +397,43 @@ def test_golden_numbers_of_the_tiny_set(case, tiny_engine, monkeypatch):
     monkeypatch.setattr(Engine, "to_images", lambda self, x: seen.append(x) or finish(self, x))
     tiny_engine.run(GenerateRequest(prompt="a red circle", seed=5, **kw))
     torch.testing.assert_close(seen[0][0, :, -3:, -3:].flatten(), torch.tensor(want), atol=1e-4, rtol=0)
+
+
+# -- issue 24: vary inverts without guidance and guides in proportion to strength ---------------------
+def test_vary_inverts_unguided_and_guides_by_strength(tiny_engine, monkeypatch):
+    seen = {"invert": [], "decode": []}
+    invert, denoiser = tiny_engine.invert, tiny_engine.decoder_denoiser
+
+    def spy_invert(z_i, x_start, steps, guidance, *a, **kw):
+        seen["invert"].append(guidance)
+        return invert(z_i, x_start, steps, guidance, *a, **kw)
+
+    def spy_denoiser(z_i, scale, *a, **kw):
+        seen["decode"].append(scale)
+        return denoiser(z_i, scale, *a, **kw)
+
+    monkeypatch.setattr(tiny_engine, "invert", spy_invert)
+    monkeypatch.setattr(tiny_engine, "decoder_denoiser", spy_denoiser)
+    res = tiny_engine.run(req("vary", strength=0.3, guidance=3.0, seed=1))
+    assert seen["invert"] == [1.0] and seen["decode"][-1] == pytest.approx(1.6)  # 1 + (3 - 1) * 0.3
+    assert res.recipes[0]["guidance_ramp"] is True and res.recipes[0]["guidance"] == 3.0
+
+    # A recipe from before the ramp (no field) reruns as it was made: inverted and decoded at the constant scale.
+    from unclip_cli.requests import request_from_recipe
+
+    old = {k: v for k, v in res.recipes[0].items() if k != "guidance_ramp"}
+    seen["invert"].clear(), seen["decode"].clear()
+    again = request_from_recipe(old, image=IMG_A)
+    assert again.guidance_ramp is False
+    tiny_engine.run(again)
+    assert seen["invert"] == [3.0] and seen["decode"][-1] == 3.0
+
+
+def test_nudge_inverts_unguided_and_guides_by_amount(tiny_engine, monkeypatch):
+    seen = {"invert": [], "decode": []}
+    invert, denoiser = tiny_engine.invert, tiny_engine.decoder_denoiser
+    monkeypatch.setattr(tiny_engine, "invert", lambda z, x, s, g, *a, **kw: seen["invert"].append(g) or invert(z, x, s, g, *a, **kw))
+    monkeypatch.setattr(tiny_engine, "decoder_denoiser", lambda z, g, *a, **kw: seen["decode"].append(g) or denoiser(z, g, *a, **kw))
+    res = tiny_engine.run(req("nudge", amount=0.25, guidance=3.0, seed=1, n=2))
+    assert seen["invert"] == [1.0] and seen["decode"][-1] == 1.5  # 1 + (3 - 1) * 0.25, one batch for both images
+    assert [r["guidance_ramp"] for r in res.recipes] == [True, True]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,15 +43,53 @@ class Domain:
     white_share_min: float  # images with less near-white area than this are far from the training data
     facts: dict  # how the thresholds were calibrated
     chars: frozenset | None = None  # the characters beyond ASCII that training captions held (None: not recorded)
+    image_rule: dict | None = None  # the background test beside the white share (`background`); None: white share only
+
+
+def _square(image: Image.Image) -> np.ndarray:
+    """The image's centre square at SIDE px, (SIDE, SIDE, 3) in [0, 1]."""
+    w, h = image.size
+    s = min(w, h)
+    square = image.convert("RGB").crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return np.asarray(square.resize((SIDE, SIDE), Image.Resampling.BICUBIC), dtype=np.float32) / 255
 
 
 def white_share(image: Image.Image) -> float:
     """Share of near-white pixels of the image's centre square at SIDE px."""
-    w, h = image.size
-    s = min(w, h)
-    square = image.convert("RGB").crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    a = np.asarray(square.resize((SIDE, SIDE), Image.Resampling.BICUBIC), dtype=np.float32) / 255
-    return float((a.min(axis=2) > WHITE).mean())
+    return float((_square(image).min(axis=2) > WHITE).mean())
+
+
+RING_TOLERANCE = 0.06  # a ring pixel has the background colour when every channel is within this of it
+
+
+def background(image: Image.Image) -> dict:
+    """The image's border ring (the outermost pixels of its centre square at SIDE px) and its commonest colour:
+    `ring_share`, the share of the ring within RING_TOLERANCE of that colour; `saturation` and `lightness`
+    (its smallest channel) of that colour. Emoji on a coloured background, full-frame emoji and the
+    generated images' pale tints have a ring mostly of one colour that is either saturated or pale; a
+    photograph's border is texture, or grey."""
+    a = _square(image)
+    ring = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
+    q = np.round(ring * 15).astype(int)
+    code = (q[:, 0] * 16 + q[:, 1]) * 16 + q[:, 2]
+    codes, counts = np.unique(code, return_counts=True)
+    colour = ring[code == codes[counts.argmax()]].mean(axis=0)
+    return {"ring_share": float((np.abs(ring - colour).max(axis=1) <= RING_TOLERANCE).mean()),
+            "saturation": float((colour.max() - colour.min()) / max(float(colour.max()), 1e-6)),
+            "lightness": float(colour.min())}
+
+
+def in_domain(domain: Domain, image: Image.Image) -> bool:
+    """Whether an image looks like what the set was trained on: enough near-white area, or (with the set's
+    background rule) a border ring mostly of one saturated or pale colour."""
+    if white_share(image) >= domain.white_share_min:
+        return True
+    rule = domain.image_rule
+    if not rule:
+        return False
+    bg = background(image)
+    return bg["ring_share"] >= rule["ring_share_min"] and (bg["saturation"] >= rule["saturation_min"] or
+                                                           bg["lightness"] >= rule["lightness_min"])
 
 
 def unknown_words(clip, text: str, chars: frozenset | None = None) -> list[str]:
@@ -105,12 +143,17 @@ def load_domain(root: str | Path) -> Domain | None:
     chars = raw.get("chars")
     if chars is not None and not (isinstance(chars, str) and len(chars) <= 100_000):
         raise WeightsError(f"{path}: `chars` must be text (the characters of the training captions beyond ASCII)")
+    rule = raw.get("image_rule")
+    keys = ("ring_share_min", "saturation_min", "lightness_min")
+    if rule is not None and not (isinstance(rule, dict) and all(isinstance(rule.get(k), (int, float)) and not isinstance(rule.get(k), bool)
+                                                                and 0 <= rule[k] <= 1 for k in keys)):
+        raise WeightsError(f"{path}: `image_rule` must hold {', '.join(keys)}, numbers from 0 to 1")
     return Domain(subject, float(share), raw.get("facts", {}) if isinstance(raw.get("facts"), dict) else {},
-                  None if chars is None else frozenset(chars))
+                  None if chars is None else frozenset(chars), None if rule is None else {k: float(rule[k]) for k in keys})
 
 
 def image_warning(domain: Domain, name: str, image: Image.Image) -> str | None:
-    if white_share(image) >= domain.white_share_min:
+    if in_domain(domain, image):
         return None
     return f"{name} is far from the {domain.subject} this model knows: expect abstract results"
 
@@ -121,3 +164,72 @@ def prompt_warning(domain: Domain, clip, what: str, text: str) -> str | None:
         return None
     shown = ", ".join(dict.fromkeys(unknown[:3]))
     return f"{what} has words this model never saw in training ({shown}): expect a loose match"
+
+
+# -- the concepts a set was trained on ----------------------------------------------------------------
+CONCEPTS_FILE = "concepts.json"  # scripts/write_concepts.py writes it from the training split's captions
+
+
+@dataclass
+class ConceptList:
+    """What a set was trained on: each entry has concept, emoji, en, zh, keywords_en, keywords_zh, images.
+    `cosine_min`: a prompt whose CLIP text embedding has a cosine below this to every concept's name gets a
+    note naming the closest ones (None: no note); `facts`: how it was calibrated."""
+
+    entries: list[dict]
+    cosine_min: float | None = None
+    facts: dict = field(default_factory=dict)
+    embeddings: dict | None = None  # {"file": "concepts.npy", "clip_sha256": ...}: the names' CLIP embeddings, precomputed
+
+
+def load_concepts(root: str | Path) -> ConceptList | None:
+    """The set's concept list, or None if it has none. The file is untrusted text: every entry is checked,
+    and its text is shown escaped wherever it is printed."""
+    from unclip_cli.errors import WeightsError
+
+    path = Path(root) / CONCEPTS_FILE
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        entries, note = raw["concepts"], raw.get("note", {})
+        ok = isinstance(entries, list) and isinstance(note, dict) and all(
+            isinstance(c, dict) and isinstance(c.get("en"), str) and isinstance(c.get("zh"), str)
+            and isinstance(c.get("keywords_en", []), list) and isinstance(c.get("keywords_zh", []), list)
+            and all(isinstance(k, str) for k in c.get("keywords_en", []) + c.get("keywords_zh", [])) for c in entries)
+        cos = note.get("cosine_min") if ok else None
+        ok = ok and (cos is None or (isinstance(cos, (int, float)) and not isinstance(cos, bool) and -1 <= cos <= 1))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise WeightsError(f"{path}: not a readable concepts file ({type(e).__name__}: {e})",
+                           hint="rewrite it with scripts/write_concepts.py, or delete it") from None
+    if not ok:
+        raise WeightsError(f"{path}: every concept needs `en` and `zh` names and keyword lists (text), and "
+                           "`note.cosine_min` must be a number from -1 to 1")
+    emb = raw.get("embeddings")
+    return ConceptList(entries, None if cos is None else float(cos), note.get("facts", {}) if isinstance(note.get("facts"), dict) else {},
+                       emb if isinstance(emb, dict) else None)
+
+
+def search_concepts(concepts: list[dict], query: str) -> list[dict]:
+    """Concepts whose name or keywords contain `query` (any case, either language): names that match
+    whole first, then names that contain it, then keywords."""
+    q = " ".join(query.lower().split())
+    if not q:
+        return list(concepts)
+    ranked = []
+    for c in concepts:
+        names = (c["en"].lower(), c["zh"])
+        words = [k.lower() for k in c.get("keywords_en", [])] + list(c.get("keywords_zh", []))
+        rank = 0 if q in names else 1 if any(q in n for n in names) else 2 if any(q in k for k in words) else None
+        if rank is not None:
+            ranked.append((rank, len(c["en"]), c["en"], c))
+    return [c for *_, c in sorted(ranked, key=lambda r: r[:3])]
+
+
+def concept_note(closest: list[tuple[float, dict]], threshold: float | None, what: str = "the prompt") -> str | None:
+    """The note for a text whose nearest concepts (cosine, entry), best first, are all below `threshold` in the
+    set's CLIP text space: it names the closest. None when the text is near a known concept."""
+    if threshold is None or not closest or closest[0][0] >= threshold:
+        return None
+    names = ", ".join(dict.fromkeys(c["en"] for _, c in closest[:3]))
+    return f"{what} is far from every concept this model was trained on; the closest are {names} (`unclip concepts` lists them)"

@@ -399,9 +399,10 @@ class VaryRequest(Request):
     image: ImageSource | None = None
     strength: float = DEFAULT_STRENGTH
     fit: str = "crop"
+    guidance_ramp: bool = True  # invert unguided, guide in proportion to strength (False: recipes from before it)
 
     def _shared_own(self):
-        return (self.strength,)
+        return (self.strength, self.guidance_ramp)
 
     def _validate_own(self, label):
         return {"strength": check_number(label("strength"), self.strength, 0, 1, hint="0 reconstructs the input, 1 starts from fresh noise"),
@@ -415,11 +416,11 @@ class VaryRequest(Request):
         return [self.image]
 
     def _recipe_own(self, i):
-        return {"strength": self.strength, "input": source_name(self.image), "fit": self.fit}
+        return {"strength": self.strength, "input": source_name(self.image), "fit": self.fit, "guidance_ramp": self.guidance_ramp}
 
     @classmethod
     def _from_recipe_own(cls, r):
-        return {"strength": r.get("strength", DEFAULT_STRENGTH), "fit": r.get("fit", "crop")}
+        return {"strength": r.get("strength", DEFAULT_STRENGTH), "fit": r.get("fit", "crop"), "guidance_ramp": r.get("guidance_ramp", False) is True}
 
 
 @dataclass(kw_only=True)
@@ -530,6 +531,10 @@ class NudgeRequest(Request):
     from_: str = ""
     amount: float = DEFAULT_AMOUNT
     fit: str = "crop"
+    guidance_ramp: bool = True  # invert unguided, guide in proportion to amount (False: recipes from before it)
+
+    def _shared_own(self):
+        return (self.amount if self.guidance_ramp else None, self.guidance_ramp)
 
     def theta(self, i: int) -> float:
         return self.amount * (i + 1) / self.n
@@ -556,12 +561,13 @@ class NudgeRequest(Request):
 
     def _recipe_own(self, i):
         return {"to": self.to, "from": self.from_, "amount": self.amount, "theta": self.theta(i),
-                "input": source_name(self.image), "fit": self.fit}
+                "input": source_name(self.image), "fit": self.fit, "guidance_ramp": self.guidance_ramp}
 
     @classmethod
     def _from_recipe_own(cls, r):
         # Recipes written before they held the request have n = 1 and this image's own amount: the same image.
-        return {"to": r.get("to"), "from_": r.get("from", ""), "amount": r.get("amount", DEFAULT_AMOUNT), "fit": r.get("fit", "crop")}
+        return {"to": r.get("to"), "from_": r.get("from", ""), "amount": r.get("amount", DEFAULT_AMOUNT), "fit": r.get("fit", "crop"),
+                "guidance_ramp": r.get("guidance_ramp", False) is True}
 
 
 MAX_MIX = 8  # images and texts in one mix

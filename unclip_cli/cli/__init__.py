@@ -23,7 +23,7 @@ app = typer.Typer(
 )
 
 
-COMMAND_MODULES = ("images", "info", "data", "train", "eval", "serve", "convert")
+COMMAND_MODULES = ("images", "info", "concepts", "data", "train", "eval", "serve", "convert")
 
 
 def _flags_without_type_label() -> None:
