@@ -1,13 +1,14 @@
-"""Here: pack a run's 64 px training cache for the device machine, in parts that each fit in one call.
+"""Here: pack a run's training cache at SIZE px for the device machine, in parts that each fit in one call.
 
-A call carries at most 64 MiB with the working tree (~42 MB), and the 20,117 training images at 64 px are
-~46 MiB even after xz -9, so they travel in parts: the images sorted by (style, key), where neighbours look
-alike and compress ~7% better, as one xz stream cut into pieces of at most PART_MIB; the records (captions,
-keys) with the sort order beside them. Staging calls carry the first parts; the training call the last.
+A call carries at most 64 MiB with the working tree (~51 MB), and the 20,117 training images are ~41 MiB at
+64 px and ~14 MiB at 32 px even after xz -9, so they travel in parts: the images sorted by (style, key), where
+neighbours look alike and compress ~7% better, as one xz stream cut into pieces of at most PART_MIB; the
+records (captions, keys) with the sort order beside them. Staging calls carry the first parts; the training
+call the last.
 
-Usage: python pack64.py RUN CORPUS OUT_PREFIX PART_MIB
+Usage: python pack_decoder.py RUN CORPUS OUT_PREFIX PART_MIB [SIZE]    (SIZE: 64)
 Writes OUT_PREFIX-1/, OUT_PREFIX-2/, ... (one folder per call, the last for the training call) and prints
-their sizes. RUN/cache/cache-64 is built from CORPUS's train shards first (the trainer's own cache).
+their sizes. RUN/cache/cache-SIZE is built from CORPUS's train shards first (the trainer's own cache).
 """
 import hashlib
 import json
@@ -23,15 +24,16 @@ import numpy as np
 from unclip_cli.train.stages import open_cache
 
 run, corpus, prefix, part_mib = Path(sys.argv[1]).expanduser(), sys.argv[2], sys.argv[3], float(sys.argv[4])
-cache = open_cache(corpus, 64, run / "cache")
+size_px = int(sys.argv[5]) if len(sys.argv) > 5 else 64
+cache = open_cache(corpus, size_px, run / "cache")
 records = cache.records
 order = sorted(range(len(records)), key=lambda i: (records[i].get("style") or "", records[i]["key"]))
-header = json.loads((run / "cache" / "cache-64" / "records.json").read_text())
+header = json.loads((run / "cache" / f"cache-{size_px}" / "records.json").read_text())
 header["order"] = order  # stream position k holds cache row order[k]
 
-work = run / "pack64"
+work = run / "pack"
 work.mkdir(exist_ok=True)
-stream = work / "images-64.sorted.u8.xz"
+stream = work / f"images-{size_px}.sorted.u8.xz"
 # xz -9 on one thread: the 64 MB dictionary reaches across a whole style; ~4 min per 100 MB on this machine.
 # REUSE_XZ=1 keeps a stream made before (same cache), to cut it again when the working tree has grown.
 if os.environ.get("REUSE_XZ") and stream.is_file():
@@ -60,7 +62,7 @@ for k in range(parts):
     sums[name] = hashlib.sha256(chunk).hexdigest()
 last = Path(f"{prefix}-{parts}")
 (last / "records.json.xz").write_bytes(lzma.compress(json.dumps(header, ensure_ascii=False).encode(), preset=9))
-(last / "parts.json").write_text(json.dumps({"images": len(order), "size": 64, "xz_bytes": len(data), "sha256": sums}, indent=1))
+(last / "parts.json").write_text(json.dumps({"images": len(order), "size": size_px, "xz_bytes": len(data), "sha256": sums}, indent=1))
 for k in range(parts):
     folder = Path(f"{prefix}-{k + 1}")
     print(f"{folder}: {sum(p.stat().st_size for p in folder.iterdir()) / 2**20:.1f} MiB")

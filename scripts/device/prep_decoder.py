@@ -1,8 +1,9 @@
-"""Device side: rebuild the 64 px training cache from the staged parts under RUN/cache/cache-64, derive the
-32 px one CLIP reads (RUN/cache/cache-32, Lanczos as `unclip data cache` resizes), and make both valid for
-CORPUS, a folder of empty placeholder shards with the original names (training reads only the caches).
+"""Device side: rebuild the decoder's training cache (SIZE px, as packed) from the staged parts under
+RUN/cache/cache-SIZE, derive the 32 px one CLIP reads if SIZE is not 32 (RUN/cache/cache-32, Lanczos as
+`unclip data cache` resizes), and make them valid for CORPUS, a folder of empty placeholder shards with the
+original names (training reads only the caches).
 
-Usage: python prep64.py STAGE CORPUS RUN    (STAGE holds part-*, parts.json and records.json.xz)
+Usage: python prep_decoder.py STAGE CORPUS RUN    (STAGE holds part-*, parts.json and records.json.xz)
 """
 import hashlib
 import json
@@ -39,11 +40,11 @@ shards = [corpus / Path(sh["path"]).name for sh in header["shards"]]
 for p in shards:
     p.touch()
 header["shards"] = _fingerprint(shards)
-for size, pixels in ((s, images), (32, None)):
+for size, pixels in ((s, images), (32, None))[: 1 if s == 32 else 2]:
     out = run / "cache" / f"cache-{size}"
     out.mkdir(parents=True, exist_ok=True)
     if pixels is None:
         pixels = np.stack([np.asarray(square_resize(Image.fromarray(im), size)) for im in images])
     pixels.tofile(out / f"images-{size}.u8")
     (out / "records.json").write_text(json.dumps({**header, "size": size}, ensure_ascii=False))
-print(f"prep64: {n} images at {s} and 32 px, {len(shards)} placeholder shards, {time.time() - t0:.1f} s", flush=True)
+print(f"prep_decoder: {n} images at {' and '.join(sorted({str(s), '32'}))} px, {len(shards)} placeholder shards, {time.time() - t0:.1f} s", flush=True)
