@@ -68,6 +68,8 @@ def main(argv=None) -> None:
     ap.add_argument("--data", default=os.path.expanduser("~/.cache/unclip/emoji-256"))
     ap.add_argument("--own", default=os.path.expanduser("~/.cache/unclip/domain-set"))
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--sheet", default=None, help="also write a sheet of the set's outputs for the tests (tests/data/own-outputs.png): "
+                                                  "64 px tiles, as the test measures them, 60 generated and 15 of each other operation")
     args = ap.parse_args(argv)
 
     from calibrate_domain import DRAWINGS, PHOTOS, skimage_images
@@ -126,6 +128,15 @@ def main(argv=None) -> None:
     print("\n| group | images | flagged |\n| --- | --- | --- |")
     for g, f in feats.items():
         print(f"| {g} | {len(f)} | {int(flagged[g].sum())} ({flagged[g].mean():.1%}) |")
+    if args.sheet:
+        tiles = [im for g in OWN for im in groups.get(f"own outputs: {g}", [])[: 60 if g == "generated" else 15]]
+        sheet = Image.new("RGB", (64 * 10, 64 * ((len(tiles) + 9) // 10)), "white")
+        for k, im in enumerate(tiles):
+            tile = Image.fromarray((domain._square(im) * 255).round().astype(np.uint8))
+            sheet.paste(tile, (64 * (k % 10), 64 * (k // 10)))
+        sheet.save(args.sheet)
+        counts = {g: len(groups.get(f"own outputs: {g}", [])[: 60 if g == "generated" else 15]) for g in OWN}
+        print(f"wrote {args.sheet}: {counts}", file=sys.stderr)
     if args.write:
         path = Path(args.weights) / domain.FILE
         raw = json.loads(path.read_text(encoding="utf-8"))

@@ -187,24 +187,27 @@ def pixels_changed_outside(before: np.ndarray, after: np.ndarray, repaint: np.nd
 SEAM_RADIUS = 8  # px either side of a mask border that count as the seam (the CLI's default --feather)
 
 
-def seam_score(image, repaint: np.ndarray, radius: int = SEAM_RADIUS) -> float:
+def seam_score(image, repaint: np.ndarray, radius: int = SEAM_RADIUS) -> float | None:
     """How visible an edit's border is: the gradient energy (mean squared luminance step between neighbouring
     pixels, in [0, 1] units) within `radius` px of the mask's border, over that of the rest of the image.
     About 1 when the border is as busy as the picture elsewhere; a hard seam raises it. A step spread over a
     band of n px carries 1/n of its energy, so feathering lowers it as it looks: softer. The band is the same
-    whatever the feather, so scores compare across feathers."""
+    whatever the feather, so scores compare across feathers. None for an image too small to have pixels
+    outside the band, or a mask without a border."""
     lum = np.asarray(Image.fromarray(np.asarray(image)).convert("L"), dtype=np.float64) / 255  # a PIL image or (H, W, 3) uint8
     m = torch.from_numpy(np.asarray(repaint, dtype=np.float32))[None, None]
     near_in = torch.nn.functional.max_pool2d(m, 2 * radius + 1, 1, radius)[0, 0].numpy() > 0
     near_out = torch.nn.functional.max_pool2d(1 - m, 2 * radius + 1, 1, radius)[0, 0].numpy() > 0
     band = near_in & near_out
     if not band.any() or band.all():
-        raise ValueError("the mask has no border inside the image, or the band covers it all")
+        return None
     steps, in_band = [], []
     for d, b in ((np.diff(lum, axis=1), band[:, 1:] & band[:, :-1]), (np.diff(lum, axis=0), band[1:] & band[:-1])):
         steps.append(d.ravel() ** 2)
         in_band.append(b.ravel())
     steps, in_band = np.concatenate(steps), np.concatenate(in_band)
+    if in_band.all() or not in_band.any():
+        return None
     return float(steps[in_band].mean() / max(steps[~in_band].mean(), 1e-12))
 
 
@@ -802,8 +805,8 @@ def _edit_section(ctx: _Context) -> dict:
         reqs = [_like(ctx.base, EditRequest, image=im, mask=mask, prompt=p, seed=s) for im, p, s in zip(images[sl], prompts[sl], seeds[sl])]
         edited += [r.images[0] for r in ctx.engine.run_many(reqs, batch_size=len(reqs), callback=bar.cb)]
     changed = [pixels_changed_outside(np.asarray(a), np.asarray(b), repaint) for a, b in zip(images, edited)]
-    seam = [seam_score(im, repaint) for im in edited]
-    seam_source = [seam_score(im, repaint) for im in images]
+    seam = [x for x in (seam_score(im, repaint) for im in edited) if x is not None]
+    seam_source = [x for x in (seam_score(im, repaint) for im in images) if x is not None]
     box = mask_box(repaint)
     z_t = embed_texts(ctx.engine, prompts)
     before = cosine_rows(embed_images(ctx.engine, [im.crop(box) for im in images]), z_t)

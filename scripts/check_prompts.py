@@ -1,0 +1,48 @@
+"""Which prompts the model draws recognisably (issue 24, item 2: the README's examples): for each prompt, -n 4
+at --quality default, seed 0, and how many of the 4 images have the prompt's concept in the independent
+classifier's top 5 (the concept whose English or Chinese name is the prompt, from concepts.json).
+
+    python scripts/check_prompts.py "cat face" "red heart" 猫脸 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("prompts", nargs="+")
+    ap.add_argument("--quality", default="default")
+    ap.add_argument("--n", type=int, default=4)
+    args = ap.parse_args(argv)
+
+    from measure_strength import Yardstick
+
+    from unclip_cli.domain import load_concepts
+    from unclip_cli.engine import Engine
+    from unclip_cli.requests import GenerateRequest
+
+    weights = REPO / "weights" / "emoji"
+    concepts = load_concepts(weights).entries
+    engine, judge = Engine.load(weights, device="cpu"), Yardstick()
+    out = {}
+    for p in args.prompts:
+        code = next((c["concept"] for c in concepts if p in (c["en"], c["zh"])), None)
+        images = engine.run(GenerateRequest(prompt=p, n=args.n, seed=0, quality=args.quality)).images
+        _, top5 = judge(images)
+        hits = sum(code in t for t in top5) if code else None
+        out[p] = {"concept": code, "in_top5": hits, "of": args.n}
+        print(p, out[p], file=sys.stderr, flush=True)
+    print(json.dumps(out, ensure_ascii=False, indent=1))
+
+
+if __name__ == "__main__":
+    main()
