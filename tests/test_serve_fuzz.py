@@ -66,7 +66,7 @@ def _images(rng: random.Random) -> list[bytes]:
             _png(Image.new("RGB", (1, 1))), _png(Image.new("I;16", (4, 4)))]
 
 
-TEXTS = ["a cat", "cat face", "猫", "🐱 rocket", "", "   ", "x" * 5000, "cat \ud800", "a\x1b[2Jb", "a\nb", "\u202eevil", "\x00",
+TEXTS = ["a cat", "cat face", "猫", "🐱 rocket", "", "   ", "x" * 5000, "cat \ud800", "\udcff face", "a \udfff b", "a\x1b[2Jb", "a\nb", "\u202eevil", "\x00",
          "NaN", "auto", "true", "1", "-1", "0", "11", "1e999", "0x10", " 3 ", "２", "1.5", "256x256", "16x16", "1024x1536", "b64_json", "url",
          "png", "webp", "jpeg", "low", "hd", "transparent", "opaque", "a cat", "a dog"]
 VALUES = [None, True, False, 0, -1, 1, 2, 3, 10, 11, 10**30, -(10**30), 1.5, 0.3, 2.5, float("nan"), [], {}, [1, 2], {"a": 1}, *TEXTS]
@@ -78,7 +78,7 @@ def _json_case(rng: random.Random) -> tuple[bytes, str]:
     """(body, content type) for POST /v1/images/generations."""
     kind = rng.random()
     if kind < 0.7:
-        fields = {"prompt": rng.choice(["a cat", "cat face", "猫"])} if rng.random() < 0.6 else {}
+        fields = {"prompt": rng.choice(["a cat", "cat face", "猫"] if rng.random() < 0.7 else TEXTS)} if rng.random() < 0.6 else {}
         for name in rng.sample(FIELDS, rng.randrange(0, 4)):
             fields[name] = rng.choice(VALUES)
         fields.setdefault("response_format", "b64_json")
