@@ -281,8 +281,9 @@ def test_offload_keeps_one_network_loaded_and_changes_no_pixel(hub_set, monkeypa
     a = _picture()
     mask = Image.new("L", a.size, 0)
     ImageDraw.Draw(mask).rectangle((20, 16, 50, 40), fill=255)
-    reqs = [GenerateRequest(prompt="a red apple", n=2, seed=3, **FEW),
-            EditRequest(image=a, mask=mask, prompt="a star", n=1, seed=3, **FEW)]
+    two = {**FEW, "upsampler_steps": 2}  # the first step super_res_first's, the last super_res_last's
+    reqs = [GenerateRequest(prompt="a red apple", n=2, seed=3, **two),
+            EditRequest(image=a, mask=mask, prompt="a star", n=1, seed=3, **two)]
     whole = Engine.load(hub_set, device="cpu", offload="off")
     assert not whole.models.offload
     expected = [whole.run(r).images for r in reqs]

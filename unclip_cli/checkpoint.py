@@ -333,27 +333,26 @@ def inspect(path: str | Path, kind: str | None = None) -> Header:
 def materialize(header: Header, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """Read the tensors of an inspected checkpoint into its model (in eval mode), refusing NaN and inf.
 
-    Each tensor is cast once, straight to the dtype it will have (float32, or `dtype` for floating-point
-    tensors), and becomes the model's own: the file is never held twice over in memory."""
-    from safetensors.torch import load_file
+    Tensors are read one at a time, each cast once, straight to the dtype it will have (float32, or `dtype` for
+    floating-point tensors), and becomes the model's own: a multi-gigabyte file never sits in memory beside
+    the network made from it (what keeps --offload's peak at one network)."""
+    from safetensors import safe_open
 
     path = header.path
-    try:
-        tensors = load_file(str(path))
-    except Exception as e:
-        raise WeightsError(f"{path}: tensors could not be read ({e})", hint="the file is truncated or corrupted") from None
-    if set(tensors) != set(header.shapes) or any(tuple(v.shape) != header.shapes[k] for k, v in tensors.items()):
-        raise WeightsError(f"{path}: the file changed since it was inspected", hint="reload the model set")
     model = _build(header.kind, header.config, path)
     expected = model.state_dict()
     state = {}
-    for k in list(tensors):
-        v = tensors.pop(k)
-        if v.is_floating_point():
-            if not torch.isfinite(v).all():
-                raise WeightsError(f"{path}: tensor {k} contains NaN or inf", hint="the checkpoint is corrupted")
-            v = v.to(dtype if dtype is not None else expected[k].dtype)
-        state[k] = v
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            if keys != set(header.shapes) or any(tuple(f.get_slice(k).get_shape()) != header.shapes[k] for k in keys):
+                raise WeightsError(f"{path}: the file changed since it was inspected", hint="reload the model set")
+            for k in sorted(keys):
+                state[k] = _cast(path, k, f.get_tensor(k), dtype if dtype is not None else expected[k].dtype)
+    except WeightsError:
+        raise
+    except Exception as e:
+        raise WeightsError(f"{path}: tensors could not be read ({e})", hint="the file is truncated or corrupted") from None
     model.load_state_dict(state, strict=True, assign=True)
     for m in model.modules():  # derived, non-persistent buffers (the CLIP's causal mask) are computed, not stored
         if hasattr(m, "reset_buffers"):
@@ -364,6 +363,15 @@ def materialize(header: Header, device: str | torch.device = "cpu", dtype: torch
     if dtype is not None:
         model = model.to(dtype=dtype)
     return model.eval()
+
+
+def _cast(path: Path, k: str, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A floating-point tensor checked for NaN and inf and cast to `dtype`; any other as it is."""
+    if not v.is_floating_point():
+        return v
+    if not torch.isfinite(v).all():
+        raise WeightsError(f"{path}: tensor {k} contains NaN or inf", hint="the checkpoint is corrupted")
+    return v.to(dtype)
 
 
 def load(path: str | Path, kind: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Checkpoint:

@@ -465,12 +465,14 @@ class Engine:
     def _truncation_warning(self) -> str:
         return f"prompt truncated to {self.models.clip.config.context_length - 2} tokens"
 
-    def _model_fn(self, model):
-        """Wrap a network so that it runs in the model's dtype (inputs and conditioning) and returns the work dtype."""
+    def _model_fn(self, stage):
+        """Wrap a stage's network so that it runs in the model's dtype (inputs and conditioning) and returns the
+        work dtype. The network is looked up at each call, never held: with --offload, a denoiser kept by a caller
+        does not keep its network in memory after another stage replaced it (it is read again if called)."""
 
         def fn(x, t, **kw):
             kw = {k: v.to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()}
-            return model(x.to(self.dtype), t, **kw).to(self.work_dtype)
+            return stage.model(x.to(self.dtype), t, **kw).to(self.work_dtype)
 
         return fn
 
@@ -588,7 +590,7 @@ class Engine:
         prior, K = stage.model, rec.prior_candidates
         B, D = z_t.shape
         rep = lambda v: v.repeat_interleave(K, dim=0)  # noqa: E731  (B, ...) -> (B*K, ...)
-        net = self._model_fn(prior)
+        net = self._model_fn(stage)
         empty = self._empty_caption() if rec.unconditional == "empty_caption" else None
 
         def model_fn(x, t, keep):
@@ -627,7 +629,7 @@ class Engine:
             eps = noise(z_i.shape[-1]).to(z_i) if noise is not None else torch.zeros_like(z_i)
             z_i = noise_augment(z_i, net.emb_mean.to(z_i), net.emb_std.to(z_i), self.sampling.noise_level, eps)
         uncond = self._decoder_empty() if self.sampling.unconditional == "empty_caption" else None
-        return decoder_denoiser(self.models.decoder.diffusion, self._model_fn(net), z_i, states, mask,
+        return decoder_denoiser(self.models.decoder.diffusion, self._model_fn(self.models.decoder), z_i, states, mask,
                                 scale, known=known, keep=keep, z_t=z_t, uncond=uncond, clamp=self.sampling.decoder_clamp or None)
 
     def decoder_start(self, noise: Noise, known: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -731,11 +733,11 @@ class Engine:
             else:  # clamp, then bicubic with antialiasing (what diffusers' UnCLIP pipelines do)
                 low = F.interpolate(x.clamp(-1, 1), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
             ts = self.timesteps(stage, steps, start=rec.upsampler_t_start)
-            net = self._model_fn(stage.model)
+            net = self._model_fn(stage)
             if stage.last is None:
                 model = lambda x_t, t, net=net, low=low: net(x_t, t, cond=low)  # noqa: E731
             else:
-                last, final = self._model_fn(stage.last.model), ts[-1]
+                last, final = self._model_fn(stage.last), ts[-1]
                 model = lambda x_t, t, net=net, last=last, low=low, final=final: (last if int(t[0]) == final else net)(x_t, t, cond=low)  # noqa: E731
             denoise = make_denoiser(stage.diffusion, model, clip_x_start=rec.upsampler_clamp)
             k_img = k_keep = None
