@@ -727,28 +727,40 @@ def test_a_job_past_its_time_says_how_far_it_got(tiny_engine):
 
 # -- the command, as a process ---------------------------------------------------------------------------
 def _serve_proc(tiny_weights, *args, env=None):
-    """`unclip serve` on a free port: (process, base URL, stderr lines so far)."""
+    """`unclip serve` on a free port: (process, base URL, its stderr lines, read as they come by a thread)."""
     proc = subprocess.Popen([sys.executable, "-m", "unclip_cli", "serve", "--weights", str(tiny_weights), "--port", "0", "--device",
                              "cpu", *sum((["--" + k.replace("_", "-"), str(v)] for k, v in STEPS.items()), []), *args],
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    url, seen, deadline = None, [], time.monotonic() + 120
-    while url is None and time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stderr], [], [], deadline - time.monotonic())
-        line = proc.stderr.readline() if ready else ""
-        if not line:
-            break
-        seen.append(line)
-        if line.startswith("Serving on "):
-            url = line.split()[2].rstrip("/")
+    lines: list[str] = []
+    serving = threading.Event()
+
+    def pump() -> None:  # a thread, not select(): a buffered reader may hold several lines that select() cannot see
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("Serving on "):
+                serving.set()
+        serving.set()
+
+    proc.pump = threading.Thread(target=pump, daemon=True)
+    proc.pump.start()
+    serving.wait(120)
+    url = next((line.split()[2].rstrip("/") for line in list(lines) if line.startswith("Serving on ")), None)
     if url is None:
         proc.kill()
-        pytest.fail("".join(seen))
-    return proc, url, seen
+        pytest.fail("".join(lines))
+    return proc, url, lines
+
+
+def _stopped(proc) -> int:
+    """Wait for a served process to end (after a stop signal); its exit code."""
+    code = proc.wait(timeout=60)
+    proc.pump.join(30)
+    return code
 
 
 def test_serve_on_another_loopback_address_with_an_empty_key_variable(tiny_weights):
     """--host 127.0.0.2 answers its own URL; an empty UNCLIP_API_KEY is said at start; keys in query strings stay out of the log."""
-    proc, url, seen = _serve_proc(tiny_weights, "--host", "127.0.0.2", env={"UNCLIP_API_KEY": ""})
+    proc, url, seen = _serve_proc(tiny_weights, "--host", "127.0.0.2", "--log-level", "info", env={"UNCLIP_API_KEY": ""})
     try:
         assert url.startswith("http://127.0.0.2:")
         with httpx.Client(base_url=url, timeout=60, trust_env=False) as c:
@@ -757,14 +769,14 @@ def test_serve_on_another_loopback_address_with_an_empty_key_variable(tiny_weigh
             assert c.post(GEN, json={"prompt": "x", "response_format": "b64_json"}).status_code == 200
             error_of(c.get("/v1/models", headers={"Host": "127.0.0.3"}), 403, code="forbidden_host")
         proc.send_signal(signal.SIGTERM)
-        rest = proc.communicate(timeout=60)[1]
+        code = _stopped(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
-    log = "".join(seen) + rest
-    assert proc.returncode == 0, log
-    assert "UNCLIP_API_KEY" in "".join(seen) and "empty" in "".join(seen), log
-    assert "sk-secret-4242" not in log and "/v1/models" in log, log
+    log = "".join(seen)
+    assert code == 0, log
+    assert any("UNCLIP_API_KEY" in line and "empty" in line for line in seen), log
+    assert "sk-secret-4242" not in log and "GET /v1/models?[query hidden]" in log, log  # the access log is on
 
 
 def test_sigterm_while_a_client_uploads_answers_it_at_once(tiny_weights):
@@ -782,21 +794,20 @@ def test_sigterm_while_a_client_uploads_answers_it_at_once(tiny_weights):
             sock.sendall(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{\"prompt\": "
                          % (GEN.encode(), url.removeprefix("http://").encode()))
             time.sleep(0.5)  # the server reads what came (a local socket: well within this)
-            started = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             status = stream.readline()
             headers = list(iter(stream.readline, b"\r\n"))
-            answered = time.monotonic() - started
             length = next(int(line.split(b":")[1]) for line in headers if line.lower().startswith(b"content-length"))
             body = json.loads(stream.read(length))
-        rest = proc.communicate(timeout=60)[1]
+        code = _stopped(proc)
+        rest = "".join(seen)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert status.startswith(b"HTTP/1.1 503"), (status, rest)
     assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["code"] == "server_shutting_down"
-    assert answered < 5, answered  # not after uvicorn's 10 s of graceful shutdown
-    assert proc.returncode == 0 and "Traceback" not in rest, rest
+    # (uvicorn's graceful shutdown would have waited 10 s, then cancelled the request: a plain-text 500)
+    assert code == 0 and "Traceback" not in rest, rest
 
 
 @pytest.mark.parametrize("key", ["clé-secrète", "key\u200b", "ключ"])
