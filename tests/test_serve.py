@@ -12,7 +12,6 @@ import base64
 import io
 import json
 import os
-import select
 import signal
 import socket
 import struct
@@ -520,29 +519,19 @@ def test_serve_command_warns_without_key_off_loopback(tiny_weights, monkeypatch)
 
 
 def test_serve_process_stops_cleanly_on_sigterm(tiny_weights):
-    proc = subprocess.Popen([sys.executable, "-m", "unclip_cli", "serve", "--weights", str(tiny_weights), "--port", "0", "--device",
-                             "cpu", *sum((["--" + k.replace("_", "-"), str(v)] for k, v in STEPS.items()), [])],
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc, url, seen = _serve_proc(tiny_weights)
     try:
-        url, seen, deadline = None, [], time.monotonic() + 120
-        while url is None and time.monotonic() < deadline:
-            ready, _, _ = select.select([proc.stderr], [], [], deadline - time.monotonic())
-            line = proc.stderr.readline() if ready else ""
-            if not line:
-                break
-            seen.append(line)
-            if line.startswith("Serving on "):
-                url = line.split()[2].rstrip("/")
-        assert url and url.startswith("http://127.0.0.1:"), "".join(seen)
+        assert url.startswith("http://127.0.0.1:"), "".join(seen)
         with httpx.Client(base_url=url, timeout=60, trust_env=False) as c:
             assert c.get("/v1/models").status_code == 200
             assert c.post(GEN, json={"prompt": "x", "response_format": "b64_json"}).status_code == 200
         proc.send_signal(signal.SIGTERM)
-        rest = proc.communicate(timeout=60)[1]
+        code = _stopped(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, "".join(seen) + rest
+    rest = "".join(seen)
+    assert code == 0, rest
     assert "Stopped." in rest and "Traceback" not in rest
 
 
