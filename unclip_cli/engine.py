@@ -50,11 +50,16 @@ from unclip_cli.models.prior import pick_closest
 from unclip_cli.modelset import ModelSet, load_model_set
 from unclip_cli.progress import Callback, Tick
 from unclip_cli.requests import Request, Steps, source_name
+from unclip_cli.diffusion.policy import fused_denoiser
+from unclip_cli.layout import box_masks
 
 # The emoji set's values; a set's own recipe may say otherwise (`self.sampling`).
 PRIOR_CANDIDATES = DEFAULT_RECIPE.prior_candidates  # 2, §2.2: sample two z_i, keep the one closer to z_t
 PRIOR_CLIP = DEFAULT_RECIPE.prior_clamp  # 10, clamp of the standardised x_start prediction
 CPU_WARN_PARAMETERS = 1_000_000_000  # a set this large takes minutes per image on a CPU: say so
+# compose: the global path's share inside the objects' boxes (fuse), and where paste's harmonising starts (of 1000)
+COMPOSE_HARMONY = 0.25
+COMPOSE_HARMONISE_T = 500
 
 
 @dataclass
@@ -460,6 +465,94 @@ class Engine:
                 images[(k, i)] = img
                 embeddings[(k, i)] = z_k
         return images, warnings, embeddings
+
+    def _compose(self, reqs, chunks, batch, callback):
+        """Objects where the user says (`ComposeRequest`): the global text and each object's phrase through the prior,
+        then `_fuse` or `_paste` at the decoder's size; the upsamplers see only pixels, so the layout carries through."""
+        steps, guidance, prior_guidance = reqs[0].steps, reqs[0].guidance_scale, reqs[0].prior_guidance_scale
+        images, warnings, embeddings = {}, [[] for _ in reqs], {}
+
+        def encoded(texts, rows, noise, tick):
+            z_t, states, mask, truncated = self.encode_text(texts)
+            for k, cut in zip(rows, truncated):
+                if cut and self._truncation_warning() not in warnings[k]:
+                    warnings[k].append(self._truncation_warning())
+            return self.run_prior(z_t, states, mask, noise, steps.prior, prior_guidance, tick), z_t, states, mask
+
+        for b, chunk in enumerate(chunks):
+            tick = _ticker(callback, b, len(chunks))
+            rows = [k for k, _ in chunk]
+            noise = Noise([reqs[k].item_seed(i) for k, i in chunk], self.device)
+            whole = encoded([reqs[k].global_text() for k in rows], rows, noise, tick)
+            objects = [(encoded([reqs[k].objects[j][0] for k in rows], rows, noise, tick),
+                        [m.to(self.device, self.work_dtype) for m in box_masks([reqs[k].objects[j][1] for k in rows], self.base_size,
+                                                                                soft=self.base_size / 16)])
+                       for j in range(len(reqs[rows[0]].objects))]
+            compose = self._fuse if reqs[0].method == "fuse" else self._paste
+            x = compose(whole, objects, noise, steps, guidance, tick)
+            x = self.run_upsamplers(x, noise, steps.upsampler, tick=tick)
+            for (k, i), img, z in zip(chunk, self.to_images(x), whole[0]):
+                images[(k, i)] = img
+                embeddings[(k, i)] = z
+        return images, warnings, embeddings
+
+    def _background(self, like: torch.Tensor) -> torch.Tensor | None:
+        """The set's background for layouts: its training mean image where the decoder carries one (the emoji
+        set's: white around a tinted middle), at the decoder's size; None where it has none (Karlo)."""
+        mean = self.models.decoder.extra.get("x_start_mean")
+        if mean is None:
+            return None
+        s = like.shape[-1]
+        return F.interpolate(torch.tensor(mean)[None], size=(s, s), mode="bilinear", align_corners=False).to(like).expand_as(like)
+
+    def _object_denoiser(self, obj, guidance: float):
+        """An object's path: its z_i and phrase; with inpainting channels, drawn inside its box against the set's
+        background outside it (GLIDE §4.3's conditioning), else on the whole canvas (the fusion weights place it)."""
+        (z_o, o_t, o_states, o_mask), (hard, _) = obj
+        if self.sampling.inpaint == "repaint":
+            return self.decoder_denoiser(z_o, guidance, o_states, o_mask, z_t=o_t)
+        canvas = torch.ones(len(z_o), 3, self.base_size, self.base_size, device=self.device, dtype=self.work_dtype)
+        bg = self._background(canvas)
+        return self.decoder_denoiser(z_o, guidance, o_states, o_mask, known=canvas if bg is None else bg, keep=1 - hard, z_t=o_t)
+
+    def _fuse(self, whole, objects, noise: Noise, steps: Steps, guidance: float, tick):
+        """Region fusion: at every decoder step each object's prediction rules inside its (soft) box, mixed with the
+        global path's by COMPOSE_HARMONY; outside the boxes the global path rules, except in the first half of
+        sampling, where the set's background does (so objects stay in their boxes while the layout forms)."""
+        stage = self.models.decoder
+        z_g, g_t, g_states, g_mask = whole
+        inside = torch.stack([soft for _, (_, soft) in objects]).amax(0)  # (B, 1, s, s)
+        layout_until = stage.diffusion.num_timesteps // 2
+        x_T = self.decoder_start(noise)
+        bg = self._background(x_T)
+        paths = [(self._object_denoiser(o, guidance), lambda t, w=o[1][1]: w) for o in objects]
+        outside = (lambda t: 1 - inside if bg is None or t < layout_until else torch.zeros_like(inside))  # noqa: E731
+        paths.append((self.decoder_denoiser(z_g, guidance, g_states, g_mask, z_t=g_t), lambda t: COMPOSE_HARMONY * inside + outside(t)))
+        if bg is not None:
+            paths.append((lambda x_t, t: (bg,), lambda t: (1 - inside) if t >= layout_until else torch.zeros_like(inside)))
+        return self.run_decoder(fused_denoiser(stage.diffusion, paths), x_T, steps.decoder, noise=noise,
+                                start=self.sampling.decoder_t_start, tick=tick)
+
+    def _paste(self, whole, objects, noise: Noise, steps: Steps, guidance: float, tick):
+        """Paste and harmonise, the baseline: each object drawn alone, shrunk into its box on the set's background,
+        then the whole canvas noised to COMPOSE_HARMONISE_T and denoised with the global text (SDEdit, Meng et al. 2022)."""
+        stage, s = self.models.decoder, self.base_size
+        z_g, g_t, g_states, g_mask = whole
+        one = dataclasses.replace(steps, decoder_candidates=1)
+        canvas = torch.ones(len(z_g), 3, s, s, device=self.device, dtype=self.work_dtype)
+        canvas = self._background(canvas) if self._background(canvas) is not None else canvas
+        canvas = canvas.clone()
+        for (z_o, o_t, o_states, o_mask), (hard, _) in objects:
+            x_o = self.decode_from_noise(z_o, o_states, o_mask, noise, one, guidance, tick=tick, z_t=o_t)
+            for b in range(len(x_o)):
+                ys, xs = hard[b, 0].nonzero(as_tuple=True)
+                y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+                canvas[b, :, y0:y1, x0:x1] = F.interpolate(x_o[b : b + 1], size=(y1 - y0, x1 - x0), mode="bilinear", antialias=True,
+                                                           align_corners=False)[0]
+        t_h = min(COMPOSE_HARMONISE_T, stage.diffusion.num_timesteps - 1)
+        x_t = stage.diffusion.q_sample(canvas, torch.full((len(canvas),), t_h), noise(3, s, s).to(canvas))
+        return self.run_decoder(self.decoder_denoiser(z_g, guidance, g_states, g_mask, z_t=g_t), x_t, steps.decoder, noise=noise,
+                                start=t_h, tick=tick)
 
     # -- shared pieces -------------------------------------------------------------------------------
     def _truncation_warning(self) -> str:

@@ -214,7 +214,8 @@ def _load(src: ImageSource, fit: str | None, what: str = "image"):
 
 
 # -- requests ----------------------------------------------------------------------------------------
-OPTION = {"n": "-n", "frames": "--steps", "from_": "--from-text", "to": "--to", "prompt": "the prompt", "prompts": "text", "weights": "--mix-weights"}
+OPTION = {"n": "-n", "frames": "--steps", "from_": "--from-text", "to": "--to", "prompt": "the prompt", "prompts": "text", "weights": "--mix-weights",
+          "objects": "--obj"}
 
 
 def _option(name: str) -> str:
@@ -638,7 +639,65 @@ class MixRequest(Request):
         return {"prompts": r.get("prompts", []), "weights": r.get("weights"), "fit": r.get("fit", "crop")}
 
 
-REQUESTS: dict[str, type[Request]] = {c.op: c for c in (GenerateRequest, VaryRequest, BlendRequest, EditRequest, NudgeRequest, MixRequest)}
+COMPOSE_METHODS = ("fuse", "paste")
+
+
+@dataclass(kw_only=True)
+class ComposeRequest(Request):
+    """Objects put where the user says: `objects` as [phrase, [left, top, right, bottom]] (fractions of the canvas),
+    or read from `prompt` by `unclip_cli.layout.parse` ("a cat face left of a red heart"). `background` (default:
+    the prompt, or the phrases joined by "and") is the global path's text. `method`: "fuse" (each object's
+    path drawn in its box and fused with the global path at every decoder step) or "paste" (each object drawn
+    alone, pasted into its box, the whole re-noised halfway and denoised with the global text)."""
+
+    op: ClassVar[str] = "compose"
+    uses_prior: ClassVar[bool] = True
+    prompt: str | None = None
+    objects: list | None = None
+    background: str | None = None
+    method: str = "fuse"
+
+    def _shared_own(self):  # a batch runs one prior and one decoder path per object position
+        return (len(self.objects or ()), self.method)
+
+    def global_text(self) -> str:
+        return self.background or self.prompt or " and ".join(p for p, _ in self.objects)
+
+    def _validate_own(self, label):
+        from unclip_cli.layout import MAX_OBJECTS, parse
+
+        prompt = None if self.prompt is None else check_text(label("prompt"), self.prompt)
+        objects = self.objects
+        if objects is None:
+            if prompt is None:
+                raise InputError("say what to draw: a sentence, or objects with boxes",
+                                 hint='e.g. unclip compose "a cat face left of a red heart", or --obj "cat face:0,0.2,0.5,0.8"')
+            objects = [[phrase, list(box)] for phrase, box in parse(prompt)]
+        if not isinstance(objects, (list, tuple)) or not 1 <= len(objects) <= MAX_OBJECTS:
+            raise InputError(f"{label('objects')} must list 1 to {MAX_OBJECTS} objects, not {shown(objects)}")
+        checked = []
+        for j, o in enumerate(objects):
+            if not isinstance(o, (list, tuple)) or len(o) != 2:
+                raise InputError(f"{label('objects')} {j + 1} must be a phrase and a box, not {shown(o)}")
+            checked.append([check_text(f"{label('objects')} {j + 1}", o[0]), list(check_box(f"{label('objects')} {j + 1}'s box", o[1]))])
+        background = None if self.background is None else check_text(label("background"), self.background, allow_empty=True) or None
+        return {"prompt": prompt, "objects": checked, "background": background,
+                "method": check_choice(label("method"), self.method, COMPOSE_METHODS)}
+
+    def texts(self):
+        return [(f"object {j + 1}", p) for j, (p, _) in enumerate(self.objects or [])] + (
+            [("the background", self.background)] if self.background else [("the prompt", self.prompt)] if self.prompt else [])
+
+    def _recipe_own(self, i):
+        return {"prompt": self.prompt, "objects": self.objects, "background": self.background, "method": self.method}
+
+    @classmethod
+    def _from_recipe_own(cls, r):
+        return {"prompt": r.get("prompt"), "objects": r.get("objects"), "background": r.get("background"), "method": r.get("method", "fuse")}
+
+
+REQUESTS: dict[str, type[Request]] = {c.op: c for c in (GenerateRequest, VaryRequest, BlendRequest, EditRequest, NudgeRequest, MixRequest,
+                                                        ComposeRequest)}
 
 
 def request_from_recipe(recipe: Any, source: str = "the recipe", **inputs) -> Request:

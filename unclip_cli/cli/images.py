@@ -1,4 +1,4 @@
-"""The image commands: generate, vary, blend, edit, nudge, mix.
+"""The image commands: generate, vary, blend, edit, nudge, mix, compose.
 
 Each command body builds a request (`unclip_cli.requests`, where every check lives), and `Job` does the
 rest: merge a stored recipe (--from), load the inputs and check the output folder before any model work,
@@ -18,10 +18,10 @@ import typer
 
 from unclip_cli.cli.options import FitOpt, NOpt, RecipeOpt, image_command, resolve_weights
 from unclip_cli.errors import InputError
-from unclip_cli.requests import (DEFAULT_FEATHER, MAX_FRAMES, BlendRequest, EditRequest, GenerateRequest, MixRequest, NudgeRequest, Request,
-                                 VaryRequest, request_from_recipe)
+from unclip_cli.requests import (DEFAULT_FEATHER, MAX_FRAMES, BlendRequest, ComposeRequest, EditRequest, GenerateRequest, MixRequest,
+                                 NudgeRequest, Request, VaryRequest, request_from_recipe)
 
-INPUTS = {"generate": "", "vary": "IMAGE", "blend": "A B", "edit": "IMAGE --mask MASK", "nudge": "IMAGE", "mix": "IMAGE..."}
+INPUTS = {"generate": "", "vary": "IMAGE", "blend": "A B", "edit": "IMAGE --mask MASK", "nudge": "IMAGE", "mix": "IMAGE...", "compose": ""}
 
 
 def rerun_command(path: Path, recipe: dict) -> str:
@@ -434,3 +434,47 @@ def mix(
     given = dict(images=images or None, prompts=prompts or None, weights=w, n=n, fit=_value(fit))
     req = job.request(MixRequest, recipe, **given)
     job.images_with_grid(req, _stem("mix", *[_name_part(p, 12) for p in req.images], *[t[:16] for t in req.prompts], max_len=40))
+
+
+def _objects(specs: list[str] | None) -> list | None:
+    """--obj "PHRASE:LEFT,TOP,RIGHT,BOTTOM" as [phrase, box]; the request checks the box."""
+    if not specs:
+        return None
+    out = []
+    for spec in specs:
+        phrase, sep, box = spec.rpartition(":")
+        if not sep or not phrase.strip():
+            raise typer.BadParameter(f"{spec!r}: give a phrase and a box, e.g. \"cat face:0,0.2,0.5,0.8\"", param_hint="--obj")
+        out.append([phrase.strip(), box])
+    return out
+
+
+@image_command(epilog="""\
+[b]Examples[/b]
+
+  unclip compose "a cat face left of a red heart"
+  unclip compose "two stars" -n 4
+  unclip compose --obj "cat face:0,0.2,0.5,0.8" --obj "red heart:0.55,0.3,0.95,0.7"
+  unclip compose "a star above a moon" --method paste
+
+The sentence grammar: A left of / right of / above / below / next to / and B, and "two X". Boxes are fractions
+of the canvas (left,top,right,bottom). --method fuse draws each object in its box and fuses it with the whole
+picture at every decoder step; paste draws each object alone, pastes it into its box and harmonises the canvas.
+""")
+def compose(
+    prompt: Annotated[Optional[str], typer.Argument(metavar="SENTENCE", show_default=False,
+                                                    help="What to draw and where (optional with --obj).")] = None,
+    obj: Annotated[Optional[list[str]], typer.Option("--obj", metavar="PHRASE:L,T,R,B", show_default=False,
+                                                     help="An object and its box (repeatable); replaces the sentence's layout.")] = None,
+    background: Annotated[Optional[str], typer.Option("--background", metavar="TEXT", show_default="the sentence",
+                                                      help="The text of the whole picture.")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", metavar="fuse|paste", show_default="fuse",
+                                                  help="Region fusion at every step, or paste and harmonise.")] = None,
+    n: NOpt = None,
+    recipe: RecipeOpt = None,
+    *, common,
+) -> None:
+    """Put objects where you say: a sentence's layout, or boxes, one path per object."""
+    job = Job("compose", common)
+    req = job.request(ComposeRequest, recipe, prompt=prompt, objects=_objects(obj), background=background, method=method, n=n)
+    job.images_with_grid(req, _stem("compose", req.prompt or " ".join(p for p, _ in req.objects)))
