@@ -809,3 +809,27 @@ def test_serve_refuses_a_key_clients_cannot_send(tiny_weights, key, how):
     assert p.returncode == 1 and "Traceback" not in p.stderr, (p.returncode, p.stderr)
     errors = [line for line in p.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and "--api-key" in errors[0] and "ASCII" in errors[0], p.stderr
+
+
+def test_mix_and_compose_endpoints_replay_the_cli(raw, tiny_engine, tmp_path):
+    """/v1/unclip/mix (multipart) and /v1/unclip/compose (JSON) make what the same request makes in the engine."""
+    from unclip_cli.requests import request_from_recipe
+
+    a, b = picture(4, (16, 16)), picture(5, (16, 16))
+    r = raw.post("/v1/unclip/mix", files=[("image[]", ("a", png(a))), ("image[]", ("b", png(b)))],
+                 data={"prompt[]": ["a red circle"], "weights": "0.5,0.3,0.2", "seed": "7", "response_format": "b64_json"})
+    assert r.status_code == 200, r.text
+    data = base64.b64decode(r.json()["data"][0]["b64_json"])
+    rec = recipe_of(data, tmp_path, "mix.png")
+    assert (rec["op"], rec["weights"], rec["prompts"]) == ("mix", [0.5, 0.3, 0.2], ["a red circle"])
+    again = tiny_engine.run(request_from_recipe(rec, images=[png(a), png(b)]))
+    assert np.array_equal(np.asarray(opened(data).convert("RGB")), np.asarray(again.images[0]))
+    error_of(raw.post("/v1/unclip/mix", files=[("image[]", ("a", png(a)))], data={"weights": "1,x", "prompt[]": ["a cat"]}), 400, "weights")
+    error_of(raw.post("/v1/unclip/mix", files=[("image[]", ("a", png(a)))], data={"weights": "1,2,3", "prompt[]": ["a cat"]}), 400, "weights")
+    r = raw.post("/v1/unclip/compose", json={"objects": [{"prompt": "a red circle", "box": [0, 0, 0.5, 0.5]}, ["a star", [0.5, 0.5, 1, 1]]],
+                                            "method": "paste", "seed": 3, "response_format": "b64_json"})
+    assert r.status_code == 200, r.text
+    rec = recipe_of(base64.b64decode(r.json()["data"][0]["b64_json"]), tmp_path, "compose.png")
+    assert rec["objects"] == [["a red circle", [0, 0, 0.5, 0.5]], ["a star", [0.5, 0.5, 1, 1]]] and rec["method"] == "paste"
+    error_of(raw.post("/v1/unclip/compose", json={"objects": [["a cat", [0.6, 0, 0.2, 1]]]}), 400, "objects")
+    error_of(raw.post("/v1/unclip/compose", json={"prompt": "a cat", "method": "magic"}), 400, "method")

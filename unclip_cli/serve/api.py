@@ -43,8 +43,8 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 
 from unclip_cli import imageio
 from unclip_cli.errors import InputError
-from unclip_cli.requests import (BlendRequest, EditRequest, GenerateRequest, NudgeRequest, Request, VaryRequest, check_choice,
-                                 check_whole, shown)
+from unclip_cli.requests import (BlendRequest, ComposeRequest, EditRequest, GenerateRequest, MixRequest, NudgeRequest, Request, VaryRequest,
+                                 check_choice, check_whole, shown)
 
 MAX_API_N = 10  # OpenAI's limit per request; a server policy, below the requests' own MAX_N
 UPSCALE_SIDES = (256, 512, 1024)  # the square sizes OpenAI clients ask for; made natively, then upscaled
@@ -56,7 +56,7 @@ BACKGROUNDS = ("auto", "opaque")
 NATIVE_SIZE_HEADER = "x-unclip-native-size"
 
 # The API's names for the request fields that differ from ours.
-API_FIELD = {"from_": "from", "image_a": "image", "image_b": "image"}
+API_FIELD = {"from_": "from", "image_a": "image", "image_b": "image", "prompts": "prompt", "background": "background_prompt"}
 
 
 class ApiError(Exception):
@@ -338,7 +338,38 @@ def plan_nudge(f: Fields, native: int, steps: dict) -> Planned:
     return Planned(req, parse_output(f, native), ["to", "from", "amount", "n", "seed", "quality", "image"], native=native)
 
 
-PLANS = {"generate": plan_generate, "edit": plan_edit, "vary": plan_vary, "blend": plan_blend, "nudge": plan_nudge}
+def plan_mix(f: Fields, native: int, steps: dict) -> Planned:
+    """Multipart: image[] (0-8 files), prompt[] (repeated) or prompt, weights "0.5,0.3,0.2" (the images', then the
+    texts'), as `unclip mix`."""
+    refuse_unsupported(f)
+    images = f.image_parts("image", "image[]")
+    texts = [t for name in ("prompt", "prompt[]") for t in ([f.values[name]] if isinstance(f.values.get(name), str) else f.values.get(name) or [])]
+    weights = f.text("weights")
+    if weights is not None:
+        try:
+            weights = [float(w) for w in str(weights).split(",")]
+        except ValueError:
+            raise ApiError(400, f"weights must be numbers separated by commas, not {shown(weights)}", param="weights",
+                           code="invalid_value") from None
+    req = MixRequest(images=images, prompts=texts, weights=weights, **_sampling(f, steps))
+    return Planned(req, parse_output(f, native), ["weights", "prompt", "n", "seed", "quality", "image"], native=native)
+
+
+def plan_compose(f: Fields, native: int, steps: dict) -> Planned:
+    """JSON: prompt (a sentence) and/or objects ([{"prompt", "box": [left, top, right, bottom]}] or [[phrase, box]]),
+    background_prompt, method (fuse | paste), as `unclip compose`."""
+    refuse_unsupported(f)
+    objects = f.values.get("objects")
+    if isinstance(objects, list):
+        objects = [[o.get("prompt"), o.get("box")] if isinstance(o, dict) else o for o in objects]
+    extra = {"method": f.text("method")} if f.has("method") else {}
+    req = ComposeRequest(prompt=f.text("prompt"), objects=objects, background=f.text("background_prompt"), **extra, **_sampling(f, steps))
+    return Planned(req, parse_output(f, native), ["prompt", "objects", "background_prompt", "method", "n", "seed", "quality"], native=native)
+
+
+PLANS = {"generate": plan_generate, "edit": plan_edit, "vary": plan_vary, "blend": plan_blend, "nudge": plan_nudge, "mix": plan_mix,
+         "compose": plan_compose}
+JSON_OPS = ("generate", "compose")  # the others carry images: multipart forms
 
 
 def prepare(op: str, f: Fields, native: int, steps: dict, max_pixels: int, max_output_pixels: int | None = None) -> Planned:

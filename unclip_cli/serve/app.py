@@ -14,6 +14,8 @@ Routes (all under /v1 need the API key when one is set, as `Authorization: Beare
     POST /v1/images/variations      multipart: image, n, size, strength, ...
     POST /v1/unclip/blend           multipart: image[] twice (or image_a, image_b), frames, ...
     POST /v1/unclip/nudge           multipart: image, to, from, amount, n, ...
+    POST /v1/unclip/mix             multipart: image[] (0-8), prompt[] (repeated), weights "0.5,0.3,0.2", n, ...
+    POST /v1/unclip/compose         JSON: prompt and/or objects [{prompt, box}], background_prompt, method, n, ...
     GET  /v1/unclip/jobs/ID         a job's place in the queue or its progress (ID: the x-unclip-job header it was sent with,
                                     16-64 of A-Z a-z 0-9 _ -, chosen at random so that no other client can guess it;
                                     "unknown" before it is queued and once it is over)
@@ -188,7 +190,9 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
         files: dict[str, list[bytes]] = {}
         try:
             for name, value in form.multi_items():
-                if isinstance(value, str):
+                if isinstance(value, str) and name.endswith("[]"):  # a list field (mix's prompt[]), every value kept
+                    values.setdefault(name, []).append(value)
+                elif isinstance(value, str):
                     values[name] = value
                 else:
                     files.setdefault(name, []).append(await value.read())
@@ -236,7 +240,7 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
             raise api.ApiError(400, "the x-unclip-job header must be 16-64 letters, digits, '-' or '_', chosen at random (such as "
                                     "22 random base64url characters): another client could guess a shorter or predictable id "
                                     "and read the job's progress", code="invalid_job_id")
-        fields = await (json_fields(request) if op == "generate" else form_fields(request))
+        fields = await (json_fields(request) if op in api.JSON_OPS else form_fields(request))
         busy(worker.room())  # a full queue is answered before any image is decoded
         planned = await anyio.to_thread.run_sync(api.prepare, op, fields, native, settings.steps, settings.max_pixels,
                                                  settings.max_output_pixels, limiter=limiter)
@@ -320,6 +324,8 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
         Route("/v1/images/variations", endpoint(op_endpoint("vary")), methods=["POST"]),
         Route("/v1/unclip/blend", endpoint(op_endpoint("blend")), methods=["POST"]),
         Route("/v1/unclip/nudge", endpoint(op_endpoint("nudge")), methods=["POST"]),
+        Route("/v1/unclip/mix", endpoint(op_endpoint("mix")), methods=["POST"]),
+        Route("/v1/unclip/compose", endpoint(op_endpoint("compose")), methods=["POST"]),
         Route("/v1/unclip/jobs/{job}", endpoint(job_status), methods=["GET"]),
         Route("/v1/images/files/{name}", endpoint(image_file), methods=["GET"], name="image_file"),
     ]
