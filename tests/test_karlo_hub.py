@@ -338,3 +338,12 @@ def test_mix_keeps_raw_embeddings_at_the_parts_weighted_norm(hub_set):
     res = e.run(MixRequest(images=[a, b], weights=[0.75, 0.5], seed=1, decoder_steps=1, upsampler_steps=1))
     want = torch.nn.functional.normalize(0.75 * z_a + 0.5 * z_b, dim=-1) * (0.75 * z_a.norm() + 0.5 * z_b.norm()) / 1.25
     assert torch.allclose(res.z_i[0], want, rtol=1e-5, atol=1e-6) and res.images[0].size == (128, 128)
+
+
+def test_an_oversized_config_file_is_refused_unread(tiny_copy, tmp_path):
+    src, _ = tiny_copy
+    with open(src / "prior" / "config.json", "r+b") as f:
+        f.seek(40 * 2**20)
+        f.write(b" ")  # a sparse 40 MB file
+    r = cli("convert", "karlo", src, "--to", tmp_path / "out")
+    assert r.code == 1 and "prior" in r.err and "too large" in r.err

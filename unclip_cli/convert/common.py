@@ -101,8 +101,13 @@ class Fields:
 
 
 # -- reading a folder -----------------------------------------------------------------------------------------------
+MAX_JSON_BYTES = 32 * 2**20  # configs are kilobytes and a tokenizer.json a few megabytes: larger is not one of them
+
+
 def read_json(path: Path, what: str) -> dict:
     try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            fail(f"{path}: {path.stat().st_size / 2**20:,.0f} MB, too large for {what} (at most {MAX_JSON_BYTES // 2**20} MB)")
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         fail(f"{path.parent}: missing {path.name} ({what})")
