@@ -6,6 +6,10 @@ Arms (every one trains against weights/emoji's CLIP, with the same batch, learni
   c   a 64 px decoder with v0.3's trunk (space-to-depth 2, 32 channels: every tensor but the first and last
       convolution has v0.3's shape and is copied; those two start as "the 32 px network on 2x2 block means,
       its output repeated over each block")
+  d   c, with the symmetry between a block's four sub-pixels broken: random zero-sum sub-pixel weights added to
+      both convolutions (the block-mean path is v0.3's still). c starts on a saddle: its features see only block
+      means and its output is flat within blocks, so the gradient that would make the sub-pixels differ is zero
+      in expectation and only minibatch noise moves it
 
 Usage (one thread; everything goes under RUN, outside the repo):
   python proxy_decoder.py flops                              training FLOPs per image of each arm
@@ -46,13 +50,13 @@ REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "weights" / "emoji"
 HELD_LOSS_IMAGES, HELD_T_PER_IMAGE, JUDGE_IMAGES, JUDGE_STEPS = 128, 4, 160, 10
 WARMUP = 20  # steps: v0.3's 100-step warm-up is ~2% of a GPU run; the proxy's runs are ~1/10 as many steps
-ARMS = ("a", "b", "c")
+ARMS = ("a", "b", "c", "d")
 
 
 def arm_preset(arm: str) -> dict:
     """The arm's preset: emoji (a), emoji256 (b), emoji256 with v0.3's widths (c); the proxy's warm-up."""
     preset = load_preset("emoji" if arm == "a" else "emoji256")
-    if arm == "c":
+    if arm in ("c", "d"):
         preset["decoder"]["model"]["model_channels"] = load_preset("emoji")["decoder"]["model"]["model_channels"]
     preset["train"]["decoder"]["warmup"] = WARMUP
     return preset
@@ -220,6 +224,25 @@ def init_c_from_v03(model: UNet) -> dict:
     return {"copied": len(copied), "spread": spread, "of": len(dst)}
 
 
+def break_block_symmetry(model: UNet, seed: int = 26) -> dict:
+    """Arm d: add to each convolution's sub-pixel weights random ones that sum to zero over a block's four
+    sub-pixels (std a quarter of the weights' own), leaving what the network does with block means unchanged."""
+    gen = torch.Generator().manual_seed(seed)
+    p2 = model.cfg.patch_size ** 2
+
+    def zero_sum(shape, dim):
+        r = torch.randn(shape, generator=gen)
+        r = r.unflatten(dim, (-1, p2))
+        return (r - r.mean(dim + 1, keepdim=True)).flatten(dim, dim + 1)
+
+    with torch.no_grad():
+        w = model.input_conv.weight  # (ch0, C * p2, 3, 3)
+        w += zero_sum(w.shape, 1) * w.std() / 4
+        w = model.out[2].weight  # (C * p2, ch, 3, 3)
+        w += zero_sum(w.shape, 0) * w.std() / 4
+    return {"symmetry_broken": ["input_conv.weight", "out.2.weight"]}
+
+
 def share_data(arm_run: Path, run: Path) -> None:
     """The arms share one image cache and one set of embeddings (same corpus, same CLIP)."""
     arm_run.mkdir(parents=True, exist_ok=True)
@@ -250,8 +273,10 @@ def cmd_train(args) -> None:
         from unclip_cli.train.stages import init_from_set
 
         init = {"from": "weights/emoji", **init_from_set(task, SHIPPED)}
-    elif args.arm == "c":
+    elif args.arm in ("c", "d"):
         init = {"from": "weights/emoji (where shapes allow)", **init_c_from_v03(task.model)}
+        if args.arm == "d":
+            init.update(break_block_symmetry(task.model))
     held = load_heldout(run)
     diffusion = task.diffusion
     f_img = train_flops_per_image(task.config)
