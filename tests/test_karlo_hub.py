@@ -275,34 +275,44 @@ def test_old_clip_configs_without_the_mlp_width_still_load():
     assert Clip(cfg).model.transformer.resblocks[0].mlp.c_fc.weight.shape == (128, 32)
 
 
-def test_offload_keeps_one_network_loaded_and_changes_no_pixel(hub_set, monkeypatch):
-    from unclip_cli.modelset import ModelSet
+def test_offload_keeps_one_network_alive_and_changes_no_pixel(hub_set, monkeypatch):
+    """When a network is read, no other is alive anywhere (held by a denoiser, say), but its upsampler companion; each
+    is read once per run; and the pixels are those of a run with everything loaded."""
+    import weakref
+
+    from unclip_cli import checkpoint, modelset
 
     a = _picture()
     mask = Image.new("L", a.size, 0)
     ImageDraw.Draw(mask).rectangle((20, 16, 50, 40), fill=255)
     two = {**FEW, "upsampler_steps": 2}  # the first step super_res_first's, the last super_res_last's
-    reqs = [GenerateRequest(prompt="a red apple", n=2, seed=3, **two),
+    reqs = [GenerateRequest(prompt="a red apple", n=2, seed=3, **two), VaryRequest(image=a, seed=3, decoder_steps=2, upsampler_steps=2),
             EditRequest(image=a, mask=mask, prompt="a star", n=1, seed=3, **two)]
     whole = Engine.load(hub_set, device="cpu", offload="off")
     assert not whole.models.offload
     expected = [whole.run(r).images for r in reqs]
-    seen = []
-    make_room = ModelSet._make_room
+    made, reads = [], []
+    materialize = checkpoint.materialize
 
-    def spy(self, stage):
-        make_room(self, stage)
-        seen.append((stage.path.name, sorted(s.path.name for s in self.stages if s.loaded)))
+    def spy(header, *args, **kw):
+        alive = sorted(name for name, ref in made if ref() is not None)
+        reads.append((header.path.name, alive))
+        model = materialize(header, *args, **kw)
+        made.append((header.path.name, weakref.ref(model)))
+        return model
 
-    monkeypatch.setattr(ModelSet, "_make_room", spy)
+    monkeypatch.setattr(modelset.checkpoint, "materialize", spy)
     staged = Engine.load(hub_set, device="cpu", offload="on")
     assert staged.models.offload
     for r, images in zip(reqs, expected):
+        before = len(reads)
         assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(staged.run(r).images, images))
-    assert {name for name, _ in seen} == {"clip.safetensors", "prior.safetensors", "decoder.safetensors", "upsampler.safetensors",
-                                          "upsampler-last.safetensors"}
-    for name, loaded in seen:  # when a network is read, at most its upsampler companion is still loaded
-        assert set(loaded) <= ({"upsampler.safetensors", "upsampler-last.safetensors"} if name.startswith("upsampler") else set()), (name, loaded)
+        names = [name for name, _ in reads[before:]]
+        assert len(names) == len(set(names)), names  # nothing read twice in one run
+    assert {name for name, _ in reads} == {"clip.safetensors", "prior.safetensors", "decoder.safetensors", "upsampler.safetensors",
+                                           "upsampler-last.safetensors"}
+    for name, alive in reads:
+        assert set(alive) <= ({"upsampler.safetensors"} if name == "upsampler-last.safetensors" else set()), (name, alive)
 
 
 def test_offload_auto_follows_the_free_memory(hub_set, monkeypatch):

@@ -680,7 +680,9 @@ class Engine:
         if stage is None:
             raise UnclipError(f"the model set {self.name} has no prior, which text-to-image needs",
                               hint="convert Stable unCLIP with --prior (Karlo's prior)")
-        prior, K = stage.model, rec.prior_candidates
+        # The empty caption first: encoding it reads the CLIP, which --offload swaps in for the prior.
+        empty = self._empty_caption() if rec.unconditional == "empty_caption" else None
+        K = rec.prior_candidates
         B, D = z_t.shape
         rep = lambda v: v.repeat_interleave(K, dim=0)  # noqa: E731  (B, ...) -> (B*K, ...)
         net = self._model_fn(stage)
@@ -717,6 +719,8 @@ class Engine:
         inversion and the deterministic decodes after it), its level embedding appended."""
         if states is None:
             z_t, states, mask = self._no_caption(z_i.shape[0])
+        # Text encoders before the decoder is read: with --offload, each swaps the other out (nothing held across).
+        uncond = self._decoder_empty() if self.sampling.unconditional == "empty_caption" else None
         net = self.models.decoder.model
         if net.cfg.noise_augment:
             eps = noise(z_i.shape[-1]).to(z_i) if noise is not None else torch.zeros_like(z_i)
