@@ -10,9 +10,9 @@ generated/, vary/, edit/, nudge/, blend/); scikit-image's sample photographs and
 
 The rule: in domain when the near-white share is at least `white_share_min`, or the border ring is mostly
 (`ring_share_min`) of one colour that is saturated (`saturation_min`) or pale (`lightness_min`). The
-thresholds are searched on a grid: every group of the set's outputs at most 2% false alarms, held-out emoji
-at most 2%, full-frame and coloured-background emoji at most 5%; among those, the most photographs
-flagged, then the fewest false alarms. Note that the photographs take part in that choice (so their
+thresholds are searched on a grid: the set's outputs pooled and the held-out emoji at most 2% false
+alarms, each operation's outputs (32-40 images, where one is 3%) and full-frame and coloured-background
+emoji at most 5%; among those, the most photographs flagged, then the fewest false alarms. Note that the photographs take part in that choice (so their
 rate is a fit, not a held-out measurement); the drawings are only measured.
 """
 
@@ -38,18 +38,12 @@ OWN = ["generated", "vary", "edit", "nudge", "blend"]
 
 def recolour(im: Image.Image, colour) -> Image.Image:
     """The emoji with its background (near-white pixels connected to the border) painted `colour`."""
-    import torch
+    from scipy import ndimage  # scikit-image's dependency, as the photographs are
 
     a = np.asarray(im.convert("RGB")).copy()
-    white = torch.from_numpy(a.min(axis=2) > 230)
-    reached = torch.zeros_like(white)
-    reached[0, :], reached[-1, :], reached[:, 0], reached[:, -1] = white[0, :], white[-1, :], white[:, 0], white[:, -1]
-    while True:  # flood fill from the border through white pixels
-        grown = torch.nn.functional.max_pool2d(reached[None, None].float(), 3, 1, 1)[0, 0].bool() & white
-        if torch.equal(grown, reached):
-            break
-        reached = grown
-    a[reached.numpy()] = colour
+    labels, _ = ndimage.label(a.min(axis=2) > 230)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    a[np.isin(labels, border[border > 0])] = colour
     return Image.fromarray(a)
 
 
@@ -95,13 +89,17 @@ def main(argv=None) -> None:
     def accepted(f, w, r, s, light):
         return (f[:, 0] >= w) | ((f[:, 1] >= r) & ((f[:, 2] >= s) | (f[:, 3] >= light)))
 
-    limits = {g: 0.02 for g in feats if g.startswith("own") or g == "held-out emoji"}
-    limits.update({"full-frame emoji": 0.05, "emoji on a coloured background": 0.05})
+    # The set's outputs pooled and the held-out emoji at most 2%; each operation's 32-40 outputs at most 5% (one
+    # image of 32 is 3.1%: a group that small cannot resolve 2% alone); full-frame and coloured backgrounds 5%.
+    own_groups = [g for g in feats if g.startswith("own")]
+    own_all = np.concatenate([feats[g] for g in own_groups])
+    limits = {g: 0.05 for g in own_groups}
+    limits.update({"held-out emoji": 0.02, "full-frame emoji": 0.05, "emoji on a coloured background": 0.05})
     best = None
-    for w, r, s, light in itertools.product(np.round(np.arange(0.02, 0.30, 0.01), 2), np.round(np.arange(0.3, 1.0, 0.05), 2),
-                                            (0.15, 0.25, 0.35, 0.5), (0.8, 0.85, 0.9, 1.01)):
+    for w, r, s, light in itertools.product(np.round(np.arange(0.01, 0.30, 0.01), 2), np.round(np.arange(0.2, 1.0, 0.05), 2),
+                                            (0.1, 0.15, 0.25, 0.35, 0.5), (0.7, 0.75, 0.8, 0.85, 0.9, 1.01)):
         fa = {g: float(1 - accepted(feats[g], w, r, s, light).mean()) for g in limits}
-        if any(fa[g] > limits[g] for g in limits):
+        if any(fa[g] > limits[g] for g in limits) or 1 - accepted(own_all, w, r, s, light).mean() > 0.02:
             continue
         key = (float(1 - accepted(feats["photographs"], w, r, s, light).mean()), -sum(fa.values()), w)
         if best is None or key > best[0]:
@@ -119,8 +117,9 @@ def main(argv=None) -> None:
         "groups": {g: {"n": len(f), "flagged": int(flagged[g].sum()), "rate": round(float(flagged[g].mean()), 4)} for g, f in feats.items()},
         "own_outputs_pooled": {"n": int(len(own)), "flagged": int(own.sum()), "rate": round(float(own.mean()), 4)},
         "not_flagged": missed,
-        "chosen": "grid search: own outputs (each group) and held-out emoji at most 2% false alarms, full-frame and coloured-"
-                  "background emoji at most 5%; then the most photographs flagged (photographs take part in the choice)",
+        "chosen": "grid search: the set's outputs pooled and held-out emoji at most 2% false alarms, each operation's outputs, "
+                  "full-frame and coloured-background emoji at most 5%; then the most photographs flagged (photographs take part "
+                  "in the choice)",
         "command": "python scripts/calibrate_domain_images.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     rule = {"ring_share_min": r, "saturation_min": s, "lightness_min": min(light, 1.0)}

@@ -31,16 +31,59 @@ def _held_out_emoji() -> list[Image.Image]:
     return [sheet.crop((64 * (k % 10), 64 * (k // 10), 64 * (k % 10) + 64, 64 * (k // 10) + 64)) for k in range(100)]
 
 
-def test_warns_on_sample_photographs_and_on_fewer_than_5_percent_of_held_out_emoji(shipped):
-    data = pytest.importorskip("skimage.data", reason="pip install scikit-image (a test dependency) for its sample photographs")
-    photos = [Image.fromarray(np.asarray(getattr(data, name)())) for name in PHOTOS]
-    flagged = [name for name, im in zip(PHOTOS, photos) if domain.image_warning(shipped, name, im)]
-    assert flagged == PHOTOS
-    emoji = _held_out_emoji()
-    false_alarms = sum(domain.image_warning(shipped, "emoji", im) is not None for im in emoji)
-    assert false_alarms < 5  # of 100; the calibration measured 2.1% of all 910 held-out emoji
-    assert domain.image_warning(shipped, "chelsea.png", photos[3]) == \
-        "chelsea.png is far from the emoji this model knows: expect abstract results"
+def _sheet(name: str, count: int | None = None) -> list[Image.Image]:
+    """The 64 px tiles of a sheet in tests/data, row by row."""
+    sheet = Image.open(ROOT / "tests" / "data" / name).convert("RGB")
+    n = count or (sheet.width // 64) * (sheet.height // 64)
+    cols = sheet.width // 64
+    return [sheet.crop((64 * (k % cols), 64 * (k // cols), 64 * (k % cols) + 64, 64 * (k // cols) + 64)) for k in range(n)]
+
+
+def _flagged(shipped, images) -> int:
+    return sum(domain.image_warning(shipped, "x.png", im) is not None for im in images)
+
+
+def _calibration():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import calibrate_domain_images
+
+    return calibrate_domain_images
+
+
+def test_photographs_are_flagged_as_calibrated(shipped):
+    pytest.importorskip("skimage.data", reason="pip install scikit-image (a test dependency) for its sample photographs")
+
+    _calibration()
+    from calibrate_domain import PHOTOS, skimage_images
+
+    photos = skimage_images(PHOTOS)
+    missed = [name for name, im in photos if domain.image_warning(shipped, name, im) is None]
+    assert len(missed) <= 0.1 * len(photos)  # at least 90% flagged
+    assert set(missed) <= set(json.loads((WEIGHTS / "domain.json").read_text())["facts"]["images"]["not_flagged"])
+    chelsea = dict(photos)["chelsea"]
+    assert domain.image_warning(shipped, "chelsea.png", chelsea) == "chelsea.png is far from the emoji this model knows: expect abstract results"
+
+
+def test_held_out_emoji_rarely_warn(shipped):
+    assert _flagged(shipped, _held_out_emoji()) <= 5  # of 100; the calibration measured it on all 910
+
+
+def test_full_frame_and_coloured_background_emoji_rarely_warn(shipped):
+    cal = _calibration()
+    rng = np.random.default_rng(1)
+    tiles = _held_out_emoji()
+    assert _flagged(shipped, [cal.full_frame(im) for im in tiles]) <= 5
+    assert _flagged(shipped, [cal.recolour(im, tuple(int(v) for v in rng.integers(0, 256, 3))) for im in tiles]) <= 5
+
+
+def test_the_models_own_outputs_rarely_warn(shipped):
+    """tests/data/own-outputs.png: 60 generated images of the set and 15 each of vary, edit, nudge and blend
+    (scripts/calibrate_domain_images.py --sheet), as the test measures them (64 px)."""
+    own = _sheet("own-outputs.png")
+    assert len(own) >= 100
+    assert _flagged(shipped, own) <= 0.02 * len(own)
 
 
 def test_prompt_warning_names_the_words_the_model_never_saw(shipped):
@@ -54,9 +97,16 @@ def test_prompt_warning_names_the_words_the_model_never_saw(shipped):
 
 
 def test_the_card_and_the_file_agree_with_the_calibration(shipped):
-    facts = json.loads((WEIGHTS / "domain.json").read_text())["facts"]
-    assert facts["images"]["false_alarms_on_held_out_emoji"] < 0.05 and facts["images"]["photos_flagged"] == facts["images"]["photos"]
-    assert shipped.white_share_min == facts["images"]["threshold"]
+    raw = json.loads((WEIGHTS / "domain.json").read_text())
+    groups = raw["facts"]["images"]["groups"]
+    assert groups["held-out emoji"]["rate"] <= 0.02 and groups["photographs"]["rate"] >= 0.9
+    assert sum(g["n"] for k, g in groups.items() if k.startswith("own outputs")) >= 500 + 100
+    assert groups["own outputs: generated"]["n"] >= 500 and raw["facts"]["images"]["own_outputs_pooled"]["rate"] <= 0.02
+    assert all(g["rate"] <= 0.05 for k, g in groups.items() if k.startswith("own outputs"))  # one of 32 is 3.1%
+    assert shipped.white_share_min == raw["white_share_min"] and shipped.image_rule == raw["image_rule"]
+    card = (WEIGHTS / "MODEL_CARD.md").read_text()
+    for k, g in groups.items():
+        assert f"| {k} | {g['n']} | {g['flagged']} " in card, k
 
 
 @pytest.mark.parametrize("text", ["{", '{"subject": "emoji"}', '{"subject": "\\u001b[2J", "white_share_min": 0.2}',
