@@ -686,7 +686,6 @@ class Engine:
         B, D = z_t.shape
         rep = lambda v: v.repeat_interleave(K, dim=0)  # noqa: E731  (B, ...) -> (B*K, ...)
         net = self._model_fn(stage)
-        empty = self._empty_caption() if rec.unconditional == "empty_caption" else None
 
         def model_fn(x, t, keep):
             reps = x.shape[0] // (B * K)
@@ -702,7 +701,7 @@ class Engine:
         ts = self.timesteps(stage, steps)
         x = SAMPLERS[rec.prior_sampler](denoise, x, ts, stage.diffusion, randn=lambda: noise(K, D).view(B * K, D),
                                         callback=_stage(tick, "prior"))
-        z = prior.destandardize(x.to(self.dtype)).to(self.work_dtype)
+        z = stage.model.destandardize(x.to(self.dtype)).to(self.work_dtype)
         if self.models.clip.config.normalize:  # unit-norm CLIP space: the candidate closer to z_t
             return pick_closest(F.normalize(z, dim=-1).view(B, K, D), z_t)
         z = z.view(B, K, D)  # raw embeddings (Karlo): as the prior gives them; candidates compared by cosine
@@ -725,7 +724,7 @@ class Engine:
         if net.cfg.noise_augment:
             eps = noise(z_i.shape[-1]).to(z_i) if noise is not None else torch.zeros_like(z_i)
             z_i = noise_augment(z_i, net.emb_mean.to(z_i), net.emb_std.to(z_i), self.sampling.noise_level, eps)
-        uncond = self._decoder_empty() if self.sampling.unconditional == "empty_caption" else None
+        del net
         return decoder_denoiser(self.models.decoder.diffusion, self._model_fn(self.models.decoder), z_i, states, mask,
                                 scale, known=known, keep=keep, z_t=z_t, uncond=uncond, clamp=self.sampling.decoder_clamp or None)
 
