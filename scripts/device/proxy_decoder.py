@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -209,7 +208,7 @@ def init_c_from_v03(model: UNet) -> dict:
     src = checkpoint.load(SHIPPED / "decoder.safetensors", "decoder").model.state_dict()
     dst = model.state_dict()
     p2 = model.cfg.patch_size ** 2
-    copied, spread = [], []
+    copied = []
     for k, v in src.items():
         if dst[k].shape == v.shape:
             dst[k] = v.clone()
