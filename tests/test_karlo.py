@@ -31,19 +31,7 @@ from unclip_cli.requests import BlendRequest, EditRequest, GenerateRequest, Nudg
 FEW = dict(prior_steps=3, decoder_steps=3, upsampler_steps=2)
 
 
-@pytest.fixture(scope="session")
-def karlo_dirs(tmp_path_factory):
-    """The tiny random pipelines (diffusers' classes), saved as diffusers folders: (pipe, var, src, var_dir)."""
-    pipe, var = random_karlo.build("tiny", seed=0)
-    src, var_dir = random_karlo.save(pipe, var, tmp_path_factory.mktemp("karlo"))
-    return pipe, var, src, var_dir
-
-
-@pytest.fixture(scope="session")
-def karlo_set(karlo_dirs, tmp_path_factory):
-    """The tiny pipelines converted in float32."""
-    _, _, src, var_dir = karlo_dirs
-    return karlo.convert(src, tmp_path_factory.mktemp("converted") / "karlo", variation=var_dir, dtype=torch.float32)
+# karlo_dirs and karlo_set (the tiny random pipelines and their conversion) are in conftest.py.
 
 
 @pytest.fixture(scope="session")

@@ -87,9 +87,9 @@ def hub64(hub_dirs, hub_set):
 
 def test_text_to_image_end_to_end_matches_diffusers_in_float64(hub64, monkeypatch):
     pipe, _, _, theirs, mine = hub64
-    ref, ref_draws = theirs(lambda: pipe("a horse", num_images_per_prompt=1, prior_num_inference_steps=3, decoder_num_inference_steps=3,
+    ref, ref_draws = theirs(lambda: pipe("a horse", num_images_per_prompt=1, prior_num_inference_steps=2, decoder_num_inference_steps=2,
                                          super_res_num_inference_steps=2, output_type="np"), seed=5)
-    out, draws = mine(GenerateRequest(prompt="a horse", n=1, seed=0, prior_steps=3, decoder_steps=3, upsampler_steps=2), seed=5,
+    out, draws = mine(GenerateRequest(prompt="a horse", n=1, seed=0, prior_steps=2, decoder_steps=2, upsampler_steps=2), seed=5,
                       monkeypatch=monkeypatch)
     assert draws == ref_draws and out.shape == ref.shape == (1, 128, 128, 3)
     assert (out - ref).abs().max() <= 1e-6 and ref.std() > 0.05
@@ -102,9 +102,9 @@ def test_variation_end_to_end_matches_diffusers_in_float64(hub64, monkeypatch):
     monkeypatch.setattr(type(ours.models.clip.model), "image_pixels",
                         lambda self, im: var.feature_extractor(images=im, return_tensors="pt").pixel_values)
     img = Image.fromarray((np.random.default_rng(2).random((224, 224, 3)) * 255).astype(np.uint8))
-    ref, ref_draws = theirs(lambda: var(image=img, num_images_per_prompt=1, decoder_num_inference_steps=3, super_res_num_inference_steps=2,
+    ref, ref_draws = theirs(lambda: var(image=img, num_images_per_prompt=1, decoder_num_inference_steps=2, super_res_num_inference_steps=2,
                                         output_type="np"), seed=7)
-    out, draws = mine(VaryRequest(image=img, n=1, seed=0, strength=1.0, decoder_steps=3, upsampler_steps=2), seed=7,
+    out, draws = mine(VaryRequest(image=img, n=1, seed=0, strength=1.0, decoder_steps=2, upsampler_steps=2), seed=7,
                       monkeypatch=monkeypatch)
     assert draws == ref_draws and (out - ref).abs().max() <= 1e-6
 
@@ -145,10 +145,10 @@ def test_every_operation_runs_on_the_hub_layout(op, hub_set):
 
 # -- hostile configs: refused within moments, the file and the field named, nothing written -------------------------------
 @pytest.fixture()
-def tiny_copy(tmp_path):
-    """A tiny random Karlo pipeline (fast to copy), freshly saved; its configs are then edited by each case."""
-    pipe, var = random_karlo.build("tiny", seed=0)
-    return random_karlo.save(pipe, var, tmp_path / "src")
+def tiny_copy(karlo_dirs, tmp_path):
+    """A copy of the tiny random Karlo folders; each case then edits its configs or weights."""
+    _, _, src, var_dir = karlo_dirs
+    return shutil.copytree(src, tmp_path / "src" / "karlo"), shutil.copytree(var_dir, tmp_path / "src" / "karlo-variations")
 
 
 def _edit(folder, rel, **changes):
@@ -275,7 +275,7 @@ def test_old_clip_configs_without_the_mlp_width_still_load():
     assert Clip(cfg).model.transformer.resblocks[0].mlp.c_fc.weight.shape == (128, 32)
 
 
-def test_offload_keeps_one_network_alive_and_changes_no_pixel(hub_set, monkeypatch):
+def test_offload_keeps_one_network_alive_and_changes_no_pixel(karlo_set, monkeypatch):
     """When a network is read, no other is alive anywhere (held by a denoiser, say), but its upsampler companion; each
     is read once per run; and the pixels are those of a run with everything loaded."""
     import weakref
@@ -285,10 +285,10 @@ def test_offload_keeps_one_network_alive_and_changes_no_pixel(hub_set, monkeypat
     a = _picture()
     mask = Image.new("L", a.size, 0)
     ImageDraw.Draw(mask).rectangle((20, 16, 50, 40), fill=255)
-    two = {**FEW, "upsampler_steps": 2}  # the first step super_res_first's, the last super_res_last's
-    reqs = [GenerateRequest(prompt="a red apple", n=2, seed=3, **two), VaryRequest(image=a, seed=3, decoder_steps=2, upsampler_steps=2),
+    two = dict(prior_steps=1, decoder_steps=1, upsampler_steps=2)  # the first step super_res_first's, the last super_res_last's
+    reqs = [GenerateRequest(prompt="a red apple", n=1, seed=3, **two), VaryRequest(image=a, seed=3, decoder_steps=1, upsampler_steps=2),
             EditRequest(image=a, mask=mask, prompt="a star", n=1, seed=3, **two)]
-    whole = Engine.load(hub_set, device="cpu", offload="off")
+    whole = Engine.load(karlo_set, device="cpu", offload="off")
     assert not whole.models.offload
     expected = [whole.run(r).images for r in reqs]
     made, reads = [], []
@@ -302,7 +302,7 @@ def test_offload_keeps_one_network_alive_and_changes_no_pixel(hub_set, monkeypat
         return model
 
     monkeypatch.setattr(modelset.checkpoint, "materialize", spy)
-    staged = Engine.load(hub_set, device="cpu", offload="on")
+    staged = Engine.load(karlo_set, device="cpu", offload="on")
     assert staged.models.offload
     for r, images in zip(reqs, expected):
         before = len(reads)
