@@ -458,8 +458,10 @@ def _objects(specs: list[str] | None) -> list | None:
   unclip compose "a star above a moon" --method paste
 
 The sentence grammar: A left of / right of / above / below / next to / and B, and "two X". Boxes are fractions
-of the canvas (left,top,right,bottom). --method fuse draws each object in its box and fuses it with the whole
-picture at every decoder step; paste draws each object alone, pastes it into its box and harmonises the canvas.
+of the canvas (left,top,right,bottom). --method fuse (the default) draws each object in its box and fuses it with
+the whole picture at every decoder step; paste draws each object alone, pastes it into its box and harmonises the
+canvas. On 61 held-out emoji prompts the classifier found both objects in their boxes in 54% (fuse), 21% (paste)
+and 5% (generate) of the images; by eye, fuse often makes one shape with a different half in each box.
 """)
 def compose(
     prompt: Annotated[Optional[str], typer.Argument(metavar="SENTENCE", show_default=False,
@@ -469,7 +471,7 @@ def compose(
     background: Annotated[Optional[str], typer.Option("--background", metavar="TEXT", show_default="the sentence",
                                                       help="The text of the whole picture.")] = None,
     method: Annotated[Optional[str], typer.Option("--method", metavar="fuse|paste", show_default="fuse",
-                                                  help="Region fusion at every step, or paste and harmonise.")] = None,
+                                                  help="Fuse the objects' paths at every step, or paste each and harmonise.")] = None,
     n: NOpt = None,
     recipe: RecipeOpt = None,
     *, common,
