@@ -539,9 +539,9 @@ class Engine:
         stage, s = self.models.decoder, self.base_size
         z_g, g_t, g_states, g_mask = whole
         one = dataclasses.replace(steps, decoder_candidates=1)
-        canvas = torch.ones(len(z_g), 3, s, s, device=self.device, dtype=self.work_dtype)
-        canvas = self._background(canvas) if self._background(canvas) is not None else canvas
-        canvas = canvas.clone()
+        white = torch.ones(len(z_g), 3, s, s, device=self.device, dtype=self.work_dtype)
+        bg = self._background(white)
+        canvas = (white if bg is None else bg).clone()
         for (z_o, o_t, o_states, o_mask), (hard, _) in objects:
             x_o = self.decode_from_noise(z_o, o_states, o_mask, noise, one, guidance, tick=tick, z_t=o_t)
             for b in range(len(x_o)):
