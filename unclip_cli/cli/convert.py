@@ -53,6 +53,44 @@ def _report(results: dict[str, float], as_json: bool, limit: float, extra: dict)
                           hint="convert again from the original folders (a file was altered, or the conversion is wrong)")
 
 
+def _convert(src, extra, to, check, verify, dtype, device, force, json_, quiet, prepare, check_set) -> None:
+    """Every converter's command: check the options and the destination before any work, convert (`prepare`, then
+    the shared writer), and/or check the set against its originals (`check_set`). `extra` is the second source
+    folder (Karlo's image-variation folder, or Stable unCLIP's prior), or None."""
+    import torch
+
+    from unclip_cli.convert import common, verify as verifier
+
+    if (to is None) == (check is None):
+        raise typer.BadParameter("give either --to DIR (convert) or --check DIR (check a converted set)", param_hint="--to / --check")
+    if verify and check is not None:
+        raise typer.BadParameter("--verify checks what --to writes; --check checks an existing set", param_hint="--verify")
+    if check is not None and not check.is_dir():
+        raise InputError(f"--check {check}: no such model set folder")
+    if verify or check is not None:
+        verifier.require_diffusers()  # before any work: say how to install them
+    dev = device.value
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    also = f" and {extra}" if extra else ""
+    if to is not None:
+        common.check_destination(to, (src, extra), force)  # before any work
+        _err(f"Reading {src}{also}", quiet)
+        plan = prepare(src, extra, dtype=torch.float16 if dtype is DType.float16 else torch.float32)
+        total = plan.parameters
+        _err(f"Converting {total / 1e6:,.1f} M parameters to {dtype.value}", quiet)
+        common.write(plan, to, force=force, progress=lambda name: _err(f"  writing {to / name}", quiet))
+        if not verify:
+            sys.stdout.write(json.dumps({"model_set": str(to), "parameters": total}, indent=2) + "\n" if json_ else f"{to}\n")
+            return
+    target = to if to is not None else check
+    _err(f"Checking {target} against {src}{also} on {dev} (float32)", quiet)
+    results = check_set(src, target, extra, device=dev, progress=lambda name: _err(f"  {name}", quiet))
+    _report(results, json_, verifier.LIMIT, {"model_set": str(target)})
+    if to is not None and not json_:
+        print(to)
+
+
 @convert_app.command("karlo", epilog=KARLO_EPILOG)
 def karlo_command(
     src: Annotated[Path, typer.Argument(metavar="SRC", help="The diffusers Karlo folder (model_index.json, prior/, decoder/, ...).",
@@ -70,37 +108,9 @@ def karlo_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Convert Karlo (kakaobrain/karlo-v1-alpha, diffusers layout) into an unclip model set, or check one."""
-    import torch
-
-    if (to is None) == (check is None):
-        raise typer.BadParameter("give either --to DIR (convert) or --check DIR (check a converted set)", param_hint="--to / --check")
-    if verify and check is not None:
-        raise typer.BadParameter("--verify checks what --to writes; --check checks an existing set", param_hint="--verify")
-    if check is not None and not check.is_dir():
-        raise InputError(f"--check {check}: no such model set folder")
     from unclip_cli.convert import karlo, verify as verifier
 
-    if verify or check is not None:
-        verifier.require_diffusers()  # before any work: say how to install them
-    dev = device.value
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if to is not None:
-        karlo.check_destination(to, (src, variation), force)  # before any work
-        _err(f"Reading {src}" + (f" and {variation}" if variation else ""), quiet)
-        plan = karlo.prepare(src, variation, dtype=torch.float16 if dtype is DType.float16 else torch.float32)
-        total = plan.parameters
-        _err(f"Converting {total / 1e6:,.1f} M parameters to {dtype.value}", quiet)
-        karlo.write(plan, to, force=force, progress=lambda name: _err(f"  writing {to / name}", quiet))
-        if not verify:
-            sys.stdout.write(json.dumps({"model_set": str(to), "parameters": total}, indent=2) + "\n" if json_ else f"{to}\n")
-            return
-    target = to if to is not None else check
-    _err(f"Checking {target} against {src}" + (f" and {variation}" if variation else "") + f" on {dev} (float32)", quiet)
-    results = verifier.check(src, target, variation, device=dev, progress=lambda name: _err(f"  {name}", quiet))
-    _report(results, json_, verifier.LIMIT, {"model_set": str(target)})
-    if to is not None and not json_:
-        print(to)
+    _convert(src, variation, to, check, verify, dtype, device, force, json_, quiet, karlo.prepare, verifier.check)
 
 
 STABLE_UNCLIP_EPILOG = """\
@@ -134,34 +144,6 @@ def stable_unclip_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Convert Stable unCLIP 2.1 (stabilityai/stable-diffusion-2-1-unclip[-small], diffusers layout) into an unclip model set."""
-    import torch
+    from unclip_cli.convert import stable_unclip, verify_stable_unclip
 
-    if (to is None) == (check is None):
-        raise typer.BadParameter("give either --to DIR (convert) or --check DIR (check a converted set)", param_hint="--to / --check")
-    if verify and check is not None:
-        raise typer.BadParameter("--verify checks what --to writes; --check checks an existing set", param_hint="--verify")
-    if check is not None and not check.is_dir():
-        raise InputError(f"--check {check}: no such model set folder")
-    from unclip_cli.convert import stable_unclip, verify as verifier, verify_stable_unclip
-
-    if verify or check is not None:
-        verifier.require_diffusers()
-    dev = device.value
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if to is not None:
-        stable_unclip.check_destination(to, (src, prior), force)
-        _err(f"Reading {src}" + (f" and {prior}" if prior else ""), quiet)
-        plan = stable_unclip.prepare(src, prior, dtype=torch.float16 if dtype is DType.float16 else torch.float32)
-        total = plan.parameters
-        _err(f"Converting {total / 1e6:,.1f} M parameters to {dtype.value}", quiet)
-        stable_unclip.write(plan, to, force=force, progress=lambda name: _err(f"  writing {to / name}", quiet))
-        if not verify:
-            sys.stdout.write(json.dumps({"model_set": str(to), "parameters": total}, indent=2) + "\n" if json_ else f"{to}\n")
-            return
-    target = to if to is not None else check
-    _err(f"Checking {target} against {src}" + (f" and {prior}" if prior else "") + f" on {dev} (float32)", quiet)
-    results = verify_stable_unclip.check(src, target, prior, device=dev, progress=lambda name: _err(f"  {name}", quiet))
-    _report(results, json_, verifier.LIMIT, {"model_set": str(target)})
-    if to is not None and not json_:
-        print(to)
+    _convert(src, prior, to, check, verify, dtype, device, force, json_, quiet, stable_unclip.prepare, verify_stable_unclip.check)
