@@ -94,9 +94,14 @@ def text_to_image(img2img, karlo_pipe):
     from diffusers import DDPMScheduler, StableUnCLIPPipeline
 
     c = img2img.components
+    # Karlo's scheduler config less its list of fields left at their defaults: with that list, DDPMScheduler.from_config
+    # drops beta_schedule (UnCLIPScheduler's default, squaredcos_cap_v2: the schedule the prior was trained with) for its
+    # own default, linear. diffusers' documented recipe, DDPMScheduler.from_config(UnCLIPScheduler.from_pretrained(karlo,
+    # subfolder="prior_scheduler").config), does just that with the hub's file (no beta_schedule key; diffusers 0.42).
+    prior_config = {k: v for k, v in karlo_pipe.prior_scheduler.config.items() if k != "_use_default_values"}
     return StableUnCLIPPipeline(
         prior_tokenizer=karlo_pipe.tokenizer, prior_text_encoder=karlo_pipe.text_encoder, prior=karlo_pipe.prior,
-        prior_scheduler=DDPMScheduler.from_config(karlo_pipe.prior_scheduler.config),
+        prior_scheduler=DDPMScheduler.from_config(prior_config),
         image_normalizer=c["image_normalizer"], image_noising_scheduler=c["image_noising_scheduler"], tokenizer=c["tokenizer"],
         text_encoder=c["text_encoder"], unet=c["unet"], scheduler=c["scheduler"], vae=c["vae"])
 
