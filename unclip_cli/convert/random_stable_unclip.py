@@ -122,31 +122,66 @@ def save_karlo(karlo_pipe, root: str | Path) -> Path:
 
 # -- pipelines from the hub's own config files ----------------------------------------------------------------------
 HUB_CONFIGS = Path(__file__).resolve().parents[2] / "tests" / "data" / "stable-unclip-hub"
-HUB_FOLDER = "stable-diffusion-2-1-unclip-small"
+HUB_FOLDERS = ("stable-diffusion-2-1-unclip-small", "stable-diffusion-2-1-unclip")  # OpenAI CLIP ViT-L/14; OpenCLIP ViT-H/14
 
 
-def hub_configs(root: str | Path = HUB_CONFIGS) -> dict[str, dict]:
-    """{relative path: JSON object} of the hub's config files (tests/data/stable-unclip-hub)."""
-    root = Path(root) / HUB_FOLDER
+def hub_configs(folder: str = HUB_FOLDERS[0], root: str | Path = HUB_CONFIGS) -> dict[str, dict]:
+    """{relative path: JSON object} of one hub folder's config files (tests/data/stable-unclip-hub)."""
+    root = Path(root) / folder
     return {str(p.relative_to(root)): json.loads(p.read_text(encoding="utf-8")) for p in sorted(root.rglob("*.json"))}
 
 
-# Layer counts and widths reduced, sizes reduced to a 16 x 16 latent; the structure as the hub's files have it (four UNet
-# levels with attention at three, heads per level 5-10-20-20 scaled down, the four-level x8 autoencoder, v-prediction).
+# Layer counts and widths reduced, sizes reduced to an 8 x 8 latent (64 px); the structure as the hub's files have it
+# (four UNet levels with attention at three, heads per level 5-10-20-20 scaled down, the four-level x8 autoencoder,
+# v-prediction, the legacy eos id, the null fields). -small's embeddings stay as wide as Karlo's reduced prior's
+# (random_karlo.REDUCED: 64); -unclip's (ViT-H: 1024 against ViT-L's 768) stay wider than them (80).
 REDUCED = {
     "image_encoder/config.json": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, projection_dim=64,
                                       image_size=56, patch_size=14),
-    "feature_extractor/preprocessor_config.json": dict(crop_size=56, size=56),
+    "feature_extractor/preprocessor_config.json": dict(crop_size={"height": 56, "width": 56}, size={"shortest_edge": 56}),
     "image_normalizer/config.json": dict(embedding_dim=64),
     "text_encoder/config.json": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
     "unet/config.json": dict(block_out_channels=[32, 64, 128, 128], attention_head_dim=[1, 2, 4, 4], cross_attention_dim=64,
-                             projection_class_embeddings_input_dim=128, sample_size=16, layers_per_block=1),
-    "vae/config.json": dict(block_out_channels=[32, 32, 64, 64], layers_per_block=1, sample_size=128),
+                             projection_class_embeddings_input_dim=128, sample_size=8, layers_per_block=1),
+    "vae/config.json": dict(block_out_channels=[32, 32, 64, 64], layers_per_block=1, sample_size=64),
 }
+WIDER = {"image_encoder/config.json": dict(projection_dim=80), "image_normalizer/config.json": dict(embedding_dim=80),
+         "unet/config.json": dict(projection_class_embeddings_input_dim=160)}
 
 
-def reduce(configs: dict[str, dict], changes: dict[str, dict] = REDUCED) -> dict[str, dict]:
+def reduce(configs: dict[str, dict], changes: dict[str, dict] | None = None) -> dict[str, dict]:
+    """The hub's configs with layer counts and widths replaced (the keys each file has are kept as they are); by
+    default REDUCED, with WIDER embeddings for the ViT-H folder."""
+    if changes is None:
+        wide = configs["image_normalizer/config.json"].get("embedding_dim") == 1024
+        changes = {rel: {**REDUCED.get(rel, {}), **(WIDER.get(rel, {}) if wide else {})} for rel in REDUCED}
     return {rel: {**cfg, **changes.get(rel, {})} for rel, cfg in configs.items()}
+
+
+def save_karlo_prior(root: str | Path, seed: int = 0, changes: dict | None = None) -> Path:
+    """A Karlo folder with only what `--prior` reads (prior, text encoder, tokenizer, prior scheduler), built from
+    the hub's Karlo configs (tests/data/karlo-hub), reduced as random_karlo.REDUCED unless `changes` says otherwise,
+    random weights, the hub's config texts written back."""
+    from diffusers import PriorTransformer
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from unclip_cli.convert import random_karlo
+
+    configs = random_karlo.reduce(random_karlo.hub_configs(), changes or random_karlo.REDUCED)[random_karlo.HUB_FOLDERS[0]]
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    prior = PriorTransformer.from_config(configs["prior/config.json"])
+    text = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder/config.json"]))
+    root = Path(root)
+    for name, m in (("prior", prior), ("text_encoder", text)):
+        randomise_constants(m, g)
+        m.save_pretrained(root / name)
+    _tokenizer().save_pretrained(root / "tokenizer")
+    for rel in ("model_index.json", "prior/config.json", "text_encoder/config.json", "tokenizer/tokenizer_config.json",
+                "prior_scheduler/scheduler_config.json"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(json.dumps(configs[rel], indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return root
 
 
 def build_from_configs(configs: dict[str, dict], seed: int = 0, device: str | torch.device = "cpu", dtype=torch.float32):
@@ -173,8 +208,8 @@ def build_from_configs(configs: dict[str, dict], seed: int = 0, device: str | to
     with torch.no_grad():
         nets["image_normalizer"].std.copy_(0.5 + nets["image_normalizer"].std.abs())
     fe = configs["feature_extractor/preprocessor_config.json"]
-    processor = CLIPImageProcessor(size={"shortest_edge": fe["size"]}, crop_size={"height": fe["crop_size"], "width": fe["crop_size"]},
-                                   resample=fe["resample"], image_mean=fe["image_mean"], image_std=fe["image_std"])
+    processor = CLIPImageProcessor(size=fe["size"], crop_size=fe["crop_size"], resample=fe["resample"], image_mean=fe["image_mean"],
+                                   image_std=fe["image_std"])
     return StableUnCLIPImg2ImgPipeline(
         feature_extractor=processor, tokenizer=_tokenizer(),
         image_noising_scheduler=DDPMScheduler.from_config(configs["image_noising_scheduler/scheduler_config.json"]),

@@ -1,0 +1,78 @@
+"""Stable unCLIP as the hub holds it: pipelines built from the config files of stabilityai/stable-diffusion-2-1-unclip-small
+and -unclip (tests/data/stable-unclip-hub) with layer counts and widths reduced, converted, and run; -small with a prior
+from Karlo's hub configs (text-to-image), -unclip (wider ViT-H embeddings) refused with it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from clirun import cli  # noqa: E402
+
+from unclip_cli.convert import random_stable_unclip as R  # noqa: E402
+from unclip_cli.convert import stable_unclip  # noqa: E402
+from unclip_cli.engine import Engine  # noqa: E402
+from unclip_cli.requests import GenerateRequest, VaryRequest  # noqa: E402
+
+SMALL, H = R.HUB_FOLDERS
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """{folder: the reduced pipeline's diffusers folder}, and Karlo's reduced prior folder."""
+    root = tmp_path_factory.mktemp("su-hub")
+    dirs = {}
+    for k, folder in enumerate(R.HUB_FOLDERS):
+        configs = R.reduce(R.hub_configs(folder))
+        dirs[folder] = R.save_as_hub(R.build_from_configs(configs, seed=k), configs, root / folder)
+    return dirs, R.save_karlo_prior(root / "karlo-v1-alpha", seed=2)
+
+
+def test_the_fixture_keeps_what_the_hub_files_say(hub):
+    dirs, karlo = hub
+    for folder in R.HUB_FOLDERS:
+        unet = json.loads((dirs[folder] / "unet" / "config.json").read_text())
+        assert unet["_diffusers_version"] == "0.15.0.dev0" and unet["class_embed_type"] == "projection"
+        assert unet["num_class_embeds"] is None and unet["time_cond_proj_dim"] is None and unet["timestep_post_act"] is None
+        assert "addition_embed_type" not in unet and unet["upcast_attention"] is True and unet["layers_per_block"] == 1
+        text = json.loads((dirs[folder] / "text_encoder" / "config.json").read_text())
+        assert text["eos_token_id"] == 2 and text["hidden_act"] == "gelu" and text["projection_dim"] == 512
+        fe = json.loads((dirs[folder] / "feature_extractor" / "preprocessor_config.json").read_text())
+        assert fe["size"] == {"shortest_edge": 56} and fe["image_processor_type"] == "CLIPImageProcessor"
+    vision = {f: json.loads((dirs[f] / "image_encoder" / "config.json").read_text()) for f in R.HUB_FOLDERS}
+    assert vision[SMALL]["hidden_act"] == "quick_gelu" and vision[H]["hidden_act"] == "gelu"
+    assert "beta_schedule" not in json.loads((karlo / "prior_scheduler" / "scheduler_config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def small_set(hub, tmp_path_factory):
+    dirs, karlo = hub
+    return stable_unclip.convert(dirs[SMALL], tmp_path_factory.mktemp("su-hub-set") / "small", prior=karlo, dtype=torch.float32)
+
+
+def test_unclip_small_converts_and_runs_vary_and_generate(small_set):
+    e = Engine.load(small_set, device="cpu")
+    assert e.image_size == 64 and e.base_size == 8 and e.models.vae.config.factor == 8
+    img = Image.fromarray((np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8))
+    for req in (VaryRequest(image=img, seed=1, strength=1.0, decoder_steps=2),
+                GenerateRequest(prompt="a red apple", seed=1, prior_steps=2, decoder_steps=2)):
+        result = e.run(req)
+        assert result.images[0].size == (64, 64) and np.asarray(result.images[0]).std() > 1
+
+
+def test_unclip_h_converts_without_a_prior_and_refuses_karlo_s(hub, tmp_path):
+    dirs, karlo = hub
+    r = cli("convert", "stable-unclip", dirs[H], "--prior", karlo, "--to", tmp_path / "with-prior")
+    assert r.code == 1 and "embedding_dim 64 does not fit" in r.err and "projection_dim 80" in r.err
+    assert not (tmp_path / "with-prior").exists()
+    out = stable_unclip.convert(dirs[H], tmp_path / "h", dtype=torch.float32)
+    e = Engine.load(out, device="cpu")
+    result = e.run(VaryRequest(image=Image.new("RGB", (64, 64), "teal"), seed=0, strength=1.0, decoder_steps=2))
+    assert result.images[0].size == (64, 64)
