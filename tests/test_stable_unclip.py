@@ -205,3 +205,153 @@ def test_text_to_image_end_to_end_matches_diffusers_in_float64(su64, monkeypatch
     assert out.shape == ref.shape == (2, 32, 32, 3)
     assert (out - ref).abs().max() <= 1e-6
     assert ref.std() > 0.02
+
+
+# -- every operation on the converted set ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def su_engine(su_set):
+    from unclip_cli.engine import Engine
+
+    return Engine.load(su_set, device="cpu")
+
+
+def test_every_operation_runs_and_edit_keeps_every_unmasked_pixel(su_engine):
+    import numpy as np
+    from PIL import Image
+
+    from unclip_cli.requests import BlendRequest, EditRequest, GenerateRequest, MixRequest, NudgeRequest, VaryRequest
+
+    a, b = _square(2, 40), _square(3, 24)
+    few = dict(decoder_steps=2, seed=4)
+    out = {req.op: su_engine.run(req) for req in (
+        VaryRequest(image=a, strength=0.5, **few), BlendRequest(image_a=a, image_b=b, frames=3, **few),
+        NudgeRequest(image=a, to="a horse", amount=0.5, **few), GenerateRequest(prompt="a horse", prior_steps=2, **few),
+        MixRequest(images=[a], prompts=["a horse"], weights=[0.5, 0.5], prior_steps=2, noise_level=200, **few))}
+    assert len(out["blend"].images) == 3 and all(r.images[0].size == (32, 32) for r in out.values())
+    assert out["mix"].recipes[0]["noise_level"] == 200 and "noise_level" not in out["blend"].recipes[0]
+    mask = np.zeros((24, 40), dtype=np.uint8)
+    mask[4:14, 10:30] = 255
+    photo = Image.fromarray((np.random.default_rng(5).random((24, 40, 3)) * 255).astype(np.uint8))
+    edited = su_engine.run(EditRequest(image=photo, mask=Image.fromarray(mask), prompt="a horse", prior_steps=2, **few)).images[0]
+    got, was = np.asarray(edited), np.asarray(photo)
+    assert edited.size == photo.size and np.array_equal(got[mask == 0], was[mask == 0]) and not np.array_equal(got, was)
+
+
+def test_vary_noise_level_from_the_cli_is_recorded_and_replays(su_set, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from unclip_cli.imageio import read_recipe
+
+    img = tmp_path / "in.png"
+    _square(6, 32).save(img)
+    run = lambda out, *more: cli("vary", img, "--weights", su_set, "--seed", 3, "--strength", 1, "--decoder-steps", 2,  # noqa: E731
+                                 "--out", tmp_path / out, "--json", "-q", *more)
+    made = {}
+    for out, more in (("own", ()), ("l300", ("--noise-level", 300))):
+        r = run(out, *more)
+        assert r.code == 0, r.err
+        made[out] = json.loads(r.out)["images"][0]["path"]
+    assert read_recipe(made["own"])["noise_level"] == 0 and read_recipe(made["l300"])["noise_level"] == 300
+    pixels = lambda path: np.asarray(Image.open(path))  # noqa: E731
+    assert not np.array_equal(pixels(made["own"]), pixels(made["l300"]))
+    again = cli("vary", img, "--weights", su_set, "--from", made["l300"], "--out", tmp_path / "again", "--json", "-q")
+    assert again.code == 0, again.err
+    path = json.loads(again.out)["images"][0]["path"]
+    assert read_recipe(path)["noise_level"] == 300 and np.array_equal(pixels(path), pixels(made["l300"]))
+    bad = run("bad", "--noise-level", 1000)
+    assert bad.code == 1 and "--noise-level must be between 0 and 999" in bad.err
+
+
+def test_a_noise_level_is_refused_where_the_decoder_takes_none(tiny_weights, tmp_path):
+    img = tmp_path / "in.png"
+    _square(6, 32).save(img)
+    r = cli("vary", img, "--weights", tiny_weights, "--noise-level", 100, "--out", tmp_path / "o", "-q")
+    assert r.code == 1 and "--noise-level applies to decoders that read a noised image embedding" in r.err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_a_latent_set_decodes_at_a_smaller_size_recorded_in_the_recipe(su_engine, su_set, tiny_weights, tmp_path):
+    """--size: the tiny set's native 32 px (a 16 x 16 latent, x2 autoencoder, two UNet levels) at 16 px."""
+    import numpy as np
+    from PIL import Image
+
+    from unclip_cli.errors import InputError
+    from unclip_cli.imageio import read_recipe
+    from unclip_cli.requests import EditRequest, VaryRequest
+
+    assert su_engine.sizes() == [8, 12, 16, 20, 24, 28, 32]
+    out = su_engine.run(VaryRequest(image=_square(2, 40), strength=0.5, decoder_steps=2, seed=1, size=16))
+    assert out.images[0].size == (16, 16) and out.recipes[0]["image_size"] == 16 and out.recipes[0]["size"] == [16, 16]
+    assert su_engine.image_size == 32  # only while the request ran
+    photo = Image.fromarray((np.random.default_rng(7).random((20, 30, 3)) * 255).astype(np.uint8))
+    mask = np.zeros((20, 30), dtype=np.uint8)
+    mask[5:15, 5:20] = 255
+    edited = su_engine.run(EditRequest(image=photo, mask=Image.fromarray(mask), prompt="a horse", prior_steps=2, decoder_steps=2,
+                                       seed=1, size=16)).images[0]
+    assert edited.size == photo.size and np.array_equal(np.asarray(edited)[mask == 0], np.asarray(photo)[mask == 0])
+    with pytest.raises(InputError, match="--size 18 is not a size .* 8 to 32 in steps of 4"):
+        su_engine.run(VaryRequest(image=_square(), decoder_steps=2, size=18))
+    img = tmp_path / "in.png"
+    _square(6, 32).save(img)
+    r = cli("vary", img, "--weights", su_set, "--size", 24, "--decoder-steps", 2, "--seed", 0, "--out", tmp_path / "a", "--json", "-q")
+    assert r.code == 0, r.err
+    made = json.loads(r.out)["images"][0]["path"]
+    again = cli("vary", img, "--weights", su_set, "--from", made, "--out", tmp_path / "b", "--json", "-q")
+    path = json.loads(again.out)["images"][0]["path"]
+    assert Image.open(path).size == (24, 24) and read_recipe(path)["image_size"] == 24
+    assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(made)))
+    r = cli("generate", "a cat", "--weights", tiny_weights, "--size", 40, "--out", tmp_path / "c", "-q")
+    assert r.code == 1 and "only its own" in r.err
+
+
+def test_a_long_stage_gets_a_one_line_estimate_from_its_measured_steps():
+    from unclip_cli.cli.progress import Estimate
+    from unclip_cli.progress import Tick
+
+    said, now = [], [0.0]
+    est = Estimate(said.append, images=2, clock=lambda: now[0])
+
+    def stage(name, total, first, each, batches=1):
+        for step in range(1, total + 1):
+            now[0] += first if step == 1 else each
+            est(Tick(name, step, total, 1, batches))
+
+    stage("prior", 25, 3.0, 0.5)  # 0.5 s a step: 11.5 s to go, nothing said
+    stage("decoder", 20, 50.0, 31.5, batches=2)  # the first step's one-off costs are not counted
+    assert said == ["decoder: 31.5 s per step (measured), 20 steps: about 5.2 min per image, 20 min to go in this stage"]
+
+
+def test_serve_offers_variations_with_a_noise_level_and_edits(su_engine):
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
+    httpx = pytest.importorskip("httpx")
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from unclip_cli.serve.app import Settings, create_app
+    from unclip_cli.serve.server import running
+
+    def png(im):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return buf.getvalue()
+
+    app = create_app(su_engine, Settings(steps={"prior_steps": 2, "decoder_steps": 2}, allowed_hosts=("127.0.0.1", "localhost")))
+    photo = Image.fromarray((np.random.default_rng(8).random((24, 32, 3)) * 255).astype(np.uint8))
+    mask = np.zeros((24, 32), dtype=np.uint8)
+    mask[4:12, 6:20] = 255
+    with running(app) as (url, _), httpx.Client(base_url=url, timeout=60, trust_env=False) as c:
+        r = c.post("/v1/images/variations", files={"image": png(photo)}, data={"noise_level": "250", "seed": "3", "response_format": "b64_json"})
+        assert r.status_code == 200, r.text
+        assert Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).size == (32, 32)
+        r = c.post("/v1/images/variations", files={"image": png(photo)}, data={"noise_level": "1000"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "noise_level"
+        r = c.post("/v1/images/edits", files={"image": png(photo), "mask": png(Image.fromarray(mask))},
+                   data={"prompt": "a horse", "seed": "3", "response_format": "b64_json"})
+        assert r.status_code == 200, r.text
+        out = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).convert("RGB"))
+        assert out.shape == (24, 32, 3) and np.array_equal(out[mask == 0], np.asarray(photo)[mask == 0])

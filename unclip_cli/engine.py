@@ -25,6 +25,7 @@ stop a run between sampler steps; the exception propagates.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from dataclasses import dataclass, field
@@ -171,6 +172,7 @@ class Engine:
         # Sampling arithmetic runs in float32 (whatever the networks' dtype), or float64 for float64 networks.
         self.work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self._lock = threading.Lock()
+        self._size: int | None = None  # the running request's output size, when it names one (`_sized`)
         self._empty: tuple | None = None
         self._decoder_empty_cache: tuple | None = None
         self.domain = load_domain(models.root)  # None: the set has no calibrated out-of-domain checks
@@ -196,11 +198,36 @@ class Engine:
 
     @property
     def image_size(self) -> int:
-        return self.models.image_size
+        """The output's side: the set's own, or the size of the request running (`_sized`)."""
+        return self._size or self.models.image_size
 
     @property
     def base_size(self) -> int:
-        return self.models.base_size
+        return self._size // self.models.latent_factor if self._size else self.models.base_size
+
+    def sizes(self) -> list[int]:
+        """The output sizes the set decodes at: its own and, for a latent decoder (no upsampler), every smaller
+        multiple of the UNet's coarsest level (in pixels) down to a quarter of its own side."""
+        m, own = self.models, self.models.image_size
+        if m.vae is None or m.upsamplers:
+            return [own]
+        step = m.latent_factor * 2 ** (len(m.decoder.config.channel_mult) - 1)
+        return [s for s in range(step, own + 1, step) if 4 * s >= own]
+
+    @contextlib.contextmanager
+    def _sized(self, req: Request):
+        """Decode at the request's size (checked against `sizes`) while it runs."""
+        if req.size is not None and req.size not in self.sizes():
+            sizes = self.sizes()
+            raise InputError(f"{req.name('size')} {req.size} is not a size {self.name} decodes at"
+                             + (f": it takes {sizes[0]} to {sizes[-1]} in steps of {sizes[1] - sizes[0]}" if len(sizes) > 1 else
+                                f" (only its own {sizes[0]})"), hint=f"leave {req.name('size')} out for {self.models.image_size}")
+        self._size = req.size
+        try:
+            yield
+        finally:
+            self._size = None
+
 
     def info(self) -> dict:
         m = self.models
@@ -249,11 +276,14 @@ class Engine:
             raise ValueError("requests run together must share their operation and sampling settings")
         for r in reqs:
             r.inputs()  # decode every input before any model work
+            if getattr(r, "noise_level", None) is not None and not self.models.decoder.config.noise_augment:
+                raise InputError(f"{r.name('noise_level')} applies to decoders that read a noised image embedding (Stable unCLIP); "
+                                 f"{self.name}'s does not", hint=f"leave {r.name('noise_level')} out")
         batch = batch_size or reqs[0].effective_batch
         items = [(k, i) for k, r in enumerate(reqs) for i in range(r.count)]
         wanted = {(k, i) for k, r in enumerate(reqs) for i in r.wanted()}
         chunks = [c for c in (items[s : s + batch] for s in range(0, len(items), batch)) if wanted & set(c)]
-        with self._lock:
+        with self._lock, self._sized(reqs[0]):
             images, warnings, z_i = getattr(self, f"_{reqs[0].op}")(reqs, chunks, batch, callback)
         slow = []
         if self.device.type == "cpu" and self.models.parameters >= CPU_WARN_PARAMETERS:
@@ -297,7 +327,7 @@ class Engine:
 
     def recipe(self, req: Request, i: int) -> dict:
         """What reproduces image i of a validated request on this set: its request, samplers and model."""
-        size = list(req.inputs().images[0].size) if req.op == "edit" else [self.image_size, self.image_size]
+        size = list(req.inputs().images[0].size) if req.op == "edit" else [req.size or self.image_size] * 2
         rec = self.sampling
         decoder = rec.decoder_sampler if req.uses_prior else "ddim"
         if req.op == "vary" and req.strength >= 1 and rec.vary_sampler == "decoder":
@@ -305,8 +335,14 @@ class Engine:
         if req.op == "edit" and rec.inpaint == "repaint":
             decoder = f"repaint ({rec.decoder_sampler})"
         upsampler = f"{rec.upsampler_sampler} from t={rec.upsampler_t_start}"
+        level = getattr(req, "noise_level", None)
+        if self.models.decoder.config.noise_augment and hasattr(req, "noise_level"):  # the level that ran, so --from replays it
+            level = {"noise_level": rec.noise_level if level is None else level}
+        else:
+            level = {}
         return {
-            **req.to_recipe(i),
+            **req.to_recipe(i), **level,
+
             "sampler": {"prior": rec.prior_sampler, "decoder": decoder, "upsampler": upsampler},
             "model": self.name, "model_hash": self.models.model_hash, "version": unclip_cli.__version__, "size": size,
         }
@@ -367,7 +403,7 @@ class Engine:
             tick = _ticker(callback, b, len(chunks))
             rows = [k for k, _ in chunk]
             noise = Noise([reqs[k].item_seed(i) for k, i in chunk], self.device)
-            denoise = self.decoder_denoiser(z_i[rows], scale, noise=noise)
+            denoise = self.decoder_denoiser(z_i[rows], scale, noise=noise, noise_level=reqs[0].noise_level)
             sampler, eta = "ddim", strength
             if x_T is None:  # fresh noise: as text-to-image decoding starts
                 x_init, t_init = self.decoder_start(noise), self.sampling.decoder_t_start
@@ -459,7 +495,7 @@ class Engine:
                                  f"{', '.join(f'{x:g}' for x in reqs[k].mix_weights())})", hint="change the weights")
             scale = (w.abs() * z_parts.norm(dim=-1)).sum(1, keepdim=True) / w.abs().sum(1, keepdim=True) if raw else 1.0
             z = F.normalize(z, dim=-1) * scale
-            x = self.decode_from_noise(z, None, None, noise, steps, guidance, tick=tick)
+            x = self.decode_from_noise(z, None, None, noise, steps, guidance, tick=tick, noise_level=reqs[0].noise_level)
             x = self.run_upsamplers(x, noise, steps.upsampler, tick=tick)
             for (k, i), img, z_k in zip(chunk, self.to_images(x), z):
                 images[(k, i)] = img
@@ -711,11 +747,12 @@ class Engine:
         return z[torch.arange(B), best]
 
     # -- stage: decoder (§2.1) -------------------------------------------------------------------------
-    def decoder_denoiser(self, z_i, scale: float, states=None, mask=None, known=None, keep=None, z_t=None, noise: Noise | None = None):
+    def decoder_denoiser(self, z_i, scale: float, states=None, mask=None, known=None, keep=None, z_t=None, noise: Noise | None = None,
+                         noise_level: int | None = None):
         """The guided decoder denoiser for z_i (B, D); without `states`, there is no caption (`_no_caption`).
         `z_t` (B, D): the caption's CLIP text embedding, which Karlo's decoder also reads. A decoder with noise
-        augmentation reads z_i noised to the recipe's level with `noise`'s draws (none: the noiseless path, for
-        inversion and the deterministic decodes after it), its level embedding appended."""
+        augmentation reads z_i noised to `noise_level` (default: the recipe's) with `noise`'s draws (none: the
+        noiseless path, for inversion and the deterministic decodes after it), its level embedding appended."""
         if states is None:
             z_t, states, mask = self._no_caption(z_i.shape[0])
         # Text encoders before the decoder is read: with --offload, each swaps the other out (nothing held across).
@@ -723,7 +760,8 @@ class Engine:
         net = self.models.decoder.model
         if net.cfg.noise_augment:
             eps = noise(z_i.shape[-1]).to(z_i) if noise is not None else torch.zeros_like(z_i)
-            z_i = noise_augment(z_i, net.emb_mean.to(z_i), net.emb_std.to(z_i), self.sampling.noise_level, eps)
+            level = self.sampling.noise_level if noise_level is None else noise_level
+            z_i = noise_augment(z_i, net.emb_mean.to(z_i), net.emb_std.to(z_i), level, eps)
         del net
         return decoder_denoiser(self.models.decoder.diffusion, self._model_fn(self.models.decoder), z_i, states, mask,
                                 scale, known=known, keep=keep, z_t=z_t, uncond=uncond, clamp=self.sampling.decoder_clamp or None)
@@ -752,7 +790,8 @@ class Engine:
 
     @torch.no_grad()
     def decode_from_noise(self, z_i, states, mask, noise: Noise, steps: Steps, guidance: float, known: torch.Tensor | None = None,
-                          keep: torch.Tensor | None = None, tick=None, z_t: torch.Tensor | None = None) -> torch.Tensor:
+                          keep: torch.Tensor | None = None, tick=None, z_t: torch.Tensor | None = None,
+                          noise_level: int | None = None) -> torch.Tensor:
         """Text-to-image and edit decoding: base images (B, 3, s, s) for z_i (B, D), sampled from the recipe's
         decoder start (emoji: ancestrally from the noised mean at DECODER_T_START). With steps.decoder_candidates = K > 1, K samples per image are
         drawn (from that image's own noise generator) and the one whose CLIP image embedding is closest to
@@ -768,7 +807,8 @@ class Engine:
             rep = lambda v: None if v is None else v.repeat_interleave(K, dim=0)  # noqa: E731
         repaint = known is not None and self.sampling.inpaint == "repaint"
         channels = None if repaint else (rep(known), rep(keep))
-        denoise = self.decoder_denoiser(rep(z_i), guidance, rep(states), rep(mask), *(channels or (None, None)), z_t=rep(z_t), noise=flat)
+        denoise = self.decoder_denoiser(rep(z_i), guidance, rep(states), rep(mask), *(channels or (None, None)), z_t=rep(z_t), noise=flat,
+                                        noise_level=noise_level)
         x = self.run_decoder(denoise, self.decoder_start(flat, rep(known), rep(keep)), steps.decoder, noise=flat, eta=self.sampling.decoder_eta,
                              start=self.sampling.decoder_t_start, tick=tick,
                              known=rep(known) if repaint else None, keep=rep(keep) if repaint else None)

@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Union
 from PIL import Image
 
 from unclip_cli.diffusion.recipe import DEFAULT as DEFAULT_RECIPE
-from unclip_cli.diffusion.recipe import QUALITIES, SamplingRecipe
+from unclip_cli.diffusion.recipe import MAX_TIMESTEP, QUALITIES, SamplingRecipe
 from unclip_cli.errors import InputError
 
 # -- limits: each defined once ----------------------------------------------------------------------
@@ -54,6 +54,17 @@ DEFAULT_FRAMES = 5
 DEFAULT_FEATHER = 8
 MAX_FEATHER = 256
 FITS = ("crop", "pad")
+# Noise augmentation of the image embedding (decoders that take a noised z_i, Stable unCLIP's): the DDPM level it is
+# noised to, 0 (none) to 999 (ComfyUI's noise_augmentation x 999); None: the set's own (Stable unCLIP's: 0)
+MAX_NOISE_LEVEL = MAX_TIMESTEP
+MAX_SIZE = 2048  # pixels along a side of a set that decodes at several sizes (a latent decoder); the engine checks the set's own limits
+NOISE_LEVEL_HINT = "0 keeps the image's embedding as it is; higher levels (200-600) let the result wander further from it"
+
+
+def _noise_level_field(self, label) -> dict:
+    return {"noise_level": None if self.noise_level is None else check_whole(label("noise_level"), self.noise_level, 0, MAX_NOISE_LEVEL,
+                                                                              hint=NOISE_LEVEL_HINT)}
+PRECISIONS = ("auto", "fp32", "bf16")  # of the denoising networks on a CPU (device.resolve_precision)
 
 
 @dataclass(frozen=True)
@@ -242,6 +253,9 @@ class Request:
     guidance: float | None = None
     prior_guidance: float | None = None
     batch_size: int | None = None
+    # Pixels along the output's side, for sets that decode at several sizes (a latent decoder: Stable unCLIP at 512 below
+    # its native 768); None: the set's own size. The engine checks it against the set.
+    size: int | None = None
     index: int | None = None
     _inputs: Inputs | None = field(default=None, init=False, repr=False, compare=False)
     _sampling: SamplingRecipe | None = field(default=None, init=False, repr=False, compare=False)
@@ -293,7 +307,8 @@ class Request:
 
     def shared(self) -> tuple:
         """What requests run in one batch must agree on (the engine samples a batch with one setting)."""
-        return (self.op, self.steps, self.guidance_scale, self.prior_guidance_scale if self.uses_prior else None, *self._shared_own())
+        return (self.op, self.steps, self.guidance_scale, self.prior_guidance_scale if self.uses_prior else None, self.size,
+                *self._shared_own())
 
     def _shared_own(self) -> tuple:
         return ()
@@ -330,6 +345,8 @@ class Request:
             changes[name] = None if v is None else check_number(label(name), v, 0, MAX_GUIDANCE, hint="1 means no guidance; 1.5-5 is typical")
         if self.batch_size is not None:
             changes["batch_size"] = check_whole(label("batch_size"), self.batch_size, 1, MAX_BATCH)
+        if self.size is not None:
+            changes["size"] = check_whole(label("size"), self.size, 8, MAX_SIZE, hint="pixels along a side, e.g. 512")
         changes.update(self._validate_own(label))
         out = dataclasses.replace(self, **changes)
         if out.index is not None:
@@ -360,6 +377,8 @@ class Request:
                   "quality": self.quality, "steps": steps, "guidance": self.guidance_scale}
         if self.uses_prior:
             recipe["prior_guidance"] = self.prior_guidance_scale
+        if self.size is not None:
+            recipe["image_size"] = self.size
         return {**recipe, **self._recipe_own(i)}
 
     def _recipe_own(self, i: int) -> dict:
@@ -401,13 +420,18 @@ class VaryRequest(Request):
     strength: float = DEFAULT_STRENGTH
     fit: str = "crop"
     guidance_ramp: bool = True  # invert unguided, guide in proportion to strength (False: recipes from before it)
+    noise_level: int | None = None  # MAX_NOISE_LEVEL's; the engine records the level that ran
+
+    @property
+    def inverts(self) -> bool:
+        return self.strength < 1
 
     def _shared_own(self):
-        return (self.strength, self.guidance_ramp)
+        return (self.strength, self.guidance_ramp, self.noise_level)
 
     def _validate_own(self, label):
         return {"strength": check_number(label("strength"), self.strength, 0, 1, hint="0 reconstructs the input, 1 starts from fresh noise"),
-                **_fit_field(self, label)}
+                **_fit_field(self, label), **_noise_level_field(self, label)}
 
     def _load_inputs(self):
         image, notes = _load(self.image, self.fit)
@@ -421,7 +445,8 @@ class VaryRequest(Request):
 
     @classmethod
     def _from_recipe_own(cls, r):
-        return {"strength": r.get("strength", DEFAULT_STRENGTH), "fit": r.get("fit", "crop"), "guidance_ramp": r.get("guidance_ramp", False) is True}
+        return {"strength": r.get("strength", DEFAULT_STRENGTH), "fit": r.get("fit", "crop"), "guidance_ramp": r.get("guidance_ramp", False) is True,
+                "noise_level": r.get("noise_level")}
 
 
 @dataclass(kw_only=True)
@@ -587,6 +612,7 @@ class MixRequest(Request):
     prompts: list = field(default_factory=list)
     weights: list | None = None
     fit: str = "crop"
+    noise_level: int | None = None  # as VaryRequest's
 
     @property
     def parts(self) -> int:
@@ -596,7 +622,7 @@ class MixRequest(Request):
         return list(self.weights) if self.weights is not None else [1.0 / self.parts] * self.parts
 
     def _shared_own(self):  # a batch encodes each image position and runs the prior once per text position
-        return (len(self.images), len(self.prompts))
+        return (len(self.images), len(self.prompts), self.noise_level)
 
     def _validate_own(self, label):
         if not isinstance(self.images, (list, tuple)) or not isinstance(self.prompts, (list, tuple)):
@@ -614,7 +640,7 @@ class MixRequest(Request):
             weights = [check_number(f"{label('weights')} {j + 1}", w, -MAX_MIX_WEIGHT, MAX_MIX_WEIGHT) for j, w in enumerate(weights)]
             if not any(weights):
                 raise InputError(f"{label('weights')} are all zero", hint="give at least one weight other than 0")
-        return {"prompts": prompts, "weights": weights, "images": list(self.images), **_fit_field(self, label)}
+        return {"prompts": prompts, "weights": weights, "images": list(self.images), **_fit_field(self, label), **_noise_level_field(self, label)}
 
     def _load_inputs(self):
         images, notes = [], []
@@ -636,7 +662,7 @@ class MixRequest(Request):
 
     @classmethod
     def _from_recipe_own(cls, r):
-        return {"prompts": r.get("prompts", []), "weights": r.get("weights"), "fit": r.get("fit", "crop")}
+        return {"prompts": r.get("prompts", []), "weights": r.get("weights"), "fit": r.get("fit", "crop"), "noise_level": r.get("noise_level")}
 
 
 COMPOSE_METHODS = ("fuse", "paste")
@@ -726,7 +752,7 @@ def request_from_recipe(recipe: Any, source: str = "the recipe", **inputs) -> Re
         "prior_steps": steps.get("prior"), "decoder_steps": steps.get("decoder"), "upsampler_steps": steps.get("upsampler"),
         # A recipe from before decoder candidates existed has none: it was made with one.
         "decoder_candidates": steps.get("decoder_candidates", 1) if steps and cls.uses_prior else None,
-        "batch_size": recipe.get("batch_size"), "index": index if op != "blend" else None,
+        "batch_size": recipe.get("batch_size"), "index": index if op != "blend" else None, "size": recipe.get("image_size"),
     }
     if op != "blend":
         fields["n"] = recipe.get("n", 1)
@@ -737,5 +763,5 @@ def request_from_recipe(recipe: Any, source: str = "the recipe", **inputs) -> Re
     return req.validated(label=lambda f: f"{source}: recipe field '{_RECIPE_KEY.get(f, f)}'")
 
 
-_RECIPE_KEY = {"prior_steps": "steps.prior", "decoder_steps": "steps.decoder", "upsampler_steps": "steps.upsampler",
+_RECIPE_KEY = {"size": "image_size", "prior_steps": "steps.prior", "decoder_steps": "steps.decoder", "upsampler_steps": "steps.upsampler",
                "decoder_candidates": "steps.decoder_candidates", "from_": "from", "n": "n"}

@@ -146,11 +146,12 @@ class Job:
 
     def run(self, req: Request):
         """Load the engine and run the request under the progress bars; show its warnings."""
-        from unclip_cli.cli.progress import Bars
+        from unclip_cli.cli.progress import Bars, Estimate
 
         self.eng = self.engine()
+        estimate = Estimate(self.note, min(req.count, req.effective_batch))
         with Bars(self.err, enabled=self.err.is_terminal and not self.c.quiet) as bars:
-            result = self.eng.run(req, callback=bars)
+            result = self.eng.run(req, callback=lambda tick: (bars(tick), estimate(tick)))
         for w in result.warnings:
             self.warn(w)
         return result
@@ -214,6 +215,10 @@ def _value(option):
 # Commands
 
 ImageArg = Annotated[Path, typer.Argument(metavar="IMAGE", help="The input image (any size and common format).", show_default=False)]
+NoiseLevelOpt = Annotated[Optional[int], typer.Option(
+    "--noise-level", metavar="0-999", show_default="the model's own",
+    help="Stable unCLIP: noise added to the image embedding before decoding (ComfyUI's noise_augmentation x 999); "
+         "higher strays further from the image.")]
 
 
 @image_command(epilog="""\
@@ -242,6 +247,7 @@ def generate(
   unclip vary painting.jpg
   unclip vary photo.png -n 4 --strength 0.3    [dim]# close to the input[/dim]
   unclip vary wide.jpg --fit pad               [dim]# keep the whole picture[/dim]
+  unclip vary photo.png --noise-level 300      [dim]# Stable unCLIP: a looser take on the image[/dim]
 """)
 def vary(
     image: ImageArg,
@@ -249,12 +255,13 @@ def vary(
     strength: Annotated[Optional[float], typer.Option("--strength", show_default="0.5",
                                                       help="0 reconstructs the input, 1 starts from fresh noise.")] = None,
     fit: FitOpt = None,
+    noise_level: NoiseLevelOpt = None,
     recipe: RecipeOpt = None,
     *, common,
 ) -> None:
     """Make variations that keep the gist of an image (its CLIP embedding, decoded again)."""
     job = Job("vary", common)
-    req = job.request(VaryRequest, recipe, image=image, n=n, strength=strength, fit=_value(fit))
+    req = job.request(VaryRequest, recipe, image=image, n=n, strength=strength, fit=_value(fit), noise_level=noise_level)
     job.images_with_grid(req, _stem(_name_part(image), "vary"))
 
 
@@ -411,6 +418,7 @@ def mix(
                                                        help="One weight per image and text, in the order given (negative subtracts).")] = None,
     n: NOpt = None,
     fit: FitOpt = None,
+    noise_level: NoiseLevelOpt = None,
     recipe: RecipeOpt = None,
     *, common,
 ) -> None:
@@ -431,7 +439,7 @@ def mix(
     if w is not None and len(w) == len(order):  # the request's order: images first, then texts
         by_kind = dict(zip(order, w))
         w = [by_kind[("image", j)] for j in range(len(images))] + [by_kind[("text", j)] for j in range(len(prompts))]
-    given = dict(images=images or None, prompts=prompts or None, weights=w, n=n, fit=_value(fit))
+    given = dict(images=images or None, prompts=prompts or None, weights=w, n=n, fit=_value(fit), noise_level=noise_level)
     req = job.request(MixRequest, recipe, **given)
     job.images_with_grid(req, _stem("mix", *[_name_part(p, 12) for p in req.images], *[t[:16] for t in req.prompts], max_len=40))
 

@@ -160,14 +160,15 @@ def reduce(configs: dict[str, dict], changes: dict[str, dict] | None = None) -> 
 
 def save_karlo_prior(root: str | Path, seed: int = 0, changes: dict | None = None) -> Path:
     """A Karlo folder with only what `--prior` reads (prior, text encoder, tokenizer, prior scheduler), built from
-    the hub's Karlo configs (tests/data/karlo-hub), reduced as random_karlo.REDUCED unless `changes` says otherwise,
+    the hub's Karlo configs (tests/data/karlo-hub), reduced as random_karlo.REDUCED unless `changes` says otherwise ({}: full size),
     random weights, the hub's config texts written back."""
     from diffusers import PriorTransformer
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     from unclip_cli.convert import random_karlo
 
-    configs = random_karlo.reduce(random_karlo.hub_configs(), changes or random_karlo.REDUCED)[random_karlo.HUB_FOLDERS[0]]
+    changes = random_karlo.REDUCED if changes is None else changes
+    configs = random_karlo.reduce(random_karlo.hub_configs(), changes)[random_karlo.HUB_FOLDERS[0]]
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed + 1)
     prior = PriorTransformer.from_config(configs["prior/config.json"])

@@ -18,6 +18,7 @@ server's own policy or the API's vocabulary:
 | `stream: true`, `markup` | refused on every endpoint: unclip answers once every image is ready |
 | `seed` (extension) | the first image's seed, as `--seed` |
 | `strength` (variations, extension) | as `unclip vary --strength` |
+| `noise_level` (variations and mix, extension) | as `unclip vary --noise-level` (Stable unCLIP sets: 0-999) |
 | `feather` (edits, extension) | as `unclip edit --feather` (pixels, default 8) |
 
 A request returns at most `max_output_pixels` (n × the pixels of each image; 4096² by default): an edit keeps
@@ -310,8 +311,10 @@ def plan_vary(f: Fields, native: int, steps: dict) -> Planned:
     refuse_unsupported(f)
     image = _one_image(f)
     extra = {"strength": f.number("strength")} if f.has("strength") else {}
+    if f.has("noise_level"):
+        extra["noise_level"] = f.whole("noise_level")
     req = VaryRequest(image=image, **extra, **_sampling(f, steps))
-    return Planned(req, parse_output(f, native), ["strength", "n", "seed", "quality", "image"], native=native)
+    return Planned(req, parse_output(f, native), ["strength", "noise_level", "n", "seed", "quality", "image"], native=native)
 
 
 def plan_blend(f: Fields, native: int, steps: dict) -> Planned:
@@ -351,8 +354,9 @@ def plan_mix(f: Fields, native: int, steps: dict) -> Planned:
         except ValueError:
             raise ApiError(400, f"weights must be numbers separated by commas, not {shown(weights)}", param="weights",
                            code="invalid_value") from None
-    req = MixRequest(images=images, prompts=texts, weights=weights, **_sampling(f, steps))
-    return Planned(req, parse_output(f, native), ["weights", "prompt", "n", "seed", "quality", "image"], native=native)
+    extra = {"noise_level": f.whole("noise_level")} if f.has("noise_level") else {}
+    req = MixRequest(images=images, prompts=texts, weights=weights, **extra, **_sampling(f, steps))
+    return Planned(req, parse_output(f, native), ["weights", "noise_level", "prompt", "n", "seed", "quality", "image"], native=native)
 
 
 def plan_compose(f: Fields, native: int, steps: dict) -> Planned:
