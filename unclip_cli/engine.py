@@ -228,7 +228,6 @@ class Engine:
         finally:
             self._size = None
 
-
     def info(self) -> dict:
         m = self.models
         stages = {"clip": m.clip, "prior": m.prior, "decoder": m.decoder}
@@ -342,7 +341,6 @@ class Engine:
             level = {}
         return {
             **req.to_recipe(i), **level,
-
             "sampler": {"prior": rec.prior_sampler, "decoder": decoder, "upsampler": upsampler},
             "model": self.name, "model_hash": self.models.model_hash, "version": unclip_cli.__version__, "size": size,
         }
