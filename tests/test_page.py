@@ -247,3 +247,87 @@ def test_console_is_quiet_by_default_and_never_logs_progress_polls(tiny_weights,
     console = "".join(seen) + "".join(iter(lambda: lines.get_nowait() if not lines.empty() else None, None))
     assert "/v1/unclip/jobs/" not in console, console
     assert ("GET /v1/models" in console) == (level == "info"), console
+
+
+def test_mix_from_history_and_compose_boxes_replay_with_from(browser, tiny_engine, tiny_weights, tmp_path):
+    """Two results mixed with a text and weights, then two boxes drawn with the mouse and composed: each PNG the
+    page shows reruns to the same pixels with `unclip mix/compose --from` (the images the page mixed saved as it
+    names them)."""
+    from clirun import cli
+
+    with running(create_app(tiny_engine, Settings(steps=STEPS))) as (url, _):
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        problems = []
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.goto(url + "/")
+        page.evaluate("localStorage.clear()")
+        page.reload()
+        page.fill("#gen-n", "2")
+        page.fill("#gen-seed", "5")
+        page.fill("#gen-prompt", "a red circle")
+        page.click("#gen-go")
+        sync_api.expect(page.locator(".run[data-op=generate] .card")).to_have_count(2, timeout=60_000)
+        sources = {}
+        for seed in (5, 6):
+            page.get_by_role("button", name=f"Mix with seed {seed}").click()
+            sources[seed] = blob_bytes(page, f".run[data-op=generate] .card:nth-child({seed - 4}) img")
+        sync_api.expect(page.locator("#p-mix")).to_be_visible()
+        page.click("#mix-add-text")
+        page.get_by_label("Text 3", exact=True).fill("a green star")
+        for i, w in ((1, "0.5"), (2, "-0.25"), (3, "0.75")):
+            page.locator(f"#mix-parts li:nth-child({i}) input[type=number]").fill(w)
+        page.fill("#mix-n", "1")
+        page.fill("#mix-seed", "7")
+        page.click("#mix-go")
+        mixed = page.locator(".run[data-op=mix] .card")
+        sync_api.expect(mixed).to_have_count(1, timeout=60_000)
+        recipe = mixed.locator(".recipe").text_content()
+        assert "weights 0.5, -0.25, 0.75" in recipe and "prompts a green star" in recipe, recipe
+        assert "inputs image 1, image 2" in recipe, recipe  # the server ignores file names; the run's title has them
+        title = page.locator(".run[data-op=mix] h2").text_content()
+        assert "0.5 × unclip-generate-5.png + -0.25 × unclip-generate-6.png + 0.75 × “a green star”" in title, title
+
+        page.get_by_role("tab", name="Compose").click()
+        canvas = page.locator("#layout-canvas").bounding_box()
+        for x0, x1, phrase in ((0.05, 0.45, "a red circle"), (0.55, 0.95, "a star")):
+            page.mouse.move(canvas["x"] + x0 * canvas["width"], canvas["y"] + 0.25 * canvas["height"])
+            page.mouse.down()
+            page.mouse.move(canvas["x"] + x1 * canvas["width"], canvas["y"] + 0.75 * canvas["height"], steps=6)
+            page.mouse.up()
+            page.keyboard.type(phrase)  # the new box's phrase field has the focus
+        page.get_by_label("Object 2's box: left, top, right, bottom (fractions)").fill("0.5, 0.2, 1, 0.8")
+        page.get_by_label("Object 2's box: left, top, right, bottom (fractions)").dispatch_event("change")
+        page.fill("#compose-background", "a white page")
+        page.select_option("#compose-method", "paste")
+        page.fill("#compose-n", "1")
+        page.fill("#compose-seed", "3")
+        page.click("#compose-go")
+        composed = page.locator(".run[data-op=compose] .card")
+        sync_api.expect(composed).to_have_count(1, timeout=60_000)
+        recipe = composed.locator(".recipe").text_content()
+        assert "a star [0.5, 0.2, 1, 0.8]" in recipe and "method paste" in recipe and "background a white page" in recipe, recipe
+        first = recipe.split("objects a red circle [")[1].split("]")[0]
+        l, t, r, b = map(float, first.split(", "))
+        assert abs(l - 0.05) < 0.02 and abs(t - 0.25) < 0.02 and abs(r - 0.45) < 0.02 and abs(b - 0.75) < 0.02, first
+
+        # Rerun both from the PNGs the page shows, with the CLI.
+        for seed, data in sources.items():
+            (tmp_path / f"unclip-generate-{seed}.png").write_bytes(data)
+        for op, inputs in (("mix", [tmp_path / "unclip-generate-5.png", tmp_path / "unclip-generate-6.png"]), ("compose", [])):
+            made = tmp_path / f"{op}.png"
+            made.write_bytes(blob_bytes(page, f".run[data-op={op}] .card img"))
+            again = cli(op, *inputs, "--from", made, "--weights", tiny_weights, "--out", tmp_path / "again")
+            assert again.code == 0, again.err
+            rerun = Image.open(again.out.strip().splitlines()[0]).convert("RGB")
+            assert np.array_equal(np.asarray(rerun), np.asarray(decoded(made.read_bytes()).convert("RGB"))), op
+
+        # Errors stay on the page: a box with no phrase.
+        page.mouse.move(canvas["x"] + 0.3 * canvas["width"], canvas["y"] + 0.05 * canvas["height"])
+        page.mouse.down()
+        page.mouse.move(canvas["x"] + 0.6 * canvas["width"], canvas["y"] + 0.2 * canvas["height"], steps=3)
+        page.mouse.up()
+        page.click("#compose-go")
+        sync_api.expect(page.locator("#error")).to_have_text("Say what to draw in box 3.")
+        assert not problems, problems
+        page.close()
