@@ -1,8 +1,10 @@
 """Which prompts the model draws recognisably (issue 24, item 2: the README's examples): for each prompt, -n 4
 at --quality default, seed 0, and how many of the 4 images have the prompt's concept in the independent
-classifier's top 5 (the concept whose English or Chinese name is the prompt, from concepts.json).
+classifier's top 5 (the concept whose English or Chinese name is the prompt, from concepts.json; or, for a prompt
+written PROMPT=NAME|NAME, any of the concepts so named: what an everyday prompt means).
 
     python scripts/check_prompts.py "cat face" "red heart" 猫脸 ...
+    python scripts/check_prompts.py "a dog=dog|dog face" "火箭=rocket" --out ~/unclip-runs/everyday.json
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ def main(argv=None) -> None:
     ap.add_argument("prompts", nargs="+")
     ap.add_argument("--quality", default="default")
     ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
 
     from measure_strength import Yardstick
@@ -34,13 +37,19 @@ def main(argv=None) -> None:
     concepts = load_concepts(weights).entries
     engine, judge = Engine.load(weights, device="cpu"), Yardstick()
     out = {}
-    for p in args.prompts:
-        code = next((c["concept"] for c in concepts if p in (c["en"], c["zh"])), None)
+    for arg in args.prompts:
+        p, _, meant = arg.partition("=")
+        names = meant.split("|") if meant else [p]
+        codes = [c["concept"] for c in concepts if c["en"] in names or c["zh"] in names]
+        if meant and len(codes) < len(names):
+            sys.exit(f"{arg}: not every name is a concept's English or Chinese name")
         images = engine.run(GenerateRequest(prompt=p, n=args.n, seed=0, quality=args.quality)).images
         _, top5 = judge(images)
-        hits = sum(code in t for t in top5) if code else None
-        out[p] = {"concept": code, "in_top5": hits, "of": args.n}
+        hits = sum(any(c in t for c in codes) for t in top5) if codes else None
+        out[p] = {"concepts": codes, "in_top5": hits, "of": args.n}
         print(p, out[p], file=sys.stderr, flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(out, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(out, ensure_ascii=False, indent=1))
 
 

@@ -1,5 +1,5 @@
 """What the model can draw (issue 24, item 2): the set's concept list, `unclip concepts`, and the note that
-names the closest concepts when a prompt is far from all of them."""
+names the closest concepts when a prompt names none of them."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ CONCEPTS = [{"concept": "1F431", "emoji": "🐱", "en": "cat face", "zh": "猫�
             {"concept": "2764", "emoji": "❤", "en": "red heart", "zh": "红心", "keywords_en": ["love"], "keywords_zh": ["爱"], "images": 6}]
 
 
-def tiny_set(tiny_weights, tmp_path, note: float | None = None) -> Path:
+def tiny_set(tiny_weights, tmp_path, note: bool = False) -> Path:
     ws = tmp_path / "set"
     shutil.copytree(tiny_weights, ws)
-    raw = {"concepts": CONCEPTS, **({"note": {"cosine_min": note}} if note is not None else {})}
+    raw = {"concepts": CONCEPTS, **({"note": {"rule": "names"}} if note else {})}
     (ws / domain.CONCEPTS_FILE).write_text(json.dumps(raw, ensure_ascii=False), encoding="utf-8")
     return ws
 
@@ -40,7 +40,25 @@ def test_the_shipped_set_lists_what_it_was_trained_on():
     assert len(listed.entries) == 1948 and sum(c["images"] for c in listed.entries) == 20117  # the training split
     names = {c["en"] for c in listed.entries}
     assert {"cat face", "red heart", "rocket", "pizza"} <= names and "猫脸" in {c["zh"] for c in listed.entries}
-    assert listed.cosine_min is not None and listed.facts["held_out_rate"] <= 0.03
+    assert listed.note and listed.facts["held_out"]["rate"] <= 0.02 and listed.facts["concept_names"]["noted"] == 0
+    assert listed.facts["everyday"]["rate"] >= 0.5  # the old CLIP-cosine note: 0 of 48
+    assert listed.named("an emoji of astronaut with dark skin tone in Noto style")["en"] == "astronaut with dark skin tone"
+    assert listed.named("宇航员")["en"].startswith("astronaut")  # the name without its skin tone
+
+
+def test_a_prompt_names_a_concept_without_template_article_number_or_measure_word():
+    listed = domain.ConceptList(CONCEPTS, note=True)
+    for prompt in ("cat face", "Cat  Face", "an emoji of cat face in Noto style", "Noto风格的猫脸表情符号", "猫脸表情", "a cat face",
+                   "cat face, OpenMoji style"):
+        assert listed.named(prompt)["en"] == "cat face", prompt
+    for prompt in ("two cats", "一只猫", "the cat", "猫"):
+        assert listed.named(prompt)["en"] == "cat", prompt
+    for prompt in ("a red car", "a cat sleeping on a sofa", "red", "小猫", "hearts"):
+        assert listed.named(prompt) is None, prompt
+    assert [c["en"] for c in listed.closest("a cat sleeping on a sofa")] == ["cat", "cat face"]
+    assert [c["en"] for c in listed.closest("一只可爱的小猫")][:2] == ["cat", "cat face"]
+    assert [c["en"] for c in listed.closest("I love you")] == ["red heart"]  # a keyword, at half weight
+    assert listed.closest("a lighthouse") == []
 
 
 def test_concepts_command(tiny_weights, tmp_path):
@@ -52,26 +70,34 @@ def test_concepts_command(tiny_weights, tmp_path):
     assert res["total"] == 3 and [c["en"] for c in res["concepts"]] == ["cat face", "cat", "red heart"]
     r = cli("concepts", "a blue bicycle", "--weights", ws)  # no name has it: the nearest by the set's CLIP
     assert r.code == 0 and r.out.startswith("No concept is named 'a blue bicycle'; the nearest by meaning:") and len(r.out.splitlines()) == 4
+    r = cli("concepts", "a sleeping cat", "--weights", ws)  # no name has it, but its words: those concepts first
+    assert r.code == 0 and r.out.startswith("No concept is named 'a sleeping cat'; the nearest by shared words:") and "cat face" in r.out
     r = cli("concepts", "cat", "--weights", tiny_weights)
     assert r.code == 1 and "lists no concepts" in r.err
 
 
-def test_note_names_the_closest_concepts_below_the_threshold(tiny_weights, tmp_path):
+def test_note_names_the_closest_concepts_when_a_prompt_names_none(tiny_weights, tmp_path):
     from unclip_cli.engine import Engine
     from unclip_cli.requests import GenerateRequest
 
     steps = {"prior_steps": 1, "decoder_steps": 1, "upsampler_steps": 1}
-    quiet = Engine.load(tiny_set(tiny_weights, tmp_path / "a", note=-1.0), device="cpu")
-    assert not [w for w in quiet.run(GenerateRequest(prompt="a bicycle", seed=0, **steps)).warnings if "concept" in w]
-    loud = Engine.load(tiny_set(tiny_weights, tmp_path / "b", note=1.0), device="cpu")
-    near = loud.nearest_concepts("a bicycle", 3)
+
+    def notes(engine, prompt):
+        return [w for w in engine.run(GenerateRequest(prompt=prompt, seed=0, **steps)).warnings if "concept" in w]
+
+    quiet = Engine.load(tiny_set(tiny_weights, tmp_path / "a", note=False), device="cpu")
+    assert notes(quiet, "a bicycle") == []
+    loud = Engine.load(tiny_set(tiny_weights, tmp_path / "b", note=True), device="cpu")
+    assert notes(loud, "a cat") == [] and notes(loud, "猫脸") == []
+    assert notes(loud, "a sleeping cat") == ["the prompt names none of the concepts this model was trained on, so expect a loose "
+                                             "match; the closest are cat, cat face (`unclip concepts` lists them)"]
+    near = loud.nearest_concepts("a bicycle", 3)  # no word in common: the nearest by the set's CLIP
     assert len(near) == 3 and near[0][0] >= near[1][0] >= near[2][0]
-    notes = [w for w in loud.run(GenerateRequest(prompt="a bicycle", seed=0, **steps)).warnings if "concept" in w]
-    assert notes == [f"the prompt is far from every concept this model was trained on; the closest are "
-                     f"{', '.join(c['en'] for _, c in near)} (`unclip concepts` lists them)"]
+    assert notes(loud, "a bicycle") == [f"the prompt names none of the concepts this model was trained on, so expect a loose "
+                                        f"match; the closest are {', '.join(c['en'] for _, c in near)} (`unclip concepts` lists them)"]
 
 
-@pytest.mark.parametrize("text", ["{", '{"concepts": 3}', '{"concepts": [{"en": "x"}]}', '{"concepts": [], "note": {"cosine_min": 7}}'])
+@pytest.mark.parametrize("text", ["{", '{"concepts": 3}', '{"concepts": [{"en": "x"}]}', '{"concepts": [], "note": {"rule": "cosine"}}'])
 def test_a_damaged_concepts_file_is_an_error_naming_it(tmp_path, text):
     from unclip_cli.errors import WeightsError
 

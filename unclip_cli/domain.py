@@ -173,13 +173,84 @@ CONCEPTS_FILE = "concepts.json"  # scripts/write_concepts.py writes it from the 
 @dataclass
 class ConceptList:
     """What a set was trained on: each entry has concept, emoji, en, zh, keywords_en, keywords_zh, images.
-    `cosine_min`: a prompt whose CLIP text embedding has a cosine below this to every concept's name gets a
-    note naming the closest ones (None: no note); `facts`: how it was calibrated."""
+    `note`: whether a prompt that names no concept (`named`) gets a note naming the closest ones; `facts`:
+    how that was calibrated."""
 
     entries: list[dict]
-    cosine_min: float | None = None
+    note: bool = False
     facts: dict = field(default_factory=dict)
     embeddings: dict | None = None  # {"file": "concepts.npy", "clip_sha256": ...}: the names' CLIP embeddings, precomputed
+    _names: dict | None = field(default=None, init=False, repr=False)
+    _idf: dict | None = field(default=None, init=False, repr=False)
+
+    def named(self, text: str) -> dict | None:
+        """The concept a prompt names: its English or Chinese name (any case; a skin tone optional; an English
+        plural), once the prompt's caption template, article, number or measure word is taken off; or None."""
+        if self._names is None:
+            self._names = {}
+            for c in self.entries:
+                for name in (c["en"], c["zh"]):
+                    self._names.setdefault(_key(name), c)
+                    self._names.setdefault(_key(_TONE.sub("", name)), c)
+        for name in names_of(text):
+            for form in (name, name[:-1] if name.endswith("s") else None, name[:-2] if name.endswith("es") else None):
+                if form and form in self._names:
+                    return self._names[form]
+        return None
+
+    def closest(self, text: str, k: int = 3) -> list[dict]:
+        """The concepts sharing most of a prompt's words (Chinese: characters) with their names, keywords at
+        half weight, each word weighted by how rare it is among the concepts (so "car" counts more than "red"),
+        best first; shorter names first among equals. Empty when no word is shared."""
+        if self._idf is None:
+            counts: dict[str, int] = {}
+            for c in self.entries:
+                for w in set().union(*(_name_words(x) for x in [c["en"], c["zh"], *c.get("keywords_en", []), *c.get("keywords_zh", [])])):
+                    counts[w] = counts.get(w, 0) + 1
+            self._idf = {w: float(np.log(1 + len(self.entries) / n)) for w, n in counts.items()}
+        words = _name_words(names_of(text)[-1]) - _STOP
+        scored = []
+        for c in self.entries:
+            names = _name_words(_TONE.sub("", c["en"])) | _name_words(_TONE.sub("", c["zh"]))
+            keys = set().union(*(_name_words(x) for x in c.get("keywords_en", []) + c.get("keywords_zh", []))) - names
+            score = sum(self._idf.get(w, 0.0) for w in words & names) + 0.5 * sum(self._idf.get(w, 0.0) for w in words & keys)
+            if score > 0:
+                scored.append((-score, len(c["en"]), c["en"], c))
+        return [c for *_, c in sorted(scored, key=lambda r: r[:3])[:k]]
+
+
+# What a prompt says beyond a concept's name: the training captions' templates ("an emoji of X in Noto style",
+# "Noto风格的X表情符号"), then an article, number or Chinese measure word ("一只狗" is a dog).
+_TEMPLATES = [r"^an? emoji of ", r" in [\w .-]+ style$", r", [\w .-]+ style$", r" emoji$",
+              r"^.{0,20}风格的", r"，.{0,20}风格$", r"的?表情(符号)?$"]
+_COUNTS = r"^(an?|the|one|two|three|four|five|some|many|\d+) |^[一二两三四五六七八九十几]?[只个辆杯束朵张头条座块把台片碗盘份架艘位棵]"
+_TONE = re.compile(r" with (light|medium-light|medium|medium-dark|dark) skin tone|（(较浅|中等-浅|中等|中等-深|较深)肤色）")
+_STOP = {"a", "an", "the", "of", "on", "in", "with", "at", "by", "over", "and", "to", "for", "emoji", "的"}
+
+
+def _key(text: str) -> str:
+    return " ".join(text.lower().split()).strip(" .!")
+
+
+def names_of(text: str) -> list[str]:
+    """The concept names a prompt could be: lowercased, spaces collapsed, the training captions' templates taken
+    off; then also without a leading article, number or measure word ("a button" is not "button")."""
+    name = _key(text)
+    for pattern in _TEMPLATES:
+        name = re.sub(pattern, "", name).strip()
+    bare = re.sub(_COUNTS, "", name).strip()
+    return [name] if bare == name or not bare else [name, bare]
+
+
+def _name_words(text: str) -> set[str]:
+    """A name's words: English words (a plural's "s" taken off) and each Han character alone."""
+    out = set()
+    for w in re.findall(r"\w+", text.lower()):
+        if _unspaced(w[0]):
+            out.update(c for c in w if not c.isascii())
+        else:
+            out.add(w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w)
+    return out
 
 
 def load_concepts(root: str | Path) -> ConceptList | None:
@@ -197,16 +268,16 @@ def load_concepts(root: str | Path) -> ConceptList | None:
             isinstance(c, dict) and isinstance(c.get("en"), str) and isinstance(c.get("zh"), str)
             and isinstance(c.get("keywords_en", []), list) and isinstance(c.get("keywords_zh", []), list)
             and all(isinstance(k, str) for k in c.get("keywords_en", []) + c.get("keywords_zh", [])) for c in entries)
-        cos = note.get("cosine_min") if ok else None
-        ok = ok and (cos is None or (isinstance(cos, (int, float)) and not isinstance(cos, bool) and -1 <= cos <= 1))
+        rule = note.get("rule") if ok else None
+        ok = ok and rule in (None, "names")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise WeightsError(f"{path}: not a readable concepts file ({type(e).__name__}: {e})",
                            hint="rewrite it with scripts/write_concepts.py, or delete it") from None
     if not ok:
         raise WeightsError(f"{path}: every concept needs `en` and `zh` names and keyword lists (text), and "
-                           "`note.cosine_min` must be a number from -1 to 1")
+                           "`note.rule` may only be \"names\"")
     emb = raw.get("embeddings")
-    return ConceptList(entries, None if cos is None else float(cos), note.get("facts", {}) if isinstance(note.get("facts"), dict) else {},
+    return ConceptList(entries, rule == "names", note.get("facts", {}) if isinstance(note.get("facts"), dict) else {},
                        emb if isinstance(emb, dict) else None)
 
 
@@ -226,10 +297,18 @@ def search_concepts(concepts: list[dict], query: str) -> list[dict]:
     return [c for *_, c in sorted(ranked, key=lambda r: r[:3])]
 
 
-def concept_note(closest: list[tuple[float, dict]], threshold: float | None, what: str = "the prompt") -> str | None:
-    """The note for a text whose nearest concepts (cosine, entry), best first, are all below `threshold` in the
-    set's CLIP text space: it names the closest. None when the text is near a known concept."""
-    if threshold is None or not closest or closest[0][0] >= threshold:
+def concept_note(concepts: ConceptList, text: str, nearest=None, what: str = "the prompt") -> str | None:
+    """The note for a text that names none of the set's concepts: the closest by shared words, else (with
+    `nearest`, a function of the text giving (cosine, entry) pairs) by the set's CLIP. None when the text names a
+    concept or the set has no note."""
+    if not concepts.note or concepts.named(text) is not None:
         return None
-    names = ", ".join(dict.fromkeys(c["en"] for _, c in closest[:3]))
-    return f"{what} is far from every concept this model was trained on; the closest are {names} (`unclip concepts` lists them)"
+    closest = concepts.closest(text, 3) or ([c for _, c in nearest(text)] if nearest else [])
+    names = ", ".join(dict.fromkeys(printable_name(c["en"]) for c in closest[:3]))
+    return (f"{what} names none of the concepts this model was trained on, so expect a loose match"
+            + (f"; the closest are {names}" if names else "") + " (`unclip concepts` lists them)")
+
+
+def printable_name(text: str) -> str:
+    """A name from the set's file as it may be printed: control characters and the like dropped."""
+    return "".join(c for c in text if c.isprintable())[:60]

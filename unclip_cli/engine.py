@@ -300,13 +300,13 @@ class Engine:
 
     def _domain_warnings(self, req: Request) -> list[str]:
         """A line for each input image or text far from what the set was trained on (see unclip_cli/domain.py),
-        and for a prompt (nudge: its --to) far from every concept the set lists, the closest concepts."""
+        and for a prompt (nudge: its --to) that names none of the concepts the set lists, the closest ones."""
         found = []
         if self.domain is not None:
             found = [image_warning(self.domain, source_name(src), im) for src, im in zip(req.sources(), req.inputs().images)]
             found += [prompt_warning(self.domain, self.models.clip.model, what, text) for what, text in req.texts() if text]
-        if self.concepts is not None and self.concepts.cosine_min is not None:
-            found += [concept_note(self.nearest_concepts(text, 3), self.concepts.cosine_min, what) for what, text in req.texts()[:1] if text]
+        if self.concepts is not None:
+            found += [concept_note(self.concepts, text, lambda t: self.nearest_concepts(t, 3), what) for what, text in req.texts()[:1] if text]
         return [w for w in found if w]
 
     @torch.no_grad()

@@ -51,7 +51,9 @@ def concepts(
                          hint="write one from its training data with scripts/write_concepts.py")
     q = "" if query is None else check_text("QUERY", query, allow_empty=True)
     found, how = search_concepts(listed.entries, q), "name"
-    if not found:  # nothing by name: the nearest by the set's CLIP text embedding
+    if not found:  # nothing by name: those sharing most words with it (what the prompt note names)
+        found, how = listed.closest(q, limit or 10), "words"
+    if not found:  # no word in common: the nearest by the set's CLIP text embedding
         from unclip_cli.engine import Engine
 
         found, how = [c for _, c in Engine.load(root, device="cpu").nearest_concepts(q, limit or 10)], "meaning"
@@ -61,8 +63,8 @@ def concepts(
         return
     if not q:
         print(f"{len(listed.entries)} concepts in {Path(root).name}; showing {len(shown)} (--limit 0 shows all):")
-    elif how == "meaning":
-        print(f"No concept is named {printable(q)!r}; the nearest by meaning:")
+    elif how != "name":
+        print(f"No concept is named {printable(q)!r}; the nearest by {'meaning' if how == 'meaning' else 'shared words'}:")
     else:
         print(f"{len(found)} concept{'s' if len(found) != 1 else ''} match {printable(q)!r}" +
               (f"; the first {len(shown)}:" if len(shown) < len(found) else ":"))
