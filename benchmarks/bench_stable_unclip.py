@@ -6,7 +6,7 @@
     python benchmarks/bench_stable_unclip.py --size reduced --device cpu --steps 2 2 --repeats 1 --no-results   # CPU smoke test
 
     # The CPU measurement at 512 px (seconds per decoder step, peak memory), on an idle machine, in two processes so the
-    # peak is the engine's alone: the first builds and converts (random weights, ~10 GB of RAM), the second measures.
+    # peak is the engine's alone: the first builds and converts (random weights, ~7 GB of RAM), the second measures.
     python benchmarks/bench_stable_unclip.py --device cpu --prepare-only --workdir ~/unclip-runs/bench-su
     python benchmarks/bench_stable_unclip.py --device cpu --workdir ~/unclip-runs/bench-su --px 512 --cpu-steps
 
@@ -77,26 +77,27 @@ def timed(fn, device: str, repeats: int) -> tuple[float, list[float]]:
 
 
 def prepare(args, dtype, work: Path):
-    """Build, save and convert (skipped where `work` already holds the converted set): (img2img pipe or None, the
-    diffusers folder, Karlo's prior folder or None, the converted set)."""
+    """Build, save and convert (skipped where `work` already holds the converted set): (the diffusers folder, Karlo's
+    prior folder or None, the converted set). Each pipeline is freed once saved (full size, by parameter count: ~6.5 GB, then ~4.6 GB)."""
     from unclip_cli.convert import random_karlo, stable_unclip
     from unclip_cli.convert import random_stable_unclip as R
 
     folder = R.HUB_FOLDERS[0 if args.variant == "small" else 1]
     src, prior, dst = work / folder, (work / "karlo-v1-alpha") if args.variant == "small" else None, work / "converted"
     if (dst / "decoder.safetensors").is_file() and (src / "model_index.json").is_file():
-        return None, src, prior, dst
+        return src, prior, dst
     configs = R.hub_configs(folder)
     configs = R.reduce(configs) if args.size == "reduced" else configs
     print(f"building a random {args.size} {folder} on {args.device}…", file=sys.stderr)
     pipe = R.build_from_configs(configs, seed=0, device=args.device, dtype=dtype)
     R.save_as_hub(pipe, configs, src)
+    del pipe
+    gc.collect()
     if prior is not None:
         R.save_karlo_prior(prior, seed=1, changes=random_karlo.REDUCED if args.size == "reduced" else {})
-    pipe.to("cpu")
     print("converting…", file=sys.stderr)
     stable_unclip.convert(src, dst, prior=prior, dtype=torch.float16 if dtype == torch.float16 else torch.float32, force=True)
-    return pipe, src, prior, dst
+    return src, prior, dst
 
 
 def inputs(px: int):
@@ -118,7 +119,7 @@ def requests(ops, n: int, steps, px: int | None):
     common = dict(seed=0, decoder_steps=ds, batch_size=n, size=px)
     made = {"vary": VaryRequest(image=a, n=n, strength=1.0, **common),
             "generate": GenerateRequest(prompt=PROMPT, n=n, prior_steps=ps, **common),
-            "blend": BlendRequest(image_a=a, image_b=b, frames=n, **common),
+            "blend": BlendRequest(image_a=a, image_b=b, frames=max(2, n), **common),
             "nudge": NudgeRequest(image=a, to="a cat", n=n, **common),
             "edit": EditRequest(image=a, mask=mask, prompt=PROMPT, n=n, prior_steps=ps, **common),
             "mix": MixRequest(images=[a, b], prompts=[PROMPT], n=n, prior_steps=ps, **common)}
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
     if args.variant == "h":
         args.ops = [op for op in args.ops if op not in ("generate", "edit", "mix")]  # no prior makes ViT-H embeddings
     t0 = time.perf_counter()
-    pipe, src, prior, dst = prepare(args, dtype, work)
+    src, prior, dst = prepare(args, dtype, work)
     t_prepare = time.perf_counter() - t0
     if args.prepare_only:
         print(f"prepared in {t_prepare:.0f} s: {dst}", file=sys.stderr)
@@ -233,7 +234,7 @@ def main(argv=None) -> int:
                                                      args.device, args.repeats) + (_peak(args.device),)
 
     body += [
-        f"- {n} image(s) per run at {px} px in one batch, prior {ps} / decoder {ds} steps (blend: {n} frames; edit repaints the middle "
+        f"- {n} image(s) per run at {px} px in one batch, prior {ps} / decoder {ds} steps (blend: {max(2, n)} frames; edit repaints the middle "
         f"quarter); the sets' own guidance (decoder 10, prior 4); median of {args.repeats} runs after a warm-up",
         "",
         "| operation | implementation | s per run | s per image | runs (s) | peak memory |",
