@@ -173,9 +173,10 @@ def _square(seed=2, size=32):
     return Image.fromarray((np.random.default_rng(seed).random((size, size, 3)) * 255).astype(np.uint8))
 
 
-@pytest.mark.parametrize("level", [0, 600])
-def test_img2img_vary_end_to_end_matches_diffusers_in_float64(level, su64, monkeypatch):
-    """diffusers' StableUnCLIPImg2ImgPipeline (empty prompt, guidance 10, DDIM eta 0) against `vary` from fresh noise."""
+@pytest.mark.parametrize("level, prompt", [(0, ""), (600, ""), (0, "a horse")])
+def test_img2img_vary_end_to_end_matches_diffusers_in_float64(level, prompt, su64, monkeypatch):
+    """diffusers' StableUnCLIPImg2ImgPipeline (guidance 10, DDIM eta 0; its prompt empty, or a caption for the decoder)
+    against `vary` from fresh noise."""
     import dataclasses
 
     from unclip_cli.requests import VaryRequest
@@ -183,8 +184,8 @@ def test_img2img_vary_end_to_end_matches_diffusers_in_float64(level, su64, monke
     img2img, _, ours, theirs, mine = su64
     monkeypatch.setattr(ours, "sampling", dataclasses.replace(ours.sampling, noise_level=level))
     img = _square()
-    ref, ref_draws = theirs(lambda: img2img(image=img, num_inference_steps=4, noise_level=level, output_type="np"), seed=3)
-    out, draws = mine(VaryRequest(image=img, seed=0, strength=1.0, decoder_steps=4), seed=3, monkeypatch=monkeypatch)
+    ref, ref_draws = theirs(lambda: img2img(image=img, prompt=prompt, num_inference_steps=4, noise_level=level, output_type="np"), seed=3)
+    out, draws = mine(VaryRequest(image=img, seed=0, strength=1.0, decoder_steps=4, prompt=prompt), seed=3, monkeypatch=monkeypatch)
     assert draws == ref_draws  # the embedding's noise, then the latent's, in the same order
     assert out.shape == ref.shape == (1, 32, 32, 3)
     assert (out - ref).abs().max() <= 1e-6

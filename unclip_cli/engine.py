@@ -401,7 +401,12 @@ class Engine:
             tick = _ticker(callback, b, len(chunks))
             rows = [k for k, _ in chunk]
             noise = Noise([reqs[k].item_seed(i) for k, i in chunk], self.device)
-            denoise = self.decoder_denoiser(z_i[rows], scale, noise=noise, noise_level=reqs[0].noise_level)
+            caption = (None, None, None)  # no caption: the set's (vary's default)
+            if reqs[0].prompt:  # the decoder's caption, as Stable unCLIP's img2img pipeline takes one
+                z_dec, states, mask, _ = self._encode_decoder_text([reqs[k].prompt for k in rows])
+                caption = (z_dec, states, mask)
+            denoise = self.decoder_denoiser(z_i[rows], scale, caption[1], caption[2], z_t=caption[0], noise=noise,
+                                            noise_level=reqs[0].noise_level)
             sampler, eta = "ddim", strength
             if x_T is None:  # fresh noise: as text-to-image decoding starts
                 x_init, t_init = self.decoder_start(noise), self.sampling.decoder_t_start

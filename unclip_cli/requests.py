@@ -421,17 +421,23 @@ class VaryRequest(Request):
     fit: str = "crop"
     guidance_ramp: bool = True  # invert unguided, guide in proportion to strength (False: recipes from before it)
     noise_level: int | None = None  # MAX_NOISE_LEVEL's; the engine records the level that ran
+    # A caption for the decoder (its text encoder's; Stable unCLIP's img2img prompt), "" for none: the image alone
+    prompt: str = ""
 
     @property
     def inverts(self) -> bool:
         return self.strength < 1
 
     def _shared_own(self):
-        return (self.strength, self.guidance_ramp, self.noise_level)
+        return (self.strength, self.guidance_ramp, self.noise_level, bool(self.prompt))
 
     def _validate_own(self, label):
         return {"strength": check_number(label("strength"), self.strength, 0, 1, hint="0 reconstructs the input, 1 starts from fresh noise"),
+                "prompt": check_text(label("prompt"), self.prompt, allow_empty=True),
                 **_fit_field(self, label), **_noise_level_field(self, label)}
+
+    def texts(self):
+        return [("--prompt", self.prompt)] if self.prompt else []
 
     def _load_inputs(self):
         image, notes = _load(self.image, self.fit)
@@ -441,12 +447,13 @@ class VaryRequest(Request):
         return [self.image]
 
     def _recipe_own(self, i):
-        return {"strength": self.strength, "input": source_name(self.image), "fit": self.fit, "guidance_ramp": self.guidance_ramp}
+        return {"strength": self.strength, "input": source_name(self.image), "fit": self.fit, "guidance_ramp": self.guidance_ramp,
+                **({"prompt": self.prompt} if self.prompt else {})}
 
     @classmethod
     def _from_recipe_own(cls, r):
         return {"strength": r.get("strength", DEFAULT_STRENGTH), "fit": r.get("fit", "crop"), "guidance_ramp": r.get("guidance_ramp", False) is True,
-                "noise_level": r.get("noise_level")}
+                "noise_level": r.get("noise_level"), "prompt": r.get("prompt", "")}
 
 
 @dataclass(kw_only=True)

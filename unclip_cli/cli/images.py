@@ -248,6 +248,7 @@ def generate(
   unclip vary photo.png -n 4 --strength 0.3    [dim]# close to the input[/dim]
   unclip vary wide.jpg --fit pad               [dim]# keep the whole picture[/dim]
   unclip vary photo.png --noise-level 300      [dim]# Stable unCLIP: a looser take on the image[/dim]
+  unclip vary photo.png -p "in winter"         [dim]# a caption for the decoder too[/dim]
 """)
 def vary(
     image: ImageArg,
@@ -256,12 +257,14 @@ def vary(
                                                       help="0 reconstructs the input, 1 starts from fresh noise.")] = None,
     fit: FitOpt = None,
     noise_level: NoiseLevelOpt = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", show_default="none",
+                                                  help="A caption for the decoder as well as the image (Stable unCLIP's prompt).")] = None,
     recipe: RecipeOpt = None,
     *, common,
 ) -> None:
     """Make variations that keep the gist of an image (its CLIP embedding, decoded again)."""
     job = Job("vary", common)
-    req = job.request(VaryRequest, recipe, image=image, n=n, strength=strength, fit=_value(fit), noise_level=noise_level)
+    req = job.request(VaryRequest, recipe, image=image, n=n, strength=strength, fit=_value(fit), noise_level=noise_level, prompt=prompt)
     job.images_with_grid(req, _stem(_name_part(image), "vary"))
 
 

@@ -19,6 +19,7 @@ server's own policy or the API's vocabulary:
 | `seed` (extension) | the first image's seed, as `--seed` |
 | `strength` (variations, extension) | as `unclip vary --strength` |
 | `noise_level` (variations and mix, extension) | as `unclip vary --noise-level` (Stable unCLIP sets: 0-999) |
+| `prompt` (variations, extension) | as `unclip vary --prompt`: a caption for the decoder as well as the image |
 | `feather` (edits, extension) | as `unclip edit --feather` (pixels, default 8) |
 
 A request returns at most `max_output_pixels` (n × the pixels of each image; 4096² by default): an edit keeps
@@ -313,8 +314,10 @@ def plan_vary(f: Fields, native: int, steps: dict) -> Planned:
     extra = {"strength": f.number("strength")} if f.has("strength") else {}
     if f.has("noise_level"):
         extra["noise_level"] = f.whole("noise_level")
+    if f.has("prompt"):
+        extra["prompt"] = f.text("prompt")
     req = VaryRequest(image=image, **extra, **_sampling(f, steps))
-    return Planned(req, parse_output(f, native), ["strength", "noise_level", "n", "seed", "quality", "image"], native=native)
+    return Planned(req, parse_output(f, native), ["strength", "noise_level", "prompt", "n", "seed", "quality", "image"], native=native)
 
 
 def plan_blend(f: Fields, native: int, steps: dict) -> Planned:
