@@ -58,6 +58,77 @@ def timed(fn, device: str, repeats: int) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
+def prepare(size: str, device: str, dtype: torch.dtype, work: Path):
+    """A random-weight Karlo pipeline of `size` built by diffusers' classes from the hub's configs, saved with the hub's
+    texts and converted: (the pipeline, on the host; the converted set's folder; facts for the report)."""
+    from unclip_cli.convert import karlo, random_karlo
+
+    t0 = time.perf_counter()
+    print(f"building a random {size} pipeline on {device}…", file=sys.stderr)
+    configs = random_karlo.hub_configs()
+    configs = random_karlo.reduce(configs) if size == "reduced" else configs
+    pipe, var = random_karlo.build_from_configs(configs, seed=0, device=device, dtype=dtype)
+    src, _ = random_karlo.save_as_hub(pipe, var, configs, work)
+    del var
+    pipe.to("cpu")  # out of the accelerator's memory while unclip is timed
+    t_build = time.perf_counter() - t0
+    print("converting…", file=sys.stderr)
+    t0 = time.perf_counter()
+    dst = karlo.convert(src, work / "converted", dtype=torch.float16 if dtype == torch.float16 else torch.float32, force=True)
+    facts = {"build_s": t_build, "convert_s": time.perf_counter() - t0,
+             "src_gb": sum(f.stat().st_size for f in src.rglob("*.safetensors")) / 1e9,
+             "dst_gb": sum(f.stat().st_size for f in dst.glob("*.safetensors")) / 1e9}
+    return pipe, dst, facts
+
+
+PROMPT = "a photo of a corgi on a beach"
+
+
+def time_unclip(dst: Path, device: str, dtype: torch.dtype, n: int, steps, repeats: int, offload: str = "off", precision: str = "fp32"):
+    """Load the converted set (every network read before timing) and time Engine.run; the engine is freed on return.
+    -> ((median s, runs, peak memory), load s, image size, whether random weights gave NaN)."""
+    from unclip_cli.engine import Engine
+    from unclip_cli.requests import GenerateRequest
+
+    _peak_reset(device)
+    t0 = time.perf_counter()
+    engine = Engine.load(dst, device=device, dtype=dtype, offload=offload)
+    if not engine.models.offload:
+        for stage in engine.models.stages:
+            stage.model
+    load_s = time.perf_counter() - t0
+    nan = []
+    finish = Engine.to_images
+    Engine.to_images = lambda self, x: nan.append(not bool(torch.isfinite(x).all())) or finish(self, x.nan_to_num())
+    ps, ds, ss = steps
+    req = GenerateRequest(prompt=PROMPT, n=n, seed=0, batch_size=n, prior_steps=ps, decoder_steps=ds, upsampler_steps=ss,
+                          precision=precision)
+    try:
+        timing = timed(lambda: engine.run(req), device, repeats) + (_peak(device),)
+    finally:
+        Engine.to_images = finish
+    return timing, load_s, engine.image_size, any(nan)
+
+
+def time_diffusers(pipe, device: str, n: int, steps, repeats: int, bf16: bool = False):
+    """Time diffusers' UnCLIPPipeline (the pipeline built by `prepare`, not from_pretrained: diffusers' model_index names
+    text_proj's class, which it does not export); bf16: under CPU bfloat16 autocast, as unclip's --precision bf16."""
+    import contextlib
+
+    _peak_reset(device)
+    theirs = pipe.to(device)
+    theirs.set_progress_bar_config(disable=True)
+    gen = torch.Generator(device).manual_seed(0)
+    ps, ds, ss = steps
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            theirs(PROMPT, num_images_per_prompt=n, prior_num_inference_steps=ps, decoder_num_inference_steps=ds,
+                   super_res_num_inference_steps=ss, generator=gen, output_type="np")
+
+    return timed(run, device, repeats) + (_peak(device),)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=("reduced", "karlo"), default="karlo")
@@ -73,69 +144,22 @@ def main(argv=None) -> int:
     apply_threads(args.threads)
     start_load = os.getloadavg()
     dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
-    from unclip_cli.convert import karlo, random_karlo
-    from unclip_cli.engine import Engine
-    from unclip_cli.requests import GenerateRequest
-
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-karlo-"))
-    t0 = time.perf_counter()
-    print(f"building a random {args.size} pipeline on {args.device}…", file=sys.stderr)
-    configs = random_karlo.hub_configs()
-    configs = random_karlo.reduce(configs) if args.size == "reduced" else configs
-    pipe, var = random_karlo.build_from_configs(configs, seed=0, device=args.device, dtype=dtype)
-    src, _ = random_karlo.save_as_hub(pipe, var, configs, work)
-    del var
-    pipe.to("cpu")  # out of the accelerator's memory while unclip is timed
-    t_build = time.perf_counter() - t0
-    print("converting…", file=sys.stderr)
-    t0 = time.perf_counter()
-    dst = karlo.convert(src, work / "converted", dtype=torch.float16 if dtype == torch.float16 else torch.float32, force=True)
-    t_convert = time.perf_counter() - t0
-    size_gb = sum(f.stat().st_size for f in dst.glob("*.safetensors")) / 1e9
-
+    pipe, dst, facts = prepare(args.size, args.device, dtype, work)
     n, (ps, ds, ss) = args.n, args.steps
     results = {}
-
-    def time_unclip():
-        """Load the converted set (every network read before timing) and time Engine.run; the engine is freed on return."""
-        _peak_reset(args.device)
-        t0 = time.perf_counter()
-        engine = Engine.load(dst, device=args.device, dtype=dtype, offload=args.offload)
-        if not engine.models.offload:
-            for stage in engine.models.stages:
-                stage.model
-        load_s = time.perf_counter() - t0
-        nan = []
-        finish = Engine.to_images
-        Engine.to_images = lambda self, x: nan.append(not bool(torch.isfinite(x).all())) or finish(self, x.nan_to_num())
-        req = GenerateRequest(prompt="a photo of a corgi on a beach", n=n, seed=0, batch_size=n, prior_steps=ps, decoder_steps=ds,
-                              upsampler_steps=ss)
-        try:
-            timing = timed(lambda: engine.run(req), args.device, args.repeats) + (_peak(args.device),)
-        finally:
-            Engine.to_images = finish
-        return timing, load_s, engine.image_size, any(nan)
-
     print("timing unclip…", file=sys.stderr)
-    results["unclip"], t_load, size, nan = time_unclip()
+    results["unclip"], t_load, size, nan = time_unclip(dst, args.device, dtype, n, args.steps, args.repeats, args.offload)
     gc.collect()  # unclip's engine is gone before diffusers' peak is measured
-    _peak_reset(args.device)
-    # The pipeline built above, not from_pretrained: diffusers' model_index names text_proj's class, which it does not export.
-    theirs = pipe.to(args.device)
-    theirs.set_progress_bar_config(disable=True)
-    gen = torch.Generator(args.device).manual_seed(0)
     print("timing diffusers…", file=sys.stderr)
-    results["diffusers"] = timed(lambda: theirs("a photo of a corgi on a beach", num_images_per_prompt=n, prior_num_inference_steps=ps,
-                                                decoder_num_inference_steps=ds, super_res_num_inference_steps=ss, generator=gen,
-                                                output_type="np"), args.device, args.repeats) + (_peak(args.device),)
+    results["diffusers"] = time_diffusers(pipe, args.device, n, args.steps, args.repeats)
 
-    src_bytes = sum(f.stat().st_size for f in src.rglob("*.safetensors"))
     body = machine_lines() + [
         load_note(start_load),
         f"- Device: {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
         + f", {str(dtype).replace('torch.', '')}; unclip --offload {args.offload}",
-        f"- Random-weight Karlo pipeline, size `{args.size}` ({src_bytes / 1e9:.2f} GB of diffusers safetensors); built and saved in "
-        f"{t_build:.0f} s, converted in {t_convert:.0f} s to {size_gb:.2f} GB; unclip loaded it in {t_load:.1f} s",
+        f"- Random-weight Karlo pipeline, size `{args.size}` ({facts['src_gb']:.2f} GB of diffusers safetensors); built and saved in "
+        f"{facts['build_s']:.0f} s, converted in {facts['convert_s']:.0f} s to {facts['dst_gb']:.2f} GB; unclip loaded it in {t_load:.1f} s",
         f"- {n} images at {size} px in one batch, steps prior/decoder/super-res {ps}/{ds}/{ss}, guidance 4 / 8; median of "
         f"{args.repeats} runs after a warm-up" + ("; random weights gave NaN in unclip's output (timed anyway)" if nan else ""),
         "",

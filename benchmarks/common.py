@@ -20,9 +20,9 @@ sys.path.insert(0, str(REPO))
 from unclip_cli.evaluate import machine_info  # noqa: E402
 
 
-def matmul_peak(n: int = 2048, repeats: int = 8) -> dict:
-    """The machine's fp32 matmul throughput: the best of `repeats` (n x n) @ (n x n) products."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(n: int = 2048, repeats: int = 8, dtype: torch.dtype = torch.float32) -> dict:
+    """The machine's matmul throughput in `dtype` (fp32 by default): the best of `repeats` (n x n) @ (n x n) products."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm-up: thread pool, caches
     best = float("inf")
     for _ in range(repeats):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -295,10 +297,36 @@ def test_inference_does_not_import_open_clips_model_zoo():
         "import sys; from unclip_cli.models.clip import Clip, ClipConfig, bpe_tokenizer; "
         "Clip(ClipConfig(image_size=8, patch_size=4, vision_width=32, vision_layers=1, vision_head_width=16, "
         "context_length=8, vocab_size=16, text_width=32, text_heads=2, text_layers=1)).tokenize(['a cat']); "
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('open_clip', 'torchvision', 'timm')))"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('open_clip', 'torchvision', 'timm', 'ftfy')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert out.strip() == "[]"  # nor ftfy for a plain English prompt (0.1 s)
+
+
+def test_tokens_equal_open_clips_own_tokenizer_with_ftfy():
+    """bpe_tokenizer skips ftfy for printable ASCII without "&", which ftfy leaves as it is: checked on 3,000
+    random such strings (seeded), and the tokens of texts ftfy does change equal those of open_clip's module."""
+    import importlib.util
+    import random
+    import string
+
+    import ftfy
+
+    from unclip_cli.models import clip as clip_mod
+
+    rng = random.Random(0)
+    alphabet = [c for c in string.printable[:95] if c != "&"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(3000)]
+    texts += [w + " face" for w in ("cat", "grinning", "O'Brien's", "x < y > z", "100% {ok} [a|b] ~`^")]
+    assert all(ftfy.fix_text(t) == t for t in texts if clip_mod._FTFY_NOOP.fullmatch(t))
+    package = Path(next(iter(importlib.util.find_spec("open_clip").submodule_search_locations)))
+    spec = importlib.util.spec_from_file_location("_reference_tokenizer", package / "tokenizer.py")
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)  # with the real ftfy
+    changed = ["caf\u00c3\u00a9 &amp; cr\u00e8me", "\u201ccurly\u201d quotes", "ｆｕｌｌ ｗｉｄｔｈ", "a\x1b[31mred\x1b[0m cat",
+               "line\r\nbreak", "猫脸 &lt;3", "ﬁsh"]
+    for t in texts[:200] + changed:
+        assert bpe_tokenizer().encode(t) == ref._tokenizer.encode(t), t
 
 
 CORPUS = ["a red circle", "a blue square emoji", "红色的圆", "蓝色 方块"]

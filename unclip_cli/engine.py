@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import unclip_cli
-from unclip_cli.device import pick_device
+from unclip_cli.device import pick_device, resolve_precision, set_allows_bf16
 from unclip_cli.diffusion.gaussian import make_denoiser
 from unclip_cli.diffusion.guidance import guided
 from unclip_cli.diffusion.policy import DECODER_T_START, decoder_denoiser, noise_augment, noised_mean, where_kept  # noqa: F401  (DECODER_T_START: the emoji start, re-exported)
@@ -164,11 +164,14 @@ class _EditCanvas:
 
 
 class Engine:
-    def __init__(self, models: ModelSet, device: torch.device, dtype: torch.dtype):
+    def __init__(self, models: ModelSet, device: torch.device, dtype: torch.dtype, precision: str = "auto"):
         self.models = models
         self.sampling = models.sampling
         self.device = device
         self.dtype = dtype
+        self.precision = precision  # a request's precision when it names none (`device.PRECISIONS`)
+        self.bf16_ok = set_allows_bf16(models.root)  # the set's precision.json: bf16 measured within fp32's noise
+        self._bf16 = False  # the run in progress computes its denoising networks under bfloat16 autocast
         # Sampling arithmetic runs in float32 (whatever the networks' dtype), or float64 for float64 networks.
         self.work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self._lock = threading.Lock()
@@ -180,16 +183,19 @@ class Engine:
         self._concept_emb: torch.Tensor | None = None
 
     @classmethod
-    def load(cls, weights: str | Path, device: str = "auto", dtype: torch.dtype | None = None, offload: str = "auto") -> "Engine":
+    def load(cls, weights: str | Path, device: str = "auto", dtype: torch.dtype | None = None, offload: str = "auto",
+             precision: str = "auto") -> "Engine":
         """Load a model set (its networks are read on first use). `dtype` overrides the default: fp32 on CPU
         (fp16 there is slow and lossy), half precision on accelerators. `offload` (auto, on, off): whether only
-        the network in use stays loaded (`ModelSet.set_offload`); auto turns it on when the set does not fit."""
+        the network in use stays loaded (`ModelSet.set_offload`); auto turns it on when the set does not fit.
+        `precision` (auto, fp32, bf16): the default of requests that name none; it matters on the CPU only."""
         dev = pick_device(device)
+        resolve_precision(precision, torch.device("cpu"), torch.float32, False)  # an unknown name fails before loading
         if dtype is None:
             dtype = torch.float16 if dev.type in ("cuda", "mps") else torch.float32
         models = load_model_set(weights, device=dev, dtype=dtype)
         models.set_offload(offload)
-        return cls(models, dev, dtype)
+        return cls(models, dev, dtype, precision)
 
     # -- facts ---------------------------------------------------------------------------------------
     @property
@@ -282,7 +288,7 @@ class Engine:
         items = [(k, i) for k, r in enumerate(reqs) for i in range(r.count)]
         wanted = {(k, i) for k, r in enumerate(reqs) for i in r.wanted()}
         chunks = [c for c in (items[s : s + batch] for s in range(0, len(items), batch)) if wanted & set(c)]
-        with self._lock, self._sized(reqs[0]):
+        with self._lock, self._precision(self.precision_of(reqs[0])), self._sized(reqs[0]):
             images, warnings, z_i = getattr(self, f"_{reqs[0].op}")(reqs, chunks, batch, callback)
         slow = []
         if self.device.type == "cpu" and self.models.parameters >= CPU_WARN_PARAMETERS:
@@ -324,6 +330,20 @@ class Engine:
         top = cos.topk(min(k, len(cos)))
         return [(float(v), self.concepts.entries[i]) for v, i in zip(top.values, top.indices.tolist())]
 
+    def precision_of(self, req: Request) -> str:
+        """The precision a request runs in: fp32 or bf16 on the CPU (its own, else the engine's default; auto
+        resolved), the networks' dtype elsewhere."""
+        return resolve_precision(req.precision or self.precision, self.device, self.dtype, self.bf16_ok)
+
+    @contextlib.contextmanager
+    def _precision(self, precision: str):
+        """Run the block's denoising networks under bfloat16 autocast when `precision` is bf16 (CPU only)."""
+        self._bf16 = precision == "bf16" and self.device.type == "cpu"
+        try:
+            yield
+        finally:
+            self._bf16 = False
+
     def recipe(self, req: Request, i: int) -> dict:
         """What reproduces image i of a validated request on this set: its request, samplers and model."""
         size = list(req.inputs().images[0].size) if req.op == "edit" else [req.size or self.image_size] * 2
@@ -343,6 +363,7 @@ class Engine:
             **req.to_recipe(i), **level,
             "sampler": {"prior": rec.prior_sampler, "decoder": decoder, "upsampler": upsampler},
             "model": self.name, "model_hash": self.models.model_hash, "version": unclip_cli.__version__, "size": size,
+            "precision": self.precision_of(req),
         }
 
     # -- operations: each takes the validated requests and the batches of (request, image) to compute --
@@ -600,11 +621,16 @@ class Engine:
     def _model_fn(self, stage):
         """Wrap a stage's network so that it runs in the model's dtype (inputs and conditioning) and returns the
         work dtype. The network is looked up at each call, never held: with --offload, a denoiser kept by a caller
-        does not keep its network in memory after another stage replaced it (it is read again if called)."""
+        does not keep its network in memory after another stage replaced it (it is read again if called).
+
+        Under bf16 the network runs in CPU autocast: matrix products and convolutions in bfloat16, normalisations
+        and softmax in float32 (torch's autocast lists); the sampler's arithmetic stays float32 either way."""
 
         def fn(x, t, **kw):
             kw = {k: v.to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()}
-            return stage.model(x.to(self.dtype), t, **kw).to(self.work_dtype)
+            with torch.autocast("cpu", dtype=torch.bfloat16) if self._bf16 else contextlib.nullcontext():
+                out = stage.model(x.to(self.dtype), t, **kw)
+            return out.to(self.work_dtype)
 
         return fn
 

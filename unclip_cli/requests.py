@@ -256,6 +256,8 @@ class Request:
     # Pixels along the output's side, for sets that decode at several sizes (a latent decoder: Stable unCLIP at 512 below
     # its native 768); None: the set's own size. The engine checks it against the set.
     size: int | None = None
+    # CPU precision of the denoising networks: auto, fp32 or bf16 (device.PRECISIONS); None: the engine's default
+    precision: str | None = None
     index: int | None = None
     _inputs: Inputs | None = field(default=None, init=False, repr=False, compare=False)
     _sampling: SamplingRecipe | None = field(default=None, init=False, repr=False, compare=False)
@@ -307,8 +309,8 @@ class Request:
 
     def shared(self) -> tuple:
         """What requests run in one batch must agree on (the engine samples a batch with one setting)."""
-        return (self.op, self.steps, self.guidance_scale, self.prior_guidance_scale if self.uses_prior else None, self.size,
-                *self._shared_own())
+        return (self.op, self.steps, self.guidance_scale, self.prior_guidance_scale if self.uses_prior else None, self.precision,
+                self.size, *self._shared_own())
 
     def _shared_own(self) -> tuple:
         return ()
@@ -347,6 +349,8 @@ class Request:
             changes["batch_size"] = check_whole(label("batch_size"), self.batch_size, 1, MAX_BATCH)
         if self.size is not None:
             changes["size"] = check_whole(label("size"), self.size, 8, MAX_SIZE, hint="pixels along a side, e.g. 512")
+        if self.precision is not None:
+            changes["precision"] = check_choice(label("precision"), self.precision, PRECISIONS)
         changes.update(self._validate_own(label))
         out = dataclasses.replace(self, **changes)
         if out.index is not None:
@@ -760,6 +764,9 @@ def request_from_recipe(recipe: Any, source: str = "the recipe", **inputs) -> Re
         # A recipe from before decoder candidates existed has none: it was made with one.
         "decoder_candidates": steps.get("decoder_candidates", 1) if steps and cls.uses_prior else None,
         "batch_size": recipe.get("batch_size"), "index": index if op != "blend" else None, "size": recipe.get("image_size"),
+        # A recipe records the precision that ran; one from before that field ran fp32 on a CPU. A GPU's fp16 (or
+        # float64 in tests) is not a CPU choice: such a recipe runs as the engine would by default.
+        "precision": _recorded_precision(recipe.get("precision", "fp32")),
     }
     if op != "blend":
         fields["n"] = recipe.get("n", 1)
@@ -768,6 +775,10 @@ def request_from_recipe(recipe: Any, source: str = "the recipe", **inputs) -> Re
     fields.update(cls._from_recipe_own(recipe))
     req = cls(**fields, **inputs)
     return req.validated(label=lambda f: f"{source}: recipe field '{_RECIPE_KEY.get(f, f)}'")
+
+
+def _recorded_precision(value: Any) -> str | None:
+    return None if value in ("fp16", "fp64") else value
 
 
 _RECIPE_KEY = {"size": "image_size", "prior_steps": "steps.prior", "decoder_steps": "steps.decoder", "upsampler_steps": "steps.upsampler",

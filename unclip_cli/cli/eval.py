@@ -16,7 +16,7 @@ import typer
 import unclip_cli
 from unclip_cli.cli import app
 from unclip_cli.cli.data import default_corpus_dir
-from unclip_cli.cli.options import P_OUTPUT, DeviceChoice, DeviceOpt, QuietOpt, WeightsOpt, resolve_weights
+from unclip_cli.cli.options import P_OUTPUT, DeviceChoice, DeviceOpt, PrecisionOpt, QuietOpt, WeightsOpt, resolve_weights
 
 EVAL_EXAMPLES = """\
 [b]Examples[/b]
@@ -46,6 +46,7 @@ def eval_cmd(
                                                        help="Concept classifier trained apart from the model (`unclip train classifier`): "
                                                             "the independent yardstick.")] = None,
     device: DeviceOpt = DeviceChoice.auto,
+    precision: PrecisionOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -56,6 +57,7 @@ def eval_cmd(
     from unclip_cli.checkpoint import atomic_write
     from unclip_cli.engine import Engine
     from unclip_cli.errors import DataError, InputError
+    from unclip_cli.requests import GenerateRequest
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     weights_dir = resolve_weights(weights)
@@ -74,7 +76,7 @@ def eval_cmd(
         raise DataError(f"no corpus at {data}", hint="build it with `unclip data emoji`, or pass --data SHARDS")
     dataset = ev.load_eval_data(data, prompts, max_items=settings.max_items)
     concepts = _load_classifier(classifier)
-    engine = Engine.load(weights_dir, device=device.value)
+    engine = Engine.load(weights_dir, device=device.value, precision=precision.value if precision else "auto")
     if not quiet:
         n_prompts = min(settings.prompts or len(dataset.prompts), len(dataset.prompts))
         err.print(f"{settings.mode} evaluation of {engine.name} ({weights_dir}): {len(dataset.items)} held-out images, "
@@ -92,8 +94,10 @@ def eval_cmd(
         **result,
         "machine": ev.machine_info(engine.device),
         "device": str(engine.device),
+        "precision": engine.precision_of(GenerateRequest(prompt="x")),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": _command(weights_dir, data, quick, prompts, out, seed, device.value, classifier, max_prompts),
+        "command": _command(weights_dir, data, quick, prompts, out, seed, device.value, classifier, max_prompts,
+                            precision.value if precision else None),
         "wall_seconds": round(time.time() - started, 1),
         "version": unclip_cli.__version__,
     }
@@ -127,7 +131,7 @@ def _load_classifier(path: Optional[Path]):
     return checkpoint.load(path.expanduser(), "classifier")
 
 
-def _command(weights_dir, data, quick, prompts, out, seed, device, classifier=None, max_prompts=None) -> str:
+def _command(weights_dir, data, quick, prompts, out, seed, device, classifier=None, max_prompts=None, precision=None) -> str:
     """The command line that reproduces this run, with every choice spelled out."""
     args = ["unclip", "eval", "--weights", str(weights_dir), "--data", str(data)]
     args += ["--quick"] if quick else []
@@ -135,6 +139,7 @@ def _command(weights_dir, data, quick, prompts, out, seed, device, classifier=No
     args += ["--max-prompts", str(max_prompts)] if max_prompts else []
     args += ["--classifier", str(classifier)] if classifier else []
     args += ["--out", str(out), "--seed", str(seed), "--device", device]
+    args += ["--precision", precision] if precision else []
     return shlex.join(args)
 
 

@@ -20,7 +20,7 @@ import typer
 import unclip_cli
 from unclip_cli.cli import app
 from unclip_cli.errors import WeightsError
-from unclip_cli.requests import DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_PRIOR_GUIDANCE, MAX_N, QUALITY
+from unclip_cli.requests import DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_PRIOR_GUIDANCE, MAX_N, PRECISIONS, QUALITY
 
 P_MODEL, P_SAMPLING, P_OUTPUT = "Model", "Sampling", "Output"
 
@@ -54,6 +54,14 @@ OffloadOpt = Annotated[
                                "memory: how a multi-gigabyte set runs on a small GPU or a 16 GB machine); auto: when the set "
                                "would take over 70% of the free memory.")
 ]
+Precision = Enum("Precision", {m: m for m in PRECISIONS}, type=str)
+PrecisionOpt = Annotated[
+    Optional[Precision], typer.Option("--precision", rich_help_panel=P_MODEL, show_default="auto",
+                                      help="CPU arithmetic of the networks: bf16 is faster where the CPU has it natively (recent "
+                                           "Intel Xeon, AMD Zen 4, Arm v8.6) and rounds differently; auto picks it there when "
+                                           "the set's card measured its quality as fp32's. Recorded; --from reruns the recorded "
+                                           "one. GPUs run fp16 either way.")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON result on stdout instead of file paths.", rich_help_panel=P_OUTPUT)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes on stderr (warnings still show).",
                                         rich_help_panel=P_OUTPUT)]
@@ -81,8 +89,6 @@ PriorGuidanceOpt = _sampling("--prior-guidance", float, "Prior classifier-free g
                              f"the model set's: {DEFAULT_PRIOR_GUIDANCE:g} for emoji, 4 for Karlo")
 BatchSizeOpt = _sampling("--batch-size", int, "Images per model call; lower it if memory runs out. Another batch size changes "
                          "pixels only by rounding; --from reruns the recorded one.", str(DEFAULT_BATCH))
-SizeOpt = _sampling("--batch-size", int, "Images per model call; lower it if memory runs out. Another batch size changes "
-                         "pixels only by rounding; --from reruns the recorded one.", str(DEFAULT_BATCH))
 SizeOpt = _sampling("--size", int, "Output size in pixels, for a model set that decodes at several sizes (Stable unCLIP: "
                    "512 as well as its native 768, at 0.4 of the FLOPs per step).", "the model set's")
 OutOpt = Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder for the results (created if needed).", rich_help_panel=P_OUTPUT)]
@@ -98,6 +104,7 @@ class Common:
     weights: WeightsOpt = None
     device: DeviceOpt = DeviceChoice.auto
     offload: OffloadOpt = Offload.auto
+    precision: PrecisionOpt = None
     seed: SeedOpt = None
     quality: QualityOpt = None
     prior_steps: PriorStepsOpt = None
@@ -117,7 +124,8 @@ class Common:
         """The request fields given on the command line (None = not given)."""
         return {"seed": self.seed, "quality": self.quality.value if self.quality else None, "prior_steps": self.prior_steps,
                 "decoder_steps": self.decoder_steps, "upsampler_steps": self.upsampler_steps, "guidance": self.guidance,
-                "prior_guidance": self.prior_guidance, "batch_size": self.batch_size, "size": self.size}
+                "prior_guidance": self.prior_guidance, "batch_size": self.batch_size, "size": self.size,
+                "precision": self.precision.value if self.precision else None}
 
 
 def _param(name: str, hints: dict, default, kind=inspect.Parameter.KEYWORD_ONLY) -> inspect.Parameter:

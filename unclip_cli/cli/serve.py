@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from unclip_cli.cli import app
-from unclip_cli.cli.options import (DecoderStepsOpt, DeviceChoice, DeviceOpt, PriorStepsOpt, QuietOpt, UpsamplerStepsOpt,
-                                    WeightsOpt, resolve_weights)
+from unclip_cli.cli.options import (DecoderStepsOpt, DeviceChoice, DeviceOpt, PrecisionOpt, PriorStepsOpt, QuietOpt,
+                                    UpsamplerStepsOpt, WeightsOpt, resolve_weights)
 from unclip_cli.errors import InputError
 
 LogLevel = Enum("LogLevel", {v: v for v in ("warning", "info", "debug")}, type=str)
@@ -42,6 +42,7 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest request body, its images included (413 "
                                                                          "above).")] = 20.0,
     device: DeviceOpt = DeviceChoice.auto,
+    precision: PrecisionOpt = None,
     prior_steps: PriorStepsOpt = None,
     decoder_steps: DecoderStepsOpt = None,
     upsampler_steps: UpsamplerStepsOpt = None,
@@ -80,7 +81,7 @@ def serve(
     GenerateRequest(prompt="x", **steps).validated()  # the step options are checked as every command checks them
 
     weights_dir = resolve_weights(weights)
-    engine = Engine.load(weights_dir, device=device.value)
+    engine = Engine.load(weights_dir, device=device.value, precision=precision.value if precision else "auto")
     sock = bind(host, port)
     loopback = is_loopback(sock)
     settings = Settings(api_key=api_key.strip() if api_key else None, max_queue=max_queue, timeout=timeout,

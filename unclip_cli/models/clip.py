@@ -29,6 +29,9 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import re
+import sys
+import types
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,20 +78,44 @@ class ClipConfig:
     text_projection: bool = True
 
 
+# ftfy (and its 0.1 s import) is only needed for text it could change: it leaves printable ASCII without "&"
+# (no HTML entity, no control character, no mojibake) as it is (tests/test_models.py checks that against ftfy).
+_FTFY_NOOP = re.compile(r"[ -%'-~]*")
+
+
+def _fix_text(text: str) -> str:
+    if _FTFY_NOOP.fullmatch(text):
+        return text
+    import ftfy
+
+    return ftfy.fix_text(text)
+
+
 @functools.lru_cache(maxsize=1)
 def bpe_tokenizer():
     """open_clip's SimpleTokenizer, reading the BPE merges bundled in the package (no download).
 
     `tokenizer.py` is self-contained, so it is loaded from its file: importing it the usual way would run
-    open_clip's `__init__`, which imports every model family (~2.3 s)."""
+    open_clip's `__init__`, which imports every model family (~2.3 s). Its module builds a default tokenizer,
+    which is the one used (building a second costs 0.1 s), and it sees `_fix_text` as ftfy."""
     package = importlib.util.find_spec("open_clip")  # finds the package without importing it
     if package is None or not package.submodule_search_locations:
         raise ImportError("open_clip_torch is not installed: pip install open_clip_torch")
     path = Path(next(iter(package.submodule_search_locations))) / "tokenizer.py"
     spec = importlib.util.spec_from_file_location("unclip_cli._open_clip_tokenizer", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.SimpleTokenizer()
+    lazy_ftfy = types.ModuleType("ftfy")
+    lazy_ftfy.fix_text = _fix_text
+    saved = sys.modules.get("ftfy")
+    sys.modules["ftfy"] = lazy_ftfy
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            del sys.modules["ftfy"]
+        else:
+            sys.modules["ftfy"] = saved
+    return getattr(module, "_tokenizer", None) or module.SimpleTokenizer()
 
 
 class ResidualAttentionBlock(nn.Module):
