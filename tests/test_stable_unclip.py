@@ -356,3 +356,17 @@ def test_serve_offers_variations_with_a_noise_level_and_edits(su_engine):
         assert r.status_code == 200, r.text
         out = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).convert("RGB"))
         assert out.shape == (24, 32, 3) and np.array_equal(out[mask == 0], np.asarray(photo)[mask == 0])
+
+
+def test_without_a_prior_vary_runs_and_edit_says_what_is_missing(su_dirs, tmp_path):
+    from unclip_cli.engine import Engine
+    from unclip_cli.errors import UnclipError
+    from unclip_cli.requests import EditRequest, VaryRequest
+
+    out = stable_unclip.convert(su_dirs[2], tmp_path / "no-prior", dtype=torch.float32)
+    assert "`generate`, `edit`, `nudge`" in (out / "MODEL_CARD.md").read_text()
+    e = Engine.load(out, device="cpu", offload="on")  # and stage by stage: only the network in use is held
+    assert e.models.offload and e.run(VaryRequest(image=_square(), strength=1.0, decoder_steps=2, seed=0)).images[0].size == (32, 32)
+    with pytest.raises(UnclipError, match="has no CLIP text encoder") as err:
+        e.run(EditRequest(image=_square(), box=(0, 0, 0.5, 0.5), prompt="a horse", decoder_steps=2, seed=0))
+    assert "--prior" in err.value.hint

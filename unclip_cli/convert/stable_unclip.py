@@ -355,7 +355,8 @@ def model_card(folder: Folder, pf: Folder | None, files: dict, dtype: torch.dtyp
     rows = "\n".join(f"| `{name}` | {n / 1e6:,.1f} M |" for name, n in params.items())
     prior = (f"- Prior and its CLIP text encoder from `{pf.root.name}` (Karlo v1.0.alpha, creativeml-openrail-m), as diffusers'\n"
              "  StableUnCLIPPipeline pairs them: `generate` and `nudge` work.\n" if pf else
-             "- No prior (converted without `--prior`): `vary`, `blend` and `edit` work; `generate` and `nudge` need one.\n")
+             "- No prior (converted without `--prior`): `vary`, `blend` and `mix` of images work; `generate`, `edit`, `nudge` and\n"
+             "  texts in `mix` need one (and its CLIP text encoder).\n")
     return f"""# Stable unCLIP 2.1, converted
 
 Converted by `unclip convert stable-unclip` from the diffusers {PIPELINE} folder `{folder.root.name}` into unclip's
