@@ -313,6 +313,27 @@ def test_eval_with_a_concept_classifier_trained_apart(tiny_weights, eval_shards,
     assert "--classifier" in json.loads(stdout)["command"]
 
 
+def test_eval_sections_and_precision(tiny_weights, eval_shards, tmp_path, monkeypatch):
+    """--sections measures only the parts named (generate: its own, sharpness and the prior's), and the report
+    records the precision that ran and the command that reproduces it."""
+    import dataclasses
+
+    import unclip_cli.cli.eval as eval_cli
+
+    monkeypatch.setattr(eval_cli, "SHIPPED_CLASSIFIER", tmp_path / "no-classifier.safetensors")
+    monkeypatch.setattr(ev, "QUICK", dataclasses.replace(ev.QUICK, steps=(2, 3, 2)))
+    out = tmp_path / "metrics.json"
+    code, stdout, err = _cli("eval", "--weights", tiny_weights, "--data", eval_shards, "--quick", "--out", out, "--json",
+                             "--device", "cpu", "--sections", "generate", "--precision", "bf16")
+    assert code == 0, err
+    saved = json.loads(stdout)
+    assert set(saved["metrics"]) == {"generate", "sharpness", "prior"} and set(saved["seconds"]) == {"generate"}
+    assert saved["precision"] == "bf16" and "--sections generate" in saved["command"] and "--precision bf16" in saved["command"]
+    for bad in ("vary,bogus", ","):
+        code, _, err = _cli("eval", "--weights", tiny_weights, "--data", eval_shards, "--quick", "--out", out, "--sections", bad)
+        assert code != 0 and "--sections" in err
+
+
 def test_concept_hits_count_unknown_concepts_as_misses():
     import torch
 

@@ -477,9 +477,14 @@ class _Counter:
             self.progress(Tick(self.section, self.done, self.total))
 
 
-def evaluate(engine, data: EvalData, settings: Settings = QUICK, progress: Callback = None, classifier=None) -> dict:
+SECTIONS = ("clip", "generate", "vary", "blend", "edit", "classifier")
+
+
+def evaluate(engine, data: EvalData, settings: Settings = QUICK, progress: Callback = None, classifier=None,
+             sections: Sequence[str] = SECTIONS) -> dict:
     """Measure a model set on held-out data: {"settings", "sampling", "seconds", "metrics", "notes"}.
-    Every section states its own sample counts inside "metrics"."""
+    Every section states its own sample counts inside "metrics". `sections` picks some of SECTIONS (the
+    classifier's scores the generated images, so it brings generate along)."""
     from unclip_cli.requests import BlendRequest, GenerateRequest
 
     fixed = {}
@@ -488,7 +493,11 @@ def evaluate(engine, data: EvalData, settings: Settings = QUICK, progress: Callb
     base = GenerateRequest(prompt="-", quality=settings.quality, seed=settings.seed, **fixed).validated()
     steps, guidance, prior_guidance = base.steps, base.guidance_scale, base.prior_guidance_scale
     blend_steps = _like(base, BlendRequest).steps  # what `unclip blend` takes: more decoder steps
-    sections = {
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown eval sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    wanted = set(sections) | ({"generate"} if "classifier" in sections else set())
+    run = {
         "clip": _clip_section,
         "generate": _generate_section,
         "vary": _vary_section,
@@ -498,7 +507,9 @@ def evaluate(engine, data: EvalData, settings: Settings = QUICK, progress: Callb
     }
     ctx = _Context(engine, data, settings, base, steps, guidance, prior_guidance, progress, blend_steps, classifier)
     metrics, seconds = {}, {}
-    for name, fn in sections.items():
+    for name, fn in run.items():
+        if name not in wanted:
+            continue
         t = time.perf_counter()
         metrics.update(fn(ctx))
         seconds[name] = round(time.perf_counter() - t, 2)

@@ -47,6 +47,10 @@ def eval_cmd(
                                                             "the independent yardstick.")] = None,
     device: DeviceOpt = DeviceChoice.auto,
     precision: PrecisionOpt = None,
+    sections: Annotated[Optional[str], typer.Option("--sections", metavar="LIST", show_default="all",
+                                                    help="Comma-separated parts to measure: clip, generate, vary, blend, edit, "
+                                                         "classifier (which brings generate along; generate and classifier "
+                                                         "alone take about half the time).")] = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -57,7 +61,7 @@ def eval_cmd(
     from unclip_cli.checkpoint import atomic_write
     from unclip_cli.engine import Engine
     from unclip_cli.errors import DataError, InputError
-    from unclip_cli.requests import GenerateRequest
+    from unclip_cli.requests import GenerateRequest, shown
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     weights_dir = resolve_weights(weights)
@@ -65,6 +69,11 @@ def eval_cmd(
     if out.is_dir():
         raise InputError(f"--out {out} is a folder", hint="give a file name, e.g. --out metrics.json")
     settings = dataclasses.replace(ev.QUICK if quick else ev.FULL, seed=seed)
+    parts = ev.SECTIONS if sections is None else tuple(p.strip() for p in sections.split(",") if p.strip())
+    bad = [p for p in parts if p not in ev.SECTIONS]
+    if bad or not parts:
+        raise InputError(f"--sections: {'unknown part ' + shown(bad[0]) if bad else 'names no part'}",
+                         hint=f"choose from {', '.join(ev.SECTIONS)}")
     if max_prompts is not None:
         settings = dataclasses.replace(settings, prompts=max_prompts if settings.prompts is None else min(max_prompts, settings.prompts))
     started = time.time()
@@ -85,7 +94,7 @@ def eval_cmd(
     from unclip_cli.cli.progress import Bars
 
     with Bars(err, enabled=not quiet and err.is_terminal) as bars:
-        result = ev.evaluate(engine, dataset, settings, progress=bars, classifier=concepts)
+        result = ev.evaluate(engine, dataset, settings, progress=bars, classifier=concepts, sections=parts)
     report = {
         "model": {"name": engine.name, "path": str(weights_dir), "model_hash": engine.models.model_hash,
                   "base_size": engine.base_size, "image_size": engine.image_size},
@@ -97,7 +106,7 @@ def eval_cmd(
         "precision": engine.precision_of(GenerateRequest(prompt="x")),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": _command(weights_dir, data, quick, prompts, out, seed, device.value, classifier, max_prompts,
-                            precision.value if precision else None),
+                            precision.value if precision else None, None if sections is None else ",".join(parts)),
         "wall_seconds": round(time.time() - started, 1),
         "version": unclip_cli.__version__,
     }
@@ -131,7 +140,8 @@ def _load_classifier(path: Optional[Path]):
     return checkpoint.load(path.expanduser(), "classifier")
 
 
-def _command(weights_dir, data, quick, prompts, out, seed, device, classifier=None, max_prompts=None, precision=None) -> str:
+def _command(weights_dir, data, quick, prompts, out, seed, device, classifier=None, max_prompts=None, precision=None,
+             sections=None) -> str:
     """The command line that reproduces this run, with every choice spelled out."""
     args = ["unclip", "eval", "--weights", str(weights_dir), "--data", str(data)]
     args += ["--quick"] if quick else []
@@ -140,6 +150,7 @@ def _command(weights_dir, data, quick, prompts, out, seed, device, classifier=No
     args += ["--classifier", str(classifier)] if classifier else []
     args += ["--out", str(out), "--seed", str(seed), "--device", device]
     args += ["--precision", precision] if precision else []
+    args += ["--sections", sections] if sections else []
     return shlex.join(args)
 
 
