@@ -76,3 +76,43 @@ def test_unclip_h_converts_without_a_prior_and_refuses_karlo_s(hub, tmp_path):
     e = Engine.load(out, device="cpu")
     result = e.run(VaryRequest(image=Image.new("RGB", (64, 64), "teal"), seed=0, strength=1.0, decoder_steps=2))
     assert result.images[0].size == (64, 64)
+
+
+def test_unclip_small_vary_matches_diffusers_in_float64(hub, small_set, monkeypatch):
+    """The real layout (four levels, attention at three, upcast attention, the x8 autoencoder, the legacy text ids)
+    against diffusers' StableUnCLIPImg2ImgPipeline loaded from the same folder, both in float64 with the same noise."""
+    import diffusers.schedulers.scheduling_ddpm as ddpm
+    from diffusers import StableUnCLIPImg2ImgPipeline
+    from test_karlo import Draws
+
+    from unclip_cli import engine as engine_mod
+
+    dirs, _ = hub
+    pipe = StableUnCLIPImg2ImgPipeline.from_pretrained(dirs[SMALL]).to(torch.float64)
+    pipe.set_progress_bar_config(disable=True)
+    # At the image encoder's own size (56): resized, transformers' processor and ours (PIL's, as OpenAI's CLIP) differ by up
+    # to a grey level (test_karlo's preprocessing test), which moves this output by 5e-4
+    img = Image.fromarray((np.random.default_rng(3).random((56, 56, 3)) * 255).astype(np.uint8))
+    draws = Draws(1)
+    modules = (ddpm, __import__(type(pipe).__module__, fromlist=["x"]))
+    for m in modules:
+        monkeypatch.setattr(m, "randn_tensor", lambda shape, **kw: draws(shape))
+    ref = torch.from_numpy(pipe(image=img, prompt="a horse", num_inference_steps=3, noise_level=300, output_type="np").images)
+    ref_sizes, draws = draws.sizes, Draws(1)
+
+    class Noise:
+        def __init__(self, seeds, device):
+            self.n = len(seeds)
+
+        def __call__(self, *shape):
+            return draws((self.n, *shape))
+
+    finished = []
+    finish = Engine.to_images
+    monkeypatch.setattr(engine_mod, "Noise", Noise)
+    monkeypatch.setattr(Engine, "to_images", lambda self, x: finished.append(x) or finish(self, x))
+    Engine.load(small_set, device="cpu", dtype=torch.float64).run(
+        VaryRequest(image=img, seed=0, strength=1.0, decoder_steps=3, noise_level=300, prompt="a horse"))
+    out = (finished[0] * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    assert draws.sizes == ref_sizes and out.shape == ref.shape == (1, 64, 64, 3)
+    assert (out - ref).abs().max() <= 1e-6 and ref.std() > 0.02
