@@ -281,7 +281,7 @@ def test_eval_quick_end_to_end(tiny_weights, eval_shards, tmp_path, monkeypatch)
     assert g["frechet_clip"] > 0 and m["prior"]["n"] == 10
     sh = m["sharpness"]
     assert sh["size"] == 32 and sh["generated_size"] == 16 and sh["n_generated"] == 10 and sh["bands_px"] == ["8-16", "4-8", "2-4"]
-    assert all(v > 0 for v in sh["share_of_real"])
+    assert all(v > 0 for v in sh["share_of_real"]) and all(0 < v < 1 for v in sh["share_of_real_se"])
     assert -1 <= m["vary"]["cosine_to_source"] <= 1 and m["vary"]["n_style_pairs"] == 5
     assert m["inversion"]["mse"] >= 0 and m["inversion"]["resolution"] == 8
     assert 0 <= m["blend"]["monotone_fraction"] <= m["blend"]["progress_fraction"] <= 1 and m["blend"]["pairs"] == 2

@@ -126,8 +126,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 SHARPNESS_BANDS = ((1 / 16, 1 / 8), (1 / 8, 1 / 4), (1 / 4, 1 / 2))
 
 
-def band_power(images: Sequence[Image.Image], size: int, bands=SHARPNESS_BANDS) -> np.ndarray:
-    """Mean spectral power of the images' luminance in each frequency band, at `size` px: (len(bands),).
+def band_power(images: Sequence[Image.Image], size: int, bands=SHARPNESS_BANDS, per_image: bool = False) -> np.ndarray:
+    """Mean spectral power of the images' luminance in each frequency band, at `size` px: (len(bands),), or each
+    image's (N, len(bands)) with `per_image`.
 
     Each image is resized to size x size (bicubic) and made grey on [0, 1]; its mean is removed and a 2-D
     Hann window tapers the borders (so a border's jump adds no false detail); the power of its Fourier
@@ -139,15 +140,15 @@ def band_power(images: Sequence[Image.Image], size: int, bands=SHARPNESS_BANDS) 
     window = np.outer(np.hanning(size), np.hanning(size))
     masks = [(radius >= lo) & ((radius < hi) if k < len(bands) - 1 else (radius <= hi + 1e-9))
              for k, (lo, hi) in enumerate(bands)]
-    out = np.zeros(len(bands))
-    for img in images:
+    rows = np.zeros((len(images), len(bands)))
+    for i, img in enumerate(images):
         img = img.convert("RGB")
         if img.size != (size, size):
             img = img.resize((size, size), Image.Resampling.BICUBIC)
         grey = np.asarray(img, dtype=np.float64) @ np.array([0.299, 0.587, 0.114]) / 255
         power = np.abs(np.fft.fft2((grey - grey.mean()) * window)) ** 2 / size**2
-        out += [power[m].sum() for m in masks]
-    return out / max(1, len(images))
+        rows[i] = [power[m].sum() for m in masks]
+    return rows if per_image else rows.sum(0) / max(1, len(images))
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -707,9 +708,13 @@ def _sharpness(generated: Sequence[Image.Image], items: Sequence[Item]) -> dict:
     size (the most common one): 1 in every band is as sharp as real; a set whose images are smaller is
     upsampled (bicubic) to that size, as a viewer would show it."""
     size = reference_size(items)
-    gen, real = band_power(generated, size), band_power([it.image for it in items], size)
+    rows, real = band_power(generated, size, per_image=True), band_power([it.image for it in items], size)
+    gen = rows.mean(0) if len(rows) else np.zeros(len(SHARPNESS_BANDS))
+    # the standard error of the generated mean (sampling noise: which prompts and seeds), as a share of real
+    se = rows.std(0, ddof=1) / np.sqrt(len(rows)) / np.maximum(real, 1e-30) if len(rows) > 1 else None
     return {"size": size, "bands_px": [f"{round(1 / hi)}-{round(1 / lo)}" for lo, hi in SHARPNESS_BANDS],
             "generated": gen.tolist(), "real": real.tolist(), "share_of_real": (gen / np.maximum(real, 1e-30)).tolist(),
+            "share_of_real_se": None if se is None else se.tolist(),
             "n_generated": len(generated), "n_real": len(items), "generated_size": max(generated[0].size) if generated else None}
 
 
