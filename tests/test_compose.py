@@ -108,3 +108,49 @@ def test_cli_compose_with_boxes_and_a_rerun(tiny_weights, tmp_path):
     assert cli("compose", "--obj", "no box here", *args).code == 2
     bad = cli("compose", "--obj", "cat:0,0,2,1", *args)
     assert bad.code == 1 and "--obj 1's box" in bad.err
+
+
+def _bench_compose():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_compose.py"
+    spec = importlib.util.spec_from_file_location("bench_compose", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("boxes", [(LEFT, RIGHT), (RIGHT, LEFT), (TOP, BOTTOM)])
+def test_the_strict_checker_wants_the_boxes_apart(boxes):
+    """Two shapes each in its box pass (on a tinted background too); one shape across both boxes fails, as does
+    bench_compose's `merged` calibration case."""
+    from PIL import Image, ImageDraw
+
+    bench = _bench_compose()
+    disc, ring = Image.new("RGB", (64, 64), "white"), Image.new("RGB", (64, 64), "white")
+    ImageDraw.Draw(disc).ellipse((6, 6, 58, 58), fill="red")
+    ImageDraw.Draw(ring).ellipse((6, 6, 58, 58), outline="blue", width=8)
+    apart = bench.paste([disc, ring], boxes)
+    assert bench.separated(apart, boxes)
+    tinted = Image.fromarray((np.asarray(apart) * np.array([0.93, 0.9, 0.97])).astype(np.uint8))
+    assert bench.separated(tinted, boxes)
+    assert not bench.separated(bench.merged([disc, ring], boxes), boxes)
+    across = Image.new("RGB", (128, 128), "white")
+    ImageDraw.Draw(across).rectangle((10, 10, 118, 118), fill="green")
+    assert not bench.separated(across, boxes)
+
+
+def test_a_stopped_bench_run_resumes_from_what_it_stored(tmp_path):
+    """Each finished item is its PNG and a line; a line cut by a kill, or whose image is gone, runs again."""
+    from PIL import Image
+
+    bench = _bench_compose()
+    image = Image.new("RGB", (8, 8), "white")
+    bench.store(tmp_path, 3, "fuse", 1003, image, 2.5)
+    bench.store(tmp_path, 3, "paste", 1003, image, 4.0)
+    (tmp_path / bench.item_file(3, "paste", 1003)).unlink()
+    with open(tmp_path / "results.jsonl", "a") as f:
+        f.write('{"p": 4, "method": "fuse", "se')
+    assert list(bench.load_done(tmp_path)) == [(3, "fuse", 1003)]
+    assert bench.consecutive([1000, 1001, 1003]) == [[1000, 1001], [1003]]
