@@ -118,3 +118,20 @@ def test_the_cli_takes_and_records_precision(tiny_weights, tmp_path):
     assert json.loads(res.out)["images"][0]["recipe"]["precision"] == "bf16"
     bad = cli("generate", "x", "--weights", tiny_weights, "--precision", "fp8", "--out", tmp_path)
     assert bad.code != 0 and "fp8" in bad.err
+
+
+def test_write_precision_allows_bf16_only_within_the_noise():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "write_precision.py"
+    spec = importlib.util.spec_from_file_location("write_precision", path)
+    wp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wp)
+    fp32 = {"prompts": 200, "top1": 0.18, "top5": 0.385, "bands_px": ["8-16", "4-8"], "sharpness": [0.39, 0.36],
+            "sharpness_se": [0.02, 0.02]}
+    # top-5 noise at the mean rate 0.43: sqrt(2 * 0.43 * 0.57 / 200) = 0.050, so 0.09 is within two; sharpness: 0.028
+    ok, rows = wp.decide(fp32, {**fp32, "top5": 0.475, "sharpness": [0.43, 0.33]})
+    assert ok and [round(r["noise"], 3) for r in rows] == [0.038, 0.05, 0.028, 0.028]
+    assert not wp.decide(fp32, {**fp32, "top5": 0.285})[0]  # 0.1 worse: beyond two noises
+    assert not wp.decide(fp32, {**fp32, "sharpness": [0.30, 0.36]})[0]
