@@ -320,7 +320,7 @@ def test_a_long_stage_gets_a_one_line_estimate_from_its_measured_steps():
 
     stage("prior", 25, 3.0, 0.5)  # 0.5 s a step: 11.5 s to go, nothing said
     stage("decoder", 20, 50.0, 31.5, batches=2)  # the first step's one-off costs are not counted
-    assert said == ["decoder: 31.5 s per step (measured), 20 steps: about 5.2 min per image, 20 min to go in this stage"]
+    assert said == ["decoder: 31.5 s per step (measured), 20 steps: about 5.2 min per image in this stage, 20 min to go"]
 
 
 def test_serve_offers_variations_with_a_noise_level_and_edits(su_engine):

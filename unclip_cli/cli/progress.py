@@ -65,4 +65,4 @@ class Estimate:
         if per_step * (steps - 2) >= self.LONG_S:
             per_image = per_step * tick.total / self.images
             self.say(f"{tick.stage}: {per_step:.1f} s per step (measured), {tick.total} steps: about {per_image / 60:.1f} min per "
-                     f"image, {per_step * (steps - 2) / 60:.0f} min to go in this stage")
+                     f"image in this stage, {per_step * (steps - 2) / 60:.0f} min to go")
