@@ -244,7 +244,7 @@ def main(argv=None) -> int:
                     help="the run folder: each finished (prompt, seed, method) image and its line in results.jsonl; a rerun "
                          "with the same settings skips what is there and scores everything from the stored images")
     ap.add_argument("--calibrate-only", action="store_true")
-    ap.add_argument("--score-only", action="store_true", help="score what --out holds; generate nothing")
+    ap.add_argument("--score-only", action="store_true", help="score what --out holds; generate nothing, skip the calibration")
     ap.add_argument("--save", help="a folder for a contact sheet of the first prompts")
     add_run_options(ap)
     args = ap.parse_args(argv)
@@ -263,7 +263,10 @@ def main(argv=None) -> int:
                               "- Checkers: **lenient**, A beats B in box A and B beats A in box B (counts: X in the top 5 of both "
                               "boxes); **strict**, that and, between the boxes, a line at most "
                               f"{GAP_FILL:.0%} covered by anything other than the background (one shape across both boxes fails)"]
-    body += calibration(classifier, index, prompts, real)
+    if args.score_only:  # the calibration is the same on every run (`--calibrate-only` prints it alone)
+        body.append("- Checker calibration: not rerun here (`--calibrate-only`)")
+    else:
+        body += calibration(classifier, index, prompts, real)
     print("\n".join(body), flush=True)
     rows = {}
     if not args.calibrate_only:
