@@ -283,6 +283,9 @@ class Header:
     path: Path
     shapes: dict[str, tuple[int, ...]]
     parameters: int  # the model's parameter count (its buffers, such as statistics, not included)
+    # The meta-device model `inspect` built to check the shapes, kept for the first `materialize` to fill (building a
+    # network's modules again costs about as much as reading its tensors, at every command's start)
+    shell: nn.Module | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 def _build(kind: str, config, path: Path, device: str | torch.device = "meta") -> nn.Module:
@@ -327,7 +330,7 @@ def inspect(path: str | Path, kind: str | None = None) -> Header:
     for k, shape in expected.items():
         if shape != shapes[k]:
             raise WeightsError(f"{path}: tensor {k} has shape {shapes[k]}, config says {shape}")
-    return Header(kind, config, diffusion, extra, path, shapes, sum(p.numel() for p in shell.parameters()))
+    return Header(kind, config, diffusion, extra, path, shapes, sum(p.numel() for p in shell.parameters()), shell)
 
 
 def materialize(header: Header, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
@@ -339,7 +342,7 @@ def materialize(header: Header, device: str | torch.device = "cpu", dtype: torch
     from safetensors import safe_open
 
     path = header.path
-    model = _build(header.kind, header.config, path)
+    model, header.shell = header.shell or _build(header.kind, header.config, path), None  # a shell is filled once
     expected = model.state_dict()
     state = {}
     try:
