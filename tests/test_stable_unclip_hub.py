@@ -116,3 +116,48 @@ def test_unclip_small_vary_matches_diffusers_in_float64(hub, small_set, monkeypa
     out = (finished[0] * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
     assert draws.sizes == ref_sizes and out.shape == ref.shape == (1, 64, 64, 3)
     assert (out - ref).abs().max() <= 1e-6 and ref.std() > 0.02
+
+
+def test_unclip_small_with_karlo_s_prior_text_to_image_matches_diffusers_in_float64(hub, small_set, monkeypatch):
+    """diffusers' StableUnCLIPPipeline assembled from the two hub-layout folders (Karlo's prior under DDPM with its cosine
+    schedule, see random_stable_unclip.text_to_image) against `generate`, both in float64 with the same noise."""
+    import diffusers.schedulers.scheduling_ddpm as ddpm
+    from diffusers import PriorTransformer, StableUnCLIPImg2ImgPipeline, UnCLIPScheduler
+    from test_karlo import Draws
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    from unclip_cli import engine as engine_mod
+
+    dirs, karlo = hub
+    img2img = StableUnCLIPImg2ImgPipeline.from_pretrained(dirs[SMALL])
+
+    class KarloParts:  # what random_stable_unclip.text_to_image reads of a Karlo pipeline
+        tokenizer = CLIPTokenizer.from_pretrained(karlo, subfolder="tokenizer")
+        text_encoder = CLIPTextModelWithProjection.from_pretrained(karlo, subfolder="text_encoder")
+        prior = PriorTransformer.from_pretrained(karlo, subfolder="prior")
+        prior_scheduler = UnCLIPScheduler.from_pretrained(karlo, subfolder="prior_scheduler")  # the class its file names
+
+    pipe = R.text_to_image(img2img, KarloParts).to(torch.float64)
+    assert pipe.prior_scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    pipe.set_progress_bar_config(disable=True)
+    draws = Draws(2)
+    for m in (ddpm, __import__(type(pipe).__module__, fromlist=["x"])):
+        monkeypatch.setattr(m, "randn_tensor", lambda shape, **kw: draws(shape))
+    ref = torch.from_numpy(pipe("a red apple", prior_num_inference_steps=3, num_inference_steps=3, output_type="np").images)
+    ref_sizes, draws = draws.sizes, Draws(2)
+
+    class Noise:
+        def __init__(self, seeds, device):
+            self.n = len(seeds)
+
+        def __call__(self, *shape):
+            return draws((self.n, *shape))
+
+    finished = []
+    finish = Engine.to_images
+    monkeypatch.setattr(engine_mod, "Noise", Noise)
+    monkeypatch.setattr(Engine, "to_images", lambda self, x: finished.append(x) or finish(self, x))
+    Engine.load(small_set, device="cpu", dtype=torch.float64).run(GenerateRequest(prompt="a red apple", seed=0, prior_steps=3, decoder_steps=3))
+    out = (finished[0] * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    assert draws.sizes == ref_sizes and out.shape == ref.shape == (1, 64, 64, 3)
+    assert (out - ref).abs().max() <= 1e-6 and ref.std() > 0.02
