@@ -172,7 +172,8 @@ def test_blend_takes_more_decoder_steps_than_the_quality_preset(tiny_engine):
     assert quality_steps("fast") == fast
     assert quality_steps("fast", "blend") == dataclasses.replace(fast, decoder=BLEND_DECODER_STEP_FACTOR * fast.decoder)
     res = tiny_engine.run(req("blend", steps=None, frames=2, quality="fast", seed=1))
-    assert res.recipes[0]["steps"]["decoder"] == BLEND_DECODER_STEP_FACTOR * fast.decoder  # the recipe holds what ran
+    # the recipe holds what ran: twice fast's steps, raised to the inversion's minimum (40 > 20)
+    assert res.recipes[0]["steps"]["decoder"] == max(BLEND_DECODER_STEP_FACTOR * fast.decoder, tiny_engine.sampling.inversion_steps_min)
     assert tiny_engine.run(req("blend", frames=2, seed=1)).recipes[0]["steps"]["decoder"] == ST.decoder
 
 
@@ -437,3 +438,35 @@ def test_nudge_inverts_unguided_and_guides_by_amount(tiny_engine, monkeypatch):
     res = tiny_engine.run(req("nudge", amount=0.25, guidance=3.0, seed=1, n=2))
     assert seen["invert"] == [1.0] and seen["decode"][-1] == 1.5  # 1 + (3 - 1) * 0.25, one batch for both images
     assert [r["guidance_ramp"] for r in res.recipes] == [True, True]
+
+
+def test_blend_inverts_unguided_and_guides_frames_by_distance_from_the_ends(tiny_engine, monkeypatch):
+    seen = {"invert": [], "decode": []}
+    invert, denoiser = tiny_engine.invert, tiny_engine.decoder_denoiser
+    monkeypatch.setattr(tiny_engine, "invert", lambda z, x, s, g, *a, **kw: seen["invert"].append(g) or invert(z, x, s, g, *a, **kw))
+    monkeypatch.setattr(tiny_engine, "decoder_denoiser", lambda z, g, *a, **kw: seen["decode"].append((z.shape[0], g)) or denoiser(z, g, *a, **kw))
+    res = tiny_engine.run(req("blend", frames=5, guidance=3.0, seed=1))
+    # the inversion of A and B unguided; then one denoiser per scale: the end frames unguided, 1/4 and 3/4 at
+    # 1 + 2 * 0.5, the middle at the full 3
+    assert seen["invert"] == [1.0] and sorted(seen["decode"]) == [(1, 3.0), (2, 1.0), (2, 1.0), (2, 2.0)]
+    assert [r["guidance_ramp"] for r in res.recipes] == [True] * 5
+
+    from unclip_cli.requests import request_from_recipe
+
+    old = {k: v for k, v in res.recipes[2].items() if k != "guidance_ramp"}
+    seen["invert"].clear(), seen["decode"].clear()
+    again = request_from_recipe(old, image_a=IMG_A, image_b=IMG_B)
+    assert again.guidance_ramp is False
+    tiny_engine.run(again)
+    assert seen["invert"] == [3.0] and seen["decode"] == [(2, 3.0), (5, 3.0)]
+
+
+def test_operations_through_an_inversion_take_at_least_the_recipes_inversion_steps():
+    from unclip_cli.diffusion.recipe import KARLO
+
+    fast = dict(quality="fast", image=IMG_A)
+    assert VaryRequest(strength=0.5, **fast).steps.decoder == 40  # fast's 10, raised
+    assert VaryRequest(strength=1.0, **fast).steps.decoder == 10  # fresh noise: no inversion
+    assert NudgeRequest(to="x", **fast).steps.decoder == 40 and BlendRequest(quality="best", image_a=IMG_A, image_b=IMG_B).steps.decoder == 100
+    assert VaryRequest(strength=0.5, decoder_steps=12, **fast).steps.decoder == 12  # explicit steps (and recipes) as given
+    assert VaryRequest(strength=0.5, **fast).under(KARLO).steps.decoder == 15  # a set's own recipe decides

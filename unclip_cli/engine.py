@@ -442,17 +442,24 @@ class Engine:
 
     def _blend(self, reqs, chunks, batch, callback):
         """Interpolation (§3): slerp the two images' z_i, and their DDIM-inverted x_T, so the end frames
-        reconstruct the inputs. All frames share one seed for the upsampler, so they differ only by blend."""
+        reconstruct the inputs. All frames share one seed for the upsampler, so they differ only by blend.
+        As in `_vary`, the inversion is unguided (DDIM retraces only the unguided path: the guided inversion's end
+        frames were not the inputs), and each frame is guided in proportion to its distance from the nearer end
+        (1 at the ends, the full scale midway), one denoiser per scale. Old recipes keep the guided inversion."""
         steps, guidance = reqs[0].steps, reqs[0].guidance_scale
+        ramp = reqs[0].guidance_ramp
         z, x0 = self.base_inputs([im for r in reqs for im in r.inputs().images])  # A, B of each request in turn
-        x_T = self.invert(z, x0, steps.decoder, guidance, batch, callback)
+        x_T = self.invert(z, x0, steps.decoder, 1.0 if ramp else guidance, batch, callback)
         images = {}
         for b, chunk in enumerate(chunks):
             tick = _ticker(callback, b, len(chunks))
             zs = torch.cat([slerp(z[2 * k : 2 * k + 1], z[2 * k + 1 : 2 * k + 2], reqs[k].theta(i)) for k, i in chunk])  # (B, D)
             xs = torch.cat([slerp(x_T[2 * k : 2 * k + 1].flatten(1), x_T[2 * k + 1 : 2 * k + 2].flatten(1), reqs[k].theta(i)).view_as(x_T[:1])
                             for k, i in chunk])
-            x = self.run_decoder(self.decoder_denoiser(zs, guidance), xs, steps.decoder, sampler="ddim", eta=0.0, tick=tick)
+            scales = [1 + (guidance - 1) * (1 - abs(2 * reqs[k].theta(i) - 1)) if ramp else guidance for k, i in chunk]
+            parts = [(rows, self.decoder_denoiser(zs[rows], s)) for s in dict.fromkeys(scales)
+                     for rows in [[r for r, v in enumerate(scales) if v == s]]]
+            x = self.run_decoder(_by_rows(parts), xs, steps.decoder, sampler="ddim", eta=0.0, tick=tick)
             x = self.run_upsamplers(x, Noise([reqs[k].item_seed(i) for k, i in chunk], self.device), steps.upsampler, tick=tick)
             images.update(zip(chunk, self.to_images(x)))
         return images, [[] for _ in reqs], {}
@@ -978,6 +985,19 @@ def concept_embeddings(models: ModelSet, concepts, encode_text) -> torch.Tensor:
     names = [c[lang] or c["en"] for c in concepts.entries for lang in ("en", "zh")]
     emb = torch.cat([encode_text(names[s : s + 512], allow_empty=True)[0] for s in range(0, len(names), 512)])
     return F.normalize(emb.float(), dim=-1).view(n, 2, -1)
+
+
+def _by_rows(parts):
+    """One denoiser from several, each over its rows of the batch: [(rows, denoise)], the rows disjoint."""
+    if len(parts) == 1:
+        return parts[0][1]
+    order = torch.tensor([r for rows, _ in parts for r in rows]).argsort()
+
+    def denoise(x_t, t):
+        outs = [d(x_t[rows], t) for rows, d in parts]
+        return tuple(torch.cat(items)[order] for items in zip(*outs))
+
+    return denoise
 
 
 def _ticker(callback: Callback, b: int, batches: int):

@@ -89,11 +89,14 @@ QUALITY = {q: Steps(*DEFAULT_RECIPE.table(q)) for q in QUALITIES}
 BLEND_DECODER_STEP_FACTOR = DEFAULT_RECIPE.blend_decoder_step_factor  # 2
 
 
-def quality_steps(quality: str, op: str = "generate", recipe: SamplingRecipe = DEFAULT_RECIPE) -> Steps:
-    """The sampler steps of a --quality preset for an operation under a set's recipe (blends take more decoder steps)."""
+def quality_steps(quality: str, op: str = "generate", recipe: SamplingRecipe = DEFAULT_RECIPE, inverts: bool = False) -> Steps:
+    """The sampler steps of a --quality preset for an operation under a set's recipe (blends take more decoder steps,
+    and an operation that decodes through a DDIM inversion at least the recipe's `inversion_steps_min`)."""
     steps = Steps(*recipe.table(quality))
     if op == "blend":
         steps = dataclasses.replace(steps, decoder=steps.decoder * recipe.blend_decoder_step_factor)
+    if inverts:
+        steps = dataclasses.replace(steps, decoder=max(steps.decoder, recipe.inversion_steps_min))
     return steps
 
 
@@ -287,10 +290,15 @@ class Request:
 
     @property
     def steps(self) -> Steps:
-        base = quality_steps(self.quality, self.op, self.sampling)
+        base = quality_steps(self.quality, self.op, self.sampling, self.inverts)
         return Steps(prior=self.prior_steps or base.prior, decoder=self.decoder_steps or base.decoder,
                      upsampler=self.upsampler_steps or base.upsampler,
                      decoder_candidates=self.decoder_candidates or base.decoder_candidates)
+
+    @property
+    def inverts(self) -> bool:
+        """Whether the operation decodes through the DDIM inversion of its input (vary below strength 1, nudge, blend)."""
+        return False
 
     @property
     def guidance_scale(self) -> float:
@@ -469,6 +477,12 @@ class BlendRequest(Request):
     image_b: ImageSource | None = None
     frames: int = DEFAULT_FRAMES
     fit: str = "crop"
+    # invert unguided, guide each frame in proportion to its distance from the nearer end (False: recipes from before it)
+    guidance_ramp: bool = True
+    inverts = True
+
+    def _shared_own(self):
+        return (self.guidance_ramp,)
 
     @property
     def count(self) -> int:
@@ -493,11 +507,11 @@ class BlendRequest(Request):
 
     def _recipe_own(self, i):
         return {"frame": i, "frames": self.frames, "theta": self.theta(i), "fit": self.fit,
-                "inputs": [source_name(self.image_a), source_name(self.image_b)]}
+                "inputs": [source_name(self.image_a), source_name(self.image_b)], "guidance_ramp": self.guidance_ramp}
 
     @classmethod
     def _from_recipe_own(cls, r):
-        return {"frames": r.get("frames", DEFAULT_FRAMES), "fit": r.get("fit", "crop")}
+        return {"frames": r.get("frames", DEFAULT_FRAMES), "fit": r.get("fit", "crop"), "guidance_ramp": r.get("guidance_ramp", False) is True}
 
 
 @dataclass(kw_only=True)
@@ -569,6 +583,8 @@ class NudgeRequest(Request):
     amount: float = DEFAULT_AMOUNT
     fit: str = "crop"
     guidance_ramp: bool = True  # invert unguided, guide in proportion to amount (False: recipes from before it)
+
+    inverts = True
 
     def _shared_own(self):
         return (self.amount if self.guidance_ramp else None, self.guidance_ramp)

@@ -45,6 +45,11 @@ class SamplingRecipe:
     steps_best: tuple[int, int, int, int] = (32, 50, 8, 4)
     # Blends decode through the DDIM inversion of both end images; see requests.BLEND_DECODER_STEP_FACTOR.
     blend_decoder_step_factor: int = 2
+    # Vary (below strength 1), nudge and blend decode through a DDIM inversion, whose error shrinks with the step size:
+    # at the emoji set's 10 fast steps it was as large as what vary's strength 0.2 adds (distance to the input flat from
+    # 0 to 0.3); at 40 it grows with strength (the model card's table). Their decoder steps are at least this (1: their
+    # quality's own steps).
+    inversion_steps_min: int = 40
     guidance: float = 3.0  # the decoder's classifier-free guidance scale when a request gives none
     prior_guidance: float = 1.5
     # The unconditional branch of guidance, and "no caption" where an operation has none (vary, blend, nudge):
@@ -95,6 +100,8 @@ class SamplingRecipe:
             raise ValueError(f"SamplingRecipe.inpaint_resample is {self.inpaint_resample}; it must be at most 20")
         if not 0 <= self.noise_level <= MAX_TIMESTEP:
             raise ValueError(f"SamplingRecipe.noise_level is {self.noise_level}; it must be from 0 to {MAX_TIMESTEP}")
+        if not 1 <= self.inversion_steps_min <= 1000:
+            raise ValueError(f"SamplingRecipe.inversion_steps_min is {self.inversion_steps_min}; it must be from 1 to 1000")
         if self.blend_decoder_step_factor > 10:
             raise ValueError(f"SamplingRecipe.blend_decoder_step_factor is {self.blend_decoder_step_factor}; it must be at most 10")
 
@@ -116,7 +123,7 @@ DEFAULT = SamplingRecipe()
 # Karlo-v1.0.alpha as diffusers' UnCLIPPipeline runs it (prior 25, decoder 25, super-res 7 steps by default;
 # karlo's own "default" configuration takes 50 decoder steps: our `best`), guidance 4 and 8.
 KARLO = SamplingRecipe(
-    steps_fast=(25, 15, 7, 1), steps_default=(25, 25, 7, 1), steps_best=(25, 50, 7, 1),
+    steps_fast=(25, 15, 7, 1), steps_default=(25, 25, 7, 1), steps_best=(25, 50, 7, 1), inversion_steps_min=1,
     guidance=8.0, prior_guidance=4.0, unconditional="empty_caption", timestep_spacing="karlo",
     prior_sampler="ancestral", prior_candidates=1, prior_clamp=5.0,
     decoder_sampler="ancestral", decoder_start="noise", decoder_t_start=999, decoder_clamp=1.0, vary_sampler="decoder",
@@ -129,7 +136,7 @@ KARLO = SamplingRecipe(
 # embedding as the unconditional branch, no clamp, 20 steps; Karlo's prior (for text-to-image) under a DDPM
 # scheduler, 25 steps, guidance 4; noise level 0. No upsampler; edits are RePaint in latent space.
 STABLE_UNCLIP = SamplingRecipe(
-    steps_fast=(25, 10, 1, 1), steps_default=(25, 20, 1, 1), steps_best=(25, 50, 1, 1),
+    steps_fast=(25, 10, 1, 1), steps_default=(25, 20, 1, 1), steps_best=(25, 50, 1, 1), inversion_steps_min=1,
     guidance=10.0, prior_guidance=4.0, unconditional="empty_caption", timestep_spacing="leading1", prior_spacing="leading",
     prior_sampler="ancestral_ddpm", prior_candidates=1, prior_clamp=5.0,
     decoder_sampler="ddim", decoder_eta=0.0, decoder_start="noise", decoder_t_start=999, decoder_clamp=0.0, vary_sampler="decoder",
