@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from unclip_cli.errors import InputError
-from unclip_cli.requests import PRECISIONS
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISION_FILE = "precision.json"
@@ -70,6 +69,8 @@ def set_allows_bf16(root: str | Path) -> bool:
 def resolve_precision(asked: str, device: torch.device, dtype: torch.dtype, set_ok: bool) -> str:
     """The precision a run records: on the CPU in float32 networks, `asked` (auto: bf16 where the CPU has it
     natively and the set allows it, else fp32); elsewhere the networks' own dtype (fp16 on CUDA and MPS)."""
+    from unclip_cli.requests import PRECISIONS  # here: training, which picks devices too, never loads the requests
+
     if device.type != "cpu" or dtype != torch.float32:
         return re.sub(r"^float", "fp", str(dtype).replace("torch.", "")).replace("bfloat16", "bf16")
     if asked not in PRECISIONS:
