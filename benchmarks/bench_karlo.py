@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -26,36 +25,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_run_options, append_results, apply_threads, load_note, machine_lines  # noqa: E402
+from common import add_run_options, append_results, apply_threads, load_note, machine_lines, peak_reset, timed  # noqa: E402
 
 import torch  # noqa: E402
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _peak_reset(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
 def _peak(device: str) -> str:
     return f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.startswith("cuda") else "n/a (CPU)"
 
-
-def timed(fn, device: str, repeats: int) -> tuple[float, list[float]]:
-    fn()  # warm-up: kernels, allocator, caches
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), times
 
 
 def prepare(size: str, device: str, dtype: torch.dtype, work: Path):
@@ -90,7 +69,7 @@ def time_unclip(dst: Path, device: str, dtype: torch.dtype, n: int, steps, repea
     from unclip_cli.engine import Engine
     from unclip_cli.requests import GenerateRequest
 
-    _peak_reset(device)
+    peak_reset(device)
     t0 = time.perf_counter()
     engine = Engine.load(dst, device=device, dtype=dtype, offload=offload)
     if not engine.models.offload:
@@ -115,7 +94,7 @@ def time_diffusers(pipe, device: str, n: int, steps, repeats: int, bf16: bool = 
     text_proj's class, which it does not export); bf16: under CPU bfloat16 autocast, as unclip's --precision bf16."""
     import contextlib
 
-    _peak_reset(device)
+    peak_reset(device)
     theirs = pipe.to(device)
     theirs.set_progress_bar_config(disable=True)
     gen = torch.Generator(device).manual_seed(0)

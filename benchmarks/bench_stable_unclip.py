@@ -31,7 +31,6 @@ import argparse
 import gc
 import os
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_run_options, append_results, apply_threads, load_note, machine_lines  # noqa: E402
+from common import add_run_options, append_results, apply_threads, load_note, machine_lines, peak_reset, timed  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -47,15 +46,6 @@ OPS = ("vary", "generate", "blend", "nudge", "edit", "mix")
 PROMPT = "a photo of a corgi on a beach"
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _peak_reset(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
 def _peak(device: str) -> str:
@@ -63,17 +53,6 @@ def _peak(device: str) -> str:
         return f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB RSS (process)"
 
-
-def timed(fn, device: str, repeats: int) -> tuple[float, list[float]]:
-    fn()  # warm-up: kernels, allocator, caches
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), times
 
 
 def prepare(args, dtype, work: Path):
@@ -159,7 +138,7 @@ def main(argv=None) -> int:
 
     from unclip_cli.engine import Engine
 
-    _peak_reset(args.device)
+    peak_reset(args.device)
     t0 = time.perf_counter()
     engine = Engine.load(dst, device=args.device, dtype=dtype, offload=args.offload)
     load_s = time.perf_counter() - t0
@@ -193,7 +172,7 @@ def main(argv=None) -> int:
     results: dict[str, dict[str, tuple]] = {}
     for op, req in requests(args.ops, n, (ps, ds), args.px).items():
         print(f"timing unclip {op}…", file=sys.stderr)
-        _peak_reset(args.device)
+        peak_reset(args.device)
         results[op] = {"unclip": timed(lambda req=req: engine.run(req), args.device, args.repeats) + (_peak(args.device),)}
     del engine
     gc.collect()  # unclip's engine is gone before diffusers' peak is measured
@@ -210,7 +189,7 @@ def main(argv=None) -> int:
         a = inputs(px)[0]
         if "vary" in theirs_ops:
             print("timing diffusers vary…", file=sys.stderr)
-            _peak_reset(args.device)
+            peak_reset(args.device)
             results["vary"]["diffusers"] = timed(lambda: img2img(image=a, num_inference_steps=ds, num_images_per_prompt=n, height=px,
                                                                  width=px, generator=gen, output_type="np"),
                                                  args.device, args.repeats) + (_peak(args.device),)
@@ -227,7 +206,7 @@ def main(argv=None) -> int:
             ).to(args.device)
             text2img.set_progress_bar_config(disable=True)
             print("timing diffusers generate…", file=sys.stderr)
-            _peak_reset(args.device)
+            peak_reset(args.device)
             results["generate"]["diffusers"] = timed(lambda: text2img(PROMPT, num_images_per_prompt=n, prior_num_inference_steps=ps,
                                                                       num_inference_steps=ds, height=px, width=px, generator=gen,
                                                                       output_type="np"),

@@ -32,6 +32,32 @@ def matmul_peak(n: int = 2048, repeats: int = 8, dtype: torch.dtype = torch.floa
     return {"flops_per_s": 2 * n**3 / best, "n": n, "repeats": repeats, "threads": torch.get_num_threads()}
 
 
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_reset(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def timed(fn, device: str, repeats: int) -> tuple[float, list[float]]:
+    """(median seconds, each run's) of `repeats` calls after a warm-up (kernels, allocator, caches), the device synced."""
+    import statistics
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
 def flop_counter():
     """torch's FlopCounterMode, taught the CPU flash-attention kernels it does not count by itself
     (scaled_dot_product_attention on CPU dispatches to them, and they would count as zero)."""
