@@ -124,7 +124,7 @@ class Job:
         self.recipe_model = (recipe.get("model"), recipe.get("model_hash"))
         return dataclasses.replace(req, **sampling, **given)
 
-    def engine(self):
+    def engine(self, req: Request):
         from unclip_cli.engine import Engine
 
         status = self.err.status("Loading the model…") if (self.err.is_terminal and not self.c.quiet) else None
@@ -135,7 +135,7 @@ class Job:
         finally:
             if status is not None:
                 status.stop()
-        self.note(f"Model {eng.name} from {self.weights_dir} on {eng.device}")
+        self.note(f"Model {eng.name} from {self.weights_dir} on {eng.device} ({eng.precision_of(req)})")
         if eng.models.offload:
             self.note(f"Running stage by stage (--offload): the set takes {eng.models.memory_needed() / 2**30:.1f} GiB "
                       f"on {eng.device}; only the network in use is kept")
@@ -148,7 +148,7 @@ class Job:
         """Load the engine and run the request under the progress bars; show its warnings."""
         from unclip_cli.cli.progress import Bars, Estimate
 
-        self.eng = self.engine()
+        self.eng = self.engine(req)
         estimate = Estimate(self.note, min(req.count, req.effective_batch))
         with Bars(self.err, enabled=self.err.is_terminal and not self.c.quiet) as bars:
             result = self.eng.run(req, callback=lambda tick: (bars(tick), estimate(tick)))
