@@ -4,9 +4,11 @@
 
 Writes PNGs under OUT: generated/ (text to image: English and Chinese emoji names of the concepts the
 independent classifier knows, drawn at random, plus everyday prompts, one seed each), and the other
-operations applied to generated images as a user would chain them: vary/, blend/ (every frame), edit/ (a
-box repainted, feathered as by default), nudge/. Resumable: files already there are kept and counted. Run it twice: once to generate, once with
---skip-generate for the derived operations (on the first --derived generated images); the two may run at once.
+operations applied to the first --derived generated images as a user would chain them, each image with its own
+seeds: vary/ (strengths 0 to 1, two seeds), blend/ (pairs, every frame), edit/ (a random box repainted with another
+image's prompt, feathered as by default), nudge/ (toward 8 texts, up to amounts 0.1 to 0.5 in three steps). Resumable:
+files already there are kept and counted. Run it twice: once to generate, once with --skip-generate for the
+derived operations; several may run at once (--ops: one operation each).
 Emoji names come from the emojibase-data tarball of `unclip data emoji`'s npm cache.
 """
 
@@ -23,6 +25,9 @@ sys.path.insert(0, str(REPO))
 
 EVERYDAY = ["a dog", "a red car", "pizza", "a rocket", "two cats", "猫", "火箭", "a smiling cat", "a red hat", "a starry sky",
             "a tiger", "a house", "a tree", "a birthday cake", "the sun", "a blue bird", "coffee", "a heart"]
+VARY_STRENGTHS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # image k at VARY_STRENGTHS[k % 11]
+NUDGE_AMOUNTS = (0.1, 0.2, 0.3, 0.4, 0.5)
+NUDGE_TO = ("tiger face", "red heart", "sun", "snowflake", "cat face", "rocket", "pizza", "smiling face with sunglasses")
 
 
 def prompts(n: int, seed: int = 0) -> list[str]:
@@ -46,7 +51,10 @@ def main(argv=None) -> None:
     ap.add_argument("--weights", default=str(REPO / "weights" / "emoji"))
     ap.add_argument("--out", type=Path, default=Path.home() / ".cache" / "unclip" / "domain-set")
     ap.add_argument("--generate", type=int, default=512)
-    ap.add_argument("--derived", type=int, default=32, help="generated images each derived operation starts from")
+    ap.add_argument("--derived", type=int, default=150, help="outputs of each derived operation (edit: one per generated image; vary: "
+                                                             "half as many images, two seeds each; nudge: a third, 3 amounts; blend: a "
+                                                             "fifth of them as pairs, 5 frames each)")
+    ap.add_argument("--ops", default="vary,edit,nudge,blend", help="the derived operations to run")
     ap.add_argument("--quality", default="fast")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--skip-generate", action="store_true", help="only the derived operations, on the generated images there")
@@ -63,7 +71,7 @@ def main(argv=None) -> None:
 
     def run(reqs, folder: Path, names: list[str]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        todo = [(r, nm) for r, nm in zip(reqs, names) if not (folder / f"{nm}-0.png").exists()]
+        todo = [(r, nm) for r, nm in zip(reqs, names) if not all((folder / f"{nm}-{i}.png").exists() for i in range(r.count))]
         for s in range(0, len(todo), args.batch):
             part = todo[s : s + args.batch]
             for (r, nm), res in zip(part, engine.run_many([r for r, _ in part], batch_size=args.batch * max(r.count for r, _ in part))):
@@ -80,17 +88,33 @@ def main(argv=None) -> None:
 
     pick = [Image.open(p).convert("RGB") for p in made[: args.derived]]
     n = len(pick)
-    for strength in (0.3, 0.5, 0.8):  # a batch shares its strength
-        ks = [k for k in range(n) if (0.3, 0.5, 0.8)[k % 3] == strength]
-        run([VaryRequest(image=pick[k], seed=k, quality=args.quality, strength=strength) for k in ks], args.out / "vary",
-            [f"{k:04d}" for k in ks])
-    run([EditRequest(image=im, box=(0.25, 0.5, 0.75, 1.0) if k % 2 else (0.0, 0.0, 1.0, 0.4), prompt=texts[(k + 7) % n],
-                     seed=k, quality=args.quality) for k, im in enumerate(pick)], args.out / "edit", [f"{k:04d}" for k in range(n)])
-    run([NudgeRequest(image=im, to=("tiger face", "red heart", "sun", "snowflake")[k % 4], amount=0.3, seed=k, quality=args.quality)
-         for k, im in enumerate(pick)], args.out / "nudge", [f"{k:04d}" for k in range(n)])
-    pairs = [(pick[2 * k], pick[2 * k + 1]) for k in range(n // 4)]
-    run([BlendRequest(image_a=a, image_b=b, frames=5, seed=k, quality=args.quality) for k, (a, b) in enumerate(pairs)],
-        args.out / "blend", [f"{k:04d}" for k in range(len(pairs))])
+    ops = args.ops.split(",")
+    rng = random.Random(1)
+    boxes = []  # a box of 0.3-0.6 of each side, anywhere: one per image
+    for _ in range(n):
+        w, h = rng.uniform(0.3, 0.6), rng.uniform(0.3, 0.6)
+        x, y = rng.uniform(0, 1 - w), rng.uniform(0, 1 - h)
+        boxes.append((round(x, 3), round(y, 3), round(x + w, 3), round(y + h, 3)))
+    # Vary and nudge draw several images per request (one inversion for them all), as a user asking for -n would.
+    if "vary" in ops:  # image k's strength VARY_STRENGTHS[k % 11], two seeds each
+        ks = list(range(n // 2))
+        for strength in VARY_STRENGTHS:  # a batch shares its strength
+            part = [k for k in ks if VARY_STRENGTHS[k % len(VARY_STRENGTHS)] == strength]
+            run([VaryRequest(image=pick[k], n=2, seed=k, quality=args.quality, strength=strength) for k in part], args.out / "vary",
+                [f"{k:04d}" for k in part])
+    if "edit" in ops:
+        run([EditRequest(image=im, box=boxes[k], prompt=texts[(k + 7) % n], seed=k, quality=args.quality) for k, im in enumerate(pick)],
+            args.out / "edit", [f"{k:04d}" for k in range(n)])
+    if "nudge" in ops:  # image k up to NUDGE_AMOUNTS[k % 5] in three steps
+        ks = list(range(n // 3))
+        for amount in NUDGE_AMOUNTS:
+            part = [k for k in ks if NUDGE_AMOUNTS[k % len(NUDGE_AMOUNTS)] == amount]
+            run([NudgeRequest(image=pick[k], n=3, to=NUDGE_TO[k % len(NUDGE_TO)], amount=amount, seed=k, quality=args.quality)
+                 for k in part], args.out / "nudge", [f"{k:04d}" for k in part])
+    if "blend" in ops:
+        pairs = [(pick[2 * k], pick[2 * k + 1]) for k in range(n // 5)]
+        run([BlendRequest(image_a=a, image_b=b, frames=5, seed=k, quality=args.quality) for k, (a, b) in enumerate(pairs)],
+            args.out / "blend", [f"{k:04d}" for k in range(len(pairs))])
     print(f"done in {time.time() - t0:.0f} s", file=sys.stderr)
 
 

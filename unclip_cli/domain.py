@@ -4,10 +4,10 @@ A model trained on emoji turns a photograph into abstract texture, and a user de
 says why. A model set may carry `domain.json` (scripts/calibrate_domain.py writes it; the model card has
 its numbers), which turns on two checks whose thresholds were calibrated on held-out data:
 
-- images: the share of near-white pixels of the square the model sees. Every training image was
-  flattened onto white, and held-out emoji keep a large white share (2nd percentile 0.235 for
-  `weights/emoji`) where photographs have almost none. Neighbours in the set's CLIP space did not
-  separate them: the emoji CLIP maps photographs into its emoji manifold.
+- images: the share of near-white pixels of the square the model sees (every training image was flattened
+  onto white), or a border ring mostly of one saturated or pale colour (emoji on a coloured background,
+  drawings that fill the frame, and the tinted backgrounds of the set's own outputs). Neighbours in the set's
+  CLIP space did not separate them: the emoji CLIP maps photographs into its emoji manifold.
 - prompts: words that never occurred in a training caption. The set's CLIP has a row only for the
   tokens of its captions; a word made of tokens outside them reaches the model as "unknown". Emoji and
   other symbols count as words of their own. Text in scripts without spaces (Chinese, Japanese) reaches
@@ -184,19 +184,17 @@ class ConceptList:
     _idf: dict | None = field(default=None, init=False, repr=False)
 
     def named(self, text: str) -> dict | None:
-        """The concept a prompt names: its English or Chinese name (any case; a skin tone optional; an English
-        plural), once the prompt's caption template, article, number or measure word is taken off; or None."""
+        """The concept a prompt names: once the training captions' template is taken off, its English or Chinese
+        name (any case, a skin tone optional); or None. An article, number or measure word counts against it:
+        checked with the independent classifier, "tiger" drew the tiger in 4 of 4 images and "a tiger" in none,
+        "狗" 3 and "一只狗" 1, "cat" 2 and "two cats" 0 (the model card has the table)."""
         if self._names is None:
             self._names = {}
             for c in self.entries:
                 for name in (c["en"], c["zh"]):
                     self._names.setdefault(_key(name), c)
                     self._names.setdefault(_key(_TONE.sub("", name)), c)
-        for name in names_of(text):
-            for form in (name, name[:-1] if name.endswith("s") else None, name[:-2] if name.endswith("es") else None):
-                if form and form in self._names:
-                    return self._names[form]
-        return None
+        return self._names.get(names_of(text)[0])
 
     def closest(self, text: str, k: int = 3) -> list[dict]:
         """The concepts sharing most of a prompt's words (Chinese: characters) with their names, keywords at
@@ -205,7 +203,8 @@ class ConceptList:
         if self._idf is None:
             counts: dict[str, int] = {}
             for c in self.entries:
-                for w in set().union(*(_name_words(x) for x in [c["en"], c["zh"], *c.get("keywords_en", []), *c.get("keywords_zh", [])])):
+                texts = [c["en"], c["zh"], *c.get("keywords_en", []), *c.get("keywords_zh", [])]
+                for w in set().union(*(_name_words(x) for x in texts)):
                     counts[w] = counts.get(w, 0) + 1
             self._idf = {w: float(np.log(1 + len(self.entries) / n)) for w, n in counts.items()}
         words = _name_words(names_of(text)[-1]) - _STOP
@@ -234,7 +233,7 @@ def _key(text: str) -> str:
 
 def names_of(text: str) -> list[str]:
     """The concept names a prompt could be: lowercased, spaces collapsed, the training captions' templates taken
-    off; then also without a leading article, number or measure word ("a button" is not "button")."""
+    off; then also without a leading article, number or measure word (what `closest` matches words in)."""
     name = _key(text)
     for pattern in _TEMPLATES:
         name = re.sub(pattern, "", name).strip()
@@ -298,14 +297,14 @@ def search_concepts(concepts: list[dict], query: str) -> list[dict]:
 
 
 def concept_note(concepts: ConceptList, text: str, nearest=None, what: str = "the prompt") -> str | None:
-    """The note for a text that names none of the set's concepts: the closest by shared words, else (with
+    """The note for a text that is no concept's name (`ConceptList.named`): the closest by shared words, else (with
     `nearest`, a function of the text giving (cosine, entry) pairs) by the set's CLIP. None when the text names a
     concept or the set has no note."""
     if not concepts.note or concepts.named(text) is not None:
         return None
     closest = concepts.closest(text, 3) or ([c for _, c in nearest(text)] if nearest else [])
     names = ", ".join(dict.fromkeys(printable_name(c["en"]) for c in closest[:3]))
-    return (f"{what} names none of the concepts this model was trained on, so expect a loose match"
+    return (f"{what} is not the name of a concept this model was trained on, so expect a loose match"
             + (f"; the closest are {names}" if names else "") + " (`unclip concepts` lists them)")
 
 
