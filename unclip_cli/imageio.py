@@ -7,6 +7,7 @@ never overwrites: see `OutputSet`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -18,6 +19,7 @@ import tempfile
 import threading
 import unicodedata
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -470,6 +472,24 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def _interrupts_held():
+    """Ctrl-C and SIGTERM wait until the block has run (a cleanup cut short would leave files behind), then
+    interrupt. Handlers are set from the main thread only; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    old = {sig: signal.signal(sig, lambda signum, frame: came.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if came:
+        raise KeyboardInterrupt
+
+
 class OutputSet:
     """The files of one run, written all-or-nothing.
 
@@ -478,7 +498,9 @@ class OutputSet:
     On any exception (Ctrl-C included) the temporary files, anything already moved and any folder
     created for the run are removed, so a failed run leaves nothing behind. While the set is open,
     SIGTERM (`kill`, a closing terminal) acts as Ctrl-C does, so that this cleanup runs; a write the
-    filesystem refuses (a full disk) is an InputError naming the folder.
+    filesystem refuses (a full disk) is an InputError naming the folder. Files are encoded and written on worker
+    threads (PNG's zlib releases the GIL: a grid and its images compress side by side), all finished before
+    anything is moved into place or cleaned up.
 
         with OutputSet("outputs") as outs:
             outs.add_png(image, "a-red-apple-42", index=True, recipe=recipe)
@@ -497,6 +519,8 @@ class OutputSet:
         umask = os.umask(0)
         os.umask(umask)
         self._mode = 0o666 & ~umask
+        self._pool: ThreadPoolExecutor | None = None
+        self._writes: list[Future] = []
 
     # -- naming
     def _taken(self, p: Path) -> bool:
@@ -529,7 +553,16 @@ class OutputSet:
         final = self._name(stem, ext, index)
         try:
             fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=f".{final.name}.", suffix=".part")
-            self._staged.append((Path(tmp), final))
+        except OSError as e:
+            raise InputError(f"cannot write {final.name} in {self.out_dir}: {_reason(e)}", hint=_out_hint(e)) from None
+        self._staged.append((Path(tmp), final))
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="unclip-write")
+        self._writes.append(self._pool.submit(self._write, fd, tmp, final, write))
+        return final
+
+    def _write(self, fd: int, tmp: str, final: Path, write: Callable) -> None:
+        try:
             with os.fdopen(fd, "wb") as f:
                 write(f)
                 f.flush()
@@ -537,7 +570,17 @@ class OutputSet:
             os.chmod(tmp, self._mode)  # mkstemp makes 0600 files; outputs get the usual permissions
         except OSError as e:  # a full disk, a quota, a folder removed meanwhile
             raise InputError(f"cannot write {final.name} in {self.out_dir}: {_reason(e)}", hint=_out_hint(e)) from None
-        return final
+
+    def _finish_writes(self, raise_errors: bool = True) -> None:
+        """Wait for every write; the first failure is raised (after all have ended) unless cleaning up."""
+        errors = [f.exception() for f in self._writes]  # waits for each (an interrupt here: abort waits again)
+        self._writes = []
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        first = next((e for e in errors if e is not None), None)
+        if first is not None and raise_errors:
+            raise first
 
     def add_png(self, image: Image.Image, stem: str, index: bool = False, recipe: dict | None = None) -> Path:
         info = _png_info(recipe) if self.metadata else None
@@ -571,6 +614,7 @@ class OutputSet:
                 return final
 
     def commit(self) -> list[Path]:
+        self._finish_writes()
         done: list[Path] = []
         try:
             for tmp, final in self._staged:
@@ -586,11 +630,13 @@ class OutputSet:
         return done
 
     def abort(self) -> None:
-        for tmp, _ in self._staged:
-            _unlink(tmp)
-        self._staged = []
-        _remove_dirs(self._made_dirs)
-        self._made_dirs = []
+        with _interrupts_held():  # a second Ctrl-C (or a write's SIGTERM) while the writers finish
+            self._finish_writes(raise_errors=False)
+            for tmp, _ in self._staged:
+                _unlink(tmp)
+            self._staged = []
+            _remove_dirs(self._made_dirs)
+            self._made_dirs = []
 
     def __enter__(self) -> "OutputSet":
         # SIGTERM would end the process on the spot, leaving hidden .part files and new folders behind.
