@@ -182,6 +182,8 @@ class ConceptList:
     embeddings: dict | None = None  # {"file": "concepts.npy", "clip_sha256": ...}: the names' CLIP embeddings, precomputed
     _names: dict | None = field(default=None, init=False, repr=False)
     _idf: dict | None = field(default=None, init=False, repr=False)
+    _words: list | None = field(default=None, init=False, repr=False)  # each entry's (name words, keyword words)
+    _index: dict | None = field(default=None, init=False, repr=False)  # word -> the entries whose names or keywords have it
 
     def named(self, text: str) -> dict | None:
         """The concept a prompt names: once the training captions' template is taken off, its English or Chinese
@@ -207,11 +209,17 @@ class ConceptList:
                 for w in set().union(*(_name_words(x) for x in texts)):
                     counts[w] = counts.get(w, 0) + 1
             self._idf = {w: float(np.log(1 + len(self.entries) / n)) for w, n in counts.items()}
+            self._words, self._index = [], {}  # once per process: scoring every entry's words anew took 0.1 s a prompt
+            for i, c in enumerate(self.entries):
+                names = _name_words(_TONE.sub("", c["en"])) | _name_words(_TONE.sub("", c["zh"]))
+                keys = set().union(*(_name_words(x) for x in c.get("keywords_en", []) + c.get("keywords_zh", []))) - names
+                self._words.append((names, keys))
+                for w in names | keys:
+                    self._index.setdefault(w, []).append(i)
         words = _name_words(names_of(text)[-1]) - _STOP
         scored = []
-        for c in self.entries:
-            names = _name_words(_TONE.sub("", c["en"])) | _name_words(_TONE.sub("", c["zh"]))
-            keys = set().union(*(_name_words(x) for x in c.get("keywords_en", []) + c.get("keywords_zh", []))) - names
+        for i in sorted(set().union(*(self._index.get(w, ()) for w in words))):
+            c, (names, keys) = self.entries[i], self._words[i]
             score = sum(self._idf.get(w, 0.0) for w in words & names) + 0.5 * sum(self._idf.get(w, 0.0) for w in words & keys)
             if score > 0:
                 scored.append((-score, len(c["en"]), c["en"], c))
