@@ -8,8 +8,8 @@ from pathlib import Path
 import time, sys
 T = [("start", time.perf_counter())]
 def mark(name): T.append((name, time.perf_counter()))
-import torch; mark("import torch")
-import unclip_cli.cli, unclip_cli.cli.images, unclip_cli.cli.options; mark("import the CLI")
+import torch; mark("import torch")  # noqa: F401,E702
+import unclip_cli.cli, unclip_cli.cli.images, unclip_cli.cli.options; mark("import the CLI")  # noqa: F401,E702
 from unclip_cli.engine import Engine; from unclip_cli.requests import GenerateRequest; mark("import the engine")
 eng = Engine.load(Path(__file__).resolve().parents[1] / "weights" / "emoji", device="cpu"); mark("Engine.load (headers, shapes)")
 q, p = sys.argv[1], sys.argv[2]
