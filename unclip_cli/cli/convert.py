@@ -91,19 +91,28 @@ def _convert(src, extra, to, check, verify, dtype, device, force, json_, quiet, 
         print(to)
 
 
+# The options every family's command shares
+ToOpt = Annotated[Optional[Path], typer.Option("--to", metavar="DIR", help="Write the model set here.", show_default=False)]
+DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Precision of the written weights (small tensors stay float32).")]
+VerifyOpt = Annotated[bool, typer.Option("--verify", help="After converting, check every network against its original.")]
+CheckOpt = Annotated[Optional[Path], typer.Option("--check", metavar="DIR", show_default=False,
+                                                  help="Check a set converted earlier against SRC; writes nothing.")]
+VerifyDeviceOpt = Annotated[VerifyDevice, typer.Option("--device", help="Where --verify / --check run the networks (float32).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Write into a --to folder that is not empty (replacing a set there).")]
+
+
 @convert_app.command("karlo", epilog=KARLO_EPILOG)
 def karlo_command(
     src: Annotated[Path, typer.Argument(metavar="SRC", help="The diffusers Karlo folder (model_index.json, prior/, decoder/, ...).",
                                         show_default=False)],
-    to: Annotated[Optional[Path], typer.Option("--to", metavar="DIR", help="Write the model set here.", show_default=False)] = None,
+    to: ToOpt = None,
     variation: Annotated[Optional[Path], typer.Option("--variation", metavar="SRC2", show_default=False,
                                                       help="The image-variation folder: its image_encoder/ and feature_extractor/.")] = None,
-    dtype: Annotated[DType, typer.Option("--dtype", help="Precision of the written weights (small tensors stay float32).")] = DType.float16,
-    verify: Annotated[bool, typer.Option("--verify", help="After converting, check every network against its original.")] = False,
-    check: Annotated[Optional[Path], typer.Option("--check", metavar="DIR", show_default=False,
-                                                  help="Check a set converted earlier against SRC; writes nothing.")] = None,
-    device: Annotated[VerifyDevice, typer.Option("--device", help="Where --verify / --check run the networks (float32).")] = VerifyDevice.cpu,
-    force: Annotated[bool, typer.Option("--force", help="Write into a --to folder that is not empty (replacing a set there).")] = False,
+    dtype: DTypeOpt = DType.float16,
+    verify: VerifyOpt = False,
+    check: CheckOpt = None,
+    device: VerifyDeviceOpt = VerifyDevice.cpu,
+    force: ForceOpt = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -131,15 +140,14 @@ original (they need `pip install diffusers transformers`).
 def stable_unclip_command(
     src: Annotated[Path, typer.Argument(metavar="SRC", help="The diffusers Stable unCLIP img2img folder (model_index.json, unet/, vae/, ...).",
                                         show_default=False)],
-    to: Annotated[Optional[Path], typer.Option("--to", metavar="DIR", help="Write the model set here.", show_default=False)] = None,
+    to: ToOpt = None,
     prior: Annotated[Optional[Path], typer.Option("--prior", metavar="KARLO_SRC", show_default=False,
                                                   help="A diffusers Karlo folder: its prior and CLIP text encoder (for generate).")] = None,
-    dtype: Annotated[DType, typer.Option("--dtype", help="Precision of the written weights (small tensors stay float32).")] = DType.float16,
-    verify: Annotated[bool, typer.Option("--verify", help="After converting, check every network against its original.")] = False,
-    check: Annotated[Optional[Path], typer.Option("--check", metavar="DIR", show_default=False,
-                                                  help="Check a set converted earlier against SRC; writes nothing.")] = None,
-    device: Annotated[VerifyDevice, typer.Option("--device", help="Where --verify / --check run the networks (float32).")] = VerifyDevice.cpu,
-    force: Annotated[bool, typer.Option("--force", help="Write into a --to folder that is not empty (replacing a set there).")] = False,
+    dtype: DTypeOpt = DType.float16,
+    verify: VerifyOpt = False,
+    check: CheckOpt = None,
+    device: VerifyDeviceOpt = VerifyDevice.cpu,
+    force: ForceOpt = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
