@@ -549,13 +549,16 @@ class OutputSet:
             raise InputError(f"cannot create --out {self.out_dir} ({_reason(e)})", hint=_out_hint(e)) from None
 
     def _stage(self, stem: str, ext: str, index: bool, write: Callable) -> Path:
-        self._ensure_dir()
-        final = self._name(stem, ext, index)
-        try:
-            fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=f".{final.name}.", suffix=".part")
-        except OSError as e:
-            raise InputError(f"cannot write {final.name} in {self.out_dir}: {_reason(e)}", hint=_out_hint(e)) from None
-        self._staged.append((Path(tmp), final))
+        # Ctrl-C or SIGTERM can interrupt the main thread anywhere: a folder or a temporary file must be on record
+        # (for abort to remove) the moment it exists, so an interrupt waits until both are.
+        with _interrupts_held():
+            self._ensure_dir()
+            final = self._name(stem, ext, index)
+            try:
+                fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=f".{final.name}.", suffix=".part")
+            except OSError as e:
+                raise InputError(f"cannot write {final.name} in {self.out_dir}: {_reason(e)}", hint=_out_hint(e)) from None
+            self._staged.append((Path(tmp), final))
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="unclip-write")
         self._writes.append(self._pool.submit(self._write, fd, tmp, final, write))
