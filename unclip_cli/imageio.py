@@ -620,8 +620,9 @@ class OutputSet:
         self._finish_writes()
         done: list[Path] = []
         try:
-            for tmp, final in self._staged:
-                done.append(self._place(tmp, final))
+            with _interrupts_held():  # a file linked into place but not yet on record would outlive the undo below
+                for tmp, final in self._staged:
+                    done.append(self._place(tmp, final))
         except BaseException as e:
             for p in done:
                 _unlink(p)
