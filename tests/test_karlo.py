@@ -119,6 +119,25 @@ def float64(karlo_dirs, karlo_set):
     return in_float64(karlo_dirs, karlo_set)
 
 
+def run_with_draws(engine, request, draws, monkeypatch):
+    """Run a request with every noise tensor taken from `draws` (a shared stream, as diffusers' pipelines draw it) in
+    place of the engine's per-image generators: -> (the final images (B, H, W, 3) in [0, 1] before quantising, draws.sizes)."""
+    finished = []
+
+    class Noise:
+        def __init__(self, seeds, device):
+            self.n = len(seeds)
+
+        def __call__(self, *shape):
+            return draws((self.n, *shape))
+
+    finish = Engine.to_images
+    monkeypatch.setattr(engine_mod, "Noise", Noise)
+    monkeypatch.setattr(Engine, "to_images", lambda self, x: finished.append(x) or finish(self, x))
+    engine.run(request)
+    return (finished[0] * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1), draws.sizes
+
+
 def in_float64(dirs, converted):
     """diffusers' pipelines and our engine, both in float64; functions that run each with injected noise."""
     import diffusers.schedulers.scheduling_unclip as sched
@@ -141,20 +160,7 @@ def in_float64(dirs, converted):
         return torch.from_numpy(out.images), draws.sizes
 
     def mine(request, seed, monkeypatch):
-        draws, finished = Draws(seed), []
-
-        class Noise:  # the engine's per-image generators, replaced by the shared stream
-            def __init__(self, seeds, device):
-                self.n = len(seeds)
-
-            def __call__(self, *shape):
-                return draws((self.n, *shape))
-
-        finish = Engine.to_images
-        monkeypatch.setattr(engine_mod, "Noise", Noise)
-        monkeypatch.setattr(Engine, "to_images", lambda self, x: finished.append(x) or finish(self, x))
-        ours.run(request)
-        return (finished[0] * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1), draws.sizes
+        return run_with_draws(ours, request, Draws(seed), monkeypatch)
 
     return pipe, var, ours, theirs, mine
 

@@ -125,9 +125,8 @@ def test_a_hostile_config_is_refused_naming_file_and_field(rel, changes, field, 
 def su64(su_dirs, su_set):
     import diffusers.schedulers.scheduling_ddpm as ddpm
 
-    from test_karlo import Draws
+    from test_karlo import Draws, run_with_draws
 
-    from unclip_cli import engine as engine_mod
     from unclip_cli.engine import Engine
 
     img2img = su_dirs[0].to(torch.float64)
@@ -148,20 +147,7 @@ def su64(su_dirs, su_set):
         return torch.from_numpy(out.images), draws.sizes
 
     def mine(request, seed, monkeypatch):
-        draws, finished = Draws(seed), []
-
-        class Noise:
-            def __init__(self, seeds, device):
-                self.n = len(seeds)
-
-            def __call__(self, *shape):
-                return draws((self.n, *shape))
-
-        finish = Engine.to_images
-        monkeypatch.setattr(engine_mod, "Noise", Noise)
-        monkeypatch.setattr(Engine, "to_images", lambda self, x: finished.append(x) or finish(self, x))
-        ours.run(request)
-        return (finished[0] * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1), draws.sizes
+        return run_with_draws(ours, request, Draws(seed), monkeypatch)
 
     return img2img, text2img, ours, theirs, mine
 

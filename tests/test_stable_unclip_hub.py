@@ -83,9 +83,8 @@ def test_unclip_small_vary_matches_diffusers_in_float64(hub, small_set, monkeypa
     against diffusers' StableUnCLIPImg2ImgPipeline loaded from the same folder, both in float64 with the same noise."""
     import diffusers.schedulers.scheduling_ddpm as ddpm
     from diffusers import StableUnCLIPImg2ImgPipeline
-    from test_karlo import Draws
+    from test_karlo import Draws, run_with_draws
 
-    from unclip_cli import engine as engine_mod
 
     dirs, _ = hub
     pipe = StableUnCLIPImg2ImgPipeline.from_pretrained(dirs[SMALL]).to(torch.float64)
@@ -98,23 +97,10 @@ def test_unclip_small_vary_matches_diffusers_in_float64(hub, small_set, monkeypa
     for m in modules:
         monkeypatch.setattr(m, "randn_tensor", lambda shape, **kw: draws(shape))
     ref = torch.from_numpy(pipe(image=img, prompt="a horse", num_inference_steps=3, noise_level=300, output_type="np").images)
-    ref_sizes, draws = draws.sizes, Draws(1)
-
-    class Noise:
-        def __init__(self, seeds, device):
-            self.n = len(seeds)
-
-        def __call__(self, *shape):
-            return draws((self.n, *shape))
-
-    finished = []
-    finish = Engine.to_images
-    monkeypatch.setattr(engine_mod, "Noise", Noise)
-    monkeypatch.setattr(Engine, "to_images", lambda self, x: finished.append(x) or finish(self, x))
-    Engine.load(small_set, device="cpu", dtype=torch.float64).run(
-        VaryRequest(image=img, seed=0, strength=1.0, decoder_steps=3, noise_level=300, prompt="a horse"))
-    out = (finished[0] * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
-    assert draws.sizes == ref_sizes and out.shape == ref.shape == (1, 64, 64, 3)
+    ref_sizes = draws.sizes
+    out, sizes = run_with_draws(Engine.load(small_set, device="cpu", dtype=torch.float64),
+                                VaryRequest(image=img, seed=0, strength=1.0, decoder_steps=3, noise_level=300, prompt="a horse"), Draws(1), monkeypatch)
+    assert sizes == ref_sizes and out.shape == ref.shape == (1, 64, 64, 3)
     assert (out - ref).abs().max() <= 1e-6 and ref.std() > 0.02
 
 
@@ -123,10 +109,9 @@ def test_unclip_small_with_karlo_s_prior_text_to_image_matches_diffusers_in_floa
     schedule, see random_stable_unclip.text_to_image) against `generate`, both in float64 with the same noise."""
     import diffusers.schedulers.scheduling_ddpm as ddpm
     from diffusers import PriorTransformer, StableUnCLIPImg2ImgPipeline, UnCLIPScheduler
-    from test_karlo import Draws
+    from test_karlo import Draws, run_with_draws
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-    from unclip_cli import engine as engine_mod
 
     dirs, karlo = hub
     img2img = StableUnCLIPImg2ImgPipeline.from_pretrained(dirs[SMALL])
@@ -144,20 +129,8 @@ def test_unclip_small_with_karlo_s_prior_text_to_image_matches_diffusers_in_floa
     for m in (ddpm, __import__(type(pipe).__module__, fromlist=["x"])):
         monkeypatch.setattr(m, "randn_tensor", lambda shape, **kw: draws(shape))
     ref = torch.from_numpy(pipe("a red apple", prior_num_inference_steps=3, num_inference_steps=3, output_type="np").images)
-    ref_sizes, draws = draws.sizes, Draws(2)
-
-    class Noise:
-        def __init__(self, seeds, device):
-            self.n = len(seeds)
-
-        def __call__(self, *shape):
-            return draws((self.n, *shape))
-
-    finished = []
-    finish = Engine.to_images
-    monkeypatch.setattr(engine_mod, "Noise", Noise)
-    monkeypatch.setattr(Engine, "to_images", lambda self, x: finished.append(x) or finish(self, x))
-    Engine.load(small_set, device="cpu", dtype=torch.float64).run(GenerateRequest(prompt="a red apple", seed=0, prior_steps=3, decoder_steps=3))
-    out = (finished[0] * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
-    assert draws.sizes == ref_sizes and out.shape == ref.shape == (1, 64, 64, 3)
+    ref_sizes = draws.sizes
+    out, sizes = run_with_draws(Engine.load(small_set, device="cpu", dtype=torch.float64),
+                                GenerateRequest(prompt="a red apple", seed=0, prior_steps=3, decoder_steps=3), Draws(2), monkeypatch)
+    assert sizes == ref_sizes and out.shape == ref.shape == (1, 64, 64, 3)
     assert (out - ref).abs().max() <= 1e-6 and ref.std() > 0.02
