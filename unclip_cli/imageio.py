@@ -473,21 +473,21 @@ def _interrupt(signum, frame):
 
 
 @contextlib.contextmanager
-def _interrupts_held():
-    """Ctrl-C and SIGTERM wait until the block has run (a cleanup cut short would leave files behind), then
-    interrupt. Handlers are set from the main thread only; elsewhere the block runs as it is."""
+def signals_deferred():
+    """Hold SIGINT and SIGTERM until the block has run, then deliver the first (main thread only): a block that
+    creates and records files, or undoes them, must not be cut halfway (an interrupt would leave files behind)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    came: list[int] = []
-    old = {sig: signal.signal(sig, lambda signum, frame: came.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    caught: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-    if came:
-        raise KeyboardInterrupt
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 class OutputSet:
@@ -551,7 +551,7 @@ class OutputSet:
     def _stage(self, stem: str, ext: str, index: bool, write: Callable) -> Path:
         # Ctrl-C or SIGTERM can interrupt the main thread anywhere: a folder or a temporary file must be on record
         # (for abort to remove) the moment it exists, so an interrupt waits until both are.
-        with _interrupts_held():
+        with signals_deferred():
             self._ensure_dir()
             final = self._name(stem, ext, index)
             try:
@@ -620,7 +620,7 @@ class OutputSet:
         self._finish_writes()
         done: list[Path] = []
         try:
-            with _interrupts_held():  # a file linked into place but not yet on record would outlive the undo below
+            with signals_deferred():  # a file linked into place but not yet on record would outlive the undo below
                 for tmp, final in self._staged:
                     done.append(self._place(tmp, final))
         except BaseException as e:
@@ -634,7 +634,7 @@ class OutputSet:
         return done
 
     def abort(self) -> None:
-        with _interrupts_held():  # a second Ctrl-C (or a write's SIGTERM) while the writers finish
+        with signals_deferred():  # a second Ctrl-C (or a write's SIGTERM) while the writers finish
             self._finish_writes(raise_errors=False)
             for tmp, _ in self._staged:
                 _unlink(tmp)

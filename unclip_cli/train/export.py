@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import tempfile
-import threading
 from pathlib import Path
 
 import torch
@@ -17,6 +14,7 @@ from unclip_cli import checkpoint
 from unclip_cli.checkpoint import config_from_dict
 from unclip_cli.diffusion.gaussian import DiffusionConfig
 from unclip_cli.errors import UnclipError
+from unclip_cli.imageio import signals_deferred
 from unclip_cli.modelset import FILES
 from unclip_cli.train.common import load_ema_weights
 from unclip_cli.train.stages import STAGES
@@ -75,7 +73,7 @@ def export(run: str | Path, to: str | Path, dtype: torch.dtype = torch.float16, 
             staged[to / FILES[stage]] = Path(tmp)
             checkpoint.save(tmp, stage, model, cfg, diffusion, extra, dtype=dtype)
             os.chmod(tmp, 0o666 & ~checkpoint.process_umask())  # mkstemp makes 0600; a set gets the usual mode
-        with _signals_deferred():  # a handful of renames, not split by Ctrl-C
+        with signals_deferred():  # a handful of renames, not split by Ctrl-C
             for stale in set(stage_files(to)) - set(staged):
                 stale.unlink()
             for final, tmp in staged.items():
@@ -146,20 +144,3 @@ def append_upsampler(run: str | Path, base: str | Path, to: str | Path, dtype: t
 def stage_files(folder: Path) -> list[Path]:
     """The stage files of a model set folder: what `load_model_set` would read."""
     return sorted({p for pattern in STAGE_FILE_PATTERNS for p in Path(folder).glob(pattern) if p.is_file()})
-
-
-@contextlib.contextmanager
-def _signals_deferred():
-    """Hold SIGINT and SIGTERM until the block ends, then deliver the first one (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        if caught:
-            signal.raise_signal(caught[0])
