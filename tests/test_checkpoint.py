@@ -319,3 +319,17 @@ def test_an_upsampler_may_take_the_previous_image_downsized(two_sets, tmp_path, 
     assert result.images[0].size == (16, 16) and result.recipes[0]["size"] == [16, 16]
     # 8 -> 16 (first stage's condition), 16 -> 8 (downsized for the second), 8 -> 16 (its condition)
     assert [r for r in resized if r[1] is not None] == [(8, (16, 16)), (16, (8, 8)), (8, (16, 16))]
+
+
+@pytest.mark.parametrize("stored", [torch.float16, torch.float32, torch.bfloat16])
+def test_nan_check_has_no_false_alarm_at_the_largest_finite_values(stored, tmp_path):
+    """The check sums each tensor: a sum of the dtype's largest finite values must not overflow into a false alarm,
+    while one NaN or inf anywhere is refused, whatever the dtype it is cast to."""
+    big = torch.full((4096,), torch.finfo(stored).max, dtype=stored)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert checkpoint._cast(tmp_path, "w", big, dtype).dtype == dtype
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            broken = big.clone()
+            broken[1234] = bad
+            with pytest.raises(WeightsError, match="NaN or inf"):
+                checkpoint._cast(tmp_path, "w", broken, dtype)

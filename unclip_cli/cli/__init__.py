@@ -31,8 +31,8 @@ def _flags_without_type_label() -> None:
     where it says nothing a reader needs: flags show no label, as in click's own help."""
     from typer.core import TyperOption
 
-    shown = TyperOption.display_type_rich
-    if getattr(shown, "_unclip", False):
+    shown = getattr(TyperOption, "display_type_rich", None)  # typer before 0.29 shows no label on flags
+    if shown is None or getattr(shown, "_unclip", False):
         return
 
     def display_type_rich(self, ctx):
