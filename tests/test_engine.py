@@ -400,6 +400,29 @@ def test_golden_numbers_of_the_tiny_set(case, tiny_engine, monkeypatch):
     torch.testing.assert_close(seen[0][0, :, -3:, -3:].flatten(), torch.tensor(want), atol=1e-4, rtol=0)
 
 
+def test_channels_last_for_the_upsamplers_only(tiny_engine, monkeypatch):
+    """In float32 on a CPU the upsamplers' image inputs are laid out channels-last (measured faster there, issue 25);
+    the decoder's are not (measured slower)."""
+    import torch
+
+    seen = {}
+
+    def spy(name, net):
+        forward = net.forward
+
+        def f(x, t, **kw):
+            seen.setdefault(name, set()).add(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+            return forward(x, t, **kw)
+
+        monkeypatch.setattr(net, "forward", f)
+
+    spy("decoder", tiny_engine.models.decoder.model)
+    for k, stage in enumerate(tiny_engine.models.upsamplers):
+        spy(f"upsampler {k}", stage.model)
+    tiny_engine.run(GenerateRequest(prompt="a red circle", seed=5, quality="fast", precision="fp32"))
+    assert seen == {"decoder": {False}, **{f"upsampler {k}": {True} for k in range(len(tiny_engine.models.upsamplers))}}
+
+
 # -- issue 24: vary inverts without guidance and guides in proportion to strength ---------------------
 def test_vary_inverts_unguided_and_guides_by_strength(tiny_engine, monkeypatch):
     seen = {"invert": [], "decode": []}
