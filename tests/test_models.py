@@ -327,6 +327,12 @@ def test_tokens_equal_open_clips_own_tokenizer_with_ftfy():
                "line\r\nbreak", "猫脸 &lt;3", "ﬁsh"]
     for t in texts[:200] + changed:
         assert bpe_tokenizer().encode(t) == ref._tokenizer.encode(t), t
+    # BPE is our own: the same vocabulary and merges as open_clip's, and the same ids for any text
+    assert bpe_tokenizer().encoder == ref._tokenizer.encoder and bpe_tokenizer().bpe_ranks == ref._tokenizer.bpe_ranks
+    alphabet = string.printable + "éüßçñ猫狗火箭表情符号😀🐱👍🏽\u200d♀️ﬁ“”’…—&;<>#\u00a0"
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(1000)]
+    texts += ["<start_of_text>cat", "a <end_of_text> b", "I'll've", "dog's 2nd 3.5 ｆｕｌｌ", "red apple " * 20]
+    assert [bpe_tokenizer().encode(t) for t in texts] == [ref._tokenizer.encode(t) for t in texts]
 
 
 CORPUS = ["a red circle", "a blue square emoji", "红色的圆", "蓝色 方块"]
