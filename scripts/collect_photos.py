@@ -1,10 +1,13 @@
 """Collect photographs that install offline, for the out-of-domain image test (issue 24, item 1): copied from Debian
-packages of desktop wallpapers and from the sample images inside two PyPI wheels, then split into a fit half and a
-held-out half (alternately, by name), as 256 px JPEGs under OUT/fit and OUT/held-out.
+packages of desktop wallpapers, from the sample images inside two PyPI wheels and from the example data of the Debian
+package `opencv-doc`, then split into a fit half and a held-out half (alternately, by name, within each of the two
+batches: the wallpapers and wheels, then opencv-doc's, added later so as to leave the first split as it was), as
+256 px JPEGs under OUT/fit and OUT/held-out.
 
     apt-get install ukui-wallpapers mate-backgrounds lomiri-wallpapers-16.04 lomiri-wallpapers-20.04
     pip download --no-deps scikit-learn matplotlib -d WHEELS
-    python scripts/collect_photos.py --wheels WHEELS --out ~/.cache/unclip/photos
+    apt-get download opencv-doc && dpkg -x opencv-doc_*.deb OPENCV   # (version 4.6.0+dfsg-12; or apt-get install it: OPENCV=/)
+    python scripts/collect_photos.py --wheels WHEELS --opencv OPENCV --out ~/.cache/unclip/photos
 
 Only the photographs are taken (chosen by looking at every image of those packages): the wallpapers that are drawings,
 renders or gradients are left out, and listed apart as OUT/illustrations for a measurement of their own.
@@ -38,6 +41,19 @@ PHOTOS = {
 ILLUSTRATIONS = ["ukui-wallpapers", "mate-backgrounds", "lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04"]
 WHEEL_PHOTOS = {"scikit_learn": ["sklearn/datasets/images/china.jpg", "sklearn/datasets/images/flower.jpg"],
                 "matplotlib": ["matplotlib/mpl-data/sample_data/grace_hopper.jpg"]}
+# opencv-doc's example photographs (usr/share/doc/opencv-doc/examples/...), one of each near-identical pair (aloeL/aloeR,
+# leuvenA/B, basketball1/2, rubberwhale1/2, ela_original/modified, aero1/aero3, left/right, box/box_in_scene), so no scene
+# is on both sides of the split. Left out, by looking at all 2,369 images: renders, logos, drawings, paintings
+# (starry_night, the anime girl of fuzzy/), shapes, masks, scanned or photographed documents (sudoku, text_*, LR_*) and
+# the grey chessboard calibration shots.
+OPENCV_DOC = "usr/share/doc/opencv-doc/examples"
+OPENCV_PHOTOS = ["alphamat/input_images/plant.jpg", "data/aero1.jpg", "data/aloeL.jpg", "data/apple.jpg", "data/baboon.jpg",
+                 "data/basketball1.png", "data/board.jpg", "data/box_in_scene.png", "data/building.jpg", "data/butterfly.jpg",
+                 "data/chicky_512.png", "data/ela_original.jpg", "data/fruits.jpg", "data/graf1.png", "data/home.jpg",
+                 "data/left.jpg", "data/leuvenA.jpg", "data/licenseplate_motion.jpg", "data/messi5.jpg", "data/orange.jpg",
+                 "data/rubberwhale1.png", "data/squirrel_cls.jpg", "data/stuff.jpg", "dnn_superres/butterfly.png",
+                 "hfs/data/000.jpg", "hfs/data/001.jpg", "hfs/data/002.jpg", "reg/home.png",
+                 *(f"text/scenetext0{i}.jpg" for i in range(1, 7))]
 SIDE = 256
 
 
@@ -52,6 +68,7 @@ def small(im: Image.Image) -> Image.Image:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--wheels", type=Path, required=True, help="folder holding the scikit-learn and matplotlib wheels")
+    ap.add_argument("--opencv", type=Path, default=None, help="the root opencv-doc was unpacked or installed in (/ when installed)")
     ap.add_argument("--out", type=Path, default=Path.home() / ".cache" / "unclip" / "photos")
     args = ap.parse_args(argv)
     Image.MAX_IMAGE_PIXELS = None  # wallpapers of 5640 px from the system's own packages
@@ -67,10 +84,15 @@ def main(argv=None) -> None:
             for m in members:
                 photos[f"{prefix}--{Path(m).stem}"] = Image.open(io.BytesIO(z.read(m)))
     taken = {str(BACKGROUNDS / n) for names in PHOTOS.values() for n in names}
-    for k, name in enumerate(sorted(photos)):
-        folder = args.out / ("fit" if k % 2 == 0 else "held-out")
-        folder.mkdir(parents=True, exist_ok=True)
-        small(photos[name]).save(folder / f"{name}.jpg", quality=92)
+    batches = [photos]
+    if args.opencv is not None:
+        batches.append({"opencv-doc--" + n.replace("/", "_").rsplit(".", 1)[0]: Image.open(args.opencv / OPENCV_DOC / n)
+                        for n in OPENCV_PHOTOS})
+    for batch in batches:
+        for k, name in enumerate(sorted(batch)):
+            folder = args.out / ("fit" if k % 2 == 0 else "held-out")
+            folder.mkdir(parents=True, exist_ok=True)
+            small(batch[name]).save(folder / f"{name}.jpg", quality=92)
     drawings = args.out / "illustrations"
     drawings.mkdir(parents=True, exist_ok=True)
     for pkg in ILLUSTRATIONS:

@@ -78,12 +78,34 @@ def test_full_frame_and_coloured_background_emoji_rarely_warn(shipped):
     assert _flagged(shipped, [cal.recolour(im, tuple(int(v) for v in rng.integers(0, 256, 3))) for im in tiles]) <= 5
 
 
-def test_the_models_own_outputs_rarely_warn(shipped):
+OWN_SHEET = {"generated": (0, 60), "vary": (60, 75), "edit": (75, 90), "nudge": (90, 105), "blend": (105, 120)}
+
+
+@pytest.mark.parametrize("op", list(OWN_SHEET))
+def test_the_models_own_outputs_rarely_warn(shipped, op):
     """tests/data/own-outputs.png: 60 generated images of the set and 15 each of vary, edit, nudge and blend
-    (scripts/calibrate_domain_images.py --sheet), as the test measures them (64 px)."""  # ~150 of each in the calibration
-    own = _sheet("own-outputs.png")
-    assert len(own) >= 100
-    assert _flagged(shipped, own) <= 0.02 * len(own)
+    (scripts/calibrate_domain_images.py --sheet), as the test measures them (64 px); ~150 of each in the
+    calibration, at most 2% flagged each: here at most one of 15 (generated: of 60)."""
+    a, b = OWN_SHEET[op]
+    own = _sheet("own-outputs.png")[a:b]
+    assert len(own) == b - a
+    assert _flagged(shipped, own) <= 1, op
+
+
+def test_the_photograph_score_catches_what_the_white_test_lets_through(shipped):
+    """Sky, snow and pale backgrounds pass the white-share and border tests; the photograph score (texture, colours,
+    gradients) flags them. Photographs that pass the first test are flagged by the score alone, and no held-out
+    emoji passing the first test is."""
+    data = pytest.importorskip("skimage.data", reason="pip install scikit-image (a test dependency) for its sample photographs")
+    photo = shipped.image_rule["photo"]
+    rule_only = domain.Domain(shipped.subject, shipped.white_share_min, {}, image_rule={k: v for k, v in shipped.image_rule.items() if k != "photo"})
+    # scikit-image's Hubble deep field: a black field of stars whose border the background test reads as one colour
+    im = Image.fromarray(data.hubble_deep_field())
+    assert domain.in_domain(rule_only, im) and not domain.in_domain(shipped, im)
+    assert domain.photo_score(photo, domain.features(im)) > photo["threshold"]
+    emoji = _held_out_emoji()[:30]
+    assert all(domain.photo_score(photo, domain.features(im)) <= photo["threshold"] for im in emoji)
+    assert list(domain.features(emoji[0])[:4]) == pytest.approx([domain.white_share(emoji[0]), *domain.background(emoji[0]).values()])
 
 
 def test_prompt_warning_names_the_words_the_model_never_saw(shipped):
@@ -101,11 +123,10 @@ def test_the_card_and_the_file_agree_with_the_calibration(shipped):
     groups = raw["facts"]["images"]["groups"]
     assert groups["held-out emoji"]["rate"] <= 0.02 and groups["full-frame emoji"]["rate"] <= 0.05
     assert groups["emoji on a coloured background"]["rate"] <= 0.05
-    # Photographs: scikit-image's (test_photographs_are_flagged_as_calibrated: 90%) and wallpapers (scripts/collect_photos.py)
-    # in the fit; the held-out ones took no part in choosing. Issue 24 asks 90% of them: not reached (sky and bright
-    # backgrounds count as white; the card says so), so this only holds the measured rates from falling.
-    assert groups["photographs (fit)"]["rate"] >= 0.8
-    assert groups["photographs (held out)"]["n"] >= 15 and groups["photographs (held out)"]["rate"] >= 0.8
+    # Photographs: scikit-image's (test_photographs_are_flagged_as_calibrated: 90%), wallpapers and opencv-doc's
+    # (scripts/collect_photos.py) in the fit; the held-out ones took no part in fitting or choosing. Issue 24 asks 90%.
+    assert groups["photographs (fit)"]["rate"] >= 0.9 and raw["facts"]["images"]["photo_score"]["fit_photographs_cross_validated"]["rate"] >= 0.9
+    assert groups["photographs (held out)"]["n"] >= 30 and groups["photographs (held out)"]["rate"] >= 0.9
     assert groups["own outputs: generated"]["n"] >= 500 and raw["facts"]["images"]["own_outputs_pooled"]["rate"] <= 0.02
     for op in ("vary", "edit", "nudge", "blend"):  # enough of each that one false alarm is under 1%
         assert groups[f"own outputs: {op}"]["n"] >= 100 and groups[f"own outputs: {op}"]["rate"] <= 0.02, op
@@ -115,8 +136,17 @@ def test_the_card_and_the_file_agree_with_the_calibration(shipped):
         assert f"| {k} | {g['n']} | {g['flagged']} " in card, k
 
 
+_RULE = '"image_rule": {"ring_share_min": 0.4, "saturation_min": 0.1, "lightness_min": 0.7, "photo": %s}'
+_TEN = "[" + ", ".join(["1"] * 10) + "]"
+
+
 @pytest.mark.parametrize("text", ["{", '{"subject": "emoji"}', '{"subject": "\\u001b[2J", "white_share_min": 0.2}',
-                                  '{"subject": "emoji", "white_share_min": "low"}', '{"subject": "emoji", "white_share_min": 7}'])
+                                  '{"subject": "emoji", "white_share_min": "low"}', '{"subject": "emoji", "white_share_min": 7}',
+                                  '{"subject": "emoji", "white_share_min": 0.04, %s}' % (_RULE % '"photo"'),
+                                  '{"subject": "emoji", "white_share_min": 0.04, %s}' % (_RULE % ('{"mean": [1, 2], "scale": %s, "weights": %s, '
+                                                                                                   '"bias": 0, "threshold": 1}' % (_TEN, _TEN))),
+                                  '{"subject": "emoji", "white_share_min": 0.04, %s}' % (_RULE % ('{"mean": %s, "scale": %s, "weights": %s, '
+                                                                                                   '"bias": 0, "threshold": NaN}' % (_TEN, _TEN, _TEN)))])
 def test_a_damaged_domain_file_is_an_error_naming_it(tmp_path, text):
     from unclip_cli.errors import WeightsError
 

@@ -6,8 +6,12 @@ its numbers), which turns on two checks whose thresholds were calibrated on held
 
 - images: the share of near-white pixels of the square the model sees (every training image was flattened
   onto white), or a border ring mostly of one saturated or pale colour (emoji on a coloured background,
-  drawings that fill the frame, and the tinted backgrounds of the set's own outputs). Neighbours in the set's
-  CLIP space did not separate them: the emoji CLIP maps photographs into its emoji manifold.
+  drawings that fill the frame, and the tinted backgrounds of the set's own outputs); and, where the set's
+  rule has one, a linear photograph score of ten statistics of that square (those four, and how flat, how
+  textured and how many-coloured it is), fitted on training-split emoji against photographs: sky, snow and
+  pale wood pass the white test, but a photograph's texture and gradients give it away. Neighbours in the
+  set's CLIP space, or the independent classifier's, did not separate them: both map photographs into their
+  emoji manifold.
 - prompts: words that never occurred in a training caption. The set's CLIP has a row only for the
   tokens of its captions; a word made of tokens outside them reaches the model as "unknown". Emoji and
   other symbols count as words of their own. Text in scripts without spaces (Chinese, Japanese) reaches
@@ -43,7 +47,7 @@ class Domain:
     white_share_min: float  # images with less near-white area than this are far from the training data
     facts: dict  # how the thresholds were calibrated
     chars: frozenset | None = None  # the characters beyond ASCII that training captions held (None: not recorded)
-    image_rule: dict | None = None  # the background test beside the white share (`background`); None: white share only
+    image_rule: dict | None = None  # the background test beside the white share (`background`), and its `photo` score; None: white share only
 
 
 def _square(image: Image.Image) -> np.ndarray:
@@ -56,7 +60,11 @@ def _square(image: Image.Image) -> np.ndarray:
 
 def white_share(image: Image.Image) -> float:
     """Share of near-white pixels of the image's centre square at SIDE px."""
-    return float((_square(image).min(axis=2) > WHITE).mean())
+    return _white_share(_square(image))
+
+
+def _white_share(a: np.ndarray) -> float:
+    return float((a.min(axis=2) > WHITE).mean())
 
 
 RING_TOLERANCE = 0.06  # a ring pixel has the background colour when every channel is within this of it
@@ -68,7 +76,10 @@ def background(image: Image.Image) -> dict:
     (its smallest channel) of that colour. Emoji on a coloured background, full-frame emoji and the
     generated images' pale tints have a ring mostly of one colour that is either saturated or pale; a
     photograph's border is texture, or grey."""
-    a = _square(image)
+    return _background(_square(image))
+
+
+def _background(a: np.ndarray) -> dict:
     ring = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
     q = np.round(ring * 15).astype(int)
     code = (q[:, 0] * 16 + q[:, 1]) * 16 + q[:, 2]
@@ -79,17 +90,45 @@ def background(image: Image.Image) -> dict:
             "lightness": float(colour.min())}
 
 
+# The statistics the photograph score reads, in order (scripts/calibrate_domain_images.py fits its weights)
+FEATURES = ("white_share", "ring_share", "saturation", "lightness", "flat", "texture", "edges", "colour_entropy",
+            "laplacian", "laplacian_share")
+
+
+def features(image: Image.Image) -> np.ndarray:
+    """FEATURES of the image's centre square at SIDE px. An emoji is flat areas of few colours met by sharp
+    edges; a photograph is texture: many small steps between neighbours, many colours, a busy Laplacian.
+    `flat`, `texture`, `edges`: shares of pixels whose steepest step to the right or lower neighbour (largest
+    channel) is < 0.02, 0.02-0.15 and >= 0.15; `colour_entropy`: of the colours at 3 bits a channel, in bits;
+    `laplacian`: mean |Laplacian| of the grey image, and the share of pixels where it exceeds 0.04."""
+    a = _square(image)
+    step = np.maximum(np.abs(np.diff(a, axis=1)).max(axis=2)[:-1, :], np.abs(np.diff(a, axis=0)).max(axis=2)[:, :-1])
+    q = np.round(a * 7).astype(int)
+    share = np.bincount(((q[..., 0] * 8 + q[..., 1]) * 8 + q[..., 2]).ravel(), minlength=512) / (SIDE * SIDE)
+    share = share[share > 0]
+    g = a.mean(axis=2)
+    lap = np.abs(4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:])
+    return np.array([_white_share(a), *_background(a).values(), (step < 0.02).mean(), ((step >= 0.02) & (step < 0.15)).mean(),
+                     (step >= 0.15).mean(), -(share * np.log2(share)).sum(), lap.mean(), (lap > 0.04).mean()], dtype=np.float64)
+
+
+def photo_score(photo: dict, f: np.ndarray) -> float:
+    """The photograph score of FEATURES `f` under a set's fitted `photo` rule (a logistic regression's logit)."""
+    return float(((f - np.asarray(photo["mean"])) / np.asarray(photo["scale"])) @ np.asarray(photo["weights"]) + photo["bias"])
+
+
 def in_domain(domain: Domain, image: Image.Image) -> bool:
     """Whether an image looks like what the set was trained on: enough near-white area, or (with the set's
-    background rule) a border ring mostly of one saturated or pale colour."""
-    if white_share(image) >= domain.white_share_min:
-        return True
+    background rule) a border ring mostly of one saturated or pale colour; and (with the rule's `photo`
+    score) not scored a photograph."""
     rule = domain.image_rule
-    if not rule:
+    f = features(image)
+    white, ring, saturation, lightness = f[:4]
+    if white < domain.white_share_min and not (rule and ring >= rule["ring_share_min"] and (
+            saturation >= rule["saturation_min"] or lightness >= rule["lightness_min"])):
         return False
-    bg = background(image)
-    return bg["ring_share"] >= rule["ring_share_min"] and (bg["saturation"] >= rule["saturation_min"] or
-                                                           bg["lightness"] >= rule["lightness_min"])
+    photo = (rule or {}).get("photo")
+    return photo is None or photo_score(photo, f) <= photo["threshold"]
 
 
 def unknown_words(clip, text: str, chars: frozenset | None = None) -> list[str]:
@@ -148,8 +187,29 @@ def load_domain(root: str | Path) -> Domain | None:
     if rule is not None and not (isinstance(rule, dict) and all(isinstance(rule.get(k), (int, float)) and not isinstance(rule.get(k), bool)
                                                                 and 0 <= rule[k] <= 1 for k in keys)):
         raise WeightsError(f"{path}: `image_rule` must hold {', '.join(keys)}, numbers from 0 to 1")
+    photo = None if rule is None else rule.get("photo")
+    if photo is not None:
+        photo = _photo_rule(photo)
+        if photo is None:
+            raise WeightsError(f"{path}: `image_rule.photo` must hold `mean`, `scale` (non-zero) and `weights`, {len(FEATURES)} "
+                               "numbers each, and the numbers `bias` and `threshold`")
     return Domain(subject, float(share), raw.get("facts", {}) if isinstance(raw.get("facts"), dict) else {},
-                  None if chars is None else frozenset(chars), None if rule is None else {k: float(rule[k]) for k in keys})
+                  None if chars is None else frozenset(chars),
+                  None if rule is None else {**{k: float(rule[k]) for k in keys}, **({"photo": photo} if photo else {})})
+
+
+def _photo_rule(photo) -> dict | None:
+    """A domain file's photograph score, checked (the file is untrusted), or None when malformed."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+    if not isinstance(photo, dict) or not all(number(photo.get(k)) for k in ("bias", "threshold")):
+        return None
+    lists = {k: photo.get(k) for k in ("mean", "scale", "weights")}
+    if not all(isinstance(v, list) and len(v) == len(FEATURES) and all(number(x) for x in v) for v in lists.values()) \
+            or any(x == 0 for x in lists["scale"]):
+        return None
+    return {**{k: [float(x) for x in v] for k, v in lists.items()}, "bias": float(photo["bias"]), "threshold": float(photo["threshold"])}
 
 
 def image_warning(domain: Domain, name: str, image: Image.Image) -> str | None:
