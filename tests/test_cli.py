@@ -533,3 +533,16 @@ def test_edit_feather_blends_inside_the_mask_only(w, tmp_path, pics):
     assert big.sum() > 10 and np.all(np.abs(moved[big] - 0.259 * diff[big]) <= 1.5)
     fails("edit", pics["png"], "--mask", pics["mask"], "x", "--feather", "-1", "--out", tmp_path / "no", *FAST, *w,
           match="--feather must be between 0 and 256")
+
+
+def test_the_console_script_ends_at_once_with_all_its_output():
+    """A successful command ends its process without the interpreter's teardown (issue 25): every byte it printed
+    still arrives through a pipe, and failures keep their exit codes."""
+    import subprocess
+    import sys
+
+    run = lambda *a: subprocess.run([sys.executable, "-m", "unclip_cli", *a], capture_output=True, text=True)  # noqa: E731
+    done = run("concepts", "--limit", "0")
+    assert done.returncode == 0 and done.stdout == cli("concepts", "--limit", "0").out and len(done.stdout) > 65536  # over a pipe's buffer
+    failed = run("concepts", "--limit", "-1")
+    assert failed.returncode != 0 and failed.stderr
