@@ -453,6 +453,26 @@ def test_vary_inverts_unguided_and_guides_by_strength(tiny_engine, monkeypatch):
     assert seen["invert"] == [3.0] and seen["decode"][-1] == 3.0
 
 
+def test_vary_at_strength_1_is_eta_1_from_the_inverted_noise(tiny_engine, monkeypatch):
+    """Strength 1 continues the path below it (§3: DDIM eta = strength from the image's inverted x_T): from fresh noise
+    it landed closer to the input than 0.8 (the model card's table). Recipes from before rerun from fresh noise."""
+    from unclip_cli.requests import request_from_recipe
+
+    seen = {"invert": 0, "eta": []}
+    invert, run_decoder = tiny_engine.invert, tiny_engine.run_decoder
+    monkeypatch.setattr(tiny_engine, "invert", lambda *a, **kw: seen.__setitem__("invert", seen["invert"] + 1) or invert(*a, **kw))
+    monkeypatch.setattr(tiny_engine, "run_decoder", lambda *a, **kw: seen["eta"].append((kw.get("sampler"), kw.get("eta"), kw.get("start")))
+                        or run_decoder(*a, **kw))
+    res = tiny_engine.run(req("vary", strength=1.0, seed=2))
+    assert seen == {"invert": 1, "eta": [("ddim", 1.0, None)]} and res.recipes[0]["fresh_at_one"] is False
+    old = {k: v for k, v in res.recipes[0].items() if k != "fresh_at_one"}
+    seen["invert"], seen["eta"] = 0, []
+    again = request_from_recipe(old, image=IMG_A)
+    assert again.fresh_at_one is True
+    tiny_engine.run(again)
+    assert seen == {"invert": 0, "eta": [("ddim", 1.0, tiny_engine.sampling.decoder_t_start)]}
+
+
 def test_nudge_inverts_unguided_and_guides_by_amount(tiny_engine, monkeypatch):
     seen = {"invert": [], "decode": []}
     invert, denoiser = tiny_engine.invert, tiny_engine.decoder_denoiser
@@ -489,7 +509,9 @@ def test_operations_through_an_inversion_take_at_least_the_recipes_inversion_ste
 
     fast = dict(quality="fast", image=IMG_A)
     assert VaryRequest(strength=0.5, **fast).steps.decoder == 40  # fast's 10, raised
-    assert VaryRequest(strength=1.0, **fast).steps.decoder == 10  # fresh noise: no inversion
+    assert VaryRequest(strength=1.0, **fast).steps.decoder == 40  # eta 1 from the inverted noise, like every strength
+    assert VaryRequest(strength=1.0, fresh_at_one=True, **fast).steps.decoder == 10  # recipes from before: fresh noise, no inversion
+    assert VaryRequest(strength=1.0, **fast).under(KARLO).inverts is False  # diffusers' variations: fresh noise
     assert NudgeRequest(to="x", **fast).steps.decoder == 40 and BlendRequest(quality="best", image_a=IMG_A, image_b=IMG_B).steps.decoder == 100
     assert VaryRequest(strength=0.5, decoder_steps=12, **fast).steps.decoder == 12  # explicit steps (and recipes) as given
     assert VaryRequest(strength=0.5, **fast).under(KARLO).steps.decoder == 15  # a set's own recipe decides

@@ -403,7 +403,10 @@ class Engine:
 
     def _vary(self, reqs, chunks, batch, callback):
         """Variations (§3): decode (z_i, x_T) with DDIM eta = strength, x_T from DDIM inversion of the image.
-        strength 0 reconstructs the input; 1 starts from fresh noise and keeps only z_i.
+        strength 0 reconstructs the input; 1 is eta 1 from the same x_T, as the paper's variations are (fresh noise,
+        keeping only z_i, landed closer to the input than 0.8: the emoji decoder from fresh noise starts at the noised
+        mean image, paler and nearer a clean emoji, so distance fell at the top; recipes written before keep it,
+        `fresh_at_one`, and so do sets whose recipe's vary_sampler is "decoder", as diffusers' variation pipeline).
 
         The inversion runs without guidance, and the decoding is guided in proportion to strength (scale
         1 + (g - 1) * strength): DDIM retraces only the unguided model's path, so an inversion under guidance
@@ -415,7 +418,8 @@ class Engine:
         steps, guidance, strength = reqs[0].steps, reqs[0].guidance_scale, reqs[0].strength
         z_i, x0 = self.base_inputs([r.inputs().images[0] for r in reqs])
         ramp = reqs[0].guidance_ramp
-        x_T = self.invert(z_i, x0, steps.decoder, 1.0 if ramp else guidance, batch, callback) if strength < 1 else None
+        fresh = strength >= 1 and (reqs[0].fresh_at_one or self.sampling.vary_sampler == "decoder")
+        x_T = None if fresh else self.invert(z_i, x0, steps.decoder, 1.0 if ramp else guidance, batch, callback)
         scale = 1 + (guidance - 1) * strength if ramp and x_T is not None else guidance
         images = {}
         for b, chunk in enumerate(chunks):

@@ -432,19 +432,22 @@ class VaryRequest(Request):
     strength: float = DEFAULT_STRENGTH
     fit: str = "crop"
     guidance_ramp: bool = True  # invert unguided, guide in proportion to strength (False: recipes from before it)
+    # strength 1 from fresh noise instead of DDIM eta 1 from the inverted noise (True: recipes from before 2026-12-05's fix,
+    # whose strength 1 landed closer to the input than 0.8); sets whose recipe's vary_sampler is "decoder" always do
+    fresh_at_one: bool = False
     noise_level: int | None = None  # MAX_NOISE_LEVEL's; the engine records the level that ran
     # A caption for the decoder (its text encoder's; Stable unCLIP's img2img prompt), "" for none: the image alone
     prompt: str = ""
 
     @property
     def inverts(self) -> bool:
-        return self.strength < 1
+        return self.strength < 1 or not (self.fresh_at_one or self.sampling.vary_sampler == "decoder")
 
     def _shared_own(self):
-        return (self.strength, self.guidance_ramp, self.noise_level, bool(self.prompt))
+        return (self.strength, self.guidance_ramp, self.fresh_at_one, self.noise_level, bool(self.prompt))
 
     def _validate_own(self, label):
-        return {"strength": check_number(label("strength"), self.strength, 0, 1, hint="0 reconstructs the input, 1 starts from fresh noise"),
+        return {"strength": check_number(label("strength"), self.strength, 0, 1, hint="0 reconstructs the input, 1 moves furthest"),
                 "prompt": check_text(label("prompt"), self.prompt, allow_empty=True),
                 **_fit_field(self, label), **_noise_level_field(self, label)}
 
@@ -460,11 +463,12 @@ class VaryRequest(Request):
 
     def _recipe_own(self, i):
         return {"strength": self.strength, "input": source_name(self.image), "fit": self.fit, "guidance_ramp": self.guidance_ramp,
-                **({"prompt": self.prompt} if self.prompt else {})}
+                "fresh_at_one": self.fresh_at_one, **({"prompt": self.prompt} if self.prompt else {})}
 
     @classmethod
     def _from_recipe_own(cls, r):
         return {"strength": r.get("strength", DEFAULT_STRENGTH), "fit": r.get("fit", "crop"), "guidance_ramp": r.get("guidance_ramp", False) is True,
+                "fresh_at_one": r.get("fresh_at_one", True) is not False,
                 "noise_level": r.get("noise_level"), "prompt": r.get("prompt", "")}
 
 

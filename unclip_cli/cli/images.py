@@ -254,7 +254,7 @@ def vary(
     image: ImageArg,
     n: NOpt = None,
     strength: Annotated[Optional[float], typer.Option("--strength", show_default="0.5",
-                                                      help="0 reconstructs the input, 1 starts from fresh noise.")] = None,
+                                                      help="0 reconstructs the input; further from it as it grows to 1.")] = None,
     fit: FitOpt = None,
     noise_level: NoiseLevelOpt = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", show_default="none",

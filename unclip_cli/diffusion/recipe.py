@@ -72,7 +72,8 @@ class SamplingRecipe:
     # Noise augmentation of the image embedding (decoders with noise_augment): the level 0-999 it is noised to
     # before the decoder reads it, when a request gives none
     noise_level: int = 0
-    # Fresh-noise variations (strength 1): "ddim" with eta 1 from the decoder start, or "decoder": the decoder's
+    # Variations at strength 1: "ddim", DDIM with eta 1 from the image's inverted noise like every lower strength (recipes
+    # from before 2026-12-05, `fresh_at_one`: eta 1 from the decoder start), or "decoder": fresh noise and the decoder's
     # own sampler (what diffusers' UnCLIPImageVariationPipeline does).
     vary_sampler: str = "ddim"
     upsampler_sampler: str = "ddim"
