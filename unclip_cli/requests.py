@@ -713,7 +713,7 @@ class ComposeRequest(Request):
     objects: list | None = None
     background: str | None = None
     # paste: the method that most often draws two separate objects. By the strict check (each object wins its box, the boxes
-    # apart), on 110 held-out prompts x 4 seeds: paste 7.7%, fuse 0.0%, generate 0.5%; fuse's 54.5% box by box is one
+    # apart), on 217 held-out prompts x 4 seeds: paste 8.8%, fuse 0.8%, generate 0.8%; fuse's 53.8% box by box is one
     # shape with a half in each box (benchmarks/bench_compose.py, RESULTS.md). Recipes without a method ran fuse.
     method: str = "paste"
 
