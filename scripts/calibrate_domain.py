@@ -129,6 +129,11 @@ def main(argv=None) -> None:
         "command": "python scripts/calibrate_domain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     report = {"subject": "emoji", "white_share_min": threshold, "facts": facts, "chars": chars}
+    was = Path(args.weights) / domain.FILE
+    was = json.loads(was.read_text(encoding="utf-8")) if was.is_file() else {}
+    if was.get("image_rule"):  # the image test is calibrated by calibrate_domain_images.py: kept as it is
+        report.update(white_share_min=was["white_share_min"], image_rule=was["image_rule"])
+        facts["images"] = was.get("facts", {}).get("images", facts["images"])
     text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
     print(text)
     if args.write:
