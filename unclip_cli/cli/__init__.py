@@ -143,7 +143,8 @@ def _exit_at_once() -> None:
     place, temporary folders removed, worker threads joined. Only the buffered output is left to flush."""
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:  # None: started with the stream closed (`unclip ... >&-`)
+                stream.flush()
         except (OSError, ValueError):  # a closed pipe (`unclip ... | head`) has nobody left to read it
             pass
     os._exit(0)
