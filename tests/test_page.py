@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import shutil
 
@@ -186,28 +187,155 @@ def test_undo_redo_feather_and_history_across_reloads(browser, tiny_engine):
         page.close()
 
 
-def test_time_left_comes_from_measured_step_times(browser, tiny_engine):
-    """The estimate: this job's seconds per step for the stages it has seen, the last job's for the rest."""
+# A last job of two batches: prior 1 s a step, decoder 0.5 s, upsampler 1 s (as the server reports them: stage, total,
+# batch, batches, steps done, seconds).
+LAST = [["prior", 4, 1, 2, 4, 4.0], ["decoder", 10, 1, 2, 10, 5.0], ["upsampler", 2, 1, 2, 2, 2.0],
+        ["prior", 4, 2, 2, 4, 4.0], ["decoder", 10, 2, 2, 10, 5.0], ["upsampler", 2, 2, 2, 2, 2.0]]
+VARY = [["invert", 10, 1, 1, 10, 5.0], ["decoder", 10, 1, 1, 10, 5.0], ["upsampler", 2, 1, 1, 2, 1.0]]
+ESTIMATES = [  # (this job's segments, seconds since its last step, the last job's segments) -> (seconds left, share done)
+    # Two steps into the first job's prior: what follows is unknown, so is the time left (the old page said "2 s").
+    ([["prior", 4, 1, 2, 2, 2.0]], 0.25, None, None, None),
+    # The same with a last job: the rest of this prior, then decoder and upsampler, then the whole second batch, less the
+    # half step already run: 2 + 5 + 2 + 11 - 0.5.
+    ([["prior", 4, 1, 2, 2, 2.0]], 0.5, LAST, 19.5, 2.5 / 22),
+    # The first job, in its second batch: its own first batch says what is left (5 decoder steps at 0.5, 2 upsampler at 1).
+    (LAST[:4] + [["decoder", 10, 2, 2, 5, 2.5]], 0.25, None, 4.25, 17.75 / 22),
+    # This job's decoder runs at 0.25 s a step where the last one's ran at 0.5: its own speed counts, the last job's for
+    # the upsampler it has not reached.
+    ([["prior", 4, 1, 1, 4, 2.0], ["decoder", 10, 1, 1, 4, 1.0]], 0.0, LAST, 3.5, 3.0 / 6.5),
+    # A stage the last job did not run: estimating.
+    ([["prior", 4, 1, 1, 4, 2.0], ["decoder 2", 10, 1, 1, 4, 1.0]], 0.0, LAST, None, None),
+    # Vary inverts first, then decodes: the decoding not started yet is counted.
+    ([["invert", 10, 1, 1, 4, 2.0]], 0.1, VARY, 8.9, 2.1 / 11),
+    ([["invert", 10, 1, 1, 4, 2.0]], 0.1, None, None, None),
+    # Mix runs the prior once per text: a second prior where the last job had one.
+    ([["prior", 4, 1, 1, 4, 4.0], ["prior", 4, 1, 1, 2, 2.0]], 0.0, LAST[:3], 9.0, 6.0 / 15),
+]
+
+
+@pytest.mark.parametrize("segments, since, last, left, fraction", ESTIMATES)
+def test_time_left_covers_the_whole_job_from_measured_step_times(page_at, segments, since, last, left, fraction):
+    got = page_at.evaluate("([segments, since, last]) => estimate({segments, since_tick: since}, last)", [segments, since, last])
+    assert got["left"] == (None if left is None else pytest.approx(left)), got
+    assert got["fraction"] == (None if fraction is None else pytest.approx(fraction)), got
+
+
+@pytest.fixture(scope="module")
+def page_at(browser, tiny_engine):
+    """One page on a server, for tests of the page's own functions."""
     with running(create_app(tiny_engine, Settings(steps=STEPS))) as (url, _):
         page = browser.new_page()
         page.goto(url + "/")
-        left = page.evaluate("""() => {
-            localStorage.removeItem("unclip-timing-v1");
-            const c = newClock("generate"), out = [];
-            tick(c, {stage: "prior", step: 1, total: 4, batch: 1, batches: 2}, 0);
-            tick(c, {stage: "prior", step: 3, total: 4, batch: 1, batches: 2}, 2000);       // 1 s a step
-            out.push(secondsLeft(c, {stage: "prior", step: 3, total: 4, batch: 1, batches: 2}));  // 1 left + a batch of 4
-            tick(c, {stage: "decoder", step: 1, total: 10, batch: 1, batches: 2}, 2500);
-            out.push(secondsLeft(c, {stage: "decoder", step: 1, total: 10, batch: 1, batches: 2}));  // decoder speed unknown
-            tick(c, {stage: "decoder", step: 5, total: 10, batch: 1, batches: 2}, 4500);    // 0.5 s a step
-            out.push(secondsLeft(c, {stage: "decoder", step: 5, total: 10, batch: 1, batches: 2}));  // 2.5 + (4 + 5)
-            keepTiming(c);
-            const next = newClock("generate");  // the next job starts with the last one's speeds
-            tick(next, {stage: "prior", step: 0, total: 4, batch: 1, batches: 1}, 0);
-            out.push(secondsLeft(next, {stage: "prior", step: 0, total: 4, batch: 1, batches: 1}));  // 4 + 5
-            return out;
-        }""")
-        assert left == [5, None, 11.5, 9]
+        yield page
+        page.close()
+
+
+def test_warnings_shown_as_text_with_the_run_and_kept(browser, tiny_engine):
+    """A generate whose prompt is cut (the engine's own warning), then a vary whose answer carries a warning written as
+    HTML (put in by the test): each is shown as text with its run, and kept across a reload."""
+    with running(create_app(tiny_engine, Settings(steps=STEPS))) as (url, _):
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        problems = []
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.goto(url + "/")
+        page.fill("#gen-n", "1")
+        page.fill("#gen-seed", "3")
+        page.fill("#gen-prompt", " ".join(["word"] * 40))
+        page.click("#gen-go")
+        made = page.locator(".run[data-op=generate]")
+        sync_api.expect(made.locator(".card")).to_have_count(1, timeout=60_000)
+        sync_api.expect(made.locator(".warnings")).to_contain_text("truncated")
+        lines = made.locator(".warnings li").all_text_contents()
+        assert lines and all(line.startswith("Warning: ") for line in lines), lines
+
+        hostile = '<img src=x onerror="window.pwned = 1"> is far from the emoji this model knows'
+
+        def with_warning(route):
+            res = route.fetch()
+            route.fulfill(response=res, headers={**res.headers, "x-unclip-warnings": json.dumps([hostile])})
+
+        page.route("**/v1/images/variations", with_warning)
+        page.get_by_role("button", name="Vary with seed 3").click()
+        sync_api.expect(page.locator("#vary-file-name")).to_have_text("loaded: unclip-generate-3.png")
+        page.fill("#vary-n", "1")
+        page.click("#vary-go")
+        varied = page.locator(".run[data-op=vary]")
+        sync_api.expect(varied.locator(".card")).to_have_count(1, timeout=60_000)
+        sync_api.expect(varied.locator(".warnings li")).to_have_text("Warning: " + hostile)
+        assert varied.locator(".warnings img").count() == 0 and page.evaluate("window.pwned") is None
+
+        page.reload()
+        sync_api.expect(page.locator(".run[data-op=vary] .warnings li")).to_have_text("Warning: " + hostile)
+        sync_api.expect(page.locator(".run[data-op=generate] .warnings li")).to_contain_text("truncated")
+        assert not problems, problems
+        page.close()
+
+
+def test_work_in_progress_survives_a_reload(browser, tiny_engine):
+    """The tab, prompts, options, the image sent to Edit and its painted mask come back after a reload, and the edit
+    runs from them at the quality chosen; the job's step times are kept for the next estimate; Clear history forgets it all."""
+    with running(create_app(tiny_engine, Settings(steps=STEPS))) as (url, _):
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        problems = []
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.goto(url + "/")
+        assert page.get_attribute("#gen-prompt", "placeholder") == "e.g. cat face"
+        for op in ("gen", "vary", "blend", "edit", "nudge", "mix", "compose"):  # every operation has the same quality choice
+            assert page.locator(f"#{op}-quality option").evaluate_all("os => os.map(o => o.value)") == ["low", "standard", "high"]
+        page.fill("#gen-n", "1")
+        page.fill("#gen-seed", "9")
+        page.fill("#gen-prompt", "cat face")
+        page.select_option("#gen-quality", "low")
+        page.click("#gen-go")
+        sync_api.expect(page.locator(".run[data-op=generate] .card")).to_have_count(1, timeout=60_000)
+        timing = page.evaluate("JSON.parse(localStorage.getItem('unclip-timing-v2')).generate[0]")
+        assert timing["quality"] == "low" and timing["n"] == 1 and [s[0] for s in timing["segments"]][:2] == ["prior", "decoder"]
+
+        page.get_by_role("button", name="Edit with seed 9").click()
+        sync_api.expect(page.locator("#stage")).to_have_attribute("data-ready", "1")
+        sync_api.expect(page.locator("#edit-file-name")).to_have_text("loaded: unclip-generate-9.png")
+        box = page.locator("#edit-mask").bounding_box()
+        page.mouse.move(box["x"] + 0.2 * box["width"], box["y"] + 0.3 * box["height"])
+        page.mouse.down()
+        page.mouse.move(box["x"] + 0.6 * box["width"], box["y"] + 0.5 * box["height"], steps=5)
+        page.mouse.up()
+        sync_api.expect(page.locator("#stage")).to_have_attribute("data-kept", "1")
+        painted = mask_alpha(page)
+        assert painted > 0
+        page.fill("#edit-prompt", "red heart")
+        page.fill("#edit-n", "1")
+        page.select_option("#edit-quality", "high")
+        page.locator("#edit-feather").fill("5")
+
+        page.reload()
+        sync_api.expect(page.locator("#p-edit")).to_be_visible()
+        assert page.get_attribute("#tab-edit", "aria-selected") == "true"
+        sync_api.expect(page.locator("#stage")).to_have_attribute("data-ready", "1")
+        assert mask_alpha(page) == painted
+        sync_api.expect(page.locator("#edit-file-name")).to_have_text("loaded: unclip-generate-9.png")
+        assert page.input_value("#edit-prompt") == "red heart" and page.input_value("#edit-quality") == "high"
+        assert page.locator("#edit-feather-out").text_content() == "5" and page.input_value("#edit-n") == "1"
+        assert page.input_value("#gen-prompt") == "cat face" and page.input_value("#gen-quality") == "low"
+        assert page.locator("#work-note").text_content() == ""
+        page.click("#edit-go")
+        edited = page.locator(".run[data-op=edit] .card")
+        sync_api.expect(edited).to_have_count(1, timeout=60_000)
+        recipe = edited.locator(".recipe").text_content()
+        assert "quality best" in recipe and "feather 5" in recipe and "prompt red heart" in recipe, recipe
+
+        # The mask's thumbnail shows where it repainted (red) and what it kept (white), not a black square.
+        shot = np.asarray(decoded(page.locator(".run[data-op=edit] .maskbox").screenshot()).convert("RGB")).astype(int)
+        red = (shot[..., 0] > 200) & (shot[..., 1] < 120) & (shot[..., 2] < 120)
+        white = (shot > 230).all(-1)
+        assert red.mean() > 0.02 and white.mean() > 0.2, (red.mean(), white.mean())
+
+        page.click("#history-clear")
+        page.reload()
+        sync_api.expect(page.locator("#p-generate")).to_be_visible()
+        assert page.input_value("#gen-prompt") == "" and page.input_value("#gen-quality") == "standard"
+        assert page.get_attribute("#stage", "data-ready") is None and page.locator("#edit-file-name").text_content() == "no image yet"
+        assert not problems, problems
         page.close()
 
 

@@ -422,6 +422,60 @@ def test_progress_of_a_job(tiny_engine):
         t.join(60)
 
 
+def test_worker_times_each_run_of_a_stage(monkeypatch):
+    """What the page estimates the time left from: each run of a stage in order (a stage runs again in each batch, and
+    twice in one batch as mix's prior does for two texts), its steps and seconds, and the seconds since the last step;
+    on a fake clock."""
+    import asyncio
+
+    from unclip_cli.serve import worker as worker_module
+
+    class Clock:
+        now = 100.0
+
+        def monotonic(self):
+            return self.now
+
+    clock, seen = Clock(), {}
+    monkeypatch.setattr(worker_module, "time", clock)
+    ticks = [("prior", 1, 2, 1, 0.5), ("prior", 2, 2, 1, 0.25), ("prior", 1, 2, 1, 0.5), ("prior", 2, 2, 1, 0.5),
+             ("decoder", 1, 3, 1, 1.0), ("decoder", 1, 3, 1, 0.0), ("decoder", 3, 3, 1, 2.0), ("prior", 1, 2, 2, 0.5)]
+
+    class Engine:
+        def run(self, request, callback):
+            for stage, step, total, batch, seconds in ticks:
+                clock.now += seconds
+                callback(Tick(stage, step, total, batch, 2))
+            clock.now += 0.125
+            seen["status"] = worker.status("job-0123456789abcdef")
+            return "done"
+
+    async def main():
+        worker.start()
+        job = worker.submit(None, job_id="job-0123456789abcdef")
+        assert await job.future == "done"
+        worker.stop()
+        return job
+
+    worker = worker_module.Worker(Engine())
+    job = asyncio.run(main())
+    assert worker.join(10)
+    segments = [["prior", 2, 1, 2, 2, 0.75], ["prior", 2, 1, 2, 2, 1.0], ["decoder", 3, 1, 2, 3, 3.0], ["prior", 2, 2, 2, 1, 0.5]]
+    assert seen["status"] == {"status": "running", "stage": "prior", "step": 1, "total": 2, "batch": 2, "batches": 2,
+                              "segments": segments, "since_tick": 0.125}
+    assert job.timing()["segments"] == segments
+
+
+def test_the_answer_carries_the_jobs_step_times(raw):
+    r = raw.post(GEN, json={"prompt": "x", "n": 2, "response_format": "b64_json"}, headers={"x-unclip-job": "job-timing-0123456789"})
+    assert r.status_code == 200, r.text
+    segments = json.loads(r.headers["x-unclip-timing"])
+    stages = [s[0] for s in segments]
+    assert stages[:2] == ["prior", "decoder"] and segments[0][1] == STEPS["prior_steps"] and segments[1][1] == STEPS["decoder_steps"]
+    assert all(s[4] == s[1] and s[5] >= 0 for s in segments), segments  # every step of every run was timed
+    assert "x-unclip-timing" not in raw.post(GEN, json={"prompt": "x", "response_format": "b64_json"}).headers  # no job id
+
+
 def test_client_disconnect_stops_the_job(tiny_engine):
     engine = HeldEngine(tiny_engine)
     app = create_app(engine, Settings(steps=STEPS))

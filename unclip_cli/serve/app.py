@@ -16,9 +16,10 @@ Routes (all under /v1 need the API key when one is set, as `Authorization: Beare
     POST /v1/unclip/nudge           multipart: image, to, from, amount, n, ...
     POST /v1/unclip/mix             multipart: image[] (0-8), prompt[] (repeated), weights "0.5,0.3,0.2", n, ...
     POST /v1/unclip/compose         JSON: prompt and/or objects [{prompt, box}], background_prompt, method, n, ...
-    GET  /v1/unclip/jobs/ID         a job's place in the queue or its progress (ID: the x-unclip-job header it was sent with,
-                                    16-64 of A-Z a-z 0-9 _ -, chosen at random so that no other client can guess it;
-                                    "unknown" before it is queued and once it is over)
+    GET  /v1/unclip/jobs/ID         a job's place in the queue or its progress and measured step times (ID: the x-unclip-job
+                                    header it was sent with, 16-64 of A-Z a-z 0-9 _ -, chosen at random so that no other
+                                    client can guess it; "unknown" before it is queued and once it is over; the job's
+                                    answer carries its step times in x-unclip-timing)
     GET  /v1/images/files/NAME      an image of a `url` response (no key needed: NAME is a random id), kept an hour
 
 Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 bad input, 401 wrong or
@@ -58,6 +59,7 @@ log = logging.getLogger("unclip.serve")
 FORM_CHUNK = 256 * 2**10  # a buffered form is parsed in pieces of this size, the event loop free between them
 DRAIN_BYTES = 16 * 2**20  # of a body over the limit, read (and dropped) before answering 413, so the client sees the answer
 MAX_FIELD_BYTES = 64 * 2**10  # a text field of a form (a prompt is at most 4,000 characters)
+TIMING_HEADER_SEGMENTS = 256  # stage runs in x-unclip-timing (about 30 bytes each)
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")  # 16 random characters of these are 96 bits: not guessable
 # A Host header: a name or an IPv4 address, or an IPv6 address in brackets, then an optional port. Nothing else
 # (userinfo such as "127.0.0.1:1@evil.example", paths, spaces) may pass the host check.
@@ -218,7 +220,7 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
             worker.withdraw(job, "disconnected")
             raise api.ApiError(499, "the client closed the request; its job was stopped", code="client_closed_request")
         try:
-            return job.future.result()
+            return job.future.result(), job
         except Cancelled as c:
             raise _cancelled(c, settings, worker, job) from None
         except InputError as e:  # found by the engine itself (a nudge whose two texts mean the same)
@@ -244,7 +246,7 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
         busy(worker.room())  # a full queue is answered before any image is decoded
         planned = await anyio.to_thread.run_sync(api.prepare, op, fields, native, settings.steps, settings.max_pixels,
                                                  settings.max_output_pixels, limiter=limiter)
-        result = await run(request, planned.request, job_id)
+        result, job = await run(request, planned.request, job_id)
         files = str(request.url_for("image_file", name="-"))[:-1]
 
         def respond() -> bytes:  # encoding images and base64 takes a while: not on the event loop
@@ -255,6 +257,10 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
         headers = {api.NATIVE_SIZE_HEADER: f"{native}x{native}", "x-unclip-seed": str(planned.request.seed)}
         if result.warnings:
             headers["x-unclip-warnings"] = json.dumps(result.warnings, ensure_ascii=True)
+        if job_id is not None:  # the job's measured step times, for the page's estimate of the next job's time left: its
+            # first TIMING_HEADER_SEGMENTS stage runs (a few KB), which hold the first batch of every phase and every stage's speed
+            segments = job.timing()["segments"][:TIMING_HEADER_SEGMENTS]
+            headers["x-unclip-timing"] = json.dumps(segments, ensure_ascii=True, separators=(",", ":"))
         return Response(await anyio.to_thread.run_sync(respond, limiter=limiter), media_type="application/json", headers=headers)
 
     def busy(b: Busy | None) -> None:

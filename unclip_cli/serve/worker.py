@@ -26,6 +26,7 @@ from typing import Any
 from unclip_cli.progress import Tick
 
 log = logging.getLogger("unclip.serve")
+MAX_SEGMENTS = 2000  # measured stage runs kept per job (compose: 5 priors + 4 decoders + upsampler a batch, 10 batches: 110)
 
 
 class Cancelled(Exception):
@@ -54,6 +55,12 @@ class Job:
     id: str | None = None
     state: str = "queued"  # queued | running | done
     tick: Tick | None = None
+    # The job's measured step times, for the page's estimate of the time left: one entry per run of a stage (a stage
+    # starts again in each batch, and mix and compose run the prior once per text), in order, each
+    # (stage, total, batch, batches, steps done, seconds). The seconds since the previous tick (or the job's start)
+    # count to the tick's stage: work between stages (encoding a text, resizing) goes to the stage that follows it.
+    segments: list = field(default_factory=list)
+    last_tick: float | None = None  # time.monotonic() of the latest tick, or of the job's start
     cancel_reason: str | None = None
     _cancel: threading.Event = field(default_factory=threading.Event)
 
@@ -67,10 +74,26 @@ class Job:
         """The engine's progress callback: records progress and raises Cancelled when the job must stop."""
         if tick is not None:
             self.tick = tick
+            self._measure(tick)
         if self._cancel.is_set():
             raise Cancelled(self.cancel_reason or "shutdown")
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise Cancelled("deadline")
+
+    def _measure(self, tick: Tick) -> None:
+        now = time.monotonic()
+        seconds = now - (self.last_tick if self.last_tick is not None else now)
+        self.last_tick = now
+        last = self.segments[-1] if self.segments else None
+        if last is not None and last[:4] == (tick.stage, tick.total, tick.batch, tick.batches) and tick.step >= last[4]:
+            self.segments[-1] = (*last[:4], tick.step, last[5] + seconds)  # one assignment: status() may read it meanwhile
+        elif len(self.segments) < MAX_SEGMENTS:
+            self.segments.append((tick.stage, tick.total, tick.batch, tick.batches, tick.step, seconds))
+
+    def timing(self) -> dict:
+        """The measured segments and the seconds since the latest tick (part of a step that is still running)."""
+        since = 0.0 if self.last_tick is None else time.monotonic() - self.last_tick
+        return {"segments": [[*s[:5], round(s[5], 4)] for s in list(self.segments)], "since_tick": round(since, 4)}
 
     def settle(self, outcome: Any) -> None:
         """Hand the outcome (a result or an exception) to the awaiting handler, from any thread."""
@@ -164,7 +187,7 @@ class Worker:
                 return {"status": "queued", "position": next((i + 1 for i, j in enumerate(self._waiting) if j is job), 0)}
             t = job.tick
             progress = {"stage": t.stage, "step": t.step, "total": t.total, "batch": t.batch, "batches": t.batches} if t else {}
-            return {"status": job.state, **progress}
+            return {"status": job.state, **progress, **(job.timing() if job.state == "running" else {})}
 
     def counts(self) -> dict:
         with self._cond:
@@ -215,6 +238,7 @@ class Worker:
                 self._running = job
                 job.state = "running"
             started = time.monotonic()
+            job.last_tick = started
             if job.timeout is not None:
                 job.deadline = started + job.timeout
             try:
