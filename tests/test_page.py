@@ -339,6 +339,34 @@ def test_work_in_progress_survives_a_reload(browser, tiny_engine):
         page.close()
 
 
+def test_mix_texts_and_compose_boxes_survive_a_reload(page_at):
+    page = page_at
+    page.evaluate("localStorage.clear()")
+    page.reload()
+    page.get_by_role("tab", name="Mix").click()
+    page.click("#mix-add-text")
+    page.get_by_label("Text 1", exact=True).fill("red heart")
+    page.locator("#mix-parts li:nth-child(1) input[type=number]").fill("0.5")
+    page.get_by_role("tab", name="Compose").click()
+    canvas = page.locator("#layout-canvas").bounding_box()
+    page.mouse.move(canvas["x"] + 0.1 * canvas["width"], canvas["y"] + 0.2 * canvas["height"])
+    page.mouse.down()
+    page.mouse.move(canvas["x"] + 0.5 * canvas["width"], canvas["y"] + 0.6 * canvas["height"], steps=4)
+    page.mouse.up()
+    page.keyboard.type("red apple")
+    page.select_option("#compose-quality", "high")
+    box = page.get_by_label("Object 1's box: left, top, right, bottom (fractions)").input_value()
+
+    page.reload()
+    sync_api.expect(page.locator("#p-compose")).to_be_visible()
+    assert page.get_by_label("Object 1: what to draw in its box").input_value() == "red apple"
+    assert page.get_by_label("Object 1's box: left, top, right, bottom (fractions)").input_value() == box
+    assert page.input_value("#compose-quality") == "high"
+    assert page.get_by_label("Text 1", exact=True).input_value() == "red heart"
+    assert page.locator("#mix-parts li:nth-child(1) input[type=number]").input_value() == "0.5"
+    page.evaluate("localStorage.clear()")
+
+
 @pytest.mark.parametrize("level", [None, "info"])
 def test_console_is_quiet_by_default_and_never_logs_progress_polls(tiny_weights, level):
     import queue
