@@ -176,7 +176,22 @@ def test_output_set_never_overwrites_and_cleans_up(tmp_path):
         outs.add_png(img, "x-1", index=True)
     with imageio.OutputSet(out) as outs:
         outs.add_png(img, "x-1", index=True)
-    assert files(out) == ["x-1-0.png", "x-1-1.png", "x-1-2.png"]
+        outs.add_png(img, "x-1", index=True)  # x-1-1.png is taken, x-1-2.png is not: the whole run is run 2 all the same
+        outs.add_png(img, "x-1", index=True)
+        outs.add_png(img, "x-1-grid")
+    assert files(out) == ["x-1-0-run2.png", "x-1-0.png", "x-1-1-run2.png", "x-1-1.png", "x-1-2-run2.png", "x-1-grid-run2.png"]
+    with imageio.OutputSet(out) as outs:
+        outs.add_png(img, "x-1-grid")
+    assert (out / "x-1-grid.png").exists()  # a run of its own: its name was free
+    with imageio.OutputSet(out, rerun=True) as outs:
+        outs.add_png(img, "x-1-0")
+    with imageio.OutputSet(out, rerun=True) as outs:
+        outs.add_png(img, "x-1-0")
+    assert {"x-1-0-rerun.png", "x-1-0-rerun2.png"} <= set(files(out))
+    before = len(files(out))
+    with imageio.OutputSet(out, force=True) as outs:
+        outs.add_png(img, "x-1", index=True)
+    assert len(files(out)) == before  # --force replaces x-1-0.png
     with pytest.raises(RuntimeError):
         with imageio.OutputSet(tmp_path / "new" / "dir") as outs:
             outs.add_png(img, "y", index=True)
@@ -222,7 +237,7 @@ def test_never_overwrite_unless_force(w, tmp_path):
     first = ok("generate", "cat face", "--seed", "3", "--out", out, *FAST, *w).out.split()
     before = Path(first[0]).read_bytes()
     second = ok("generate", "cat face", "--seed", "3", "--out", out, *FAST, *w).out.split()
-    assert Path(first[0]).name == "cat-face-3-0.png" and Path(second[0]).name == "cat-face-3-1.png"
+    assert Path(first[0]).name == "cat-face-3-0.png" and Path(second[0]).name == "cat-face-3-0-run2.png"
     assert Path(first[0]).read_bytes() == before
     forced = ok("generate", "cat face", "--seed", "3", "--out", out, "--force", "--no-metadata", *FAST, *w).out.split()
     assert forced[0] == first[0]
@@ -279,6 +294,11 @@ def test_blend_writes_frames_strip_and_animations(w, tmp_path, pics):
     if res["webp"]:
         assert Image.open(res["webp"]).n_frames == 4
     assert len(res["files"]) == len(files(tmp_path))
+    # a --from rerun names every file as a rerun of its own; the strip says what it shows
+    again = json.loads(ok("blend", pics["png"], pics["exif"], "--from", res["images"][1]["path"], "--json", "--out", tmp_path,
+                          "--device", "cpu", *w).out)
+    assert [Path(p).name for p in again["files"]] == [Path(p).name.replace(".", "-rerun.", 1) for p in res["files"]]
+    assert "is a strip of the 3 images of one `unclip blend` run (seed 2)" in ok("info", res["strip"]).out
 
 
 def test_edit_keeps_unmasked_pixels_at_input_size(w, tmp_path, pics):
@@ -320,7 +340,26 @@ def test_info_model(w):
     r = ok("info", *w)
     assert "Hash:" in r.out and "decoder" in r.out and "parameters" in r.out
     res = json.loads(ok("info", "--json", *w).out)
-    assert {"name", "model_hash", "stages"} <= set(res)
+    assert {"name", "model_hash", "stages", "precision", "precision_reason"} <= set(res)
+
+
+@pytest.mark.parametrize("native, allowed, precision", [(True, True, "bf16"), (True, False, "fp32"), (False, True, "fp32")])
+def test_info_names_the_precision_the_commands_run(tiny_weights, tmp_path, monkeypatch, native, allowed, precision):
+    """`unclip info` says what --precision auto runs on this machine, and why, as the image commands' model line does."""
+    import shutil
+
+    from unclip_cli import device
+
+    ws = tmp_path / "set"
+    shutil.copytree(tiny_weights, ws)
+    (ws / device.PRECISION_FILE).write_text(json.dumps({"cpu_bf16": allowed}))
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: native)
+    line = next(x for x in ok("info", "--weights", ws).out.splitlines() if x.startswith("Precision:"))
+    assert line.startswith(f"Precision:  {precision} on cpu (--precision auto: ")
+    assert ("natively and the set's precision.json records bf16" in line) == (precision == "bf16")
+    assert ("no native bfloat16" in line) == (not native) and ("does not record" in line) == (native and not allowed)
+    r = ok("generate", "x", "--out", tmp_path / "o", "--weights", ws, *FAST)
+    assert f"on cpu ({precision})" in r.err
 
 
 # -- errors: one line, exit 1, nothing written -------------------------------------------------------
@@ -444,6 +483,36 @@ def test_version():
         assert r.out.strip() == f"unclip {__version__}"
 
 
+def _footer_is_filled(text: str, start: str, width: int) -> bool:
+    """Whether the help paragraph that begins with `start` is wrapped only where the terminal ends (rich wraps it
+    greedily), not also where the source line ended: no line is followed by a word that would have fitted on it."""
+    lines = text.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.strip().startswith(start))
+    para = []
+    while i < len(lines) and lines[i].strip():
+        para.append(lines[i].rstrip())
+        i += 1
+    return all(len(a) + 1 + len(b.split()[0]) > width - 1 for a, b in zip(para, para[1:]))
+
+
+@pytest.mark.parametrize("width", [80, 100])
+def test_help_cosmetics(width):
+    _register()
+    env = {"COLUMNS": str(width)}
+    gen = runner.invoke(app, ["generate", "--help"], env=env).output
+    assert "--quality" in gen and "(default)" not in gen
+    mix = runner.invoke(app, ["mix", "--help"], env=env).output
+    assert "IMAGE_OR_TEXT" in mix and "list[" not in mix and "...]..." not in mix and "<str>" not in mix
+    assert _footer_is_filled(mix, "Each argument that names", width)
+    comp = runner.invoke(app, ["compose", "--help"], env=env).output
+    assert _footer_is_filled(comp, "The sentence grammar", width) and _footer_is_filled(comp, "Checked by the independent", width)
+    for cmd, start in (("edit", "A mask marks in white"), ("nudge", "The image's CLIP embedding")):
+        assert _footer_is_filled(runner.invoke(app, [cmd, "--help"], env=env).output, start, width), cmd
+    for cmd in ("info", "concepts"):
+        r = runner.invoke(app, [cmd, "--help"], env=env).output
+        assert "--json" in r and "file paths" not in r
+
+
 def test_help_has_no_bool_labels():
     _register()
     commands = [[c.name or c.callback.__name__] for c in app.registered_commands] + [[]]
@@ -494,6 +563,51 @@ def test_a_rerun_is_named_as_a_rerun(w, tmp_path):
     names = [Path(ok("generate", "--from", made[0], "--out", out, "--device", "cpu", *w).out.split()[0]).name for _ in range(2)]
     assert names == ["cat-face-42-0-rerun.png", "cat-face-42-0-rerun2.png"]
     assert np.array_equal(np.asarray(Image.open(out / names[1])), np.asarray(Image.open(made[0])))
+
+
+def test_a_repeated_run_is_named_run2_and_its_grid_says_what_it_is(w, tmp_path):
+    """The same run again into the same folder: every file gets `-run2` after its own name (`…-42-4.png` read as
+    image 4, seed 46); a grid says which run it shows, and each image carries the recipe."""
+    out = tmp_path / "o"
+    runs = [ok("generate", "cat face", "-n", "2", "--seed", "42", "--out", out, *FAST, *w).out.split() for _ in range(3)]
+    names = [[Path(p).name for p in run] for run in runs]
+    assert names[1] == ["cat-face-42-0-run2.png", "cat-face-42-1-run2.png", "cat-face-42-grid-run2.png"]
+    assert names[2] == ["cat-face-42-0-run3.png", "cat-face-42-1-run3.png", "cat-face-42-grid-run3.png"]
+    assert np.array_equal(np.asarray(Image.open(runs[1][1])), np.asarray(Image.open(runs[0][1])))
+    bigger = ok("generate", "cat face", "-n", "3", "--seed", "42", "--out", out, *FAST, *w).out.split()  # -2 is free, -0 is not
+    assert [Path(p).name for p in bigger] == [f"cat-face-42-{i}-run4.png" for i in range(3)] + ["cat-face-42-grid-run4.png"]
+    grid = runs[0][2]
+    assert "is a grid of the 2 images of one `unclip generate` run (seeds 42-43)" in ok("info", grid).out
+    assert json.loads(ok("info", "--json", grid).out)["sheet"] == {"op": "generate", "seed": 42, "images": 2}
+    fails("generate", "--from", grid, "--out", out, *w, match="is a grid of 2 images written by unclip, not one image")
+    older = tmp_path / "cat-face-7-grid.png"  # a grid written before grids were marked
+    Image.open(grid).save(older)
+    assert "it is a grid or strip of a run's images" in ok("info", older).out
+
+
+def test_from_with_image_commands_says_which_inputs_to_give_again(w, tmp_path, pics):
+    out = tmp_path / "o"
+    made = json.loads(ok("edit", pics["png"], "--mask", pics["mask"], "a hat", "--seed", "3", "--json", "--out", out, *FAST, *w).out)
+    png = made["images"][0]["path"]
+    r = fails("edit", "--from", png, "--out", out, *w, match="made from 1 image (photo.png): give it and its mask again")
+    assert f"unclip edit photo.png --mask mask.png --from {png}" in r.err and "not the images" in r.err
+    fails("edit", pics["png"], "--from", png, "--out", out, *w, match="give the mask again")
+    # another image and another mask: warned, and the rerun still runs
+    other = tmp_path / "other.png"
+    _noise(24, 24, 5).save(other)
+    r = ok("edit", other, "--mask", pics["mask_rgba"], "--from", png, "--out", out, "--device", "cpu", *w)
+    assert "Warning: the recipe was made from photo.png, not other.png" in r.err
+    assert "Warning: the recipe's image was 40×24, this one is 24×24" in r.err and "Warning: the mask marks" in r.err
+    same = ok("edit", pics["png"], "--mask", pics["mask"], "--from", png, "--out", out, "--device", "cpu", *w)
+    assert "Warning" not in same.err
+
+    mixed = json.loads(ok("mix", pics["png"], other, "--seed", "1", "--json", "--out", out, *FAST, *w).out)["images"][0]["path"]
+    fails("mix", "--from", mixed, "--out", out, *w, match="made from 2 images (photo.png, other.png): give them again")
+    fails("mix", other, "--from", mixed, "--out", out, *w, match="made from 2 images (photo.png, other.png), not 1: give the same")
+    varied = ok("vary", pics["png"], "--seed", "1", "--out", out, *FAST, *w).out.split()[0]
+    r = fails("vary", "--from", varied, "--out", out, *w, match="made from 1 image (photo.png): give it again")
+    assert f"unclip vary photo.png --from {varied}" in r.err
+    fails("blend", "--from", varied, "--out", out, *w, match="was made by `unclip vary`")
 
 
 def test_edit_box_marks_a_rectangle_and_reruns(w, tmp_path, pics):

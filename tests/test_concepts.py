@@ -35,6 +35,76 @@ def test_search_ranks_whole_names_then_names_then_keywords():
     assert domain.search_concepts(CONCEPTS, "rocket") == []
 
 
+MORE = [{"concept": c, "emoji": "", "en": en, "zh": zh, "keywords_en": k, "keywords_zh": [], "images": 6} for c, en, zh, k in [
+    ("1F1E6", "regional indicator A", "区域指示符A", []), ("1FAAA", "identification card", "身份证", ["credentials"]),
+    ("1F3CE", "racing car", "赛车", ["racing"]), ("1F697", "automobile", "汽车", ["car"]), ("1F9E3", "scarf", "围巾", ["neck"]),
+    ("1F955", "carrot", "胡萝卜", ["food"]), ("1FAA7", "placard", "标语牌", ["picket"]), ("1F6D2", "shopping cart", "购物车", ["trolley"])]]
+
+
+def test_search_ranks_whole_words_before_pieces_of_words():
+    """`concepts cat` listed ten "regional indicator" letters (ind-icat-or) in its first 20 and `concepts car` scarf,
+    carrot and placard before "automobile": whole words first (names, then keywords), then words that start with the
+    query; a piece inside a word only when nothing else matches."""
+    listed = CONCEPTS + MORE
+    assert [c["en"] for c in domain.search_concepts(listed, "cat")] == ["cat", "cat face"]
+    assert [c["en"] for c in domain.search_concepts(listed, "car")] == ["racing car", "automobile", "carrot", "shopping cart",
+                                                                          "identification card"]
+    assert [c["en"] for c in domain.search_concepts(listed, "ndicat")] == ["regional indicator A"]  # nothing better: pieces
+    assert [c["en"] for c in domain.search_concepts(listed, "🐱")] == ["cat face"]
+    assert [c["en"] for c in domain.search_concepts(listed, "cats")] == []  # a plural query is no word of "cat"
+    assert [c["en"] for c in domain.search_concepts(listed, "车")] == ["automobile", "racing car", "shopping cart"]  # Chinese: characters
+    shipped = domain.load_concepts(SHIPPED).entries
+    first = [c["en"] for c in domain.search_concepts(shipped, "cat")[:20]]
+    assert first[:2] == ["cat", "cat face"] and not any("indicator" in n or "identification" in n for n in first)
+    car = [c["en"] for c in domain.search_concepts(shipped, "car")]
+    assert car.index("automobile") < 10 and not {"scarf", "carrot", "placard"} & set(car[:car.index("automobile")])
+
+
+def test_concepts_says_when_the_nearest_by_meaning_are_far(tiny_weights, tmp_path):
+    """Some concepts are always nearest by meaning; a query with no letter at all has none (the tiny set's CLIP has a
+    row for every token, so it cannot tell an unknown word)."""
+    ws = tiny_set(tiny_weights, tmp_path)
+    for query, far in (("12345", True), ("a blue bicycle", False)):
+        r = cli("concepts", query, "--weights", ws)
+        assert r.code == 0 and len(r.out.splitlines()) == 4, r.err
+        assert r.out.splitlines()[0] == (f"No concept is named '{query}', and none is close in meaning (it has no words): the model is "
+                                         "unlikely to draw it. The nearest anyway:" if far else
+                                         f"No concept is named '{query}'; the nearest by meaning:")
+        res = json.loads(cli("concepts", query, "--json", "--weights", ws).out)
+        assert res["matched_by"] == "meaning" and res["far"] is far and res["unknown_words"] == []
+
+
+def test_the_shipped_set_calls_nonsense_far_and_never_a_concept_name():
+    """The rule (`domain.far_in_meaning`): a word the set's CLIP never saw, or no letter. Its CLIP cosine could not
+    tell: nonsense is as near some name as the held-out prompts (scripts/calibrate_concepts_meaning.py)."""
+    import sys
+
+    from unclip_cli.engine import Engine
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from calibrate_concepts_meaning import nonsense
+
+    facts = json.loads((SHIPPED / domain.CONCEPTS_FILE).read_text(encoding="utf-8"))["meaning"]["facts"]
+    assert facts["held_out"]["prompts"] == 996 and facts["held_out"]["far"] == 0 and facts["concept_names"]["far"] == 0
+    assert facts["nonsense"] == {"prompts": 400, "far": 374, "rate": 0.935, "best_cosine_median": 0.8286}
+    assert abs(facts["nonsense"]["best_cosine_median"] - facts["held_out"]["best_cosine_median"]) < 0.01
+    engine = Engine.load(SHIPPED, device="cpu")
+    far = lambda t: domain.far_in_meaning(t, engine.unknown_words(t))  # noqa: E731
+    assert sum(map(far, nonsense())) == 374  # as recorded
+    assert not any(far(c[lang]) for c in engine.concepts.entries for lang in ("en", "zh"))  # no name is far
+    r = cli("concepts", "zzzqqq")
+    assert r.code == 0 and r.out.startswith("No concept is named 'zzzqqq', and none is close in meaning (this model never saw "
+                                            "'zzzqqq' in training)")
+
+
+def test_a_sentence_of_several_objects_is_pointed_to_compose():
+    listed = domain.ConceptList(CONCEPTS, note=True)
+    for prompt in ("two cats", "a cat to the left of a red heart"):
+        assert domain.concept_note(listed, prompt, layout=True).endswith("; for several objects or where they go, try `unclip compose`")
+        assert "compose" not in domain.concept_note(listed, prompt)  # not from edit, say
+    assert "compose" not in domain.concept_note(listed, "a cat", layout=True)
+
+
 def test_the_shipped_set_lists_what_it_was_trained_on():
     listed = domain.load_concepts(SHIPPED)
     assert len(listed.entries) == 1948 and sum(c["images"] for c in listed.entries) == 20117  # the training split

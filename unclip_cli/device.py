@@ -78,3 +78,19 @@ def resolve_precision(asked: str, device: torch.device, dtype: torch.dtype, set_
     if asked == "auto":
         return "bf16" if set_ok and cpu_has_bf16() else "fp32"
     return asked
+
+
+def precision_reason(asked: str, device: torch.device, dtype: torch.dtype, set_ok: bool) -> str:
+    """Why `resolve_precision` picks what it picks, in words (what `unclip info` says)."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return f"the networks' own precision on {device.type}"
+    if asked != "auto":
+        return f"--precision {asked}"
+    native = cpu_has_bf16()
+    if native and set_ok:
+        return "--precision auto: this CPU computes bfloat16 natively and the set's precision.json records bf16 at fp32's quality"
+    if set_ok:
+        return "--precision auto: the set allows bf16, but this CPU has no native bfloat16 (emulated, it is slower than fp32)"
+    if native:
+        return "--precision auto: this CPU computes bfloat16 natively, but the set's precision.json does not record bf16 at fp32's quality"
+    return "--precision auto: this CPU has no native bfloat16, and the set records no bf16 measurement"

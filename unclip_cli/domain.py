@@ -352,31 +352,60 @@ def load_concepts(root: str | Path) -> ConceptList | None:
 
 
 def search_concepts(concepts: list[dict], query: str) -> list[dict]:
-    """Concepts whose name or keywords contain `query` (any case, either language): names that match
-    whole first, then names that contain it, then keywords."""
+    """Concepts whose name, emoji or keywords hold `query` (any case, either language), whole words first: a name (or
+    emoji) that is the query, then names that hold it as a word (a plural's "s" allowed), then keywords that do, then
+    names and keywords with a word that starts with it ("car": "carrot"); shorter names first within each. A match
+    inside a word (`cat` in "indicator", `car` in "scarf") is listed only when nothing else matches. Chinese, written
+    without spaces, has no words to tell apart: a name or keyword holding the characters counts as a word."""
     q = " ".join(query.lower().split())
     if not q:
         return list(concepts)
+    spaced = not _unspaced(q[0])
+    word = re.compile(rf"(?<!\w){re.escape(q)}(?:s|es)?(?!\w)") if spaced else None
+    start = re.compile(rf"(?<!\w){re.escape(q)}") if spaced else None
+
+    def has(pattern, text: str) -> bool:
+        return q in text if pattern is None else bool(pattern.search(text))
+
     ranked = []
     for c in concepts:
         names = (c["en"].lower(), c["zh"])
-        words = [k.lower() for k in c.get("keywords_en", [])] + list(c.get("keywords_zh", []))
-        rank = 0 if q in names else 1 if any(q in n for n in names) else 2 if any(q in k for k in words) else None
+        keys = [k.lower() for k in c.get("keywords_en", [])] + list(c.get("keywords_zh", []))
+        tests = [q in names or q == c.get("emoji"), any(has(word, n) for n in names), q in keys, any(has(word, k) for k in keys),
+                 any(has(start, n) for n in names), any(has(start, k) for k in keys), any(q in n for n in names + tuple(keys))]
+        rank = next((r for r, hit in enumerate(tests) if hit), None)
         if rank is not None:
-            ranked.append((rank, len(c["en"]), c["en"], c))
+            ranked.append((rank, len(c["en"] if spaced else c["zh"]), c["en"], c))  # shorter names, in the query's language, first
+    if any(r[0] < 6 for r in ranked):  # pieces inside words only when nothing better matches
+        ranked = [r for r in ranked if r[0] < 6]
     return [c for *_, c in sorted(ranked, key=lambda r: r[:3])]
 
 
-def concept_note(concepts: ConceptList, text: str, nearest=None, what: str = "the prompt") -> str | None:
+def far_in_meaning(text: str, unknown: list[str]) -> bool:
+    """Whether even the nearest concepts by meaning are far from a query (`unknown`: its words the set's CLIP never saw,
+    `unknown_words`): it has such a word, or no letter at all (digits and signs). The CLIP cosine cannot tell: this
+    CLIP puts nonsense as near some name as the held-out prompts (median best cosine 0.83 and 0.84). Measured by
+    scripts/calibrate_concepts_meaning.py (`concepts.json`, `meaning.facts`; the model card has the table)."""
+    return bool(unknown) or not any(c.isalpha() for c in text)
+
+
+def concept_note(concepts: ConceptList, text: str, nearest=None, what: str = "the prompt", layout: bool = False) -> str | None:
     """The note for a text that is no concept's name (`ConceptList.named`): the closest by shared words, else (with
     `nearest`, a function of the text giving (cosine, entry) pairs) by the set's CLIP. None when the text names a
-    concept or the set has no note."""
+    concept or the set has no note. With `layout` (a prompt of `generate`), a text that `unclip compose` reads as
+    several objects ("two cats", "a cat to the left of a heart") is pointed there."""
     if not concepts.note or concepts.named(text) is not None:
         return None
     closest = concepts.closest(text, 3) or ([c for _, c in nearest(text)] if nearest else [])
     names = ", ".join(dict.fromkeys(printable_name(c["en"]) for c in closest[:3]))
+    several = ""
+    if layout:
+        from unclip_cli.layout import parse
+
+        if len(parse(text)) > 1:
+            several = "; for several objects or where they go, try `unclip compose`"
     return (f"{what} is not the name of a concept this model was trained on, so expect a loose match"
-            + (f"; the closest are {names}" if names else "") + " (`unclip concepts` lists them)")
+            + (f"; the closest are {names}" if names else "") + " (`unclip concepts` lists them)" + several)
 
 
 def printable_name(text: str) -> str:

@@ -38,14 +38,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 import unclip_cli
-from unclip_cli.device import pick_device, resolve_precision, set_allows_bf16
+from unclip_cli.device import pick_device, precision_reason, resolve_precision, set_allows_bf16
 from unclip_cli.diffusion.gaussian import make_denoiser
 from unclip_cli.diffusion.guidance import guided
 from unclip_cli.diffusion.policy import DECODER_T_START, decoder_denoiser, noise_augment, noised_mean, where_kept  # noqa: F401  (DECODER_T_START: the emoji start, re-exported)
 from unclip_cli.diffusion.recipe import DEFAULT as DEFAULT_RECIPE
 from unclip_cli.diffusion.samplers import SAMPLERS, ddim_invert, sample_ddim, sample_repaint, slerp
 from unclip_cli.diffusion.schedule import spaced_timesteps
-from unclip_cli.domain import concept_note, image_warning, load_concepts, load_domain, prompt_warning
+from unclip_cli.domain import concept_note, image_warning, load_concepts, load_domain, prompt_warning, unknown_words
 from unclip_cli.errors import InputError, UnclipError
 from unclip_cli.models.prior import pick_closest
 from unclip_cli.modelset import ModelSet, load_model_set
@@ -247,6 +247,9 @@ class Engine:
             "model_hash": m.model_hash,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
+            # What a request that names no precision runs in here, and why (auto: the CPU's bf16 and the set's precision.json)
+            "precision": resolve_precision(self.precision, self.device, self.dtype, self.bf16_ok),
+            "precision_reason": precision_reason(self.precision, self.device, self.dtype, self.bf16_ok),
             "base_size": m.base_size,
             "image_size": m.image_size,
             "stages": {
@@ -312,7 +315,8 @@ class Engine:
             found = [image_warning(self.domain, source_name(src), im) for src, im in zip(req.sources(), req.inputs().images)]
             found += [prompt_warning(self.domain, self.models.clip.model, what, text) for what, text in req.texts() if text]
         if self.concepts is not None:
-            found += [concept_note(self.concepts, text, lambda t: self.nearest_concepts(t, 3), what) for what, text in req.texts()[:1] if text]
+            found += [concept_note(self.concepts, text, lambda t: self.nearest_concepts(t, 3), what, layout=req.op == "generate")
+                      for what, text in req.texts()[:1] if text]
         return [w for w in found if w]
 
     @torch.no_grad()
@@ -329,6 +333,11 @@ class Engine:
         cos = (self._concept_emb @ z).max(dim=1).values
         top = cos.topk(min(k, len(cos)))
         return [(float(v), self.concepts.entries[i]) for v, i in zip(top.values, top.indices.tolist())]
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of a text the set's CLIP never saw in training (`domain.unknown_words`, with the characters its
+        domain file lists); empty for a CLIP with a row for every token."""
+        return unknown_words(self.models.clip.model, text, self.domain.chars if self.domain else None)
 
     def precision_of(self, req: Request) -> str:
         """The precision a request runs in: fp32 or bf16 on the CPU (its own, else the engine's default; auto

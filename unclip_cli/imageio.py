@@ -29,6 +29,9 @@ from PIL import ExifTags, Image, PngImagePlugin, UnidentifiedImageError
 from unclip_cli.errors import InputError
 
 RECIPE_KEY = "unclip"  # PNG text chunk holding our recipe as JSON
+# PNG text chunk of a grid or strip: which images it shows ({"op", "seed", "images"}), as JSON. It holds no recipe:
+# each image's own PNG carries that.
+SHEET_KEY = "unclip-sheet"
 PARAMETERS_KEY = "parameters"  # PNG text chunk in the form other image tools read
 MAX_RECIPE_CHARS = 64 * 1024
 WHITE = (255, 255, 255)
@@ -259,7 +262,13 @@ def read_png_text(path: str | Path) -> dict[str, str]:
 def read_recipe(path: str | Path) -> dict:
     """The unclip recipe stored in a PNG, or an InputError saying it has none."""
     path = Path(path)
-    raw = read_png_text(path).get(RECIPE_KEY)
+    text = read_png_text(path)
+    raw = text.get(RECIPE_KEY)
+    sheet = read_sheet(text) if raw is None else None
+    if sheet is not None:
+        kind = "strip" if sheet["op"] == "blend" else "grid"
+        raise InputError(f"{path} is a {kind} of {sheet['images']} images written by unclip, not one image: it holds no recipe",
+                         hint="each image's own PNG carries its recipe: pass one of them with --from")
     if raw is None:
         raise InputError(
             f"{path} holds no unclip recipe",
@@ -339,13 +348,31 @@ def parameters_text(recipe: dict) -> str:
     return f"{prompt}\n{line}"
 
 
-def _png_info(recipe: dict | None) -> PngImagePlugin.PngInfo | None:
-    if recipe is None:
+def _png_info(recipe: dict | None, sheet: dict | None = None) -> PngImagePlugin.PngInfo | None:
+    if recipe is None and sheet is None:
         return None
     info = PngImagePlugin.PngInfo()
-    info.add_text(RECIPE_KEY, json.dumps(recipe, ensure_ascii=False, sort_keys=True))
-    info.add_text(PARAMETERS_KEY, parameters_text(recipe))  # becomes iTXt (UTF-8) when not Latin-1
+    if recipe is not None:
+        info.add_text(RECIPE_KEY, json.dumps(recipe, ensure_ascii=False, sort_keys=True))
+        info.add_text(PARAMETERS_KEY, parameters_text(recipe))  # becomes iTXt (UTF-8) when not Latin-1
+    if sheet is not None:
+        info.add_text(SHEET_KEY, json.dumps(sheet, ensure_ascii=False, sort_keys=True))
     return info
+
+
+def read_sheet(text: dict[str, str]) -> dict | None:
+    """What a grid or strip written by unclip says it shows ({"op", "seed", "images"}), from its PNG text
+    chunks; None for any other file. The text is untrusted: anything but that shape counts as none."""
+    raw = text.get(SHEET_KEY)
+    if raw is None or len(raw) > MAX_RECIPE_CHARS:
+        return None
+    try:
+        sheet = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    ok = isinstance(sheet, dict) and isinstance(sheet.get("op"), str) and all(
+        isinstance(sheet.get(k), int) and not isinstance(sheet.get(k), bool) and sheet[k] >= 0 for k in ("seed", "images"))
+    return sheet if ok else None
 
 
 def png_bytes(image: Image.Image, recipe: dict | None = None) -> bytes:
@@ -491,7 +518,7 @@ def signals_deferred():
 
 
 class OutputSet:
-    """The files of one run, written all-or-nothing.
+    """The files of one run, written all-or-nothing, named together.
 
     Each `add_*` writes to a hidden temporary file in the output folder; leaving the `with` block
     normally moves them all to their final names, never replacing an existing file unless `force`.
@@ -502,17 +529,25 @@ class OutputSet:
     threads (PNG's zlib releases the GIL: a grid and its images compress side by side), all finished before
     anything is moved into place or cleaned up.
 
+    Names: each file has its own name (`stem-<i>.png` for the i-th image of a stem, else `stem.ext`). A run
+    whose names are taken is a repeated run, and every file of it gets the same suffix after its own name:
+    `-run2`, else `-run3`, ... (the first free for all of them), so `cat-face-42-0-run2.png` is image 0 of
+    seed 42, made a second time, and its grid `cat-face-42-grid-run2.png`. A `rerun` (what `--from` replays)
+    is always suffixed: `-rerun`, then `-rerun2`, ... A number added to the name itself would read as another
+    image (`cat-face-42-4.png` as seed 46).
+
         with OutputSet("outputs") as outs:
             outs.add_png(image, "a-red-apple-42", index=True, recipe=recipe)
         print(outs.paths)
     """
 
-    def __init__(self, out_dir: str | Path, force: bool = False, metadata: bool = True):
+    def __init__(self, out_dir: str | Path, force: bool = False, metadata: bool = True, rerun: bool = False):
         self.out_dir = Path(out_dir)
         self.force = force
         self.metadata = metadata
+        self.rerun = rerun
         self.paths: list[Path] = []  # final paths, in the order added, once committed
-        self._staged: list[tuple[Path, Path]] = []  # (temporary file, wanted final path)
+        self._staged: list[tuple[Path, Path]] = []  # (temporary file, the file's own name: before the run's suffix)
         self._reserved: set[Path] = set()
         self._next_index: dict[str, int] = {}
         self._made_dirs: list[Path] = []
@@ -523,23 +558,36 @@ class OutputSet:
         self._writes: list[Future] = []
 
     # -- naming
-    def _taken(self, p: Path) -> bool:
-        return p in self._reserved or (not self.force and os.path.lexists(p))
-
     def _name(self, stem: str, ext: str, index: bool) -> Path:
-        """`stem-<i>.ext` with the first free i (index=True), else `stem.ext`, `stem-2.ext`, ..."""
+        """The file's own name in this run: `stem-<i>.ext` for the i-th of a stem (index=True), else `stem.ext`
+        (`stem-2.ext`... only if the run itself adds one stem twice)."""
         if index:
             i = self._next_index.get(stem, 0)
-            while self._taken(self.out_dir / f"{stem}-{i}{ext}"):
-                i += 1
             self._next_index[stem] = i + 1
             p = self.out_dir / f"{stem}-{i}{ext}"
         else:
             p, k = self.out_dir / f"{stem}{ext}", 2
-            while self._taken(p):
+            while p in self._reserved:
                 p, k = self.out_dir / f"{stem}-{k}{ext}", k + 1
         self._reserved.add(p)
         return p
+
+    def suffix(self, k: int) -> str:
+        """The k-th suffix of a run (k = 1, 2, ...): "", "-run2", "-run3"...; for a rerun "-rerun", "-rerun2"..."""
+        if self.rerun:
+            return "-rerun" + (str(k) if k > 1 else "")
+        return f"-run{k}" if k > 1 else ""
+
+    @staticmethod
+    def _suffixed(own: Path, suffix: str) -> Path:
+        return own.with_name(f"{own.stem}{suffix}{own.suffix}")
+
+    def _run_number(self) -> int:
+        """The first k whose suffix leaves every file of the run a free name (with force: 1, replacing)."""
+        k = 1
+        while not self.force and any(os.path.lexists(self._suffixed(own, self.suffix(k))) for _, own in self._staged):
+            k += 1
+        return k
 
     # -- staging
     def _ensure_dir(self) -> None:
@@ -553,7 +601,7 @@ class OutputSet:
         # (for abort to remove) the moment it exists, so an interrupt waits until both are.
         with signals_deferred():
             self._ensure_dir()
-            final = self._name(stem, ext, index)
+            final = self._name(stem, ext, index)  # the file's own name; the run's suffix is chosen on commit
             try:
                 fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=f".{final.name}.", suffix=".part")
             except OSError as e:
@@ -585,8 +633,10 @@ class OutputSet:
         if first is not None and raise_errors:
             raise first
 
-    def add_png(self, image: Image.Image, stem: str, index: bool = False, recipe: dict | None = None) -> Path:
-        info = _png_info(recipe) if self.metadata else None
+    def add_png(self, image: Image.Image, stem: str, index: bool = False, recipe: dict | None = None,
+                sheet: dict | None = None) -> Path:
+        """An image (its recipe stored), or with `sheet` a grid or strip of a run's images (what it shows stored)."""
+        info = _png_info(recipe, sheet) if self.metadata else None
         return self._stage(stem, ".png", index, lambda f: image.save(f, format="PNG", pnginfo=info))
 
     def add_gif(self, frames: Sequence[Image.Image], stem: str, fps: float = 6.0) -> Path:
@@ -596,22 +646,23 @@ class OutputSet:
         return self._stage(stem, ".webp", False, lambda f: save_webp(frames, f, fps))
 
     # -- commit / abort
-    def _place(self, tmp: Path, final: Path) -> Path:
-        """Move `tmp` to `final` atomically; without force, never replace a file that appeared meanwhile."""
-        if self.force:
-            os.replace(tmp, final)
-            return final
+    def _place(self, tmp: Path, own: Path, k: int) -> Path:
+        """Move `tmp` to `own` with the run's k-th suffix, atomically; without force, never replace a file: one that
+        appeared meanwhile (another process) moves this file alone to the next free suffix."""
         while True:
+            final = self._suffixed(own, self.suffix(k))
+            if self.force:
+                os.replace(tmp, final)
+                return final
             try:
                 os.link(tmp, final)  # fails if `final` exists: an atomic no-clobber rename
                 os.unlink(tmp)
                 return final
             except FileExistsError:
-                stem, ext = final.stem, final.suffix
-                final = self._name(stem, ext, index=False)
+                k += 1
             except OSError:  # a filesystem without hard links
                 if os.path.lexists(final):
-                    final = self._name(final.stem, final.suffix, index=False)
+                    k += 1
                     continue
                 os.replace(tmp, final)
                 return final
@@ -619,15 +670,16 @@ class OutputSet:
     def commit(self) -> list[Path]:
         self._finish_writes()
         done: list[Path] = []
+        k = self._run_number()
         try:
             with signals_deferred():  # a file linked into place but not yet on record would outlive the undo below
-                for tmp, final in self._staged:
-                    done.append(self._place(tmp, final))
+                for tmp, own in self._staged:
+                    done.append(self._place(tmp, own, k))
         except BaseException as e:
             for p in done:
                 _unlink(p)
             if isinstance(e, OSError):
-                raise InputError(f"cannot write {final.name} in {self.out_dir}: {_reason(e)}", hint=_out_hint(e)) from None
+                raise InputError(f"cannot write {own.name} in {self.out_dir}: {_reason(e)}", hint=_out_hint(e)) from None
             raise
         self._staged = []
         self.paths = done

@@ -10,14 +10,14 @@ from typing import Annotated, Optional
 import typer
 
 from unclip_cli.cli import app
-from unclip_cli.cli.options import JsonOpt, WeightsOpt, resolve_weights
+from unclip_cli.cli.options import JsonShowOpt, WeightsOpt, resolve_weights
 from unclip_cli.errors import InputError
 from unclip_cli.requests import check_text, printable
 
 CONCEPTS_EXAMPLES = """\
 [b]Examples[/b]
 
-  unclip concepts cat                 [dim]# names and keywords that contain "cat"[/dim]
+  unclip concepts cat                 [dim]# names, then keywords, with the word "cat"[/dim]
   unclip concepts 猫
   unclip concepts "a red car"         [dim]# no name has it: the nearest concepts by meaning[/dim]
   unclip concepts --limit 0 --json    [dim]# every concept[/dim]
@@ -36,7 +36,7 @@ def concepts(
                                                    show_default=False)] = None,
     limit: Annotated[int, typer.Option("--limit", help="Show at most this many (0: all).")] = 20,
     weights: WeightsOpt = None,
-    json_: JsonOpt = False,
+    json_: JsonShowOpt = False,
 ) -> None:
     """List the concepts the model was trained on (what it can draw), or search them: by name and keyword,
     else by meaning (the model's CLIP)."""
@@ -50,19 +50,30 @@ def concepts(
         raise InputError(f"the model set {root} lists no concepts (it has no concepts.json)",
                          hint="write one from its training data with scripts/write_concepts.py")
     q = "" if query is None else check_text("QUERY", query, allow_empty=True)
-    found, how = search_concepts(listed.entries, q), "name"
+    found, how, unknown, far = search_concepts(listed.entries, q), "name", [], False
     if not found:  # nothing by name: those sharing most words with it (what the prompt note names)
         found, how = listed.closest(q, limit or 10), "words"
-    if not found:  # no word in common: the nearest by the set's CLIP text embedding
+    if not found:  # no word in common: the nearest by the set's CLIP text embedding, which always has some nearest
+        from unclip_cli.domain import far_in_meaning
         from unclip_cli.engine import Engine
 
-        found, how = [c for _, c in Engine.load(root, device="cpu").nearest_concepts(q, limit or 10)], "meaning"
+        engine = Engine.load(root, device="cpu")
+        found, how = [c for _, c in engine.nearest_concepts(q, limit or 10)], "meaning"
+        unknown = engine.unknown_words(q)
+        far = far_in_meaning(q, unknown)
     shown = found if limit == 0 else found[:limit]
     if json_:
-        sys.stdout.write(json.dumps({"query": q, "matched_by": how, "total": len(found), "concepts": shown}, ensure_ascii=False, indent=2) + "\n")
+        sys.stdout.write(json.dumps({"query": q, "matched_by": how, "total": len(found), "concepts": shown,
+                                     **({"far": far, "unknown_words": unknown} if how == "meaning" else {})},
+                                    ensure_ascii=False, indent=2) + "\n")
         return
     if not q:
         print(f"{len(listed.entries)} concepts in {Path(root).name}; showing {len(shown)} (--limit 0 shows all):")
+    elif far:
+        why = (f"this model never saw {', '.join(repr(printable(w)) for w in dict.fromkeys(unknown[:3]))} in training" if unknown
+               else "it has no words")
+        print(f"No concept is named {printable(q)!r}, and none is close in meaning ({why}): the model is unlikely to draw it. "
+              "The nearest anyway:")
     elif how != "name":
         print(f"No concept is named {printable(q)!r}; the nearest by {'meaning' if how == 'meaning' else 'shared words'}:")
     else:

@@ -34,17 +34,6 @@ def rerun_command(path: Path, recipe: dict) -> str:
     return " ".join(p for p in ("unclip", op, inputs, "--from", shlex.quote(str(path))) if p) + flags
 
 
-def rerun_stem(out: Path, name: str, force: bool = False) -> str:
-    """The stem of a rerun of image `name` (such as `cat-face-42-0`) in folder `out`: `name-rerun`, then
-    `name-rerun2`, `name-rerun3`... for the first that is free (with --force: always `name-rerun`)."""
-    k = 1
-    while True:
-        stem = f"{name}-rerun" + (str(k) if k > 1 else "")
-        if force or not (out / f"{stem}.png").exists():
-            return stem
-        k += 1
-
-
 def _stderr_console():
     from rich.console import Console
 
@@ -70,6 +59,8 @@ class Job:
         self.err = _stderr_console()
         self.warnings: list[str] = []
         self.recipe_model: tuple[Any, Any] | None = None
+        self.recipe: dict | None = None  # the --from recipe, if any
+        self.replay = False  # --from replays the recipe's own images (no -n or --seed given): the files are named as reruns
 
     def note(self, msg: str) -> None:
         if not self.c.quiet:
@@ -99,6 +90,9 @@ class Job:
             self.note(m)
         for w in inputs.warnings:
             self.warn(w)
+        if self.recipe is not None:
+            for w in _differences(self.recipe, req):
+                self.warn(w)
         self.note(f"Seed: {req.seed}")
         return req
 
@@ -113,15 +107,19 @@ class Job:
             raise InputError(f"{path} was made by " + (f"`unclip {recipe['op']}`" if known else "an unknown operation")
                              + f", not `unclip {cls.op}`", hint=f"rerun it with `{rerun_command(path, recipe)}`")
         inputs = {k: given.pop(k) for k in ("image", "image_a", "image_b", "mask", "images") if k in given}
+        _check_inputs(path, recipe, inputs)
         if "mask" in inputs:  # a mask given here replaces the recipe's box
             recipe = {**recipe, "box": None}
         req = request_from_recipe(recipe, source=str(path), **inputs)
         if "n" in given or "seed" in sampling:
             # A new run from this image's settings: it starts at the image's own seed unless --seed says otherwise.
             req = dataclasses.replace(req, index=None, seed=req.item_seed(req.index or 0))
+        else:
+            self.replay = True
         if "quality" in sampling:  # a preset replaces the recorded step counts
             req = dataclasses.replace(req, prior_steps=None, decoder_steps=None, upsampler_steps=None, decoder_candidates=None)
         self.recipe_model = (recipe.get("model"), recipe.get("model_hash"))
+        self.recipe = recipe
         return dataclasses.replace(req, **sampling, **given)
 
     def engine(self, req: Request):
@@ -157,10 +155,11 @@ class Job:
         return result
 
     def write(self, write_fn: Callable) -> list[Path]:
-        """Write the outputs all-or-nothing; `write_fn(outs)` adds the files to an OutputSet."""
+        """Write the outputs all-or-nothing; `write_fn(outs)` adds the files to an OutputSet, which names a repeated
+        run `-run2`, `-run3`... and a --from replay `-rerun`, `-rerun2`..., after each file's own name."""
         from unclip_cli.imageio import OutputSet
 
-        with OutputSet(self.c.out, force=self.c.force, metadata=not self.c.no_metadata) as outs:
+        with OutputSet(self.c.out, force=self.c.force, metadata=not self.c.no_metadata, rerun=self.replay) as outs:
             write_fn(outs)
         return outs.paths
 
@@ -181,11 +180,10 @@ class Job:
             for im, rec in zip(result.images, result.recipes):
                 if req.index is None:
                     planned["images"].append(outs.add_png(im, stem, index=True, recipe=rec))
-                else:  # a --from rerun of one image: named as a rerun of it, never `…-42-0-2` (seed 42, images 0 and 2?)
-                    planned["images"].append(outs.add_png(im, rerun_stem(self.c.out, f"{stem}-{rec['index']}", self.c.force),
-                                                          recipe=rec))
+                else:  # a --from replay of one image keeps its own name (`…-42-3`), suffixed as a rerun
+                    planned["images"].append(outs.add_png(im, f"{stem}-{rec['index']}", recipe=rec))
             if len(result.images) > 1:
-                planned["grid"].append(outs.add_png(grid(result.images), f"{stem}-grid"))
+                planned["grid"].append(outs.add_png(grid(result.images), f"{stem}-grid", sheet=_sheet(req, result.images)))
 
         paths = self.write(write)
         # The final names can differ from the planned ones if another process took a name meanwhile.
@@ -193,6 +191,77 @@ class Job:
         self.report(req, {"images": [{"path": str(final[p]), "seed": rec["seed"], "recipe": rec}
                                      for p, rec in zip(planned["images"], result.recipes)],
                           "grid": str(final[planned["grid"][0]]) if planned["grid"] else None}, paths)
+
+
+def _sheet(req: Request, images: list) -> dict:
+    """What a grid or strip stores about itself: the operation, the first seed and how many images it shows."""
+    return {"op": req.op, "seed": req.seed, "images": len(images)}
+
+
+# What a recipe records of its inputs: their file names (and an edit's size and mask area), not the images.
+_INPUT_FIELDS = {"vary": ["image"], "nudge": ["image"], "edit": ["image"], "blend": ["image_a", "image_b"], "mix": ["images"]}
+
+
+def _recorded_names(recipe: dict) -> list[str]:
+    """The input file names a recipe records, made safe to print (the recipe is untrusted)."""
+    from unclip_cli.requests import printable
+
+    raw = recipe.get("inputs") if recipe.get("op") in ("blend", "mix") else [recipe.get("input")]
+    return [printable(str(n))[:80] for n in (raw if isinstance(raw, list) else []) if isinstance(n, str) and n]
+
+
+def _check_inputs(path: Path, recipe: dict, inputs: dict) -> None:
+    """A --from rerun of an operation on images needs those images given again: a recipe names them, it does not
+    hold them. One line saying which, instead of a usage error about an argument or a count of none."""
+    from unclip_cli.requests import printable
+
+    op = recipe["op"]
+    fields = _INPUT_FIELDS.get(op)
+    if not fields:
+        return
+    names = _recorded_names(recipe)
+    given = len(inputs.get("images") or []) if op == "mix" else sum(inputs.get(f) is not None for f in fields)
+    wanted = len(names) if op == "mix" else len(fields)
+    need_mask = op == "edit" and recipe.get("box") is None and inputs.get("mask") is None
+    if given == wanted and not need_mask:
+        return
+    what = f"{wanted} image{'s' if wanted != 1 else ''}" + (f" ({', '.join(names)})" if names else "") if wanted else "no image"
+    command = " ".join(["unclip", op, *(shlex.quote(n) for n in names or ["IMAGE"] * wanted),
+                        *(["--mask", shlex.quote(printable(str(recipe.get("mask") or "MASK"))[:80])] if need_mask else []), "--from", shlex.quote(str(path))])
+    if given and given != wanted:
+        problem = f"made from {what}, not {given}: give the same"
+    elif given < wanted:
+        problem = f"made from {what}: give {'them' if wanted > 1 else 'it'}" + (" and its mask" if need_mask else "") + " again"
+    else:
+        problem = f"made from {what} and a mask ({printable(str(recipe.get('mask') or 'mask'))[:80]}): give the mask again"
+    raise InputError(f"{path} is a recipe of `unclip {op}` {problem}, as in: {command}",
+                     hint="a recipe records its inputs' names" + (" and the image's size" if op == "edit" else "") + ", not the images")
+
+
+def _differences(recipe: dict, req: Request) -> list[str]:
+    """Warnings for a --from rerun whose inputs differ from what the recipe records (its inputs' names; an edit's
+    image size and masked share): the result will then differ from the recipe's image."""
+    from unclip_cli.requests import printable
+
+    out = []
+    names, sources = _recorded_names(recipe), req.sources()
+    if len(names) == len(sources):
+        for name, src in zip(names, sources):
+            if isinstance(src, (str, Path)) and Path(src).name != name:
+                out.append(f"the recipe was made from {name}, not {printable(Path(src).name)}: unless it is the same picture, "
+                           "the result will differ from the recipe's image")
+    if req.op == "edit":
+        inputs = req.inputs()
+        size, got = recipe.get("size"), list(inputs.images[0].size)
+        if isinstance(size, list) and len(size) == 2 and size != got:
+            out.append(f"the recipe's image was {printable(str(size[0]))}×{printable(str(size[1]))}, this one is {got[0]}×{got[1]}: "
+                       "another image, so the result will differ")
+        fraction = recipe.get("mask_fraction")
+        if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and inputs.mask_fraction is not None \
+                and abs(fraction - inputs.mask_fraction) > 1e-4:
+            out.append(f"the mask marks {inputs.mask_fraction:.1%} of the image where the recipe's marked {fraction:.1%}: "
+                       "another mask, so the result will differ")
+    return out
 
 
 def _stem(*parts: str, max_len: int = 40) -> str:
@@ -214,7 +283,8 @@ def _value(option):
 # ----------------------------------------------------------------------------------------------------
 # Commands
 
-ImageArg = Annotated[Path, typer.Argument(metavar="IMAGE", help="The input image (any size and common format).", show_default=False)]
+# Optional on the command line so that `--from` without it is told which image to give (a recipe does not hold it)
+ImageArg = Annotated[Optional[Path], typer.Argument(metavar="IMAGE", help="The input image (any size and common format).", show_default=False)]
 NoiseLevelOpt = Annotated[Optional[int], typer.Option(
     "--noise-level", metavar="0-999", show_default="the model's own",
     help="Stable unCLIP: noise added to the image embedding before decoding (ComfyUI's noise_augmentation x 999); "
@@ -251,7 +321,7 @@ def generate(
   unclip vary photo.png -p "in winter"         [dim]# a caption for the decoder too[/dim]
 """)
 def vary(
-    image: ImageArg,
+    image: ImageArg = None,
     n: NOpt = None,
     strength: Annotated[Optional[float], typer.Option("--strength", show_default="0.5",
                                                       help="0 reconstructs the input; further from it as it grows to 1.")] = None,
@@ -275,8 +345,8 @@ def vary(
   unclip blend cat.png dog.jpg --steps 9 --fps 12 --seed 7
 """)
 def blend(
-    image_a: Annotated[Path, typer.Argument(metavar="A", help="The first image.", show_default=False)],
-    image_b: Annotated[Path, typer.Argument(metavar="B", help="The last image.", show_default=False)],
+    image_a: Annotated[Optional[Path], typer.Argument(metavar="A", help="The first image.", show_default=False)] = None,
+    image_b: Annotated[Optional[Path], typer.Argument(metavar="B", help="The last image.", show_default=False)] = None,
     frames: Annotated[Optional[int], typer.Option("--steps", "--frames", "-k", show_default="5",
                                                   help=f"Frames from A to B, both included (2-{MAX_FRAMES}).")] = None,
     fps: Annotated[float, typer.Option("--fps", help="Frames per second of the animation (0.1-100).")] = 6.0,
@@ -300,7 +370,7 @@ def blend(
     def write(outs) -> None:
         for im, rec in zip(result.images, result.recipes):
             named["frames"].append(outs.add_png(im, stem, index=True, recipe=rec))
-        named["strip"] = outs.add_png(strip(result.images), f"{stem}-strip")
+        named["strip"] = outs.add_png(strip(result.images), f"{stem}-strip", sheet=_sheet(req, result.images))
         named["gif"] = outs.add_gif(result.images, stem, fps=fps)
         named["webp"] = outs.add_webp(result.images, stem, fps=fps) if webp_supported() else None
 
@@ -321,13 +391,13 @@ def blend(
   unclip edit photo.png --mask mask.png "a red hat"
   unclip edit photo.png --mask keep.png --invert-mask "a starry sky" -n 4
 
-A mask marks in white what to repaint (black is kept). A mask with transparency marks the
-transparent area instead, as the DALL-E edits API does. --box marks a rectangle instead, as
-fractions of the image (left,top,right,bottom). The results have the input's size; pixels outside
+A mask marks in white what to repaint (black is kept). A mask with transparency marks the \
+transparent area instead, as the DALL-E edits API does. --box marks a rectangle instead, as \
+fractions of the image (left,top,right,bottom). The results have the input's size; pixels outside \
 the mask are kept exactly, and the result blends into them over --feather pixels inside the mask.
 """)
 def edit(
-    image: ImageArg,
+    image: ImageArg = None,
     prompt: Annotated[Optional[str], typer.Argument(metavar="PROMPT", help="What to paint in the masked area.", show_default=False)] = None,
     mask: Annotated[Optional[Path], typer.Option("--mask", "-m", metavar="MASK", show_default=False,
                                                  help="White (or transparent) = repaint, black = keep (this or --box).")] = None,
@@ -357,13 +427,13 @@ def edit(
 
   unclip nudge cat.png --to "a tiger"
   unclip nudge cat.png --from-text "a cat" --to "a dog" --amount 0.4 -n 4
-  unclip nudge cat.png --from outputs/cat-to-a-dog-7-0.png   [dim]# rerun a stored recipe[/dim]
+  unclip nudge cat.png --from outputs/cat-to-a-dog-7-0.png  [dim]# rerun a recipe[/dim]
 
-The image's CLIP embedding is turned toward the difference between the two texts (the paper's
+The image's CLIP embedding is turned toward the difference between the two texts (the paper's \
 "text diffs"); a larger --amount moves further.
 """)
 def nudge(
-    image: ImageArg,
+    image: ImageArg = None,
     to_text: Annotated[Optional[str], typer.Option("--to", "-t", metavar="TEXT", show_default=False,
                                                    help="What the image should become (required).")] = None,
     from_text: Annotated[Optional[str], typer.Option("--from-text", metavar="TEXT", show_default=False,
@@ -400,23 +470,37 @@ def _weights(text: str | None) -> list[float] | None:
         raise typer.BadParameter("give numbers separated by commas, e.g. 0.5,0.3,0.2", param_hint="--mix-weights") from None
 
 
+def _untyped():
+    """A text argument whose help shows no type label (`<list[str]>`, `<str>`: the help says what it takes). Built on the
+    click that Typer uses (recent Typer vendors its own copy), found through Typer's Argument class."""
+    from typer.core import TyperArgument
+
+    click_core = sys.modules[next(c for c in TyperArgument.__mro__ if c.__name__ in ("Argument", "Parameter")).__module__]
+
+    class Untyped(click_core.types.StringParamType):
+        def get_metavar(self, param, ctx=None):
+            return ""
+
+    return Untyped()
+
+
 @image_command(epilog="""\
 [b]Examples[/b]
 
-  unclip mix cat.png heart.png                          [dim]# half of each[/dim]
+  unclip mix cat.png heart.png                       [dim]# half of each[/dim]
   unclip mix a.png b.png "a tiger" --mix-weights 0.5,0.3,0.2
   unclip mix cat.png "sunglasses" -m 1,0.6 -n 4
-  unclip mix cat.png "a cat" "a dog" -m 1,-0.5,0.5      [dim]# subtract a concept[/dim]
-  unclip mix a.png b.png --from outputs/mix-7-0.png        [dim]# rerun a stored recipe with its images[/dim]
+  unclip mix cat.png "a cat" "a dog" -m 1,-0.5,0.5   [dim]# subtract a concept[/dim]
+  unclip mix a.png b.png --from outputs/mix-7-0.png  [dim]# rerun, images again[/dim]
 
-Each argument that names an existing file is an image (its CLIP embedding); any other is a text (a CLIP image
-embedding drawn by the prior). The weights follow the images, then the texts; they need not sum to one. The
-weighted sum is renormalised as the model's embeddings are and decoded from fresh noise. `blend` is the
-two-image morph.
+Each argument that names an existing file is an image (its CLIP embedding); any other is a text (a CLIP image \
+embedding drawn by the prior). The weights follow the images, then the texts; they need not sum to one. The \
+weighted sum is renormalised as the model's embeddings are and decoded from fresh noise. `blend` is the \
+two-image morph. A recipe names its images but does not hold them: with --from, give them again.
 """)
 def mix(
-    sources: Annotated[Optional[list[str]], typer.Argument(metavar="IMAGE_OR_TEXT...", show_default=False,
-                                                           help="2-8 images and texts to mix.")] = None,
+    sources: Annotated[Optional[list[str]], typer.Argument(metavar="IMAGE_OR_TEXT", show_default=False, click_type=_untyped(),
+                                                           help="2-8 images (files) and texts to mix, in any order.")] = None,
     mix_weights: Annotated[Optional[str], typer.Option("--mix-weights", "-m", metavar="W1,W2,...", show_default="equal",
                                                        help="One weight per image and text, in the order given (negative subtracts).")] = None,
     n: NOpt = None,
@@ -465,14 +549,16 @@ def _objects(specs: list[str] | None) -> list | None:
 
   unclip compose "a cat face left of a red heart"
   unclip compose "two stars" -n 4
-  unclip compose --obj "cat face:0,0.2,0.5,0.8" --obj "red heart:0.55,0.3,0.95,0.7"
+  unclip compose --obj "cat face:0,0.2,0.5,0.8" --obj "red heart:0.5,0.3,1,0.7"
   unclip compose "a star above a moon" --method paste
 
-The sentence grammar: A left of / right of / above / below / next to / and B, and "two X". Boxes are fractions
-of the canvas (left,top,right,bottom). --method paste (the default) draws each object alone, pastes it into its
-box and harmonises the canvas; fuse draws each object in its box and fuses it with the whole picture at every
-decoder step. Checked by the independent classifier on 217 held-out emoji prompts x 4 seeds, each object winning
-its box with the boxes apart: paste 8.8%, fuse 0.8%, generate 0.8% (fuse draws one shape with a different half in
+The sentence grammar: A left of / right of / above / below / next to / and B, and "two X". Boxes are fractions \
+of the canvas (left,top,right,bottom). --method paste (the default) draws each object alone, pastes it into its \
+box and harmonises the canvas; fuse draws each object in its box and fuses it with the whole picture at every \
+decoder step.
+
+Checked by the independent classifier on 217 held-out emoji prompts x 4 seeds, each object winning \
+its box with the boxes apart: paste 8.8%, fuse 0.8%, generate 0.8% (fuse draws one shape with a different half in \
 each box, which a box-by-box check passes 53.8% of the time). Expect two separate objects rarely.
 """)
 def compose(

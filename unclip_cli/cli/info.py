@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -12,7 +13,7 @@ import typer
 
 from unclip_cli.cli import app
 from unclip_cli.cli.images import INPUTS, rerun_command
-from unclip_cli.cli.options import JsonOpt, WeightsOpt, resolve_weights
+from unclip_cli.cli.options import JsonShowOpt, WeightsOpt, resolve_weights
 from unclip_cli.requests import printable, shown
 
 INFO_EXAMPLES = """\
@@ -62,18 +63,30 @@ def _fmt(v: Any) -> str:
 
 
 def _show_png(path: Path, as_json: bool) -> None:
-    from unclip_cli.imageio import PARAMETERS_KEY, RECIPE_KEY, read_png_text, read_recipe
+    from unclip_cli.imageio import PARAMETERS_KEY, RECIPE_KEY, read_png_text, read_recipe, read_sheet
 
     text = read_png_text(path)
     recipe = read_recipe(path) if RECIPE_KEY in text else None
     params = text.get(PARAMETERS_KEY)
+    sheet = read_sheet(text) if recipe is None else None
     if as_json:
-        sys.stdout.write(_json({"file": str(path), "recipe": recipe, "parameters": params}) + "\n")
+        sys.stdout.write(_json({"file": str(path), "recipe": recipe, "parameters": params, "sheet": sheet}) + "\n")
+        return
+    if sheet is not None:
+        op = sheet["op"]
+        run = f"`unclip {op}`" if op in INPUTS else "unclip"
+        kind = "strip" if op == "blend" else "grid"
+        seeds = f"seed {sheet['seed']}" if op == "blend" or sheet["images"] < 2 else f"seeds {sheet['seed']}-{sheet['seed'] + sheet['images'] - 1}"
+        print(f"{path} is a {kind} of the {sheet['images']} images of one {run} run ({seeds}): it holds no recipe "
+              "itself; each image's own PNG carries its recipe (`unclip info IMAGE.png`, rerun with --from IMAGE.png).")
         return
     if recipe is None:
         if params:
             print(f"{path} has no unclip recipe; its `parameters` text (from another tool) reads:")
             print(printable(params))
+        elif re.search(r"-(grid|strip)(-run\d+|-\d+)?$", path.stem):
+            print(f"{path} has no stored recipe. If unclip wrote it, it is a grid or strip of a run's images (older versions "
+                  "did not mark them), and each image's own PNG carries its recipe (`unclip info IMAGE.png`).")
         else:
             print(f"{path} has no stored recipe (it was not written by unclip, or was written with --no-metadata).")
         return
@@ -115,7 +128,8 @@ def _show_model(weights: Optional[Path], as_json: bool, whole_card: bool = False
     print(f"Folder:     {info['path']}")
     print(f"Hash:       {info['model_hash']}")
     print(f"Image size: {info['image_size']}×{info['image_size']} (decoder at {info['base_size']}×{info['base_size']})")
-    print(f"Precision:  {info['dtype']} on {info['device']} (float16 on GPUs)")
+    gpu = "" if info["device"] != "cpu" else "; float16 on GPUs"
+    print(f"Precision:  {info['precision']} on {info['device']} ({info['precision_reason']}{gpu})")
     total = sum(s["parameters"] for s in info["stages"].values())
     print(f"Stages:     {total / 1e6:.2f} M parameters in all")
     for name, s in info["stages"].items():
@@ -146,7 +160,7 @@ def _show_model(weights: Optional[Path], as_json: bool, whole_card: bool = False
 def info(
     file: Annotated[Optional[Path], typer.Argument(metavar="FILE.png", help="A PNG written by unclip.", show_default=False)] = None,
     weights: WeightsOpt = None,
-    json_: JsonOpt = False,
+    json_: JsonShowOpt = False,
     card: Annotated[bool, typer.Option("--card", help="Print the model set's whole model card.")] = False,
 ) -> None:
     """Show how a PNG was made (its stored recipe), or, without a file, the model set in short (--card: with its whole card)."""

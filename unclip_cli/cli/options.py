@@ -63,6 +63,7 @@ PrecisionOpt = Annotated[
                                            "one. GPUs run fp16 either way.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON result on stdout instead of file paths.", rich_help_panel=P_OUTPUT)]
+JsonShowOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]  # commands that write no files
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes on stderr (warnings still show).",
                                         rich_help_panel=P_OUTPUT)]
 NOpt = Annotated[Optional[int], typer.Option("-n", "--num", show_default=False, help=f"How many images (1-{MAX_N}, default 1), from consecutive seeds.")]
@@ -78,8 +79,9 @@ def _sampling(flag: str, kind, help: str, show_default=None, *names: str):
 
 SeedOpt = _sampling("--seed", int, "Seed of the first image; image i uses seed+i, so each reproduces on its own.",
                     "random, printed and recorded", "-s")
-QualityOpt = Annotated[Optional[Quality], typer.Option("--quality", show_default="default", help="Sampling-step preset.",
-                                                       rich_help_panel=P_SAMPLING)]
+# No show_default: Typer shows a text default in parentheses, and "[default: (default)]" reads as a mistake
+QualityOpt = Annotated[Optional[Quality], typer.Option("--quality", show_default=False, rich_help_panel=P_SAMPLING,
+                                                       help="Sampling-step preset: fast, default (when not given) or best.")]
 PriorStepsOpt = _sampling("--prior-steps", int, "Prior sampling steps (overrides --quality).")
 DecoderStepsOpt = _sampling("--decoder-steps", int, "Decoder sampling steps (overrides --quality).")
 UpsamplerStepsOpt = _sampling("--upsampler-steps", int, "Upsampler sampling steps (overrides --quality).")
