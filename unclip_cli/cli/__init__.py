@@ -84,9 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     from unclip_cli.errors import UnclipError
 
     if argv is None:  # the console script, before torch is imported: how its threads wait (cli/load.py)
-        from unclip_cli.cli.load import choose_wait_policy
+        from unclip_cli.cli.load import choose_wait_policy, keep_freed_memory
 
         choose_wait_policy()
+        keep_freed_memory()
     _register()
     for stream in (sys.stdout, sys.stderr):
         # A terminal or pipe that cannot encode a path or prompt shows it escaped instead of failing the run.
