@@ -32,9 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 import common
+from unclip_cli.cli.load import keep_freed_memory
+
+keep_freed_memory()  # the in-process runs reuse freed memory as the console script does (its sampling, not start-up)
+
+import torch  # noqa: E402
 
 PROMPT = "an emoji of a red apple"
 

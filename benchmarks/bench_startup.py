@@ -6,6 +6,7 @@ Prints the seconds of: import torch, the CLI's and the engine's imports, Engine.
 (warm) generate call, and writing the PNGs; the cold run's extra is what a fresh process pays beyond sampling."""
 from pathlib import Path
 import time, sys
+from unclip_cli.cli.load import keep_freed_memory; keep_freed_memory()  # as the console script does  # noqa: E702
 T = [("start", time.perf_counter())]
 def mark(name): T.append((name, time.perf_counter()))
 import torch; mark("import torch")  # noqa: F401,E702
