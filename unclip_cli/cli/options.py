@@ -94,7 +94,7 @@ BatchSizeOpt = _sampling("--batch-size", int, "Images per model call; lower it i
 SizeOpt = _sampling("--size", int, "Output size in pixels, for a model set that decodes at several sizes (Stable unCLIP: "
                    "512 as well as its native 768, at 0.4 of the FLOPs per step).", "the model set's")
 OutOpt = Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder for the results (created if needed).", rich_help_panel=P_OUTPUT)]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite files of the same name instead of picking the next free name.",
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite files of the same name instead of adding -run2, -run3... to this run's names.",
                                         rich_help_panel=P_OUTPUT)]
 NoMetadataOpt = Annotated[bool, typer.Option("--no-metadata", help="Do not store the recipe in the PNG files.", rich_help_panel=P_OUTPUT)]
 
