@@ -1,4 +1,5 @@
-"""Sharing the CPU with other processes: how torch's threads wait for each other (issue 25).
+"""What the console script sets before torch starts (issue 25): how torch's threads wait for each other beside other
+busy processes, and keeping the memory it frees for its next steps.
 
 torch's OpenMP threads spin while they wait for each other at the end of every parallel loop. Beside other busy
 processes a waiting thread spins on a core another process needs, and a thread that was descheduled holds all the
@@ -55,10 +56,11 @@ def choose_wait_policy() -> None:
 def keep_freed_memory() -> None:
     """glibc's malloc gives large blocks back to the system as soon as they are freed and maps them afresh the next
     time, so every step's activations are page-faulted in (and zeroed by the kernel) again: a cold `generate -n 4
-    --quality default` faulted 636,000 pages, a warm one 100,000 each time. With a fixed mmap threshold at its 32 MiB
-    maximum (instead of one that starts at 128 KiB and creeps up) and freed memory kept up to 1 GiB, the console
-    script reuses its own memory: 73,000 faults cold and about 0 warm. Blocks over 32 MiB (a network's weights) are
-    still mapped apart and given back when freed, so --offload's one-network peak stands. glibc only."""
+    --quality default` faulted 580,000-636,000 pages, a warm one 60,000-100,000 each time. With a fixed mmap threshold
+    at its 32 MiB maximum (instead of one that starts at 128 KiB and creeps up) and up to 256 MiB of freed memory kept
+    at the heap's top (glibc keeps 64 MiB at most), the console script reuses its own memory: 72,000 faults cold and
+    under 1,000 warm (1 GiB kept gave the same; peak memory 873 MB against 882). Blocks over 32 MiB are still mapped
+    apart and given back when freed, and a freed network's tensors are reused for the next (--offload). glibc only."""
     import ctypes
 
     try:
@@ -67,4 +69,4 @@ def keep_freed_memory() -> None:
         return
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    mallopt(M_TRIM_THRESHOLD, 256 << 20)
