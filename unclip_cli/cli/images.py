@@ -294,10 +294,10 @@ NoiseLevelOpt = Annotated[Optional[int], typer.Option(
 @image_command(epilog="""\
 [b]Examples[/b]
 
-  unclip generate "a red apple"
-  unclip generate "a smiling cat" -n 4 --seed 42
-  unclip generate "猫" --quality best --out cats
-  unclip generate --from outputs/a-red-apple-42-0.png   [dim]# rerun a stored recipe[/dim]
+  unclip generate "red apple"
+  unclip generate "cat face" -n 4 --seed 42
+  unclip generate "猫脸" --quality best --out cats
+  unclip generate --from outputs/cat-face-42-0.png      [dim]# rerun a stored recipe[/dim]
 """)
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(metavar="PROMPT", help="What to draw.", show_default=False)] = None,
@@ -387,9 +387,9 @@ def blend(
 @image_command(epilog="""\
 [b]Examples[/b]
 
-  unclip edit photo.png --box 0,0,1,0.4 "a red hat"      [dim]# repaint the top 40%[/dim]
-  unclip edit photo.png --mask mask.png "a red hat"
-  unclip edit photo.png --mask keep.png --invert-mask "a starry sky" -n 4
+  unclip edit cat.png --box 0,0,1,0.4 "red heart"      [dim]# repaint the top 40%[/dim]
+  unclip edit cat.png --mask mask.png "red heart"
+  unclip edit cat.png --mask keep.png --invert-mask "sun" -n 4
 
 A mask marks in white what to repaint (black is kept). A mask with transparency marks the \
 transparent area instead, as the DALL-E edits API does. --box marks a rectangle instead, as \
@@ -425,9 +425,9 @@ def edit(
 @image_command(epilog="""\
 [b]Examples[/b]
 
-  unclip nudge cat.png --to "a tiger"
-  unclip nudge cat.png --from-text "a cat" --to "a dog" --amount 0.4 -n 4
-  unclip nudge cat.png --from outputs/cat-to-a-dog-7-0.png  [dim]# rerun a recipe[/dim]
+  unclip nudge cat.png --to "dog face"
+  unclip nudge cat.png --from-text "cat face" --to "dog face" --amount 0.4 -n 4
+  unclip nudge cat.png --from outputs/cat-to-dog-face-7-0.png  [dim]# rerun a recipe[/dim]
 
 The image's CLIP embedding is turned toward the difference between the two texts (the paper's \
 "text diffs"); a larger --amount moves further.
@@ -488,9 +488,9 @@ def _untyped():
 [b]Examples[/b]
 
   unclip mix cat.png heart.png                       [dim]# half of each[/dim]
-  unclip mix a.png b.png "a tiger" --mix-weights 0.5,0.3,0.2
+  unclip mix a.png b.png "sunglasses" --mix-weights 0.5,0.3,0.2
   unclip mix cat.png "sunglasses" -m 1,0.6 -n 4
-  unclip mix cat.png "a cat" "a dog" -m 1,-0.5,0.5   [dim]# subtract a concept[/dim]
+  unclip mix cat.png "cat face" "dog face" -m 1,-0.5,0.5   [dim]# subtract a concept[/dim]
   unclip mix a.png b.png --from outputs/mix-7-0.png  [dim]# rerun, images again[/dim]
 
 Each argument that names an existing file is an image (its CLIP embedding); any other is a text (a CLIP image \

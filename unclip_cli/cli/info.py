@@ -22,7 +22,7 @@ INFO_EXAMPLES = """\
   unclip info                               [dim]# the shipped model set, in short[/dim]
   unclip info --card                        [dim]# ... and its whole model card[/dim]
   unclip info --weights runs/my-model --json
-  unclip info outputs/a-red-apple-42-0.png  [dim]# how an image was made[/dim]
+  unclip info outputs/cat-face-42-0.png     [dim]# how an image was made[/dim]
 """
 
 # Recipe fields in the order a person reads them; others follow alphabetically.
