@@ -408,7 +408,7 @@ class GenerateRequest(Request):
     prompt: str | None = None
 
     def _validate_own(self, label) -> dict:
-        return {"prompt": check_text(label("prompt"), self.prompt, hint='say what to draw, e.g. unclip generate "a red apple"')}
+        return {"prompt": check_text(label("prompt"), self.prompt, hint='say what to draw, e.g. unclip generate "red apple" (`unclip concepts` lists what it can draw)')}
 
     def texts(self):
         return [("the prompt", self.prompt)]
