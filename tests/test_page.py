@@ -23,6 +23,15 @@ from unclip_cli.serve.server import running  # noqa: E402
 STEPS = {"prior_steps": 2, "decoder_steps": 2, "upsampler_steps": 1}
 
 
+def watched_page(browser):
+    """A new desktop-sized page, and the list its script errors and console errors are collected in."""
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    problems = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    return page, problems
+
+
 def chromium() -> str | None:
     """A Chromium to drive: $UNCLIP_CHROMIUM, else Debian's `chromium` (Playwright downloads nothing)."""
     for cand in (os.environ.get("UNCLIP_CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium"):
@@ -63,11 +72,9 @@ def decoded(data: bytes) -> Image.Image:
 
 def test_generate_paint_edit_keeps_unmasked_pixels(browser, tiny_engine, tmp_path):
     with running(create_app(tiny_engine, Settings(steps=STEPS))) as (url, _):
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        requested, problems = [], []
+        page, problems = watched_page(browser)
+        requested = []
         page.on("request", lambda r: requested.append(r.url))
-        page.on("pageerror", lambda e: problems.append(str(e)))
-        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
         page.goto(url + "/")
         sync_api.expect(page.locator("#model")).to_contain_text(tiny_engine.name)
 
@@ -275,10 +282,7 @@ def test_work_in_progress_survives_a_reload(browser, tiny_engine):
     """The tab, prompts, options, the image sent to Edit and its painted mask come back after a reload, and the edit
     runs from them at the quality chosen; the job's step times are kept for the next estimate; Clear history forgets it all."""
     with running(create_app(tiny_engine, Settings(steps=STEPS))) as (url, _):
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        problems = []
-        page.on("pageerror", lambda e: problems.append(str(e)))
-        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page, problems = watched_page(browser)
         page.goto(url + "/")
         assert page.get_attribute("#gen-prompt", "placeholder") == "e.g. cat face"
         for op in ("gen", "vary", "blend", "edit", "nudge", "mix", "compose"):  # every operation has the same quality choice
@@ -412,10 +416,7 @@ def test_mix_from_history_and_compose_boxes_replay_with_from(browser, tiny_engin
     from clirun import cli
 
     with running(create_app(tiny_engine, Settings(steps=STEPS))) as (url, _):
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        problems = []
-        page.on("pageerror", lambda e: problems.append(str(e)))
-        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page, problems = watched_page(browser)
         page.goto(url + "/")
         page.evaluate("localStorage.clear()")
         page.reload()
