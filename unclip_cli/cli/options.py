@@ -82,9 +82,9 @@ SeedOpt = _sampling("--seed", int, "Seed of the first image; image i uses seed+i
 # No show_default: Typer shows a text default in parentheses, and "[default: (default)]" reads as a mistake
 QualityOpt = Annotated[Optional[Quality], typer.Option("--quality", show_default=False, rich_help_panel=P_SAMPLING,
                                                        help="Sampling-step preset: fast, default (when not given) or best.")]
-PriorStepsOpt = _sampling("--prior-steps", int, "Prior sampling steps (overrides --quality).")
-DecoderStepsOpt = _sampling("--decoder-steps", int, "Decoder sampling steps (overrides --quality).")
-UpsamplerStepsOpt = _sampling("--upsampler-steps", int, "Upsampler sampling steps (overrides --quality).")
+PriorStepsOpt = _sampling("--prior-steps", int, "Prior sampling steps (instead of the quality preset's).")
+DecoderStepsOpt = _sampling("--decoder-steps", int, "Decoder sampling steps (instead of the quality preset's).")
+UpsamplerStepsOpt = _sampling("--upsampler-steps", int, "Upsampler sampling steps (instead of the quality preset's).")
 GuidanceOpt = _sampling("--guidance", float, "Decoder classifier-free guidance scale (1 = none).",
                         f"the model set's: {DEFAULT_GUIDANCE:g} for emoji, 8 for Karlo", "-g")
 PriorGuidanceOpt = _sampling("--prior-guidance", float, "Prior classifier-free guidance scale (1 = none).",
