@@ -374,8 +374,8 @@ def _cast(path: Path, k: str, v: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     if not v.is_floating_point():
         return v
     # A sum is NaN or inf exactly when an element is, as long as the sum of the largest finite values cannot
-    # overflow: float16's (65504) in float32 for under 5e33 elements, float32's or bfloat16's in float64 for under
-    # a billion. The float32 sum of the cast tensor is the cheapest check of the float16 files sets ship (the
+    # overflow: float16's (65504) in float32 for under 5e33 elements, float32's or bfloat16's (3.4e38) in float64 for
+    # any count a file can hold. The float32 sum of the cast tensor is the cheapest check of the float16 files sets ship (the
     # float64 sum of float16 took most of the time to read a set).
     w = v.to(dtype)
     wide = torch.float32 if v.dtype == torch.float16 and w.dtype == torch.float32 else torch.float64
