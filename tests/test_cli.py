@@ -211,7 +211,7 @@ def test_generate_writes_images_grid_and_recipe(w, tmp_path):
     out = tmp_path / "out"
     r = ok("generate", "a red apple", "-n", "2", "--seed", "7", "--out", out, *FAST, *w)
     paths = r.out.split()
-    assert [Path(p).name for p in paths] == ["a-red-apple-7-0.png", "a-red-apple-7-1.png", "a-red-apple-7-grid.png"]
+    assert [Path(p).name for p in paths] == ["a-red-apple-p2d2u2-7-0.png", "a-red-apple-p2d2u2-7-1.png", "a-red-apple-p2d2u2-7-grid.png"]
     assert files(out) == sorted(Path(p).name for p in paths)  # nothing else, no temp files
     assert "Seed: 7" in r.err
     with Image.open(paths[1]) as im:
@@ -237,7 +237,7 @@ def test_never_overwrite_unless_force(w, tmp_path):
     first = ok("generate", "cat face", "--seed", "3", "--out", out, *FAST, *w).out.split()
     before = Path(first[0]).read_bytes()
     second = ok("generate", "cat face", "--seed", "3", "--out", out, *FAST, *w).out.split()
-    assert Path(first[0]).name == "cat-face-3-0.png" and Path(second[0]).name == "cat-face-3-0-run2.png"
+    assert Path(first[0]).name == "cat-face-p2d2u2-3-0.png" and Path(second[0]).name == "cat-face-p2d2u2-3-0-run2.png"
     assert Path(first[0]).read_bytes() == before
     forced = ok("generate", "cat face", "--seed", "3", "--out", out, "--force", "--no-metadata", *FAST, *w).out.split()
     assert forced[0] == first[0]
@@ -252,7 +252,7 @@ def test_json_output_parses(w, tmp_path):
     res = json.loads(r.out)
     assert res["command"] == "generate" and res["seed"] == 5
     assert [i["seed"] for i in res["images"]] == [5, 6]
-    assert Path(res["images"][0]["path"]).name == "猫-5-0.png" and Path(res["grid"]).exists()
+    assert Path(res["images"][0]["path"]).name == "猫-p2d2u2-5-0.png" and Path(res["grid"]).exists()
     assert set(res["files"]) == {i["path"] for i in res["images"]} | {res["grid"]}
 
 
@@ -338,7 +338,7 @@ def test_nudge(w, tmp_path, pics):
 
 def test_info_model(w):
     r = ok("info", *w)
-    assert "Hash:" in r.out and "decoder" in r.out and "parameters" in r.out
+    assert "hash " in r.out and " M parameters in " in r.out and "stages" in r.out
     res = json.loads(ok("info", "--json", *w).out)
     assert {"name", "model_hash", "stages", "precision", "precision_reason"} <= set(res)
 
@@ -354,7 +354,8 @@ def test_info_names_the_precision_the_commands_run(tiny_weights, tmp_path, monke
     shutil.copytree(tiny_weights, ws)
     (ws / device.PRECISION_FILE).write_text(json.dumps({"cpu_bf16": allowed}))
     monkeypatch.setattr(device, "cpu_has_bf16", lambda: native)
-    line = next(x for x in ok("info", "--weights", ws).out.splitlines() if x.startswith("Precision:"))
+    fields = ok("info", "--weights", ws).out.replace("\n" + " " * 12, " ")  # a field wrapped at the terminal's edge, joined
+    line = next(x for x in fields.splitlines() if x.startswith("Precision:"))
     assert line.startswith(f"Precision:  {precision} on cpu (--precision auto: ")
     assert ("natively and the set's precision.json records bf16" in line) == (precision == "bf16")
     assert ("no native bfloat16" in line) == (not native) and ("does not record" in line) == (native and not allowed)
@@ -522,7 +523,62 @@ def test_help_has_no_bool_labels():
         assert r.exit_code == 0, cmd
         assert "<bool>" not in r.output, cmd
     r = runner.invoke(app, ["edit", "--help"], terminal_width=120)
-    assert "--invert-mask" in r.output and "<int>" in r.output  # options with values keep their type
+    assert "--invert-mask" in r.output and " INT " in r.output  # options with values keep their type
+
+
+def _all_commands() -> list[list[str]]:
+    _register()
+    commands = [[c.name or c.callback.__name__] for c in app.registered_commands] + [[]]
+    return commands + [[g.name, c.name or c.callback.__name__] for g in app.registered_groups
+                       for c in g.typer_instance.registered_commands]
+
+
+def test_help_labels_are_one_style_and_usage_lines_plain():
+    """Placeholders in capitals (INT, TEXT, DIR, PNG), a choice's literal values in lower case; no Typer <int> or <str>;
+    usage lines without Typer's {SRC} braces; an image command's arguments unbracketed (needed unless --from)."""
+    import re
+
+    usage = {}
+    for cmd in _all_commands():
+        out = runner.invoke(app, [*cmd, "--help"], terminal_width=200).output
+        assert not re.search(r"<[a-z][a-z |]*>", out), (cmd, re.findall(r"<[a-z][a-z |]*>", out))
+        line = next(x for x in out.splitlines() if "Usage:" in x).split("Usage:")[1].strip()
+        assert "{" not in line, line
+        usage[" ".join(cmd)] = line
+    assert usage["convert karlo"] == "unclip convert karlo [OPTIONS] SRC"
+    assert usage["train export"] == "unclip train export [OPTIONS] RUN"
+    assert usage["generate"] == "unclip generate [OPTIONS] PROMPT" and usage["blend"] == "unclip blend [OPTIONS] A B"
+    assert usage["mix"] == "unclip mix [OPTIONS] IMAGE_OR_TEXT..." and usage["concepts"] == "unclip concepts [OPTIONS] [QUERY]"
+    gen = runner.invoke(app, ["generate", "--help"], terminal_width=200).output
+    assert re.search(r"--seed +-s +INT ", gen) and "fast|default|best" in gen and "auto|cpu|cuda|mps" in gen
+    assert re.search(r"--guidance +-g +FLOAT ", gen) and re.search(r"PROMPT +What to draw", gen)
+
+
+def test_a_short_option_has_one_meaning_across_commands():
+    from typer.main import get_command
+
+    _register()
+    meaning: dict[str, set] = {}
+
+    def walk(c):
+        for p in c.params:
+            if p.param_type_name == "option" and not p.hidden:
+                for o in p.opts + p.secondary_opts:
+                    if not o.startswith("--"):
+                        meaning.setdefault(o, set()).add(p.name)
+        for sub in getattr(c, "commands", {}).values():
+            walk(sub)
+
+    walk(get_command(app))
+    assert {k: v for k, v in meaning.items() if len(v) > 1} == {}
+    assert meaning["-p"] == {"prompt"} and meaning["-m"] == {"mask"}
+
+
+def test_old_short_options_still_work_with_a_note(w, tmp_path):
+    r = cli("serve", "-p", "70000", *w)  # checked before anything starts
+    assert r.code == 1 and "`serve -p` is deprecated" in r.err and "--port" in r.err.splitlines()[-1] + r.err
+    made = json.loads(ok("mix", "red heart", "cat face", "-m", "1,0.5", "--seed", "1", "--json", "--out", tmp_path, *FAST, *w).out)
+    assert "`mix -m` is deprecated" in made["warnings"][0] and made["images"][0]["recipe"]["weights"] == [1, 0.5]
 
 
 def test_nudge_from_is_a_recipe_and_the_old_text_spelling_still_works(w, tmp_path, pics):
@@ -545,23 +601,56 @@ def test_nudge_from_is_a_recipe_and_the_old_text_spelling_still_works(w, tmp_pat
 def test_info_is_short_and_card_prints_the_whole_card(tiny_weights, tmp_path):
     import shutil
 
+    from unclip_cli import __version__
+
     ws = tmp_path / "set"
     shutil.copytree(tiny_weights, ws)
     sections = "\n\n".join(f"## Section {k}\n\n" + "\n".join(f"line {k}.{j}" for j in range(30)) for k in range(8))
-    card = "# Tiny model\n\nA tiny model for tests.\n\n## What it is good and not good at\n\n- Good: nothing.\n\n" + sections
+    card = ("# Tiny model — v1.2.3 (2026-01-01)\n\nA tiny model for tests.\n\n## What it is good and not good at\n\n"
+            "- Good: drawing nothing (measured twice); nothing else.\n- Not good: anything\n  at all.\n"
+            "- Known failure cases (pictures in docs/GALLERY.md): every one.\n\n" + sections)
     (ws / "MODEL_CARD.md").write_text(card)
-    short = ok("info", "--weights", ws).out
-    assert "# Tiny model" in short and "- Good: nothing." in short and "line 7.29" not in short
-    assert len(short.splitlines()) < 30 and "unclip info --card" in short
+    short = ok("info", "--weights", ws, env={"COLUMNS": "100"}).out
+    lines = short.splitlines()
+    assert lines[0].startswith(f"unclip {__version__} · model ") and " v1.2.3 (hash " in lines[0]  # which version is which
+    assert "Good:       drawing nothing\n" in short and "Not good:   anything at all\n" in short
+    assert "Known failure cases: every one\n" in short and "measured twice" not in short
+    assert "line 7.29" not in short and "lines" not in short and "unclip info --card" in short
+    assert len(lines) <= 15, short
     whole = ok("info", "--card", "--weights", ws).out
-    assert "line 7.29" in whole and "- Good: nothing." in whole
+    assert whole.strip() == card.strip()
+    (ws / "MODEL_CARD.md").unlink()
+    bare = ok("info", "--weights", ws).out
+    assert "no MODEL_CARD.md" in bare and len(bare.splitlines()) <= 6
+
+
+def test_info_and_concepts_give_the_measured_share_of_recognisable_pictures(tmp_path):
+    from unclip_cli.cli.info import recognised_share
+
+    def metrics(**classifier) -> Path:
+        (tmp_path / "metrics.json").write_text(json.dumps({"metrics": {"classifier": classifier}}))
+        return tmp_path
+
+    good = dict(generated={"en": {"top5": 0.34}, "zh": {"top5": 0.43}}, real_for_the_same_prompts={"en": {"top5": 0.86}},
+                prompts={"en": 100, "zh": 100})
+    line = recognised_share(metrics(**good))
+    assert line.startswith("34% of 100 English and 43% of 100 Chinese held-out prompts") and "real emoji 86%" in line
+    assert recognised_share(metrics(**{**good, "generated": {"en": {"top5": "NaN"}}})) is None
+    assert recognised_share(metrics(**{**good, "generated": {"en": {"top5": 3}}})) is None
+    assert recognised_share(metrics(generated=[])) is None
+    (tmp_path / "metrics.json").write_text("{not json")
+    assert recognised_share(tmp_path) is None and recognised_share(tmp_path / "nowhere") is None
+    shipped = Path(__file__).resolve().parents[1] / "weights" / "emoji"
+    if (shipped / "metrics.json").exists() and (shipped / "concepts.json").exists():
+        out = ok("concepts", "bicycle", "--limit", "1").out
+        assert out.splitlines()[-1] == f"Note: {recognised_share(shipped)}; try several seeds (-n 4)."
 
 
 def test_a_rerun_is_named_as_a_rerun(w, tmp_path):
     out = tmp_path / "o"
     made = ok("generate", "cat face", "-n", "2", "--seed", "42", "--out", out, *FAST, *w).out.split()
     names = [Path(ok("generate", "--from", made[0], "--out", out, "--device", "cpu", *w).out.split()[0]).name for _ in range(2)]
-    assert names == ["cat-face-42-0-rerun.png", "cat-face-42-0-rerun2.png"]
+    assert names == ["cat-face-p2d2u2-42-0-rerun.png", "cat-face-p2d2u2-42-0-rerun2.png"]
     assert np.array_equal(np.asarray(Image.open(out / names[1])), np.asarray(Image.open(made[0])))
 
 
@@ -571,11 +660,11 @@ def test_a_repeated_run_is_named_run2_and_its_grid_says_what_it_is(w, tmp_path):
     out = tmp_path / "o"
     runs = [ok("generate", "cat face", "-n", "2", "--seed", "42", "--out", out, *FAST, *w).out.split() for _ in range(3)]
     names = [[Path(p).name for p in run] for run in runs]
-    assert names[1] == ["cat-face-42-0-run2.png", "cat-face-42-1-run2.png", "cat-face-42-grid-run2.png"]
-    assert names[2] == ["cat-face-42-0-run3.png", "cat-face-42-1-run3.png", "cat-face-42-grid-run3.png"]
+    assert names[1] == ["cat-face-p2d2u2-42-0-run2.png", "cat-face-p2d2u2-42-1-run2.png", "cat-face-p2d2u2-42-grid-run2.png"]
+    assert names[2] == ["cat-face-p2d2u2-42-0-run3.png", "cat-face-p2d2u2-42-1-run3.png", "cat-face-p2d2u2-42-grid-run3.png"]
     assert np.array_equal(np.asarray(Image.open(runs[1][1])), np.asarray(Image.open(runs[0][1])))
     bigger = ok("generate", "cat face", "-n", "3", "--seed", "42", "--out", out, *FAST, *w).out.split()  # -2 is free, -0 is not
-    assert [Path(p).name for p in bigger] == [f"cat-face-42-{i}-run4.png" for i in range(3)] + ["cat-face-42-grid-run4.png"]
+    assert [Path(p).name for p in bigger] == [f"cat-face-p2d2u2-42-{i}-run4.png" for i in range(3)] + ["cat-face-p2d2u2-42-grid-run4.png"]
     grid = runs[0][2]
     assert "is a grid of the 2 images of one `unclip generate` run (seeds 42-43)" in ok("info", grid).out
     assert json.loads(ok("info", "--json", grid).out)["sheet"] == {"op": "generate", "seed": 42, "images": 2}
@@ -583,6 +672,36 @@ def test_a_repeated_run_is_named_run2_and_its_grid_says_what_it_is(w, tmp_path):
     older = tmp_path / "cat-face-7-grid.png"  # a grid written before grids were marked
     Image.open(grid).save(older)
     assert "it is a grid or strip of a run's images" in ok("info", older).out
+
+
+def test_runs_with_other_settings_are_named_apart_and_only_a_repeat_is_run2(w, tmp_path):
+    """Names carry the settings given on the command line, so another guidance or quality is not taken for a repeat;
+    the same command again is -run2; a --from replay keeps the name of what it replays."""
+    out = tmp_path / "o"
+
+    def names(*args):
+        return [Path(p).name for p in ok("generate", "cat face", "--seed", "42", "--out", out, *args, "--device", "cpu", *w).out.split()]
+
+    steps = FAST[:6]
+    assert names(*steps) == ["cat-face-p2d2u2-42-0.png"]
+    assert names(*steps, "-g", "5") == ["cat-face-p2d2u2-g5-42-0.png"]
+    assert names(*steps, "--guidance", "5", "--batch-size", "1") == ["cat-face-p2d2u2-g5-42-0-run2.png"]  # rounding only
+    assert names("--quality", "fast", "--prior-guidance", "1.5") == ["cat-face-fast-pg1.5-42-0.png"]
+    assert names("--quality", "fast", "--decoder-steps", "3") == ["cat-face-fast-d3-42-0.png"]
+    assert names("--quality", "default", *steps) == ["cat-face-p2d2u2-42-0-run2.png"]  # the default preset, named as none
+    replay = ok("generate", "--from", out / "cat-face-fast-pg1.5-42-0.png", "--out", out, "--device", "cpu", *w).out.split()
+    assert [Path(p).name for p in replay] == ["cat-face-fast-pg1.5-42-0-rerun.png"]
+    renamed = out / "Mine (1).png"  # a name unclip did not write: the run's own name
+    renamed.write_bytes((out / "cat-face-fast-pg1.5-42-0.png").read_bytes())
+    again = ok("generate", "--from", renamed, "--out", out, "--device", "cpu", *w).out.split()
+    assert [Path(p).name for p in again] == ["cat-face-42-0-rerun.png"]
+
+
+def test_mix_of_an_earlier_mix_is_not_named_mix_mix(w, tmp_path):
+    first = ok("mix", "red heart", "cat face", "--seed", "1", "--out", tmp_path, *FAST, *w).out.split()[0]
+    assert Path(first).name == "mix-red-heart-cat-face-p2d2u2-1-0.png"
+    second = ok("mix", first, "sun", "--seed", "1", "--out", tmp_path, *FAST, *w).out.split()[0]
+    assert Path(second).name == "mix-red-sun-p2d2u2-1-0.png"  # the earlier mix's name, cut to 12 characters, once
 
 
 def test_from_with_image_commands_says_which_inputs_to_give_again(w, tmp_path, pics):

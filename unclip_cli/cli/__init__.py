@@ -44,6 +44,52 @@ def _flags_without_type_label() -> None:
 
 _flags_without_type_label()
 
+# Type labels as placeholders in capitals, the way the help's own words (--weights DIR, --from PNG) write them; a
+# choice lists its literal values in lower case (auto|cpu|cuda). Typer 0.28 writes them as <int>, <str>, <path>.
+_LABELS = {"int": "INT", "int range": "INT", "float": "FLOAT", "float range": "FLOAT", "str": "TEXT", "text": "TEXT",
+           "path": "PATH", "filename": "FILE"}
+
+
+def _plain_labels() -> None:
+    """One style for every label in the help: INT, FLOAT, TEXT, PATH and a choice's values (Typer 0.28 mixes <int>
+    with the DIR and PNG that unclip names itself), no type column for arguments (their name says it), and a usage
+    line of plain names: `unclip convert karlo [OPTIONS] SRC`, not `{SRC}`; an image command's arguments unbracketed,
+    as it needs them unless --from gives a recipe; other optional arguments in brackets, `[QUERY]`."""
+    from typer.core import TyperArgument, TyperOption
+
+    if getattr(TyperOption.make_metavar, "_unclip", False):
+        return
+    option_metavar = TyperOption.make_metavar
+
+    def make_option_metavar(self, ctx, *args, **kwargs):
+        label = option_metavar(self, ctx, *args, **kwargs)
+        if self.metavar is not None or not (label.startswith("<") and ">" in label):
+            return label
+        name, rest = label[1:].split(">", 1)
+        return _LABELS.get(name, name if "|" in name else name.upper()) + rest
+
+    def make_argument_metavar(self, ctx, *, usage: bool = False):
+        name = self.metavar or (self.name or "").upper()
+        name += "..." if self.nargs != 1 else ""
+        needed = self.required or any("--from" in p.opts for p in ctx.command.params)
+        return f"[{name}]" if usage and not needed else name
+
+    for f in (make_option_metavar, make_argument_metavar):
+        f._unclip = True
+    TyperOption.make_metavar = make_option_metavar
+    TyperArgument.make_metavar = make_argument_metavar
+    # The help's type column of an argument: typer writes <str> or <path> when its type names no label
+    types = sys.modules[next(c for c in TyperArgument.__mro__ if c.__name__ == "Parameter").__module__].types
+    type_label = types.ParamType.get_metavar
+
+    def get_metavar(self, param, ctx=None):
+        return "" if getattr(param, "param_type_name", None) == "argument" else type_label(self, param, ctx)
+
+    types.ParamType.get_metavar = get_metavar
+
+
+_plain_labels()
+
 
 def _version(value: bool) -> None:
     if value:

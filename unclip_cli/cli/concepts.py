@@ -81,3 +81,8 @@ def concepts(
               (f"; the first {len(shown)}:" if len(shown) < len(found) else ":"))
     for c in shown:
         print("  " + _line(c))
+    from unclip_cli.cli.info import recognised_share
+
+    recognised = recognised_share(root)
+    if recognised and shown:  # being trained on a concept is no promise of drawing it ("bicycle" draws nothing clear)
+        print(f"Note: {recognised}; try several seeds (-n 4).")

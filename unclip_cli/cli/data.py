@@ -59,7 +59,7 @@ def emoji(
 @data_app.command("cache")
 def cache(
     shards: Annotated[Optional[str], typer.Argument(
-        help="Shards: a folder, a glob, a tar, or a brace range like 'train-{000000..000009}.tar' "
+        metavar="SHARDS", help="Shards: a folder, a glob, a tar, or a brace range like 'train-{000000..000009}.tar' "
              "(default: the emoji corpus).")] = None,
     size: Annotated[int, typer.Option(min=8, max=1024, help="Image side in pixels.")] = 32,
     out: Annotated[Optional[Path], typer.Option(help="Cache folder (default: cache-SIZE beside the shards).")] = None,

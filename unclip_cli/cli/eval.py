@@ -35,7 +35,8 @@ def eval_cmd(
     data: Annotated[Optional[str], typer.Option("--data", metavar="SHARDS", show_default=False,
                                                 help="Corpus folder, glob or brace range of shards; val-*.tar are the held-out split "
                                                      "(default: where `unclip data emoji` builds it, $UNCLIP_DATA or ~/.cache/unclip/emoji).")] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="40 prompts and few sampling steps: about a minute on a 2-core CPU (the full set: about 23 minutes).")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="40 prompts and few sampling steps: 1-2 minutes on a 2-core CPU (the full 996 prompts: about 45 "
+                                                                "minutes; --max-prompts 200: about 16; README, Evaluation).")] = False,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", metavar="FILE",
                                                    help="Held-out prompt list (default: eval_prompts.json beside the shards).")] = None,
     max_prompts: Annotated[Optional[int], typer.Option("--max-prompts", metavar="N", min=1,

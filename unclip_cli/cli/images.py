@@ -51,6 +51,27 @@ def _emit(text: str) -> None:
         pass
 
 
+# Settings that change the pictures, shown in the file names when given on the command line, so that runs which differ
+# by them are named apart (`cat-face-g5-42-0.png` beside `cat-face-42-0.png`) and `-run2` is left to a run repeated as it
+# was. Batch size and precision change pixels only by rounding and are left out, as the recipe has them.
+# Steps given one by one make one tag, p20d10u5 for --prior-steps 20 --decoder-steps 10 --upsampler-steps 5.
+_NAME_TAGS = {"quality": "{}", "steps": "{}", "guidance": "g{}", "prior_guidance": "pg{}", "size": "{}px",
+              "strength": "strength{}", "amount": "amount{}", "frames": "{}frames", "fit": "{}", "noise_level": "noise{}",
+              "feather": "feather{}", "method": "{}"}
+
+
+def _name_tags(given: dict) -> list[str]:
+    """The file-name tags of the settings given, in _NAME_TAGS's order: ["fast", "g5"]."""
+    steps = "".join(f"{k[0]}{given[k]}" for k in ("prior_steps", "decoder_steps", "upsampler_steps") if given.get(k) is not None)
+    given = {**given, "steps": steps or None}
+    tags = []
+    for key, form in _NAME_TAGS.items():
+        v = given.get(key)
+        if v is not None and not (key == "quality" and v == "default"):
+            tags.append(form.format(f"{v:g}" if isinstance(v, float) else v))
+    return tags
+
+
 class Job:
     """One image command: its request, the engine run, the files and the report."""
 
@@ -61,6 +82,8 @@ class Job:
         self.recipe_model: tuple[Any, Any] | None = None
         self.recipe: dict | None = None  # the --from recipe, if any
         self.replay = False  # --from replays the recipe's own images (no -n or --seed given): the files are named as reruns
+        self.tags: list[str] = []  # the settings given on the command line, as the file names show them
+        self.source: Path | None = None  # the --from PNG
 
     def note(self, msg: str) -> None:
         if not self.c.quiet:
@@ -76,6 +99,7 @@ class Job:
         defaults; validated, inputs decoded and the output folder checked, all before any model work."""
         sampling = {k: v for k, v in self.c.sampling().items() if v is not None}
         given = {k: v for k, v in given.items() if v is not None}
+        self.tags = _name_tags({**sampling, **given})
         if recipe_path is None:
             req = cls(**sampling, **given)
         else:
@@ -102,6 +126,7 @@ class Job:
         from unclip_cli.imageio import read_recipe
 
         recipe = read_recipe(path)
+        self.source = path
         if recipe.get("op") != cls.op:
             known = recipe.get("op") in INPUTS
             raise InputError(f"{path} was made by " + (f"`unclip {recipe['op']}`" if known else "an unknown operation")
@@ -142,6 +167,19 @@ class Job:
                       "the result will differ")
         return eng
 
+    def named(self, stem: str, seed: int) -> str:
+        """A run's file stem: what it shows, the settings given (self.tags), its first seed: `cat-face-g5-42`. A --from
+        replay keeps the name of the run it replays (`cat-face-g5-42-0.png` -> `cat-face-g5-42-0-rerun.png`), whose
+        settings the recipe holds, when that file has an unclip name of this seed."""
+        import re
+
+        if self.replay and self.source is not None:
+            # The file name is the user's: taken only when it is one unclip could have written (letters, digits, . and -)
+            m = re.fullmatch(r"(\w[\w.-]{0,119}?)-(\d+)-(\d+)(?:-(?:re)?run\d*)?", self.source.stem)
+            if m and m.group(2) == str(seed):
+                stem = m.group(1)
+        return "-".join([stem, *self.tags, str(seed)])
+
     def run(self, req: Request):
         """Load the engine and run the request under the progress bars; show its warnings."""
         from unclip_cli.cli.progress import Bars, Estimate
@@ -171,7 +209,7 @@ class Job:
     def images_with_grid(self, req: Request, stem: str) -> None:
         """Run the request; write one PNG per image (plus a grid when there are several) and report them."""
         result = self.run(req)
-        stem = f"{stem}-{req.seed}"
+        stem = self.named(stem, req.seed)
         planned: dict[str, list[Path]] = {"images": [], "grid": []}
 
         def write(outs) -> None:
@@ -335,7 +373,7 @@ def vary(
     """Make variations that keep the gist of an image (its CLIP embedding, decoded again)."""
     job = Job("vary", common)
     req = job.request(VaryRequest, recipe, image=image, n=n, strength=strength, fit=_value(fit), noise_level=noise_level, prompt=prompt)
-    job.images_with_grid(req, _stem(_name_part(image), "vary"))
+    job.images_with_grid(req, _stem(_name_part(image), "vary", (req.prompt or "")[:16]))
 
 
 @image_command(epilog="""\
@@ -362,7 +400,7 @@ def blend(
     job = Job("blend", common)
     req = job.request(BlendRequest, recipe, image_a=image_a, image_b=image_b, frames=frames, fit=_value(fit))
     result = job.run(req)
-    stem = f"{_stem(_name_part(image_a), _name_part(image_b), 'blend')}-{req.seed}"
+    stem = job.named(_stem(_name_part(image_a), _name_part(image_b), "blend"), req.seed)
     named: dict[str, Any] = {"frames": []}
     if not webp_supported():
         job.note("This Pillow has no WebP support: writing the GIF only")
@@ -489,8 +527,8 @@ def _untyped():
 
   unclip mix cat.png heart.png                       [dim]# half of each[/dim]
   unclip mix a.png b.png "sunglasses" --mix-weights 0.5,0.3,0.2
-  unclip mix cat.png "sunglasses" -m 1,0.6 -n 4
-  unclip mix cat.png "cat face" "dog face" -m 1,-0.5,0.5   [dim]# subtract a concept[/dim]
+  unclip mix cat.png "sunglasses" --mix-weights 1,0.6 -n 4
+  unclip mix cat.png "cat face" "dog face" --mix-weights 1,-0.5,0.5   [dim]# subtract a concept[/dim]
   unclip mix a.png b.png --from outputs/mix-7-0.png  [dim]# rerun, images again[/dim]
 
 Each argument that names an existing file is an image (its CLIP embedding); any other is a text (a CLIP image \
@@ -501,8 +539,10 @@ two-image morph. A recipe names its images but does not hold them: with --from, 
 def mix(
     sources: Annotated[Optional[list[str]], typer.Argument(metavar="IMAGE_OR_TEXT", show_default=False, click_type=_untyped(),
                                                            help="2-8 images (files) and texts to mix, in any order.")] = None,
-    mix_weights: Annotated[Optional[str], typer.Option("--mix-weights", "-m", metavar="W1,W2,...", show_default="equal",
+    mix_weights: Annotated[Optional[str], typer.Option("--mix-weights", metavar="W1,W2,...", show_default="equal",
                                                        help="One weight per image and text, in the order given (negative subtracts).")] = None,
+    # -m is --mask in edit; mix's old -m still works, with a note
+    old_weights: Annotated[Optional[str], typer.Option("-m", hidden=True)] = None,
     n: NOpt = None,
     fit: FitOpt = None,
     noise_level: NoiseLevelOpt = None,
@@ -511,6 +551,11 @@ def mix(
 ) -> None:
     """Mix images and texts with weights: their CLIP image embeddings, combined, decoded afresh."""
     job = Job("mix", common)
+    if old_weights is not None:
+        if mix_weights is not None:
+            raise typer.BadParameter("give the weights once", param_hint="--mix-weights")
+        job.warn("`mix -m` is deprecated (-m is --mask in edit): write --mix-weights")
+        mix_weights = old_weights
     images, prompts, order = [], [], []
     for s in sources or []:
         path = Path(s)
@@ -528,7 +573,10 @@ def mix(
         w = [by_kind[("image", j)] for j in range(len(images))] + [by_kind[("text", j)] for j in range(len(prompts))]
     given = dict(images=images or None, prompts=prompts or None, weights=w, n=n, fit=_value(fit), noise_level=noise_level)
     req = job.request(MixRequest, recipe, **given)
-    job.images_with_grid(req, _stem("mix", *[_name_part(p, 12) for p in req.images], *[t[:16] for t in req.prompts], max_len=40))
+    parts = [_name_part(p, 12) for p in req.images] + [t[:16] for t in req.prompts]
+    # "mix" once: mixing a file already named mix-... (an earlier mix) does not give mix-mix-...
+    first = _stem(parts[0]) if parts else ""
+    job.images_with_grid(req, _stem(*([] if first == "mix" or first.startswith("mix-") else ["mix"]), *parts, max_len=40))
 
 
 def _objects(specs: list[str] | None) -> list | None:

@@ -99,61 +99,115 @@ def _show_png(path: Path, as_json: bool) -> None:
     print(f"Rerun: {rerun_command(path, recipe)}")
 
 
-def card_summary(card: str) -> str:
-    """What `unclip info` shows of a model card without --card: its title, and its section on what the model
-    is good and not good at (a card without one: its first paragraph)."""
+def card_summary(card: str) -> list[tuple[str, str]]:
+    """What `unclip info` shows of a model card without --card: the gist of each point of its section on what the
+    model is good and not good at, as (label, text): the start of each point, up to its first parenthesis or
+    semicolon ("Good", "text to image for the 1,948 emoji concepts ..."). A card without that section: its first
+    paragraph, labelled "About"."""
     lines = [line.rstrip() for line in card.strip().splitlines()]
-    title = lines[0] if lines else ""
     start = next((i for i, line in enumerate(lines) if line.startswith("#") and "good at" in line.lower()), None)
-    if start is None:  # the first paragraph after the title
+    if start is None:
         body = []
         for line in lines[1:]:
-            if not line.strip() and body:
+            if line.startswith("#") or (not line.strip() and body):
                 break
             if line.strip():
-                body.append(line)
-        return "\n".join([title, "", *body])
+                body.append(line.strip())
+        return [("About", " ".join(body))] if body else []
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("#")), len(lines))
-    return "\n".join([title, "", *lines[start:end]]).rstrip()
+    points: list[str] = []
+    for line in lines[start + 1 : end]:
+        if line.lstrip().startswith(("- ", "* ")):
+            points.append(line.lstrip()[2:].strip())
+        elif line.strip() and points:
+            points[-1] += " " + line.strip()
+    out = []
+    for point in points:
+        label, sep, text = point.partition(":")
+        label = re.sub(r"\s*\(.*?\)", "", label)  # "Known failure cases (pictures in docs/GALLERY.md)"
+        if not sep or len(label) > 30:
+            label, text = "", point
+        gist = re.split(r" \(|;|\. ", text.strip(), maxsplit=1)[0].rstrip(" .,:—-")
+        out.append((label.strip(" *"), gist))
+    return out
+
+
+def recognised_share(root: str | Path) -> str | None:
+    """How often a trained concept's name gives a recognisable picture, as the set's own evaluation measured it
+    (metrics.json, written by `unclip eval`): the independent classifier's top-5 rate on images generated from
+    held-out prompts, per language, beside the real images' rate. None when the set has no such measurement."""
+    try:
+        c = json.loads((Path(root) / "metrics.json").read_text(encoding="utf-8"))["metrics"]["classifier"]
+        rates = {lang: float(c["generated"][lang]["top5"]) for lang in ("en", "zh") if lang in c["generated"]}
+        real = float(c["real_for_the_same_prompts"]["en"]["top5"])
+        counts = {lang: int(c["prompts"][lang]) for lang in rates}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not rates or not all(0 <= r <= 1 for r in [*rates.values(), real]) or not all(0 < k < 10**6 for k in counts.values()):
+        return None
+    names = {"en": "English", "zh": "Chinese"}
+    shares = " and ".join(f"{rates[lang]:.0%} of {counts[lang]} {names[lang]}" for lang in rates)
+    return (f"{shares} held-out prompts naming trained concepts drew the concept recognisably (the independent "
+            f"classifier's top 5; real emoji {real:.0%}): a concept's name is no promise of a good picture")
+
+
+def model_version(card: str | None) -> str | None:
+    """The model's own version, as its card's title gives it ("# unclip `emoji` model — v0.3.1 (...)")."""
+    title = (card or "").strip().splitlines()[0] if (card or "").strip() else ""
+    m = re.search(r"\bv(\d+(?:\.\d+)+)\b", title)
+    return f"v{m.group(1)}" if m else None
 
 
 def _show_model(weights: Optional[Path], as_json: bool, whole_card: bool = False) -> None:
+    import shutil
+    import textwrap
+
+    from unclip_cli import __version__
     from unclip_cli.engine import Engine
 
     info = Engine.load(resolve_weights(weights), device="cpu").info()
     if as_json:
         sys.stdout.write(_json(info) + "\n")
         return
-    print(f"Model:      {info['name']}")
-    print(f"Folder:     {info['path']}")
-    print(f"Hash:       {info['model_hash']}")
-    print(f"Image size: {info['image_size']}×{info['image_size']} (decoder at {info['base_size']}×{info['base_size']})")
-    gpu = "" if info["device"] != "cpu" else "; float16 on GPUs"
-    print(f"Precision:  {info['precision']} on {info['device']} ({info['precision_reason']}{gpu})")
-    total = sum(s["parameters"] for s in info["stages"].values())
-    print(f"Stages:     {total / 1e6:.2f} M parameters in all")
-    for name, s in info["stages"].items():
-        print(f"  {name:<11} {s['parameters'] / 1e6:7.2f} M  {s['file']}")
     card = info.get("card")
-    print()
-    if not card:
-        print("This model set has no MODEL_CARD.md.")
-        return
-    if not whole_card:
-        print(printable(card_summary(card)))
-        print()
-        print(f"The whole model card ({len(card.splitlines())} lines: metrics, training data, calibration, "
-              f"speed): unclip info --card, or {printable(str(Path(info['path']) / 'MODEL_CARD.md'))}")
-        return
-    from rich.console import Console
+    if whole_card:
+        if not card:
+            print(f"The model set {printable(info['path'])} has no MODEL_CARD.md.")
+            return
+        from rich.console import Console
 
-    out = Console(highlight=False, soft_wrap=True)
-    if out.is_terminal:
-        from rich.markdown import Markdown
+        out = Console(highlight=False, soft_wrap=True)
+        if out.is_terminal:
+            from rich.markdown import Markdown
 
-        out.print(Markdown(card))
-    else:
-        print(card.rstrip())
+            out.print(Markdown(card))
+        else:
+            print(card.rstrip())
+        return
+    width = max(60, min(shutil.get_terminal_size((100, 24)).columns, 110))
+
+    summary = [(label or "Note", text) for label, text in card_summary(card or "")]
+
+    def field(label: str, text: str) -> None:
+        print(textwrap.fill(printable(text), width, initial_indent=f"{printable(label) + ':':<11} ", subsequent_indent=" " * 12))
+
+    version = model_version(card)
+    stages = info["stages"]
+    total = sum(s["parameters"] for s in stages.values())
+    # Two versions: the program's, and the model set's (from its card); each says which it is
+    print(f"unclip {__version__} · model {printable(info['name'])}" + (f" {version}" if version else "")
+          + f" (hash {info['model_hash']}, {printable(info['path'])})")
+    field("Images", f"{info['image_size']}×{info['image_size']} (decoder at {info['base_size']} px), "
+                    f"{total / 1e6:.2f} M parameters in {len(stages)} stages")
+    for label, text in summary:
+        field(label, text)
+    recognised = recognised_share(info["path"])
+    if recognised:
+        field("Measured", recognised)
+    gpu = "" if info["device"] != "cpu" else "; float16 on GPUs"
+    field("Precision", f"{info['precision']} on {info['device']} ({info['precision_reason']}{gpu})")
+    field("More", "unclip concepts QUERY (what it was trained on) · unclip info --card (the whole model card) · --json"
+          if card else "unclip concepts QUERY · unclip info --json (this set has no MODEL_CARD.md)")
 
 
 @app.command(epilog=INFO_EXAMPLES)

@@ -31,7 +31,9 @@ With the openai package: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="se
 def serve(
     host: Annotated[str, typer.Option("--host", help="Address to listen on. Anything but a loopback address lets other "
                                                      "machines in: set an API key then.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", "-p", help="Port to listen on (0: any free port).")] = 8000,
+    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free port).")] = 8000,
+    # -p is --prompt in the image commands; serve's old -p PORT still works, with a note
+    old_port: Annotated[Optional[int], typer.Option("-p", hidden=True)] = None,
     weights: WeightsOpt = None,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="UNCLIP_API_KEY", show_default=False,
                                                    help="Require this key (Authorization: Bearer KEY) for the API.")] = None,
@@ -64,6 +66,9 @@ def serve(
     from unclip_cli.requests import GenerateRequest, check_number, check_whole
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    if old_port is not None:
+        err.print("Warning: `serve -p` is deprecated (-p is --prompt in the other commands): write --port", markup=False, style="yellow")
+        port = old_port
     check_whole("--port", port, 0, 65535)
     check_whole("--max-queue", max_queue, 0, 1000)
     check_number("--timeout", timeout, 0, 7 * 24 * 3600, above=True)

@@ -94,7 +94,7 @@ _register("classifier", "Train the concept classifier that `unclip eval` uses as
 
 @train_app.command("export-classifier")
 def export_classifier_cmd(
-    run: Annotated[Path, typer.Argument(help="Training run folder with a classifier stage")],
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="Training run folder with a classifier stage")],
     to: Annotated[Path, typer.Option("--to", help="Checkpoint to write, e.g. weights/classifier/emoji-concepts.safetensors")],
 ):
     """Write the run's classifier (EMA weights, fp16) as the checkpoint `unclip eval --classifier` reads."""
@@ -105,7 +105,7 @@ def export_classifier_cmd(
 
 @train_app.command("export")
 def export_cmd(
-    run: Annotated[Path, typer.Argument(help="Training run folder")],
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="Training run folder")],
     to: Annotated[Path, typer.Option("--to", help="Destination model-set folder, e.g. weights/emoji")],
     fp32: Annotated[bool, typer.Option("--fp32", help="Keep float32 weights (default: fp16, small tensors fp32)")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing model set")] = False,
