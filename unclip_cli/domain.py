@@ -11,7 +11,10 @@ its numbers), which turns on two checks whose thresholds were calibrated on held
   textured and how many-coloured it is), fitted on training-split emoji against photographs: sky, snow and
   pale wood pass the white test, but a photograph's texture and gradients give it away. Neighbours in the
   set's CLIP space, or the independent classifier's, did not separate them: both map photographs into their
-  emoji manifold.
+  emoji manifold. A second such score (`screen`), on those ten and four statistics of the square's "ink" (pixels
+  unlike its commonest colour: how much, how saturated, how long its runs, how horizontal its steps), flags
+  screenshots, text documents, charts and diagrams: a mostly white page that passes the other tests, whose text
+  shrunk to 64 px is rows of short grey strokes where an emoji is one colourful drawing.
 - prompts: words that never occurred in a training caption. The set's CLIP has a row only for the
   tokens of its captions; a word made of tokens outside them reaches the model as "unknown". Emoji and
   other symbols count as words of their own. Text in scripts without spaces (Chinese, Japanese) reaches
@@ -93,42 +96,75 @@ def _background(a: np.ndarray) -> dict:
 # The statistics the photograph score reads, in order (scripts/calibrate_domain_images.py fits its weights)
 FEATURES = ("white_share", "ring_share", "saturation", "lightness", "flat", "texture", "edges", "colour_entropy",
             "laplacian", "laplacian_share")
+# and those a screenshot or document gives itself away by (the screen score reads these and FEATURES)
+INK = ("ink", "ink_saturation", "ink_run", "anisotropy")
+STATISTICS = FEATURES + INK
+INK_STEP = 0.15  # a pixel is ink when some channel is this far from the square's commonest colour
 
 
-def features(image: Image.Image) -> np.ndarray:
-    """FEATURES of the image's centre square at SIDE px. An emoji is flat areas of few colours met by sharp
-    edges; a photograph is texture: many small steps between neighbours, many colours, a busy Laplacian.
+def features(image: Image.Image, names: tuple = FEATURES) -> np.ndarray:
+    """Statistics `names` (of STATISTICS) of the image's centre square at SIDE px. An emoji is flat areas of few colours
+    met by sharp edges; a photograph is texture: many small steps between neighbours, many colours, a busy Laplacian.
     `flat`, `texture`, `edges`: shares of pixels whose steepest step to the right or lower neighbour (largest
     channel) is < 0.02, 0.02-0.15 and >= 0.15; `colour_entropy`: of the colours at 3 bits a channel, in bits;
-    `laplacian`: mean |Laplacian| of the grey image, and the share of pixels where it exceeds 0.04."""
+    `laplacian`: mean |Laplacian| of the grey image, and the share of pixels where it exceeds 0.04.
+    A screenshot or a document is a plain page with thin grey ink on it: text shrunk to 64 px is rows of short
+    strokes. `ink`: the share of pixels INK_STEP from the commonest colour (at 4 bits a channel); `ink_saturation`:
+    their mean saturation; `ink_run`: log2 of the mean length of the runs of ink along rows and columns (an emoji's
+    one drawing gives runs of 10-40 px, text 1-3); `anisotropy`: the vertical steps' share of all steps (lines of
+    text are horizontal)."""
     a = _square(image)
-    step = np.maximum(np.abs(np.diff(a, axis=1)).max(axis=2)[:-1, :], np.abs(np.diff(a, axis=0)).max(axis=2)[:, :-1])
-    q = np.round(a * 7).astype(int)
-    share = np.bincount(((q[..., 0] * 8 + q[..., 1]) * 8 + q[..., 2]).ravel(), minlength=512) / (SIDE * SIDE)
-    share = share[share > 0]
+    stats = {}
+    if any(n in FEATURES for n in names):
+        step = np.maximum(np.abs(np.diff(a, axis=1)).max(axis=2)[:-1, :], np.abs(np.diff(a, axis=0)).max(axis=2)[:, :-1])
+        q = np.round(a * 7).astype(int)
+        share = np.bincount(((q[..., 0] * 8 + q[..., 1]) * 8 + q[..., 2]).ravel(), minlength=512) / (SIDE * SIDE)
+        share = share[share > 0]
+        g = a.mean(axis=2)
+        lap = np.abs(4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:])
+        stats.update(zip(FEATURES, [_white_share(a), *_background(a).values(), (step < 0.02).mean(),
+                                    ((step >= 0.02) & (step < 0.15)).mean(), (step >= 0.15).mean(),
+                                    -(share * np.log2(share)).sum(), lap.mean(), (lap > 0.04).mean()]))
+    if any(n in INK for n in names):
+        stats.update(_ink(a))
+    return np.array([stats[n] for n in names], dtype=np.float64)
+
+
+def _ink(a: np.ndarray) -> dict:
+    q = np.round(a * 15).astype(int)
+    code = (q[..., 0] * 16 + q[..., 1]) * 16 + q[..., 2]
+    codes, counts = np.unique(code, return_counts=True)
+    ink = np.abs(a - a[code == codes[counts.argmax()]].mean(axis=0)).max(axis=2) > INK_STEP
+    starts = ink[:, :1].sum() + (~ink[:, :-1] & ink[:, 1:]).sum() + ink[:1].sum() + (~ink[:-1] & ink[1:]).sum()
+    saturation = (a.max(axis=2) - a.min(axis=2)) / np.maximum(a.max(axis=2), 1e-6)
     g = a.mean(axis=2)
-    lap = np.abs(4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:])
-    return np.array([_white_share(a), *_background(a).values(), (step < 0.02).mean(), ((step >= 0.02) & (step < 0.15)).mean(),
-                     (step >= 0.15).mean(), -(share * np.log2(share)).sum(), lap.mean(), (lap > 0.04).mean()], dtype=np.float64)
+    dx, dy = np.abs(np.diff(g, axis=1)).sum(), np.abs(np.diff(g, axis=0)).sum()
+    return {"ink": float(ink.mean()), "ink_saturation": float(saturation[ink].mean()) if ink.any() else 0.0,
+            "ink_run": float(np.log2(max(2 * ink.sum(), 1) / max(starts, 1))), "anisotropy": float(dy / max(dx + dy, 1e-9))}
+
+
+SCORES = ("photo", "screen")  # the image rule's fitted scores: a photograph's, a screenshot's or document's
 
 
 def photo_score(photo: dict, f: np.ndarray) -> float:
-    """The photograph score of FEATURES `f` under a set's fitted `photo` rule (a logistic regression's logit)."""
+    """The score of statistics `f` (the rule's `statistics`, FEATURES when it names none) under a set's fitted `photo`
+    or `screen` rule (a logistic regression's logit)."""
     return float(((f - np.asarray(photo["mean"])) / np.asarray(photo["scale"])) @ np.asarray(photo["weights"]) + photo["bias"])
 
 
 def in_domain(domain: Domain, image: Image.Image) -> bool:
     """Whether an image looks like what the set was trained on: enough near-white area, or (with the set's
-    background rule) a border ring mostly of one saturated or pale colour; and (with the rule's `photo`
-    score) not scored a photograph."""
+    background rule) a border ring mostly of one saturated or pale colour; and (with the rule's `photo` and
+    `screen` scores) scored neither a photograph nor a screenshot or document."""
     rule = domain.image_rule
-    f = features(image)
-    white, ring, saturation, lightness = f[:4]
+    scores = [rule[k] for k in SCORES if rule and k in rule]
+    names = tuple(dict.fromkeys(FEATURES + tuple(n for s in scores for n in s.get("statistics", FEATURES))))
+    f = dict(zip(names, features(image, names)))
+    white, ring, saturation, lightness = (f[n] for n in FEATURES[:4])
     if white < domain.white_share_min and not (rule and ring >= rule["ring_share_min"] and (
             saturation >= rule["saturation_min"] or lightness >= rule["lightness_min"])):
         return False
-    photo = (rule or {}).get("photo")
-    return photo is None or photo_score(photo, f) <= photo["threshold"]
+    return all(photo_score(s, np.array([f[n] for n in s.get("statistics", FEATURES)])) <= s["threshold"] for s in scores)
 
 
 def unknown_words(clip, text: str, chars: frozenset | None = None) -> list[str]:
@@ -187,29 +223,36 @@ def load_domain(root: str | Path) -> Domain | None:
     if rule is not None and not (isinstance(rule, dict) and all(isinstance(rule.get(k), (int, float)) and not isinstance(rule.get(k), bool)
                                                                 and 0 <= rule[k] <= 1 for k in keys)):
         raise WeightsError(f"{path}: `image_rule` must hold {', '.join(keys)}, numbers from 0 to 1")
-    photo = None if rule is None else rule.get("photo")
-    if photo is not None:
-        photo = _photo_rule(photo)
-        if photo is None:
-            raise WeightsError(f"{path}: `image_rule.photo` must hold `mean`, `scale` (non-zero) and `weights`, {len(FEATURES)} "
-                               "numbers each, and the numbers `bias` and `threshold`")
+    scores = {}
+    for kind in SCORES:
+        if rule is not None and rule.get(kind) is not None:
+            scores[kind] = _photo_rule(rule[kind])
+            if scores[kind] is None:
+                raise WeightsError(f"{path}: `image_rule.{kind}` must hold `mean`, `scale` (non-zero) and `weights`, a number for "
+                                   f"each of its `statistics` (distinct names of {', '.join(STATISTICS)}; the first "
+                                   f"{len(FEATURES)} when it names none), and the numbers `bias` and `threshold`")
     return Domain(subject, float(share), raw.get("facts", {}) if isinstance(raw.get("facts"), dict) else {},
                   None if chars is None else frozenset(chars),
-                  None if rule is None else {**{k: float(rule[k]) for k in keys}, **({"photo": photo} if photo else {})})
+                  None if rule is None else {**{k: float(rule[k]) for k in keys}, **scores})
 
 
 def _photo_rule(photo) -> dict | None:
-    """A domain file's photograph score, checked (the file is untrusted), or None when malformed."""
+    """A domain file's photograph (or screen) score, checked (the file is untrusted), or None when malformed."""
     def number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
 
     if not isinstance(photo, dict) or not all(number(photo.get(k)) for k in ("bias", "threshold")):
         return None
+    names = photo.get("statistics", list(FEATURES))
+    if not (isinstance(names, list) and names and all(isinstance(n, str) and n in STATISTICS for n in names)
+            and len(set(names)) == len(names)):
+        return None
     lists = {k: photo.get(k) for k in ("mean", "scale", "weights")}
-    if not all(isinstance(v, list) and len(v) == len(FEATURES) and all(number(x) for x in v) for v in lists.values()) \
+    if not all(isinstance(v, list) and len(v) == len(names) and all(number(x) for x in v) for v in lists.values()) \
             or any(x == 0 for x in lists["scale"]):
         return None
-    return {**{k: [float(x) for x in v] for k, v in lists.items()}, "bias": float(photo["bias"]), "threshold": float(photo["threshold"])}
+    return {**({"statistics": list(names)} if "statistics" in photo else {}), **{k: [float(x) for x in v] for k, v in lists.items()},
+            "bias": float(photo["bias"]), "threshold": float(photo["threshold"])}
 
 
 def image_warning(domain: Domain, name: str, image: Image.Image) -> str | None:
