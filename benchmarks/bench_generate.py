@@ -1,7 +1,9 @@
 """Time `unclip generate "…" -n 4` per --quality preset and --precision, side by side, in one run:
 
 - the whole process (a subprocess, wall clock: start-up, model load, sampling, writing PNGs), median of
-  --repeats runs, and its overhead beyond in-process sampling and `import torch` (itself timed in a subprocess);
+  --repeats runs, and its overhead beyond in-process sampling and `import torch` (itself timed in a subprocess).
+  Each repeat times all four back to back, so the overhead is a median of --repeats paired differences (load that
+  comes and goes moves both sides of a pair), with a distribution-free 95% interval from its order statistics;
 - in-process, each stage's share of the sampling time, from the engine's progress-callback timestamps;
 - the FLOPs of each stage (torch's FlopCounterMode over one whole generate call, attributed to the
   network that ran them by forward hooks, so every call at its real batch size is counted), and the
@@ -56,6 +58,21 @@ def time_import_torch(repeats: int, teardown: bool = True) -> list[float]:
         subprocess.run([sys.executable, "-c", "import torch" if teardown else "import torch, os; os._exit(0)"], check=True)
         times.append(time.perf_counter() - t)
     return times
+
+
+def median_interval(xs: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median of `xs`: the order statistics x(k) and x(n+1-k) with the largest k
+    for which a Binomial(n, 1/2) falls below k with probability at most (1 - confidence) / 2 (n = 15: x(4)..x(12))."""
+    from math import comb
+
+    xs, n = sorted(xs), len(xs)
+    k, tail = 0, 0.0
+    while k < n // 2:
+        nxt = tail + comb(n, k) / 2 ** n
+        if nxt > (1 - confidence) / 2:
+            break
+        k, tail = k + 1, nxt
+    return (xs[k - 1], xs[n - k]) if k else (xs[0], xs[-1])
 
 
 def time_process(weights: Path, quality: str, n: int, prompt: str, repeats: int, precision: str = "fp32") -> tuple[list[float], str]:
@@ -194,23 +211,32 @@ def main(argv=None) -> None:
     load_s = time.perf_counter() - t
     for p in args.precisions:  # warm-up: first-call allocations, thread pool, each precision's kernels
         engine.run(GenerateRequest(prompt=args.prompt, seed=0, quality="fast", precision=p))
-    torch_import = time_import_torch(max(args.repeats, 3))
-    torch_bare = time_import_torch(max(args.repeats, 3), teardown=False)
+    torch_import, torch_bare = [], []
 
     rows = []
     for q in args.qualities:
         print(f"{q}: counting FLOPs per network call…", file=sys.stderr)
         per_call = flops_per_call(engine, args.n, args.prompt, q)
         for p in args.precisions:
-            print(f"{q}, {p}: timing {args.repeats} in-process runs and {args.repeats} whole processes…", file=sys.stderr)
-            runs = sorted((time_stages(engine, q, args.n, args.prompt, p) for _ in range(args.repeats)), key=lambda r: r[0]["total"])
-            stages, net_calls = runs[(len(runs) - 1) // 2]  # the run with the (lower) median total
+            print(f"{q}, {p}: timing {args.repeats} paired repeats (import torch with and without teardown, the "
+                  "whole process, the in-process run)…", file=sys.stderr)
+            runs, proc, over, over_bare = [], [], [], []
+            for _ in range(args.repeats):
+                imp1, bare1 = time_import_torch(1)[0], time_import_torch(1, teardown=False)[0]
+                p1, shown = time_process(weights, q, args.n, args.prompt, 1, p)
+                runs.append(time_stages(engine, q, args.n, args.prompt, p))
+                proc.append(p1[0])
+                torch_import.append(imp1)
+                torch_bare.append(bare1)
+                over.append(p1[0] - runs[-1][0]["total"] - imp1)
+                over_bare.append(p1[0] - runs[-1][0]["total"] - bare1)
+            totals = [r[0]["total"] for r in runs]
+            stages, net_calls = sorted(runs, key=lambda r: r[0]["total"])[(len(runs) - 1) // 2]  # the (lower) median run
             flops, calls = {}, {}
             for k, c in net_calls.items():
                 flops[stage_of(k)] = flops.get(stage_of(k), 0) + per_call.get(k, 0) * c
                 calls[stage_of(k)] = calls.get(stage_of(k), 0) + c
-            proc, shown = time_process(weights, q, args.n, args.prompt, args.repeats, p)
-            rows.append((q, p, flops, calls, [r[0]["total"] for r in runs], stages, proc, shown))
+            rows.append((q, p, flops, calls, totals, stages, proc, shown, over, over_bare))
 
     ups = len(engine.models.upsamplers)
     imp, bare = statistics.median(torch_import), statistics.median(torch_bare)
@@ -224,18 +250,19 @@ def main(argv=None) -> None:
             f"- Prompt: “{args.prompt}”, -n {args.n}, seed 0"]
     body += [f"- Note: {n}" for n in notes]
     body += ["", "Whole process (`unclip generate … -n %d --quality Q --precision P`, wall clock) and in-process generate call, "
-             "each the median of %d runs (min–max in brackets), with the median in-process run split by stage; overhead = "
-             "process − in-process − import torch (the issue's target: at most 0.5 s); without teardown: the same against "
-             "the import that skips the teardown, which is what unclip's own start-up and writing cost:" % (args.n, args.repeats), "",
+             "each the median of %d runs (min–max in brackets), with the median in-process run split by stage. Overhead = "
+             "process − in-process − import torch, per repeat (the four were timed back to back), as the median of the "
+             "repeats with its 95%% interval in brackets (the issue's target: at most 0.5 s); without teardown: the same "
+             "against the import that skips the teardown, which is what unclip's own start-up and writing cost:" % (args.n, args.repeats), "",
              "| quality | precision | steps prior/decoder/upsampler | process s | in-process s | overhead s | without teardown s | prior | decoder | upsampler | other |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for q, p, flops, calls, totals, st, proc, shown in rows:
+    for q, p, flops, calls, totals, st, proc, shown, over, over_bare in rows:
         s = QUALITY[q]
         share = lambda k: f"{100 * st.get(k, 0.0) / st['total']:.0f}%"  # noqa: E731
         other = st["total"] - sum(st.get(k, 0.0) for k in ("prior", "decoder", "upsampler"))
+        ci = lambda xs: "%.2f [%.2f–%.2f]" % (statistics.median(xs), *median_interval(xs))  # noqa: E731
         body.append(f"| {q} | {p} | {s.prior}/{s.decoder}/{s.upsampler} | {statistics.median(proc):.2f} [{min(proc):.2f}–{max(proc):.2f}] | "
-                    f"{st['total']:.2f} [{min(totals):.2f}–{max(totals):.2f}] | {statistics.median(proc) - st['total'] - imp:.2f} | "
-                    f"{statistics.median(proc) - st['total'] - bare:.2f} | "
+                    f"{statistics.median(totals):.2f} [{min(totals):.2f}–{max(totals):.2f}] | {ci(over)} | {ci(over_bare)} | "
                     f"{share('prior')} | {share('decoder')} | {share('upsampler')} | {100 * other / st['total']:.0f}% |")
     if len(args.precisions) > 1:
         body += ["", "Speed-up of bf16 over fp32 (in-process sampling, medians): "
@@ -248,7 +275,7 @@ def main(argv=None) -> None:
              "doubles the prior and decoder batches, the prior samples 2 candidates per image and the decoder the quality's "
              "candidates) times its calls, over the stage's time in the median in-process run:", "",
              "| quality | precision | stage | network calls | GFLOP | seconds | GFLOP/s | % of peak |", "|---|---|---|---|---|---|---|---|"]
-    for q, p, flops, calls, totals, st, proc, shown in rows:
+    for q, p, flops, calls, totals, st, proc, shown, *_ in rows:
         loop_f, loop_t, pf = 0, 0.0, peaks[p]
         for k in ("prior", "decoder", "upsampler"):
             if k not in flops:
