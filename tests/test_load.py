@@ -40,3 +40,31 @@ def test_policy_is_chosen_before_torch_and_a_users_choice_stands():
     assert out == ["ACTIVE", "False"]
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
     assert out[0] in ("None", "PASSIVE") and out[1] == "False"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page-fault counts from getrusage, glibc's mallopt")
+def test_freed_memory_is_reused_without_new_page_faults():
+    """glibc gives an 8 MiB block back to the system when it is freed (its mmap threshold starts at 128 KiB), so the
+    next one is faulted in, page by page, again; after keep_freed_memory the next one reuses the kept pages."""
+    code = ("import ctypes, resource, sys\n"
+            "if sys.argv[1] == 'keep':\n"
+            "    from unclip_cli.cli.load import keep_freed_memory; keep_freed_memory()\n"
+            "libc = ctypes.CDLL(None)\n"
+            "libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]\n"
+            "faults = []\n"
+            "for _ in range(2):\n"
+            "    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "    p = libc.malloc(8 << 20); ctypes.memset(p, 1, 8 << 20); libc.free(p)\n"
+            "    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)\n"
+            "print(*faults)\n")
+    if "glibc" not in " ".join(__import__("platform").libc_ver()):
+        pytest.skip("not glibc")
+    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if os.path.exists(thp) and "[always]" in open(thp).read():
+        pytest.skip("transparent huge pages for every mapping: a block faults in a few 2 MiB pages")
+    run = lambda mode: [int(x) for x in subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,  # noqa: E731
+                                                        check=True).stdout.split()]
+    first, second = run("keep")
+    assert first > 1000 and second < 100  # 2,048 pages of 4 KiB the first time, none again
+    first, second = run("default")
+    assert first > 1000 and second > 1000  # glibc's default maps the second block afresh
