@@ -243,13 +243,13 @@ def test_generate_reports_progress_per_stage(tiny_engine):
     from unclip_cli.progress import Tick
 
     seen = []
-    tiny_engine.run(req("generate", seed=1, n=3, batch_size=2), callback=seen.append)
-    assert [t for t in seen if t.stage == "prior"] == [Tick("prior", i, 3, b, 2) for b in (1, 2) for i in (1, 2, 3)]
-    assert [t for t in seen if t.stage == "decoder"] == [Tick("decoder", i, 3, b, 2) for b in (1, 2) for i in (1, 2, 3)]
-    assert [t for t in seen if t.stage == "upsampler"] == [Tick("upsampler", i, 2, b, 2) for b in (1, 2) for i in (1, 2)]
+    tiny_engine.run(req("generate", seed=1, n=3, batch_size=2), callback=seen.append)  # batches of 2 images, then 1
+    assert [t for t in seen if t.stage == "prior"] == [Tick("prior", i, 3, b, 2, size=3 - b) for b in (1, 2) for i in (1, 2, 3)]
+    assert [t for t in seen if t.stage == "decoder"] == [Tick("decoder", i, 3, b, 2, size=3 - b) for b in (1, 2) for i in (1, 2, 3)]
+    assert [t for t in seen if t.stage == "upsampler"] == [Tick("upsampler", i, 2, b, 2, size=3 - b) for b in (1, 2) for i in (1, 2)]
     seen.clear()
     tiny_engine.run(req("blend", seed=1, frames=3), callback=seen.append)
-    assert [t for t in seen if t.stage == "invert"] == [Tick("invert", i, 2, 1, 1) for i in (1, 2)]
+    assert [t for t in seen if t.stage == "invert"] == [Tick("invert", i, 2, 1, 1, size=2) for i in (1, 2)]  # images A and B
 
 
 def test_decoding_from_noise_starts_from_the_noised_training_mean(tiny_engine):

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -17,8 +18,12 @@ from PIL import Image
 pytest.importorskip("starlette", reason="the serve extra is not installed: pip install 'unclip-cli[serve]'")
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: pip install 'unclip-cli[test]'")
 
+httpx = pytest.importorskip("httpx", reason="the test extra is not installed: pip install 'unclip-cli[test]'")
+
+from unclip_cli.progress import Tick  # noqa: E402
 from unclip_cli.serve.app import Settings, create_app  # noqa: E402
 from unclip_cli.serve.server import running  # noqa: E402
+from unclip_cli.serve.worker import Cancelled  # noqa: E402
 
 STEPS = {"prior_steps": 2, "decoder_steps": 2, "upsampler_steps": 1}
 
@@ -194,35 +199,62 @@ def test_undo_redo_feather_and_history_across_reloads(browser, tiny_engine):
         page.close()
 
 
-# A last job of two batches: prior 1 s a step, decoder 0.5 s, upsampler 1 s (as the server reports them: stage, total,
-# batch, batches, steps done, seconds).
-LAST = [["prior", 4, 1, 2, 4, 4.0], ["decoder", 10, 1, 2, 10, 5.0], ["upsampler", 2, 1, 2, 2, 2.0],
-        ["prior", 4, 2, 2, 4, 4.0], ["decoder", 10, 2, 2, 10, 5.0], ["upsampler", 2, 2, 2, 2, 2.0]]
-VARY = [["invert", 10, 1, 1, 10, 5.0], ["decoder", 10, 1, 1, 10, 5.0], ["upsampler", 2, 1, 1, 2, 1.0]]
-ESTIMATES = [  # (this job's segments, seconds since its last step, the last job's segments) -> (seconds left, share done)
+def one_image(segments):
+    """Segments of batches of one image (as the server reports them: stage, total, batch, batches, steps done, seconds,
+    seconds of the first step, images)."""
+    return [[*g, 1] for g in segments]
+
+
+# A last job of two batches: prior 1 s a step, decoder 0.5 s, upsampler 1 s, first steps too.
+LAST = one_image([["prior", 4, 1, 2, 4, 4.0, 1.0], ["decoder", 10, 1, 2, 10, 5.0, 0.5], ["upsampler", 2, 1, 2, 2, 2.0, 1.0],
+                  ["prior", 4, 2, 2, 4, 4.0, 1.0], ["decoder", 10, 2, 2, 10, 5.0, 0.5], ["upsampler", 2, 2, 2, 2, 2.0, 1.0]])
+VARY = one_image([["invert", 10, 1, 1, 10, 5.0, 0.5], ["decoder", 10, 1, 1, 10, 5.0, 0.5], ["upsampler", 2, 1, 1, 2, 1.0, 0.5]])
+# Long jobs whose stages start cold: the first step of a stage in a job takes several steps' time (prior 5 s then 1 s a
+# step, decoder 3 s then 0.5 s, upsampler 4 s then 1 s); in later batches a first step is warm (1.2, 0.6, 1.2 s).
+LONG1 = one_image([["prior", 10, 1, 1, 10, 14.0, 5.0], ["decoder", 20, 1, 1, 20, 12.5, 3.0], ["upsampler", 5, 1, 1, 5, 8.0, 4.0]])
+LONG4 = [[stage, n, 1, 4, n, seconds, first, 1] for stage, n, _, _, _, seconds, first, _ in LONG1] + one_image([
+    run for b in (2, 3, 4) for run in (["prior", 10, b, 4, 10, 10.2, 1.2], ["decoder", 20, b, 4, 20, 10.1, 0.6], ["upsampler", 5, b, 4, 5, 5.2, 1.2])])
+IN_BATCH_2 = LONG4[:3] + one_image([["prior", 10, 2, 4, 10, 10.2, 1.2], ["decoder", 20, 2, 4, 5, 2.6, 0.6]])  # 47.3 s done
+# Ten images are a batch of 8 and one of 2: each step takes 0.5 s an image in the prior, 0.25 s in the decoder.
+TEN = [["prior", 4, 1, 2, 4, 16.0, 4.0, 8], ["decoder", 10, 1, 2, 10, 20.0, 2.0, 8],
+       ["prior", 4, 2, 2, 4, 4.0, 1.0, 2], ["decoder", 10, 2, 2, 10, 5.0, 0.5, 2]]
+ESTIMATES = [  # (this job's segments, seconds since its last step, the last job's segments, images) -> (seconds left, share done)
     # Two steps into the first job's prior: what follows is unknown, so is the time left (the old page said "2 s").
-    ([["prior", 4, 1, 2, 2, 2.0]], 0.25, None, None, None),
+    (one_image([["prior", 4, 1, 2, 2, 2.0, 1.0]]), 0.25, None, None, None, None),
     # The same with a last job: the rest of this prior, then decoder and upsampler, then the whole second batch, less the
     # half step already run: 2 + 5 + 2 + 11 - 0.5.
-    ([["prior", 4, 1, 2, 2, 2.0]], 0.5, LAST, 19.5, 2.5 / 22),
+    (one_image([["prior", 4, 1, 2, 2, 2.0, 1.0]]), 0.5, LAST, 2, 19.5, 2.5 / 22),
     # The first job, in its second batch: its own first batch says what is left (5 decoder steps at 0.5, 2 upsampler at 1).
-    (LAST[:4] + [["decoder", 10, 2, 2, 5, 2.5]], 0.25, None, 4.25, 17.75 / 22),
+    (LAST[:4] + one_image([["decoder", 10, 2, 2, 5, 2.5, 0.5]]), 0.25, None, 2, 4.25, 17.75 / 22),
     # This job's decoder runs at 0.25 s a step where the last one's ran at 0.5: its own speed counts, the last job's for
     # the upsampler it has not reached.
-    ([["prior", 4, 1, 1, 4, 2.0], ["decoder", 10, 1, 1, 4, 1.0]], 0.0, LAST, 3.5, 3.0 / 6.5),
+    (one_image([["prior", 4, 1, 1, 4, 2.0, 0.5], ["decoder", 10, 1, 1, 4, 1.0, 0.25]]), 0.0, LAST, 1, 3.5, 3.0 / 6.5),
     # A stage the last job did not run: estimating.
-    ([["prior", 4, 1, 1, 4, 2.0], ["decoder 2", 10, 1, 1, 4, 1.0]], 0.0, LAST, None, None),
+    (one_image([["prior", 4, 1, 1, 4, 2.0, 0.5], ["decoder 2", 10, 1, 1, 4, 1.0, 0.25]]), 0.0, LAST, 1, None, None),
     # Vary inverts first, then decodes: the decoding not started yet is counted.
-    ([["invert", 10, 1, 1, 4, 2.0]], 0.1, VARY, 8.9, 2.1 / 11),
-    ([["invert", 10, 1, 1, 4, 2.0]], 0.1, None, None, None),
+    (one_image([["invert", 10, 1, 1, 4, 2.0, 0.5]]), 0.1, VARY, 1, 8.9, 2.1 / 11),
+    (one_image([["invert", 10, 1, 1, 4, 2.0, 0.5]]), 0.1, None, 1, None, None),
     # Mix runs the prior once per text: a second prior where the last job had one.
-    ([["prior", 4, 1, 1, 4, 4.0], ["prior", 4, 1, 1, 2, 2.0]], 0.0, LAST[:3], 9.0, 6.0 / 15),
+    (one_image([["prior", 4, 1, 1, 4, 4.0, 1.0], ["prior", 4, 1, 1, 2, 2.0, 1.0]]), 0.0, LAST[:3], 1, 9.0, 6.0 / 15),
+    # Cold first steps are not the pace: 3 upsampler steps at 1 s are left (the old page, which averaged the 4 s first step
+    # in, said 7.5 s), ...
+    (LONG1[:2] + one_image([["upsampler", 5, 1, 1, 2, 5.0, 4.0]]), 0.0, LONG1, 1, 3.0, 31.5 / 34.5),
+    # ... and in the second of four batches, after a job like it: 15 decoder steps at 0.5, this batch's upsampler with a
+    # warm first step as the last job's last one (1.2 + 4), two whole batches as this one (2 x 25.5): exactly what is left
+    # (the old page: 82.4 s) ...
+    (IN_BATCH_2, 0.0, LONG4, 4, 63.7, 47.3 / 111),
+    # ... and without one: each later upsampler run is taken to start as cold as the only one seen (3 x 2.8 s too many).
+    (IN_BATCH_2, 0.0, None, 4, 72.1, 47.3 / 119.4),
+    # Ten images, halfway through the first batch's decoder: 5 steps of 8 images (10 s), then a batch of 2 (4 + 5 s); the
+    # old page counted the second batch as a whole one: 46 s, as this one does when it is not told the image count.
+    (TEN[:1] + [["decoder", 10, 1, 2, 5, 10.0, 2.0, 8]], 0.0, TEN, 10, 19.0, 26 / 45),
+    (TEN[:1] + [["decoder", 10, 1, 2, 5, 10.0, 2.0, 8]], 0.0, TEN, None, 46.0, 26 / 72),
 ]
 
 
-@pytest.mark.parametrize("segments, since, last, left, fraction", ESTIMATES)
-def test_time_left_covers_the_whole_job_from_measured_step_times(page_at, segments, since, last, left, fraction):
-    got = page_at.evaluate("([segments, since, last]) => estimate({segments, since_tick: since}, last)", [segments, since, last])
+@pytest.mark.parametrize("segments, since, last, n, left, fraction", ESTIMATES)
+def test_time_left_covers_the_whole_job_from_measured_step_times(page_at, segments, since, last, n, left, fraction):
+    got = page_at.evaluate("([segments, since, last, n]) => estimate({segments, since_tick: since}, last, n)", [segments, since, last, n])
     assert got["left"] == (None if left is None else pytest.approx(left)), got
     assert got["fraction"] == (None if fraction is None else pytest.approx(fraction)), got
 
@@ -293,7 +325,7 @@ def test_work_in_progress_survives_a_reload(browser, tiny_engine):
         page.select_option("#gen-quality", "low")
         page.click("#gen-go")
         sync_api.expect(page.locator(".run[data-op=generate] .card")).to_have_count(1, timeout=60_000)
-        timing = page.evaluate("JSON.parse(localStorage.getItem('unclip-timing-v2')).generate[0]")
+        timing = page.evaluate("JSON.parse(localStorage.getItem('unclip-timing-v3')).generate[0]")
         assert timing["quality"] == "low" and timing["n"] == 1 and [s[0] for s in timing["segments"]][:2] == ["prior", "decoder"]
 
         page.get_by_role("button", name="Edit with seed 9").click()
@@ -369,6 +401,202 @@ def test_mix_texts_and_compose_boxes_survive_a_reload(page_at):
     assert page.get_by_label("Text 1", exact=True).input_value() == "red heart"
     assert page.locator("#mix-parts li:nth-child(1) input[type=number]").input_value() == "0.5"
     page.evaluate("localStorage.clear()")
+
+
+class HeldEngine:
+    """The tiny engine behind a gate: a job reports decoder steps until the test opens the gate, then runs for real."""
+
+    def __init__(self, engine):
+        self.engine, self.gate, self.started = engine, threading.Event(), threading.Event()
+        self.stopped: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def run(self, request, callback=None):
+        self.started.set()
+        try:
+            while not self.gate.wait(0.01):
+                callback(Tick("decoder", 1, 2))
+        except Cancelled as c:
+            self.stopped.append(c.reason)
+            raise
+        return self.engine.run(request, callback)
+
+
+def test_a_reload_while_a_job_runs_follows_it_to_its_answer(browser, tiny_engine):
+    """The page notes the job it sent; reloaded while the job runs, it shows the job's progress again and its images when
+    done (the server ran it on and kept the answer). A job the server does not know (restarted) is said once; Stop
+    stops the job on the server too."""
+    engine = HeldEngine(tiny_engine)
+    with running(create_app(engine, Settings(steps=STEPS))) as (url, _):
+        page, problems = watched_page(browser)
+        page.goto(url + "/")
+        page.evaluate("localStorage.clear()")
+        page.reload()
+        page.fill("#gen-n", "1")
+        page.fill("#gen-seed", "4")
+        page.fill("#gen-prompt", "a red circle")
+        page.click("#gen-go")
+        assert engine.started.wait(30)
+        sync_api.expect(page.locator("#progress-text")).to_contain_text("decoder step 1/2")
+        job = page.evaluate("JSON.parse(localStorage.getItem('unclip-jobs-v1'))")[0]
+
+        page.reload()
+        sync_api.expect(page.locator("#progress")).to_be_visible()
+        sync_api.expect(page.locator("#progress-text")).to_contain_text("decoder step 1/2")
+        assert page.locator("#gen-go").is_disabled() and page.locator(".run").count() == 0
+        engine.gate.set()
+        made = page.locator(".run[data-op=generate] .card")
+        sync_api.expect(made).to_have_count(1, timeout=60_000)
+        sync_api.expect(made.locator(".meta")).to_contain_text("seed 4")
+        assert page.locator(".run[data-op=generate] h2").text_content().startswith("generatea red circle")
+        sync_api.expect(page.locator("#progress")).to_be_hidden()
+        assert page.evaluate("localStorage.getItem('unclip-jobs-v1')") is None and page.locator("#error").text_content() == ""
+        with httpx.Client(base_url=url, timeout=60, trust_env=False) as c:  # the kept answer was fetched, so forgotten
+            assert c.get(f"/v1/unclip/jobs/{job['id']}").json()["status"] == "unknown"
+        page.reload()  # and it is in the history like any other run
+        sync_api.expect(page.locator(".run[data-op=generate] .card")).to_have_count(1)
+
+        # A job noted before the server was restarted: said once, then forgotten.
+        page.evaluate("""(job) => localStorage.setItem('unclip-jobs-v1', JSON.stringify([{...job, id: 'page-gone-0123456789abcdef',
+                                                                                         title: 'a lost star'}]))""", job)
+        page.reload()
+        sync_api.expect(page.locator("#error")).to_have_text(
+            "The server no longer knows the job “a lost star” sent before the reload (it was restarted): run it again.")
+        sync_api.expect(page.locator("#progress")).to_be_hidden()
+        page.reload()
+        sync_api.expect(page.locator(".run[data-op=generate] .card")).to_have_count(1)
+        assert page.locator("#error").text_content() == ""
+
+        # Stop: the server stops the job (a reload would not).
+        engine.gate.clear()
+        engine.started.clear()
+        page.click("#gen-go")
+        assert engine.started.wait(30)
+        sync_api.expect(page.locator("#progress-text")).to_contain_text("decoder step 1/2")
+        page.click("#stop")
+        sync_api.expect(page.locator("#error")).to_have_text("Stopped.")
+        assert engine.stopped == ["stopped"]
+        assert page.evaluate("localStorage.getItem('unclip-jobs-v1')") is None
+        assert not problems, problems
+        page.close()
+
+
+def paint(page, y0: float, y1: float) -> None:
+    box = page.locator("#edit-mask").bounding_box()
+    page.mouse.move(box["x"] + 0.2 * box["width"], box["y"] + y0 * box["height"])
+    page.mouse.down()
+    page.mouse.move(box["x"] + 0.6 * box["width"], box["y"] + y1 * box["height"], steps=5)
+    page.mouse.up()
+    sync_api.expect(page.locator("#stage")).to_have_attribute("data-kept", "1")
+
+
+def test_undo_and_redo_survive_a_reload(browser, tiny_engine, tmp_path):
+    """The brush's undo and redo steps are kept with the mask; a full browser storage keeps the newest steps that fit;
+    Clear history forgets them."""
+    source = tmp_path / "face.png"
+    Image.new("RGB", (64, 48), (250, 200, 40)).save(source)
+    with running(create_app(tiny_engine, Settings(steps=STEPS))) as (url, _):
+        page, problems = watched_page(browser)
+        page.goto(url + "/")
+        page.evaluate("localStorage.clear()")
+        page.reload()
+        page.get_by_role("tab", name="Edit").click()
+        page.set_input_files("#edit-file", str(source))
+        sync_api.expect(page.locator("#stage")).to_have_attribute("data-ready", "1")
+        sizes = []
+        for y in (0.2, 0.5, 0.8):
+            paint(page, y, y)
+            sizes.append(mask_alpha(page))
+        assert 0 < sizes[0] < sizes[1] < sizes[2]
+        page.click("#mask-undo")
+        sync_api.expect(page.locator("#stage")).to_have_attribute("data-kept", "1")
+
+        page.reload()
+        sync_api.expect(page.locator("#stage")).to_have_attribute("data-ready", "1")
+        assert mask_alpha(page) == sizes[1]
+        sync_api.expect(page.locator("#mask-undo")).to_be_enabled()
+        sync_api.expect(page.locator("#mask-redo")).to_be_enabled()
+        page.click("#mask-redo")
+        assert mask_alpha(page) == sizes[2]
+        for want in (sizes[1], sizes[0], 0):
+            page.click("#mask-undo")
+            assert mask_alpha(page) == want
+        assert page.locator("#mask-undo").is_disabled()
+        sync_api.expect(page.locator("#stage")).to_have_attribute("data-kept", "1")
+        page.reload()
+        sync_api.expect(page.locator("#stage")).to_have_attribute("data-ready", "1")
+        assert mask_alpha(page) == 0 and page.locator("#mask-undo").is_disabled()
+        for want in sizes:  # three steps to redo, after a second reload
+            sync_api.expect(page.locator("#mask-redo")).to_be_enabled()
+            page.click("#mask-redo")
+            assert mask_alpha(page) == want
+
+        # A browser storage too full for more than one step: the newest is kept, the mask and the page go on.
+        page.evaluate("""() => {
+            const set = Storage.prototype.setItem;
+            Storage.prototype.setItem = function (key, value) {
+                if (key === "unclip-mask-undo-v1" && JSON.parse(value).done.length > 1) throw new DOMException("full", "QuotaExceededError");
+                return set.call(this, key, value);
+            };
+        }""")
+        page.click("#brush-clear")
+        sync_api.expect(page.locator("#stage")).to_have_attribute("data-kept", "1")
+        page.reload()
+        sync_api.expect(page.locator("#stage")).to_have_attribute("data-ready", "1")
+        assert mask_alpha(page) == 0
+        page.click("#mask-undo")
+        assert mask_alpha(page) == sizes[2]
+        assert page.locator("#mask-undo").is_disabled()  # the older steps did not fit
+
+        page.click("#history-clear")
+        page.reload()
+        assert page.evaluate("localStorage.getItem('unclip-mask-undo-v1')") is None
+        assert page.locator("#edit-file-name").text_content() == "no image yet"
+        assert not problems, problems
+        page.close()
+
+
+def test_the_concept_note_leads_to_the_pages_concept_search(browser, tiny_weights, tmp_path):
+    """A prompt that names no concept: the warning names no command the page lacks; its button opens the page's search
+    of what the model was trained on, nearest to the prompt first, and a concept found becomes the prompt."""
+    from test_concepts import tiny_set
+
+    from unclip_cli.engine import Engine
+
+    engine = Engine.load(tiny_set(tiny_weights, tmp_path, note=True), device="cpu")
+    with running(create_app(engine, Settings(steps=STEPS))) as (url, _):
+        page, problems = watched_page(browser)
+        page.goto(url + "/")
+        page.evaluate("localStorage.clear()")
+        page.reload()
+        page.fill("#gen-n", "1")
+        page.fill("#gen-prompt", "a sleeping cat")
+        page.click("#gen-go")
+        warning = page.locator(".run[data-op=generate] .warnings li")
+        sync_api.expect(warning).to_have_count(1, timeout=60_000)
+        assert warning.text_content() == ("Warning: the prompt is not the name of a concept this model was trained on, so expect a "
+                                          "loose match; the closest are cat, cat face (search the concepts)")
+        sync_api.expect(page.locator("#concepts")).not_to_have_attribute("open", "")
+        warning.get_by_role("button", name="search the concepts").click()
+        sync_api.expect(page.locator("#concept-note")).to_have_text("None is named “a sleeping cat”; the nearest by shared words:")
+        assert page.input_value("#concept-q") == "a sleeping cat"
+        assert page.locator("#concept-list button").all_text_contents() == ["🐈 cat · 猫", "🐱 cat face · 猫脸"]
+        page.locator("#concept-list button", has_text="cat face").click()
+        assert page.input_value("#gen-prompt") == "cat face"
+
+        page.fill("#concept-q", "heart")
+        page.press("#concept-q", "Enter")
+        sync_api.expect(page.locator("#concept-note")).to_have_text("1 match “heart”:")
+        page.fill("#concept-q", "12345")
+        page.press("#concept-q", "Enter")
+        sync_api.expect(page.locator("#concept-note")).to_contain_text("None is named “12345” or close in meaning (it has no words)")
+        sync_api.expect(page.locator("#concept-list button")).to_have_count(3)
+        page.reload()  # a warning kept in the history gets its button too
+        sync_api.expect(page.locator(".run[data-op=generate] .warnings button")).to_have_text("search the concepts")
+        assert not problems, problems
+        page.close()
 
 
 @pytest.mark.parametrize("level", [None, "info"])

@@ -424,8 +424,8 @@ def test_progress_of_a_job(tiny_engine):
 
 def test_worker_times_each_run_of_a_stage(monkeypatch):
     """What the page estimates the time left from: each run of a stage in order (a stage runs again in each batch, and
-    twice in one batch as mix's prior does for two texts), its steps and seconds, and the seconds since the last step;
-    on a fake clock."""
+    twice in one batch as mix's prior does for two texts), its steps and seconds, its first step's seconds apart, the
+    batch's images, and the seconds since the last step; on a fake clock."""
     import asyncio
 
     from unclip_cli.serve import worker as worker_module
@@ -460,7 +460,8 @@ def test_worker_times_each_run_of_a_stage(monkeypatch):
     worker = worker_module.Worker(Engine())
     job = asyncio.run(main())
     assert worker.join(10)
-    segments = [["prior", 2, 1, 2, 2, 0.75], ["prior", 2, 1, 2, 2, 1.0], ["decoder", 3, 1, 2, 3, 3.0], ["prior", 2, 2, 2, 1, 0.5]]
+    segments = [["prior", 2, 1, 2, 2, 0.75, 0.5, 0], ["prior", 2, 1, 2, 2, 1.0, 0.5, 0], ["decoder", 3, 1, 2, 3, 3.0, 1.0, 0],
+                ["prior", 2, 2, 2, 1, 0.5, 0.5, 0]]  # (the test's ticks say no image count)
     assert seen["status"] == {"status": "running", "stage": "prior", "step": 1, "total": 2, "batch": 2, "batches": 2,
                               "segments": segments, "since_tick": 0.125}
     assert job.timing()["segments"] == segments
@@ -472,7 +473,7 @@ def test_the_answer_carries_the_jobs_step_times(raw):
     segments = json.loads(r.headers["x-unclip-timing"])
     stages = [s[0] for s in segments]
     assert stages[:2] == ["prior", "decoder"] and segments[0][1] == STEPS["prior_steps"] and segments[1][1] == STEPS["decoder_steps"]
-    assert all(s[4] == s[1] and s[5] >= 0 for s in segments), segments  # every step of every run was timed
+    assert all(s[4] == s[1] and s[5] >= s[6] >= 0 and s[7] == 2 for s in segments), segments  # every step of every run was timed
     assert "x-unclip-timing" not in raw.post(GEN, json={"prompt": "x", "response_format": "b64_json"}).headers  # no job id
 
 
@@ -492,6 +493,98 @@ def test_client_disconnect_stops_the_job(tiny_engine):
         with httpx.Client(base_url=url, timeout=60, trust_env=False) as c:  # and the next job runs
             engine.gate.set()
             assert c.post(GEN, json={"prompt": "x"}).status_code == 200
+
+
+def _send_keeping(url: str, job_id: str) -> socket.socket:
+    """A generate sent with a job id and x-unclip-keep on a bare socket (the test closes it: a client going away)."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "x", "response_format": "b64_json"}).encode()
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nx-unclip-job: %s\r\n"
+                 b"x-unclip-keep: 1\r\nContent-Length: %d\r\n\r\n%s" % (url.removeprefix("http://").encode(), job_id.encode(), len(body), body))
+    return sock
+
+
+def _until(fn, timeout: float = 30.0):
+    """Poll fn() until it returns something true (a job's status changes on the server's side)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = fn()
+        if got:
+            return got
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+def test_a_kept_job_runs_on_when_its_client_leaves_and_its_answer_waits(tiny_engine):
+    """What the page does across a reload: the job runs to its end, its status says done, and its answer (images,
+    warnings, step times) is fetched once by the job's id; a server that never had the job says unknown."""
+    engine = HeldEngine(tiny_engine)
+    app = create_app(engine, Settings(steps=STEPS))
+    with running(app) as (url, _), httpx.Client(base_url=url, timeout=60, trust_env=False) as c:
+        job = "page-kept-0123456789"
+        sock = _send_keeping(url, job)
+        assert engine.started.wait(30)
+        sock.close()
+        time.sleep(0.2)  # time for the server to see the disconnect (which stops a job not kept: the test above); it need not
+        assert c.get(f"/v1/unclip/jobs/{job}").json()["status"] == "running" and engine.reasons == []
+        assert c.get(f"/v1/unclip/jobs/{job}/answer").status_code == 404  # not done yet
+        engine.gate.set()
+        _until(lambda: c.get(f"/v1/unclip/jobs/{job}").json()["status"] == "done")
+        r = c.get(f"/v1/unclip/jobs/{job}/answer")
+        assert r.status_code == 200 and len(r.json()["data"]) == 1 and r.json()["data"][0]["b64_json"], r.text
+        assert [s[0] for s in json.loads(r.headers["x-unclip-timing"])][:2] == ["decoder", "prior"]  # the held "steps", then its own
+        assert r.headers["x-unclip-seed"].isdigit()
+        e = error_of(c.get(f"/v1/unclip/jobs/{job}/answer"), 404, code="job_not_found")  # fetched once
+        assert "fetched already" in e["message"]
+        assert c.get(f"/v1/unclip/jobs/{job}").json()["status"] == "unknown"
+        assert engine.runs == 1
+
+
+def test_a_kept_job_can_be_stopped_by_its_id(tiny_engine):
+    engine = HeldEngine(tiny_engine)
+    app = create_app(engine, Settings(steps=STEPS))
+    with running(app) as (url, _), httpx.Client(base_url=url, timeout=60, trust_env=False) as c:
+        job = "page-stop-0123456789"
+        answered = {}
+        t = threading.Thread(target=lambda: answered.setdefault("r", c.post(GEN, json={"prompt": "x"}, headers={
+            "x-unclip-job": job, "x-unclip-keep": "1"})), daemon=True)
+        t.start()
+        assert engine.started.wait(30)
+        r = c.delete(f"/v1/unclip/jobs/{job}")
+        assert r.status_code == 200 and r.json()["status"] == "stopped"
+        t.join(30)
+        error_of(answered["r"], 499, code="job_stopped")
+        assert engine.reasons == ["stopped"]
+        assert c.delete(f"/v1/unclip/jobs/{job}").json()["status"] == "unknown"  # over: nothing to do
+        engine.gate.set()
+        # A kept answer nobody fetches can be forgotten the same way (the page forgets those it had from the request).
+        _send_keeping(url, "page-forget-0123456789").close()
+        _until(lambda: c.get("/v1/unclip/jobs/page-forget-0123456789").json()["status"] == "done")
+        assert c.delete("/v1/unclip/jobs/page-forget-0123456789").json()["status"] == "forgotten"
+        assert c.get("/v1/unclip/jobs/page-forget-0123456789/answer").status_code == 404
+
+
+def test_concepts_are_searched_as_the_cli_does(tiny_engine, tiny_weights, tmp_path):
+    """GET /v1/unclip/concepts answers what `unclip concepts Q --json` prints, by the same function."""
+    from test_concepts import tiny_set
+
+    from clirun import cli
+    from unclip_cli.engine import Engine
+
+    ws = tiny_set(tiny_weights, tmp_path)
+    with running(create_app(Engine.load(ws, device="cpu"), Settings(steps=STEPS))) as (url, _), \
+            httpx.Client(base_url=url, timeout=60, trust_env=False) as c:
+        for q, how in (("cat", "name"), ("a sleeping cat", "words"), ("a blue bicycle", "meaning"), ("12345", "meaning"), ("", "name")):
+            got = c.get("/v1/unclip/concepts", params={"q": q, "limit": "2"}).json()
+            assert got == json.loads(cli("concepts", q, "--limit", "2", "--json", "--weights", ws).out), q
+            assert got["matched_by"] == how and len(got["concepts"]) <= 2, got
+        assert c.get("/v1/unclip/concepts", params={"q": "12345"}).json()["far"] is True
+        assert c.get("/v1/unclip/concepts", params={"limit": "0"}).json()["total"] == 3
+        error_of(c.get("/v1/unclip/concepts", params={"limit": "-1"}), 400, param="limit", code="invalid_value")
+        error_of(c.get("/v1/unclip/concepts", params={"q": "x" * 5000}), 400, param="q", code="invalid_value")
+    with running(create_app(tiny_engine, Settings(steps=STEPS))) as (url, _), httpx.Client(base_url=url, timeout=60, trust_env=False) as c:
+        assert "lists no concepts" in error_of(c.get("/v1/unclip/concepts"), 404, code="no_concepts")["message"]
 
 
 def test_deadline_stops_the_job(tiny_engine):

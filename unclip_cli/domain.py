@@ -424,6 +424,23 @@ def search_concepts(concepts: list[dict], query: str) -> list[dict]:
     return [c for *_, c in sorted(ranked, key=lambda r: r[:3])]
 
 
+def find_concepts(concepts: ConceptList, query: str, limit: int = 20, engine_of=None) -> dict:
+    """`unclip concepts QUERY` and the server's GET /v1/unclip/concepts: the concepts named by the query (whole words,
+    then word starts, `search_concepts`), else those sharing most words with it (`ConceptList.closest`), else, with
+    `engine_of` (a function giving the set's engine, called only then), the nearest by the set's CLIP and whether even
+    those are far. At most `limit` of them (0: all). -> {query, matched_by (name, words or meaning), total, concepts,
+    and far and unknown_words when matched by meaning}."""
+    found, how, extra = search_concepts(concepts.entries, query), "name", {}
+    if not found:  # nothing by name: those sharing most words with it (what the prompt note names)
+        found, how = concepts.closest(query, limit or 10), "words"
+    if not found and engine_of is not None:  # no word in common: the nearest by meaning, of which there are always some
+        engine = engine_of()
+        found, how = [c for _, c in engine.nearest_concepts(query, limit or 10)], "meaning"
+        unknown = engine.unknown_words(query)
+        extra = {"far": far_in_meaning(query, unknown), "unknown_words": unknown}
+    return {"query": query, "matched_by": how, "total": len(found), "concepts": found if limit == 0 else found[:limit], **extra}
+
+
 def far_in_meaning(text: str, unknown: list[str]) -> bool:
     """Whether even the nearest concepts by meaning are far from a query (`unknown`: its words the set's CLIP never saw,
     `unknown_words`): it has such a word, or no letter at all (digits and signs). The CLIP cosine cannot tell: this

@@ -389,7 +389,7 @@ class Engine:
         steps, guidance, prior_guidance = reqs[0].steps, reqs[0].guidance_scale, reqs[0].prior_guidance_scale
         images, warnings, embeddings = {}, [[] for _ in reqs], {}
         for b, chunk in enumerate(chunks):
-            tick = _ticker(callback, b, len(chunks))
+            tick = _ticker(callback, b, len(chunks), len(chunk))
             z_t, states, mask, truncated = self._encode_distinct([reqs[k].prompt for k, _ in chunk])
             for (k, _), t in zip(chunk, truncated):
                 if t:
@@ -432,7 +432,7 @@ class Engine:
         scale = 1 + (guidance - 1) * strength if ramp and x_T is not None else guidance
         images = {}
         for b, chunk in enumerate(chunks):
-            tick = _ticker(callback, b, len(chunks))
+            tick = _ticker(callback, b, len(chunks), len(chunk))
             rows = [k for k, _ in chunk]
             noise = Noise([reqs[k].item_seed(i) for k, i in chunk], self.device)
             caption = (None, None, None)  # no caption: the set's (vary's default)
@@ -465,7 +465,7 @@ class Engine:
         x_T = self.invert(z, x0, steps.decoder, 1.0 if ramp else guidance, batch, callback)
         images = {}
         for b, chunk in enumerate(chunks):
-            tick = _ticker(callback, b, len(chunks))
+            tick = _ticker(callback, b, len(chunks), len(chunk))
             zs = torch.cat([slerp(z[2 * k : 2 * k + 1], z[2 * k + 1 : 2 * k + 2], reqs[k].theta(i)) for k, i in chunk])  # (B, D)
             xs = torch.cat([slerp(x_T[2 * k : 2 * k + 1].flatten(1), x_T[2 * k + 1 : 2 * k + 2].flatten(1), reqs[k].theta(i)).view_as(x_T[:1])
                             for k, i in chunk])
@@ -501,7 +501,7 @@ class Engine:
         scale = 1 + (guidance - 1) * reqs[0].amount if ramp else guidance
         images = {}
         for b, chunk in enumerate(chunks):
-            tick = _ticker(callback, b, len(chunks))
+            tick = _ticker(callback, b, len(chunks), len(chunk))
             # Raw embeddings (Karlo): the direction gets the image embedding's norm, so the slerp keeps |z_i|.
             raw = not self.models.clip.config.normalize
             z = torch.cat([slerp(z_i[k : k + 1], z_d[k] * z_i[k].norm() if raw else z_d[k], reqs[k].theta(i)) for k, i in chunk])
@@ -521,7 +521,7 @@ class Engine:
         raw = not self.models.clip.config.normalize
         images, warnings, embeddings = {}, [[] for _ in reqs], {}
         for b, chunk in enumerate(chunks):
-            tick = _ticker(callback, b, len(chunks))
+            tick = _ticker(callback, b, len(chunks), len(chunk))
             noise = Noise([reqs[k].item_seed(i) for k, i in chunk], self.device)
             parts = [torch.stack([z_img[k][j] for k, _ in chunk]) for j in range(len(reqs[chunk[0][0]].images))]
             for j in range(len(reqs[chunk[0][0]].prompts)):
@@ -560,7 +560,7 @@ class Engine:
             return self.run_prior(z_t, states, mask, noise, steps.prior, prior_guidance, tick), z_t, states, mask
 
         for b, chunk in enumerate(chunks):
-            tick = _ticker(callback, b, len(chunks))
+            tick = _ticker(callback, b, len(chunks), len(chunk))
             rows = [k for k, _ in chunk]
             noise = Noise([reqs[k].item_seed(i) for k, i in chunk], self.device)
             whole = encoded([reqs[k].global_text() for k in rows], rows, noise, tick)
@@ -886,7 +886,7 @@ class Engine:
         parts = range(0, len(x_start), batch)
         return torch.cat([
             ddim_invert(self.decoder_denoiser(z_i[s : s + batch], guidance), x_start[s : s + batch], ts, stage.diffusion,
-                        callback=_stage(_ticker(callback, b, len(parts)), "invert"))
+                        callback=_stage(_ticker(callback, b, len(parts), len(x_start[s : s + batch])), "invert"))
             for b, s in enumerate(parts)
         ])
 
@@ -1023,11 +1023,12 @@ def _channels_last(v):
     return v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.dim() == 4 else v
 
 
-def _ticker(callback: Callback, b: int, batches: int):
-    """A per-batch callback (stage, step, total) -> Tick, or None."""
+def _ticker(callback: Callback, b: int, batches: int, size: int = 0):
+    """A per-batch callback (stage, step, total) -> Tick, or None; `size`: the batch's images (the page's estimate of
+    the time left scales a smaller last batch by it)."""
     if callback is None:
         return None
-    return lambda stage, i, n: callback(Tick(stage, i, n, b + 1, batches))
+    return lambda stage, i, n: callback(Tick(stage, i, n, b + 1, batches, size=size))
 
 
 def _stage(tick, stage: str):

@@ -9,7 +9,8 @@ from typing import Callable
 
 @dataclass(frozen=True)
 class Tick:
-    """Step `step` of `total` in `stage`, in batch `batch` of `batches`; `note` is a short status (a loss)."""
+    """Step `step` of `total` in `stage`, in batch `batch` of `batches` (of `size` images; 0: not said); `note` is a
+    short status (a loss)."""
 
     stage: str
     step: int
@@ -17,6 +18,7 @@ class Tick:
     batch: int = 1
     batches: int = 1
     note: str = ""
+    size: int = 0
 
 
 Callback = Callable[[Tick], None] | None

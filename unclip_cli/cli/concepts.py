@@ -40,7 +40,7 @@ def concepts(
 ) -> None:
     """List the concepts the model was trained on (what it can draw), or search them: by name and keyword,
     else by meaning (the model's CLIP)."""
-    from unclip_cli.domain import load_concepts, search_concepts
+    from unclip_cli.domain import find_concepts, load_concepts
 
     if limit < 0:
         raise InputError(f"--limit must be 0 or more, not {limit}")
@@ -50,26 +50,20 @@ def concepts(
         raise InputError(f"the model set {root} lists no concepts (it has no concepts.json)",
                          hint="write one from its training data with scripts/write_concepts.py")
     q = "" if query is None else check_text("QUERY", query, allow_empty=True)
-    found, how, unknown, far = search_concepts(listed.entries, q), "name", [], False
-    if not found:  # nothing by name: those sharing most words with it (what the prompt note names)
-        found, how = listed.closest(q, limit or 10), "words"
-    if not found:  # no word in common: the nearest by the set's CLIP text embedding, which always has some nearest
-        from unclip_cli.domain import far_in_meaning
+
+    def engine():
         from unclip_cli.engine import Engine
 
-        engine = Engine.load(root, device="cpu")
-        found, how = [c for _, c in engine.nearest_concepts(q, limit or 10)], "meaning"
-        unknown = engine.unknown_words(q)
-        far = far_in_meaning(q, unknown)
-    shown = found if limit == 0 else found[:limit]
+        return Engine.load(root, device="cpu")
+
+    res = find_concepts(listed, q, limit, engine)
     if json_:
-        sys.stdout.write(json.dumps({"query": q, "matched_by": how, "total": len(found), "concepts": shown,
-                                     **({"far": far, "unknown_words": unknown} if how == "meaning" else {})},
-                                    ensure_ascii=False, indent=2) + "\n")
+        sys.stdout.write(json.dumps(res, ensure_ascii=False, indent=2) + "\n")
         return
+    found, how, shown, unknown = res["total"], res["matched_by"], res["concepts"], res.get("unknown_words", [])
     if not q:
         print(f"{len(listed.entries)} concepts in {Path(root).name}; showing {len(shown)} (--limit 0 shows all):")
-    elif far:
+    elif res.get("far"):
         why = (f"this model never saw {', '.join(repr(printable(w)) for w in dict.fromkeys(unknown[:3]))} in training" if unknown
                else "it has no words")
         print(f"No concept is named {printable(q)!r}, and none is close in meaning ({why}): the model is unlikely to draw it. "
@@ -77,8 +71,8 @@ def concepts(
     elif how != "name":
         print(f"No concept is named {printable(q)!r}; the nearest by {'meaning' if how == 'meaning' else 'shared words'}:")
     else:
-        print(f"{len(found)} concept{'s' if len(found) != 1 else ''} match {printable(q)!r}" +
-              (f"; the first {len(shown)}:" if len(shown) < len(found) else ":"))
+        print(f"{found} concept{'s' if found != 1 else ''} match {printable(q)!r}" +
+              (f"; the first {len(shown)}:" if len(shown) < found else ":"))
     for c in shown:
         print("  " + _line(c))
     from unclip_cli.cli.info import recognised_share

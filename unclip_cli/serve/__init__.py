@@ -2,7 +2,7 @@
 
     api.py     the API's fields mapped onto unclip's requests, results onto OpenAI's responses (no web framework)
     worker.py  the engine's thread and its bounded queue; cancellation between sampler steps
-    store.py   images kept an hour for `url` responses, under random ids, in memory
+    store.py   images kept an hour for `url` responses (and the answers of kept jobs), in memory
     app.py     the Starlette app: `create_app(engine, settings)`
     server.py  uvicorn: binding, stop signals, a server in a thread for tests and benchmarks
     page.html  the page: plain HTML and JavaScript, nothing fetched from elsewhere

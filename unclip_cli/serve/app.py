@@ -19,7 +19,14 @@ Routes (all under /v1 need the API key when one is set, as `Authorization: Beare
     GET  /v1/unclip/jobs/ID         a job's place in the queue or its progress and measured step times (ID: the x-unclip-job
                                     header it was sent with, 16-64 of A-Z a-z 0-9 _ -, chosen at random so that no other
                                     client can guess it; "unknown" before it is queued and once it is over; the job's
-                                    answer carries its step times in x-unclip-timing)
+                                    answer carries its step times in x-unclip-timing). A job also sent with
+                                    `x-unclip-keep: 1` runs on when its client goes away (the page was reloaded), and
+                                    its answer is kept too ("done") until fetched, deleted, or an hour has passed
+    GET  /v1/unclip/jobs/ID/answer  that kept answer, as the job's request had it (fetching it forgets it)
+    DELETE /v1/unclip/jobs/ID       stop a job (queued or running; its request is answered 499 job_stopped), or forget
+                                    its kept answer: {"status": "stopped", "forgotten" or "unknown" (nothing to do)}
+    GET  /v1/unclip/concepts?q=Q    the concepts the set was trained on that match Q, as `unclip concepts Q --json`
+                                    (&limit=N, default 20, 0: all)
     GET  /v1/images/files/NAME      an image of a `url` response (no key needed: NAME is a random id), kept an hour
 
 Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 bad input, 401 wrong or
@@ -60,6 +67,8 @@ FORM_CHUNK = 256 * 2**10  # a buffered form is parsed in pieces of this size, th
 DRAIN_BYTES = 16 * 2**20  # of a body over the limit, read (and dropped) before answering 413, so the client sees the answer
 MAX_FIELD_BYTES = 64 * 2**10  # a text field of a form (a prompt is at most 4,000 characters)
 TIMING_HEADER_SEGMENTS = 256  # stage runs in x-unclip-timing (about 30 bytes each)
+KEPT_BYTES = 64 * 2**20  # answers of `x-unclip-keep` jobs, kept until fetched or deleted (the oldest dropped beyond this)
+ANSWER_HEADERS = ("x-unclip-warnings", "x-unclip-timing", "x-unclip-seed", "retry-after", "x-should-retry")  # kept with an answer
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")  # 16 random characters of these are 96 bits: not guessable
 # A Host header: a name or an IPv4 address, or an IPv6 address in brackets, then an optional port. Nothing else
 # (userinfo such as "127.0.0.1:1@evil.example", paths, spaces) may pass the host check.
@@ -96,6 +105,8 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
     settings = settings or Settings()
     worker = Worker(engine, max_queue=settings.max_queue)
     store = ImageStore(ttl=settings.url_ttl, max_bytes=settings.store_bytes)
+    kept = ImageStore(ttl=settings.url_ttl, max_bytes=KEPT_BYTES)  # answers of `x-unclip-keep` jobs, for a client that left
+    keeping: dict[str, str] = {}  # such a job's id -> "preparing" (read, not queued yet) or "finishing" (run, being encoded)
     native = engine.image_size
     created = int(time.time())
     limiter = anyio.CapacityLimiter(2)  # threads decoding uploads and encoding results, beside the engine's
@@ -203,19 +214,20 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
         return api.Fields(values, files, form=True)
 
     # -- running a job ------------------------------------------------------------------------------
-    async def run(request: Request, req, job_id: str | None):
+    async def run(request: Request, req, job_id: str | None, gone: asyncio.Future, keep: bool):
+        """Run a request on the worker: its result and job. A client that goes away stops the job, unless it asked
+        to `keep` it: then the job runs to its end and its answer is kept for the client's return."""
         try:
             job = worker.submit(req, timeout=settings.timeout, job_id=job_id)
         except Busy as b:
             busy(b)
-        gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({job.future, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if keep:
+                await asyncio.wait({job.future})
         except asyncio.CancelledError:
             worker.withdraw(job, "shutdown")
             raise
-        finally:
-            gone.cancel()
         if not job.future.done():
             worker.withdraw(job, "disconnected")
             raise api.ApiError(499, "the client closed the request; its job was stopped", code="client_closed_request")
@@ -242,11 +254,39 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
             raise api.ApiError(400, "the x-unclip-job header must be 16-64 letters, digits, '-' or '_', chosen at random (such as "
                                     "22 random base64url characters): another client could guess a shorter or predictable id "
                                     "and read the job's progress", code="invalid_job_id")
+        keep = request.headers.get("x-unclip-keep") == "1" and job_id is not None and job_id not in keeping
         fields = await (json_fields(request) if op in api.JSON_OPS else form_fields(request))
         busy(worker.room())  # a full queue is answered before any image is decoded
+        gone = asyncio.ensure_future(_disconnected(request))
+        if keep:
+            keeping[job_id] = "preparing"
+        try:
+            response = await answer_job(request, op, fields, job_id, gone, keep)
+        except api.ApiError as e:
+            if keep and e.code != "job_stopped":
+                keep_answer(job_id, error_response(e))
+            raise
+        else:  # kept whether or not the client is still there: it may be going away (a reload) as the answer leaves
+            if keep:
+                keep_answer(job_id, response)
+            return response
+        finally:
+            gone.cancel()
+            if keep:
+                keeping.pop(job_id, None)
+
+    def keep_answer(job_id: str, response: Response) -> None:
+        headers = {k: v for k, v in response.headers.items() if k in ANSWER_HEADERS}
+        kept.put(response.body, response.media_type or "application/json", name=job_id, status=response.status_code, headers=headers)
+
+    async def answer_job(request: Request, op: str, fields: api.Fields, job_id: str | None, gone: asyncio.Future, keep: bool) -> Response:
         planned = await anyio.to_thread.run_sync(api.prepare, op, fields, native, settings.steps, settings.max_pixels,
                                                  settings.max_output_pixels, limiter=limiter)
-        result, job = await run(request, planned.request, job_id)
+        if keep and keeping.get(job_id) == "stopped":  # stopped (DELETE) while its images were read
+            raise api.ApiError(499, "the job was stopped (DELETE /v1/unclip/jobs/ID)", code="job_stopped")
+        result, job = await run(request, planned.request, job_id, gone, keep)
+        if keep:
+            keeping[job_id] = "finishing"
         files = str(request.url_for("image_file", name="-"))[:-1]
 
         def respond() -> bytes:  # encoding images and base64 takes a while: not on the event loop
@@ -300,8 +340,47 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
     async def job_status(request: Request) -> Response:
         guard(request)
         # An unknown job has not arrived yet (its upload is still being read) or is over: not an error.
-        status = worker.status(request.path_params["job"]) or {"status": "unknown"}
-        return JSONResponse({"id": request.path_params["job"], **status, **worker.counts()})
+        job_id = request.path_params["job"]
+        status = worker.status(job_id) or ({"status": keeping[job_id]} if job_id in keeping else None) or (
+            {"status": "done"} if kept.get(job_id) is not None else {"status": "unknown"})
+        return JSONResponse({"id": job_id, **status, **worker.counts()})
+
+    async def job_answer(request: Request) -> Response:
+        guard(request)
+        item = kept.pop(request.path_params["job"])
+        if item is None:
+            raise api.ApiError(404, "no answer is kept for this job: it is still running, was never sent with x-unclip-keep, "
+                                    "was fetched already, or the server was restarted", code="job_not_found")
+        return Response(item.data, status_code=item.status, media_type=item.content_type, headers=item.headers)
+
+    async def stop_job(request: Request) -> Response:
+        guard(request)
+        job_id = request.path_params["job"]
+        stopped, forgotten = worker.withdraw_id(job_id, "stopped"), kept.pop(job_id) is not None
+        if keeping.get(job_id) == "preparing":  # read, not queued yet: it stops before it starts
+            keeping[job_id] = stopped = "stopped"
+        # Nothing to stop or forget (over, fetched, never sent, or the server restarted) is no error: the outcome is the same.
+        return JSONResponse({"id": job_id, "status": "stopped" if stopped else "forgotten" if forgotten else "unknown"})
+
+    async def concepts(request: Request) -> Response:
+        guard(request)
+        from unclip_cli.domain import find_concepts
+        from unclip_cli.requests import check_text
+
+        listed = getattr(engine, "concepts", None)
+        if listed is None:
+            raise api.ApiError(404, f"the model set {engine.name} lists no concepts (it has no concepts.json)", code="no_concepts")
+        limit = request.query_params.get("limit", "20")
+        if not limit.isdigit() or len(limit) > 6:
+            raise api.ApiError(400, f"limit must be a whole number (0: all), not {limit[:20]!r}", param="limit", code="invalid_value")
+        try:
+            q = check_text("q", request.query_params.get("q", ""), allow_empty=True)
+        except InputError as e:
+            raise api.input_error(e, ["q"]) from None
+        # By name or shared words at once; by meaning in a thread, as it encodes the text with the set's CLIP (after
+        # the running job, which holds the engine).
+        found = await anyio.to_thread.run_sync(find_concepts, listed, q, int(limit), lambda: engine, limiter=limiter)
+        return JSONResponse(found)
 
     async def image_file(request: Request) -> Response:
         guard(request, key=False)  # the random name is the key, as with OpenAI's image URLs
@@ -333,6 +412,9 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
         Route("/v1/unclip/mix", endpoint(op_endpoint("mix")), methods=["POST"]),
         Route("/v1/unclip/compose", endpoint(op_endpoint("compose")), methods=["POST"]),
         Route("/v1/unclip/jobs/{job}", endpoint(job_status), methods=["GET"]),
+        Route("/v1/unclip/jobs/{job}", endpoint(stop_job), methods=["DELETE"]),
+        Route("/v1/unclip/jobs/{job}/answer", endpoint(job_answer), methods=["GET"]),
+        Route("/v1/unclip/concepts", endpoint(concepts), methods=["GET"]),
         Route("/v1/images/files/{name}", endpoint(image_file), methods=["GET"], name="image_file"),
     ]
 
@@ -381,6 +463,8 @@ def _cancelled(c: Cancelled, settings: Settings, worker: Worker, job=None) -> ap
                                  "ask for fewer images (n) or a lower quality", code="timeout")
     if c.reason == "disconnected":
         return api.ApiError(499, "the client closed the request; its job was stopped", code="client_closed_request")
+    if c.reason == "stopped":
+        return api.ApiError(499, "the job was stopped (DELETE /v1/unclip/jobs/ID)", code="job_stopped")
     return api.ApiError(503, "the server is shutting down; the job was stopped", code="server_shutting_down",
                         headers={"retry-after": str(worker.retry_after())})
 

@@ -30,7 +30,8 @@ MAX_SEGMENTS = 2000  # measured stage runs kept per job (compose: 5 priors + 4 d
 
 
 class Cancelled(Exception):
-    """A job stopped before it finished: `reason` is "disconnected", "deadline" or "shutdown"."""
+    """A job stopped before it finished: `reason` is "disconnected", "stopped" (by its client, by id), "deadline" or
+    "shutdown"."""
 
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -57,8 +58,11 @@ class Job:
     tick: Tick | None = None
     # The job's measured step times, for the page's estimate of the time left: one entry per run of a stage (a stage
     # starts again in each batch, and mix and compose run the prior once per text), in order, each
-    # (stage, total, batch, batches, steps done, seconds). The seconds since the previous tick (or the job's start)
-    # count to the tick's stage: work between stages (encoding a text, resizing) goes to the stage that follows it.
+    # (stage, total, batch, batches, steps done, seconds, seconds of its first step, the batch's images or 0 if not said).
+    # The seconds since the previous tick
+    # (or the job's start) count to the tick's stage: work between stages (encoding a text, resizing) goes to the stage
+    # that follows it, in its first step, which is also the slow one of a cold stage (memory first touched): apart, so that
+    # the page's estimate of the steps left reads the steady pace.
     segments: list = field(default_factory=list)
     last_tick: float | None = None  # time.monotonic() of the latest tick, or of the job's start
     cancel_reason: str | None = None
@@ -86,14 +90,14 @@ class Job:
         self.last_tick = now
         last = self.segments[-1] if self.segments else None
         if last is not None and last[:4] == (tick.stage, tick.total, tick.batch, tick.batches) and tick.step >= last[4]:
-            self.segments[-1] = (*last[:4], tick.step, last[5] + seconds)  # one assignment: status() may read it meanwhile
+            self.segments[-1] = (*last[:4], tick.step, last[5] + seconds, *last[6:])  # one assignment: status() may read it meanwhile
         elif len(self.segments) < MAX_SEGMENTS:
-            self.segments.append((tick.stage, tick.total, tick.batch, tick.batches, tick.step, seconds))
+            self.segments.append((tick.stage, tick.total, tick.batch, tick.batches, tick.step, seconds, seconds, tick.size))
 
     def timing(self) -> dict:
         """The measured segments and the seconds since the latest tick (part of a step that is still running)."""
         since = 0.0 if self.last_tick is None else time.monotonic() - self.last_tick
-        return {"segments": [[*s[:5], round(s[5], 4)] for s in list(self.segments)], "since_tick": round(since, 4)}
+        return {"segments": [[*s[:5], round(s[5], 4), round(s[6], 4), s[7]] for s in list(self.segments)], "since_tick": round(since, 4)}
 
     def settle(self, outcome: Any) -> None:
         """Hand the outcome (a result or an exception) to the awaiting handler, from any thread."""
@@ -172,6 +176,14 @@ class Worker:
                 self._waiting.remove(job)
                 self._forget(job)
                 job.settle(Cancelled(reason))
+
+    def withdraw_id(self, job_id: str, reason: str) -> bool:
+        """`withdraw` the job sent with this id; False if there is none (not arrived yet, or over)."""
+        with self._cond:
+            job = self._by_id.get(job_id)
+        if job is not None:
+            self.withdraw(job, reason)
+        return job is not None
 
     def retry_after(self) -> int:
         """Seconds until a place in the queue is likely to be free: when the running job ends."""
