@@ -407,7 +407,7 @@ class HeldEngine:
     """The tiny engine behind a gate: a job reports decoder steps until the test opens the gate, then runs for real."""
 
     def __init__(self, engine):
-        self.engine, self.gate, self.started = engine, threading.Event(), threading.Event()
+        self.engine, self.gate, self.started, self.cancelled = engine, threading.Event(), threading.Event(), threading.Event()
         self.stopped: list[str] = []
 
     def __getattr__(self, name):
@@ -420,6 +420,7 @@ class HeldEngine:
                 callback(Tick("decoder", 1, 2))
         except Cancelled as c:
             self.stopped.append(c.reason)
+            self.cancelled.set()
             raise
         return self.engine.run(request, callback)
 
@@ -476,8 +477,8 @@ def test_a_reload_while_a_job_runs_follows_it_to_its_answer(browser, tiny_engine
         assert engine.started.wait(30)
         sync_api.expect(page.locator("#progress-text")).to_contain_text("decoder step 1/2")
         page.click("#stop")
-        sync_api.expect(page.locator("#error")).to_have_text("Stopped.")
-        assert engine.stopped == ["stopped"]
+        sync_api.expect(page.locator("#error")).to_have_text("Stopped.")  # at once; the server stops the job as the page asks
+        assert engine.cancelled.wait(30) and engine.stopped == ["stopped"]
         assert page.evaluate("localStorage.getItem('unclip-jobs-v1')") is None
         assert not problems, problems
         page.close()
@@ -595,6 +596,9 @@ def test_the_concept_note_leads_to_the_pages_concept_search(browser, tiny_weight
         sync_api.expect(page.locator("#concept-list button")).to_have_count(3)
         page.reload()  # a warning kept in the history gets its button too
         sync_api.expect(page.locator(".run[data-op=generate] .warnings button")).to_have_text("search the concepts")
+        page.locator("#concepts summary").click()  # opened by hand: what the model knows
+        sync_api.expect(page.locator("#concept-note")).to_have_text("3 concepts; the first 3:")
+        sync_api.expect(page.locator("#concept-list button")).to_have_count(3)
         assert not problems, problems
         page.close()
 
