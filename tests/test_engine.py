@@ -453,9 +453,10 @@ def test_vary_inverts_unguided_and_guides_by_strength(tiny_engine, monkeypatch):
     assert seen["invert"] == [3.0] and seen["decode"][-1] == 3.0
 
 
-def test_vary_at_strength_1_is_eta_1_from_the_inverted_noise(tiny_engine, monkeypatch):
-    """Strength 1 continues the path below it (§3: DDIM eta = strength from the image's inverted x_T): from fresh noise
-    it landed closer to the input than 0.8 (the model card's table). Recipes from before rerun from fresh noise."""
+def test_vary_at_strength_1_starts_where_text_to_image_decoding_does(tiny_engine, monkeypatch):
+    """Strength turns the inverted x_t's noise toward fresh noise (at the decoder's start), so strength 1 starts from
+    fresh noise there with DDIM eta 1 and needs no inversion. Recipes from before rerun as they were made: those from
+    before 2026-12-05's first fix from fresh noise, those between the fixes with eta 1 from the noise inverted to T - 1."""
     from unclip_cli.requests import request_from_recipe
 
     seen = {"invert": 0, "eta": []}
@@ -463,14 +464,78 @@ def test_vary_at_strength_1_is_eta_1_from_the_inverted_noise(tiny_engine, monkey
     monkeypatch.setattr(tiny_engine, "invert", lambda *a, **kw: seen.__setitem__("invert", seen["invert"] + 1) or invert(*a, **kw))
     monkeypatch.setattr(tiny_engine, "run_decoder", lambda *a, **kw: seen["eta"].append((kw.get("sampler"), kw.get("eta"), kw.get("start")))
                         or run_decoder(*a, **kw))
+    t_start = tiny_engine.sampling.decoder_t_start
     res = tiny_engine.run(req("vary", strength=1.0, seed=2))
-    assert seen == {"invert": 1, "eta": [("ddim", 1.0, None)]} and res.recipes[0]["fresh_at_one"] is False
-    old = {k: v for k, v in res.recipes[0].items() if k != "fresh_at_one"}
+    assert seen == {"invert": 0, "eta": [("ddim", 1.0, t_start)]} and res.recipes[0]["invert_to_start"] is True
+    between = {k: v for k, v in res.recipes[0].items() if k != "invert_to_start"}
+    seen["invert"], seen["eta"] = 0, []
+    tiny_engine.run(request_from_recipe(between, image=IMG_A))
+    assert seen == {"invert": 1, "eta": [("ddim", 1.0, None)]}
+    old = {k: v for k, v in between.items() if k != "fresh_at_one"}
     seen["invert"], seen["eta"] = 0, []
     again = request_from_recipe(old, image=IMG_A)
-    assert again.fresh_at_one is True
+    assert again.fresh_at_one is True and again.invert_to_start is False
     tiny_engine.run(again)
-    assert seen == {"invert": 0, "eta": [("ddim", 1.0, tiny_engine.sampling.decoder_t_start)]}
+    assert seen == {"invert": 0, "eta": [("ddim", 1.0, t_start)]}
+
+
+def test_vary_blend_nudge_invert_to_the_decoders_start(tiny_engine, monkeypatch):
+    """Below strength 1 the inversion stops at the set's decoder start and the decoding starts there; recipes from
+    before (no `invert_to_start`) invert to T - 1 as they were made."""
+    from unclip_cli.requests import request_from_recipe
+
+    seen = []
+    invert, run_decoder = tiny_engine.invert, tiny_engine.run_decoder
+    monkeypatch.setattr(tiny_engine, "invert", lambda *a, **kw: seen.append(("invert", kw.get("start"))) or invert(*a, **kw))
+    monkeypatch.setattr(tiny_engine, "run_decoder", lambda *a, **kw: seen.append(("decode", kw.get("start"))) or run_decoder(*a, **kw))
+    t_start = tiny_engine.sampling.decoder_t_start
+    for op, kw in (("vary", {"strength": 0.0}), ("vary", {"strength": 0.4}), ("blend", {"frames": 2}), ("nudge", {"amount": 0.2})):
+        seen.clear()
+        res = tiny_engine.run(req(op, seed=1, **kw))
+        assert seen == [("invert", t_start), ("decode", t_start)] and res.recipes[0]["invert_to_start"] is True, op
+        seen.clear()
+        old = {k: v for k, v in res.recipes[0].items() if k != "invert_to_start"}
+        tiny_engine.run(request_from_recipe(old, **({"image_a": IMG_A, "image_b": IMG_B} if op == "blend" else {"image": IMG_A})))
+        assert seen == [("invert", None), ("decode", None)], op
+
+
+def test_toward_fresh_keeps_the_image_at_0_and_is_the_decoders_start_at_1():
+    import torch
+
+    from unclip_cli.diffusion.gaussian import DiffusionConfig, GaussianDiffusion
+    from unclip_cli.diffusion.policy import noised_mean, toward_fresh
+
+    diffusion = GaussianDiffusion(DiffusionConfig())
+    g = torch.Generator().manual_seed(0)
+    x_t, eps = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    mean = torch.rand(3, 4, 4, generator=g).tolist()
+    assert torch.equal(toward_fresh(diffusion, mean, x_t, eps, 800, 0.0), x_t)
+    torch.testing.assert_close(toward_fresh(diffusion, mean, x_t, eps, 800, 1.0), noised_mean(diffusion, mean, eps, t_start=800))
+    half = toward_fresh(diffusion, None, x_t, eps, 800, 0.5)
+    a = diffusion.abar(800, x_t)
+    own = x_t / (1 - a).sqrt()  # zero mean: all of x_t is noise
+    assert (half / (1 - a).sqrt()).flatten(1).norm(dim=1).sub(own.flatten(1).norm(dim=1) / 2 + eps.flatten(1).norm(dim=1) / 2).abs().max() < 1e-4
+
+
+def test_the_shipped_decoder_reconstructs_its_own_outputs():
+    """Issue 24: inverted to T - 1, images the emoji set made itself came back distorted (a blue ear; 32 px RMSE 0.26-0.32
+    at 20 steps on these tiles of tests/data/own-outputs.png); inverted to the decoder's start, where its decoding from
+    noise starts, they reconstruct (0.02-0.04)."""
+    from pathlib import Path
+
+    import torch
+
+    from unclip_cli.engine import Engine
+
+    engine = Engine.load(Path(__file__).resolve().parents[1] / "weights" / "emoji", device="cpu", dtype=torch.float32)
+    sheet = Image.open(Path(__file__).resolve().parent / "data" / "own-outputs.png").convert("RGB")
+    tiles = [sheet.crop((64 * k, 0, 64 * k + 64, 64)) for k in (1, 2)]
+    x0, rec = engine.reconstruct(tiles, 20, 1.0)
+    rmse = lambda x: ((x.clamp(-1, 1) - x0) / 2).pow(2).mean((1, 2, 3)).sqrt()  # noqa: E731  (0-1 scale)
+    z_i, _ = engine.base_inputs(tiles)
+    x_T = engine.invert(z_i, x0, 20, 1.0)  # the old way: to T - 1
+    old = engine.run_decoder(engine.decoder_denoiser(z_i, 1.0), x_T, 20, sampler="ddim", eta=0.0)
+    assert rmse(rec).max() < 0.05 and rmse(old).min() > 0.15, (rmse(rec), rmse(old))
 
 
 def test_nudge_inverts_unguided_and_guides_by_amount(tiny_engine, monkeypatch):

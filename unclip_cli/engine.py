@@ -41,7 +41,7 @@ import unclip_cli
 from unclip_cli.device import pick_device, precision_reason, resolve_precision, set_allows_bf16
 from unclip_cli.diffusion.gaussian import make_denoiser
 from unclip_cli.diffusion.guidance import guided
-from unclip_cli.diffusion.policy import DECODER_T_START, decoder_denoiser, noise_augment, noised_mean, where_kept  # noqa: F401  (DECODER_T_START: the emoji start, re-exported)
+from unclip_cli.diffusion.policy import DECODER_T_START, decoder_denoiser, noise_augment, noised_mean, toward_fresh, where_kept  # noqa: F401  (DECODER_T_START: the emoji start, re-exported)
 from unclip_cli.diffusion.recipe import DEFAULT as DEFAULT_RECIPE
 from unclip_cli.diffusion.samplers import SAMPLERS, ddim_invert, sample_ddim, sample_repaint, slerp
 from unclip_cli.diffusion.schedule import spaced_timesteps
@@ -423,12 +423,22 @@ class Engine:
         distance to the source 0.18 at strength 0, as far as at 0.8), and distance did not grow with strength
         (0.3 came out further than 0.5 on some images). Unguided, strength 0 reconstructs (0.056) and the
         distance grows with strength (scripts/measure_strength.py; the model card has the table). Recipes
-        written before keep the constant scale (`guidance_ramp` false)."""
+        written before keep the constant scale (`guidance_ramp` false).
+
+        The inversion stops at the set's decoder start (`invert_to_start`; the emoji set's t = 800, where its decoding
+        from noise starts), and strength turns that x_t's noise toward fresh noise (`toward_fresh`, slerp by strength)
+        besides being DDIM's eta, so strength 1 starts where text-to-image decoding does and keeps only z_i. Inverted to
+        t = 999, images the decoder itself made did not come back: the 32 px base of 4 generated "cat face" and
+        other images came back at RMSE 0.21 (a blue ear, dark outlines), held-out emoji at 0.037; inverted to 800,
+        0.010 and 0.011 (the model card's table). Above its start the decoder's predictions are poor (the reason it
+        starts there), and generated images, which never passed through them, lose the most. Recipes written before
+        invert to 999 as they were made."""
         steps, guidance, strength = reqs[0].steps, reqs[0].guidance_scale, reqs[0].strength
         z_i, x0 = self.base_inputs([r.inputs().images[0] for r in reqs])
-        ramp = reqs[0].guidance_ramp
-        fresh = strength >= 1 and (reqs[0].fresh_at_one or self.sampling.vary_sampler == "decoder")
-        x_T = None if fresh else self.invert(z_i, x0, steps.decoder, 1.0 if ramp else guidance, batch, callback)
+        ramp, to_start = reqs[0].guidance_ramp, reqs[0].invert_to_start
+        fresh = strength >= 1 and (reqs[0].fresh_at_one or to_start or self.sampling.vary_sampler == "decoder")
+        t_inv = self.sampling.decoder_t_start if to_start else None
+        x_T = None if fresh else self.invert(z_i, x0, steps.decoder, 1.0 if ramp else guidance, batch, callback, start=t_inv)
         scale = 1 + (guidance - 1) * strength if ramp and x_T is not None else guidance
         images = {}
         for b, chunk in enumerate(chunks):
@@ -446,6 +456,9 @@ class Engine:
                 x_init, t_init = self.decoder_start(noise), self.sampling.decoder_t_start
                 if self.sampling.vary_sampler == "decoder":  # the decoder's own sampler, as diffusers' variation pipeline
                     sampler, eta = self.sampling.decoder_sampler, self.sampling.decoder_eta
+            elif to_start:  # the inverted x_t's noise turned toward fresh noise by strength (0: the image itself)
+                x_init, t_init = toward_fresh(self.models.decoder.diffusion, self.models.decoder.extra.get("x_start_mean"), x_T[rows],
+                                              noise(*self.sample_shape).to(x_T), t_inv, strength), t_inv
             else:
                 x_init, t_init = x_T[rows], None
             x = self.run_decoder(denoise, x_init, steps.decoder, sampler=sampler, eta=eta, noise=noise, start=t_init, tick=tick)
@@ -458,11 +471,13 @@ class Engine:
         reconstruct the inputs. All frames share one seed for the upsampler, so they differ only by blend.
         As in `_vary`, the inversion is unguided (DDIM retraces only the unguided path: the guided inversion's end
         frames were not the inputs), and each frame is guided in proportion to its distance from the nearer end
-        (1 at the ends, the full scale midway), one denoiser per scale. Old recipes keep the guided inversion."""
+        (1 at the ends, the full scale midway), one denoiser per scale. Old recipes keep the guided inversion.
+        As in `_vary`, the inversion stops at the set's decoder start (`invert_to_start`; old recipes: t = 999)."""
         steps, guidance = reqs[0].steps, reqs[0].guidance_scale
         ramp = reqs[0].guidance_ramp
+        t_inv = self.sampling.decoder_t_start if reqs[0].invert_to_start else None
         z, x0 = self.base_inputs([im for r in reqs for im in r.inputs().images])  # A, B of each request in turn
-        x_T = self.invert(z, x0, steps.decoder, 1.0 if ramp else guidance, batch, callback)
+        x_T = self.invert(z, x0, steps.decoder, 1.0 if ramp else guidance, batch, callback, start=t_inv)
         images = {}
         for b, chunk in enumerate(chunks):
             tick = _ticker(callback, b, len(chunks), len(chunk))
@@ -472,7 +487,7 @@ class Engine:
             scales = [1 + (guidance - 1) * (1 - abs(2 * reqs[k].theta(i) - 1)) if ramp else guidance for k, i in chunk]
             parts = [(rows, self.decoder_denoiser(zs[rows], s)) for s in dict.fromkeys(scales)
                      for rows in [[r for r, v in enumerate(scales) if v == s]]]
-            x = self.run_decoder(_by_rows(parts), xs, steps.decoder, sampler="ddim", eta=0.0, tick=tick)
+            x = self.run_decoder(_by_rows(parts), xs, steps.decoder, sampler="ddim", eta=0.0, start=t_inv, tick=tick)
             x = self.run_upsamplers(x, Noise([reqs[k].item_seed(i) for k, i in chunk], self.device), steps.upsampler, tick=tick)
             images.update(zip(chunk, self.to_images(x)))
         return images, [[] for _ in reqs], {}
@@ -483,7 +498,8 @@ class Engine:
         as the origin. As in `_vary`, the inversion is unguided and the decoding guided in proportion to the
         request's amount (1 + (g - 1) * amount): with guidance in both, a small amount already moved the image
         far (the independent classifier's feature distance 0.20 at 0.1, its concept kept in top-5 for 3 of 8
-        held-out emoji at 0.3); ramped, 0.05 at 0.1 and 5 of 8 at 0.3 (the model card has the table)."""
+        held-out emoji at 0.3); ramped, 0.05 at 0.1 and 5 of 8 at 0.3 (the model card has the table). As in `_vary`, the
+        inversion stops at the set's decoder start (`invert_to_start`; old recipes: t = 999)."""
         steps, guidance = reqs[0].steps, reqs[0].guidance_scale
         warnings, z_d = [], []
         for r in reqs:
@@ -497,7 +513,8 @@ class Engine:
             warnings.append([self._truncation_warning()] if cut_to[0] or cut_from[0] else [])
         z_i, x0 = self.base_inputs([r.inputs().images[0] for r in reqs])
         ramp = reqs[0].guidance_ramp
-        x_T = self.invert(z_i, x0, steps.decoder, 1.0 if ramp else guidance, batch, callback)
+        t_inv = self.sampling.decoder_t_start if reqs[0].invert_to_start else None
+        x_T = self.invert(z_i, x0, steps.decoder, 1.0 if ramp else guidance, batch, callback, start=t_inv)
         scale = 1 + (guidance - 1) * reqs[0].amount if ramp else guidance
         images = {}
         for b, chunk in enumerate(chunks):
@@ -506,7 +523,7 @@ class Engine:
             raw = not self.models.clip.config.normalize
             z = torch.cat([slerp(z_i[k : k + 1], z_d[k] * z_i[k].norm() if raw else z_d[k], reqs[k].theta(i)) for k, i in chunk])
             x = self.run_decoder(self.decoder_denoiser(z, scale), x_T[[k for k, _ in chunk]], steps.decoder, sampler="ddim",
-                                 eta=0.0, tick=tick)
+                                 eta=0.0, start=t_inv, tick=tick)
             x = self.run_upsamplers(x, Noise([reqs[k].item_seed(i) for k, i in chunk], self.device), steps.upsampler, tick=tick)
             images.update(zip(chunk, self.to_images(x)))
         return images, warnings, {}
@@ -877,11 +894,12 @@ class Engine:
         return x.view(B, K, *x.shape[1:])[torch.arange(B, device=x.device), best]
 
     @torch.no_grad()
-    def invert(self, z_i, x_start, steps: int, guidance: float, batch: int | None = None, callback: Callback = None) -> torch.Tensor:
+    def invert(self, z_i, x_start, steps: int, guidance: float, batch: int | None = None, callback: Callback = None,
+               start: int | None = None) -> torch.Tensor:
         """DDIM inversion of base-resolution images x_start (B, 3, s, s) under their z_i (B, D), without
-        caption: -> x_T (§3). In batches of `batch` images (default: all at once)."""
+        caption: -> x_T (§3), at timestep `start` (default T - 1). In batches of `batch` images (default: all at once)."""
         stage = self.models.decoder
-        ts = self.timesteps(stage, steps)
+        ts = self.timesteps(stage, steps, start=start)
         batch = batch or len(x_start)
         parts = range(0, len(x_start), batch)
         return torch.cat([
@@ -893,10 +911,11 @@ class Engine:
     @torch.no_grad()
     def reconstruct(self, images: Sequence[Image.Image], steps: int, guidance: float, callback: Callback = None):
         """DDIM inversion and deterministic decoding back at base resolution (a vary at strength 0 before
-        the upsampler): -> (x_start, reconstruction), both (B, 3, s, s). What inversion loses."""
+        the upsampler, inverted to the decoder's start): -> (x_start, reconstruction), both (B, 3, s, s). What inversion loses."""
         z_i, x0 = self.base_inputs(images)
-        x_T = self.invert(z_i, x0, steps, guidance, callback=callback)
-        return x0, self.run_decoder(self.decoder_denoiser(z_i, guidance), x_T, steps, sampler="ddim", eta=0.0,
+        t_inv = self.sampling.decoder_t_start
+        x_T = self.invert(z_i, x0, steps, guidance, callback=callback, start=t_inv)
+        return x0, self.run_decoder(self.decoder_denoiser(z_i, guidance), x_T, steps, sampler="ddim", eta=0.0, start=t_inv,
                                     tick=_ticker(callback, 0, 1))
 
     # -- stage: upsamplers (§2.1) ----------------------------------------------------------------------

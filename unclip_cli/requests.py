@@ -435,6 +435,9 @@ class VaryRequest(Request):
     # strength 1 from fresh noise instead of DDIM eta 1 from the inverted noise (True: recipes from before 2026-12-05's fix,
     # whose strength 1 landed closer to the input than 0.8); sets whose recipe's vary_sampler is "decoder" always do
     fresh_at_one: bool = False
+    # DDIM inversion up to the set's decoder start (the emoji set's t = 800, where its decoding from noise starts) and
+    # decoding from there (False: recipes from before 2026-12-05's fix, inverted to t = 999)
+    invert_to_start: bool = True
     noise_level: int | None = None  # MAX_NOISE_LEVEL's; the engine records the level that ran
     # A caption for the decoder (its text encoder's; Stable unCLIP's img2img prompt), "" for none: the image alone
     prompt: str = ""
@@ -444,7 +447,7 @@ class VaryRequest(Request):
         return self.strength < 1 or not (self.fresh_at_one or self.sampling.vary_sampler == "decoder")
 
     def _shared_own(self):
-        return (self.strength, self.guidance_ramp, self.fresh_at_one, self.noise_level, bool(self.prompt))
+        return (self.strength, self.guidance_ramp, self.fresh_at_one, self.invert_to_start, self.noise_level, bool(self.prompt))
 
     def _validate_own(self, label):
         return {"strength": check_number(label("strength"), self.strength, 0, 1, hint="0 reconstructs the input, 1 moves furthest"),
@@ -463,12 +466,12 @@ class VaryRequest(Request):
 
     def _recipe_own(self, i):
         return {"strength": self.strength, "input": source_name(self.image), "fit": self.fit, "guidance_ramp": self.guidance_ramp,
-                "fresh_at_one": self.fresh_at_one, **({"prompt": self.prompt} if self.prompt else {})}
+                "fresh_at_one": self.fresh_at_one, "invert_to_start": self.invert_to_start, **({"prompt": self.prompt} if self.prompt else {})}
 
     @classmethod
     def _from_recipe_own(cls, r):
         return {"strength": r.get("strength", DEFAULT_STRENGTH), "fit": r.get("fit", "crop"), "guidance_ramp": r.get("guidance_ramp", False) is True,
-                "fresh_at_one": r.get("fresh_at_one", True) is not False,
+                "fresh_at_one": r.get("fresh_at_one", True) is not False, "invert_to_start": r.get("invert_to_start", False) is True,
                 "noise_level": r.get("noise_level"), "prompt": r.get("prompt", "")}
 
 
@@ -483,10 +486,13 @@ class BlendRequest(Request):
     fit: str = "crop"
     # invert unguided, guide each frame in proportion to its distance from the nearer end (False: recipes from before it)
     guidance_ramp: bool = True
+    # DDIM inversion up to the set's decoder start (the emoji set's t = 800, where its decoding from noise starts) and
+    # decoding from there (False: recipes from before 2026-12-05's fix, inverted to t = 999)
+    invert_to_start: bool = True
     inverts = True
 
     def _shared_own(self):
-        return (self.guidance_ramp,)
+        return (self.guidance_ramp, self.invert_to_start)
 
     @property
     def count(self) -> int:
@@ -511,11 +517,13 @@ class BlendRequest(Request):
 
     def _recipe_own(self, i):
         return {"frame": i, "frames": self.frames, "theta": self.theta(i), "fit": self.fit,
-                "inputs": [source_name(self.image_a), source_name(self.image_b)], "guidance_ramp": self.guidance_ramp}
+                "inputs": [source_name(self.image_a), source_name(self.image_b)], "guidance_ramp": self.guidance_ramp,
+                "invert_to_start": self.invert_to_start}
 
     @classmethod
     def _from_recipe_own(cls, r):
-        return {"frames": r.get("frames", DEFAULT_FRAMES), "fit": r.get("fit", "crop"), "guidance_ramp": r.get("guidance_ramp", False) is True}
+        return {"frames": r.get("frames", DEFAULT_FRAMES), "fit": r.get("fit", "crop"), "guidance_ramp": r.get("guidance_ramp", False) is True,
+                "invert_to_start": r.get("invert_to_start", False) is True}
 
 
 @dataclass(kw_only=True)
@@ -587,11 +595,14 @@ class NudgeRequest(Request):
     amount: float = DEFAULT_AMOUNT
     fit: str = "crop"
     guidance_ramp: bool = True  # invert unguided, guide in proportion to amount (False: recipes from before it)
+    # DDIM inversion up to the set's decoder start (the emoji set's t = 800, where its decoding from noise starts) and
+    # decoding from there (False: recipes from before 2026-12-05's fix, inverted to t = 999)
+    invert_to_start: bool = True
 
     inverts = True
 
     def _shared_own(self):
-        return (self.amount if self.guidance_ramp else None, self.guidance_ramp)
+        return (self.amount if self.guidance_ramp else None, self.guidance_ramp, self.invert_to_start)
 
     def theta(self, i: int) -> float:
         return self.amount * (i + 1) / self.n
@@ -618,13 +629,14 @@ class NudgeRequest(Request):
 
     def _recipe_own(self, i):
         return {"to": self.to, "from": self.from_, "amount": self.amount, "theta": self.theta(i),
-                "input": source_name(self.image), "fit": self.fit, "guidance_ramp": self.guidance_ramp}
+                "input": source_name(self.image), "fit": self.fit, "guidance_ramp": self.guidance_ramp,
+                "invert_to_start": self.invert_to_start}
 
     @classmethod
     def _from_recipe_own(cls, r):
         # Recipes written before they held the request have n = 1 and this image's own amount: the same image.
         return {"to": r.get("to"), "from_": r.get("from", ""), "amount": r.get("amount", DEFAULT_AMOUNT), "fit": r.get("fit", "crop"),
-                "guidance_ramp": r.get("guidance_ramp", False) is True}
+                "guidance_ramp": r.get("guidance_ramp", False) is True, "invert_to_start": r.get("invert_to_start", False) is True}
 
 
 MAX_MIX = 8  # images and texts in one mix

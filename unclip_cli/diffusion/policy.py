@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from unclip_cli.diffusion.gaussian import Denoiser, GaussianDiffusion, make_denoiser
 from unclip_cli.diffusion.guidance import guided
+from unclip_cli.diffusion.samplers import slerp
 
 # The upsampler starts from the upsampled low-resolution image noised to this timestep, not from pure
 # noise: the low-res image already fixes the content, so only the detail needs sampling. Measured on the
@@ -37,10 +38,30 @@ def noised_mean(diffusion: GaussianDiffusion, mean: list | None, eps: torch.Tens
                 keep: torch.Tensor | None = None, t_start: int = DECODER_T_START) -> torch.Tensor:
     """q_sample at `t_start` of the decoder's training mean image (nested lists (3, m, m), resized to
     eps' size; None, as in untrained sets: zeros), with `keep` * `known` pixels in its place when inpainting."""
-    s = eps.shape[-1]
-    mean = torch.zeros(1, 3, s, s) if mean is None else F.interpolate(torch.tensor(mean)[None], size=(s, s), mode="bilinear", align_corners=False)
-    x_start = mean.to(eps) if known is None else keep * known + (1 - keep) * mean.to(eps)
+    mean = mean_image(mean, eps)
+    x_start = mean if known is None else keep * known + (1 - keep) * mean
     return diffusion.q_sample(x_start.expand_as(eps), torch.full((eps.shape[0],), t_start), eps)
+
+
+def mean_image(mean: list | None, like: torch.Tensor) -> torch.Tensor:
+    """The decoder's training mean image (nested lists (3, m, m); None: zeros, as many channels as `like`, a latent
+    decoder's too) at `like`'s side. (1, C, s, s)"""
+    s = like.shape[-1]
+    if mean is None:
+        return torch.zeros(1, like.shape[1], s, s).to(like)
+    return F.interpolate(torch.tensor(mean)[None], size=(s, s), mode="bilinear", align_corners=False).to(like)
+
+
+def toward_fresh(diffusion: GaussianDiffusion, mean: list | None, x_t: torch.Tensor, eps: torch.Tensor, t: int,
+                 theta: float) -> torch.Tensor:
+    """An image's DDIM-inverted x_t at the decoder's start `t`, written as the noised mean image (`noised_mean`) plus
+    its own noise, with that noise turned toward fresh `eps` by `theta` (slerp, so it stays noise-sized): theta 0 is
+    x_t itself (the image reconstructs), 1 the start text-to-image decoding takes (only z_i kept). (B, C, s, s)"""
+    if theta <= 0:
+        return x_t
+    a = diffusion.abar(t, x_t)
+    own = (x_t - a.sqrt() * mean_image(mean, x_t)) / (1 - a).sqrt()
+    return noised_mean(diffusion, mean, slerp(own.flatten(1), eps.flatten(1), theta).view_as(x_t), t_start=t)
 
 
 def where_kept(keep: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
