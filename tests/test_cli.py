@@ -759,11 +759,12 @@ def test_edit_feather_blends_inside_the_mask_only(w, tmp_path, pics):
         assert np.array_equal(out[~repaint], src[~repaint])
     assert np.array_equal(made[2][7:17, 13:27], made[0][7:17, 13:27])  # 3 px and more inside: the generated image
     ring = repaint.copy()
-    ring[5:19, 11:29] = False  # the mask's outermost pixels: about a quarter of the result (smoothstep(1/3) = 0.26)
-    diff = made[0][ring] - src[ring]
-    moved = made[2][ring] - src[ring]
-    big = np.abs(diff) > 20
-    assert big.sum() > 10 and np.all(np.abs(moved[big] - 0.259 * diff[big]) <= 1.5)
+    ring[5:19, 11:29] = False  # the mask's outermost pixels: a quarter (smoothstep(1/3) = 0.26) of the result
+    step = np.abs((made[0][ring] - src[ring]).mean(0))  # the hard paste's colour step at the border, per channel
+    moved = np.abs((made[2][ring] - src[ring]).mean(0))  # feathered, its colours matched to the kept pixels first
+    # Feathering alone leaves 0.26 of the step there; matched, under 70% of that (observed 61%: a 40 px picture
+    # matches over 2 px only; tests/test_engine.py checks the match itself).
+    assert step.min() > 15 and moved.sum() < 0.7 * 0.259 * step.sum()
     fails("edit", pics["png"], "--mask", pics["mask"], "x", "--feather", "-1", "--out", tmp_path / "no", *FAST, *w,
           match="--feather must be between 0 and 256")
 

@@ -231,6 +231,70 @@ def test_edit_pastes_the_square_result_back_in_place(size):
     assert np.abs(out - _arr(original)).mean() < 10
 
 
+def test_membrane_fills_a_hole_smoothly():
+    """Laplace's equation inside the hole: a linear ramp (harmonic) is refilled as itself, to within a level."""
+    import torch
+
+    from unclip_cli.engine import membrane
+
+    yy, xx = torch.meshgrid(torch.arange(40.0), torch.arange(48.0), indexing="ij")
+    ramp = torch.stack([3 * xx, 2 * yy - xx])  # (2, 40, 48)
+    hole = torch.zeros(40, 48, dtype=torch.bool)
+    hole[8:30, 10:41] = True
+    filled = membrane(torch.where(hole, torch.zeros(()), ramp), ~hole)
+    assert torch.equal(filled[:, ~hole], ramp[:, ~hole])
+    assert float((filled - ramp).abs().max()) < 1  # observed 0.48 (values up to 141)
+
+
+def test_harmonised_paste_meets_the_kept_pixels_and_keeps_the_middle():
+    """A result tinted 60 levels off the kept image (the seam a newcomer saw: the decoder's colours, not its
+    edges, differ at the border): feathered over 4 px the tint still arrives as a band a few pixels wide;
+    harmonised, it fades in over `reach` px, and deeper in the generated pixels are untouched. Unmasked pixels
+    are the input's, bit for bit, either way."""
+    from unclip_cli.engine import feather_weights
+
+    n = 96
+    yy, xx = np.mgrid[0:n, 0:n]
+    original = np.stack([60 + xx, 60 + yy, np.full_like(xx, 100)], -1).astype(np.uint8)
+    generated = (original.astype(int) + [60, -50, 60]).astype(np.uint8)
+    repaint = np.zeros((n, n), dtype=bool)
+    repaint[16:80, 24:88] = True
+    orig_im, gen_im = Image.fromarray(original), Image.fromarray(generated)
+    feathered = _arr(paste_back(gen_im, orig_im, repaint, feather_weights(repaint, 4))).astype(int)
+    harmonised = _arr(paste_back(gen_im, orig_im, repaint, feather_weights(repaint, 4), reach=16)).astype(int)
+    for out in (feathered, harmonised):
+        assert np.array_equal(out[~repaint], original[~repaint])
+    # The largest step between rows across the top border, less the kept image's own gradient.
+    steepest = lambda out: np.abs(np.diff((out - original)[14:40, 40:72].mean(1), axis=0)).sum(-1).max()  # noqa: E731
+    assert steepest(harmonised) < 25 and steepest(feathered) > 40  # observed 16.0 and 50.0 (the tint: 170)
+    # Deeper than `reach` the generated image is untouched.
+    assert np.abs(harmonised[40:56, 48:64] - generated[40:56, 48:64]).max() <= 1
+
+
+def test_edit_harmonises_by_default_and_old_recipes_do_not(tiny_engine):
+    """One batch, one seed: the default and the pre-harmonising paste differ only inside the mask, where the
+    default's border is closer to the kept pixels; a recipe without the field reruns as it was made."""
+    img = _picture(3).resize((64, 64))
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((16, 16, 47, 47), fill=255)
+    repaint = np.asarray(mask) >= 128
+    kw = dict(image=img, mask=mask, prompt="a green star", seed=4, prior_steps=3, decoder_steps=3, upsampler_steps=2)
+    now, before = (r.images[0] for r in tiny_engine.run_many([EditRequest(**kw), EditRequest(**kw, harmonise=False)], batch_size=2))
+    a, b, src = _arr(now).astype(int), _arr(before).astype(int), _arr(img).astype(int)
+    assert np.array_equal(a[~repaint], src[~repaint]) and np.array_equal(b[~repaint], src[~repaint])
+    assert (a != b).any(-1)[repaint].any()
+    ring = np.zeros_like(repaint)
+    ring[16, 16:48] = ring[47, 16:48] = ring[16:48, 16] = ring[16:48, 47] = True  # the first pixels inside
+    outer = np.zeros_like(repaint)
+    outer[15, 16:48] = outer[48, 16:48] = outer[16:48, 15] = outer[16:48, 48] = True  # their kept neighbours
+    gap = lambda x: abs(x[ring].mean(0) - x[outer].mean(0)).sum()  # noqa: E731
+    assert gap(a) < gap(b)
+    from unclip_cli.requests import request_from_recipe
+
+    assert request_from_recipe({"op": "edit", "prompt": "x", "feather": 8}, image=img, mask=mask).harmonise is False
+    assert tiny_engine.run(EditRequest(**kw)).recipes[0]["harmonise"] is True
+
+
 def test_edit_accepts_an_rgba_image_and_keeps_its_rgb(tiny_engine):
     rgba = IMG_A.convert("RGBA")
     res = tiny_engine.run(EditRequest(image=rgba, mask=MASK, prompt="a green star", seed=1, prior_steps=3, decoder_steps=3, upsampler_steps=2))

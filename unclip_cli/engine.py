@@ -133,15 +133,68 @@ def feather_weights(repaint: np.ndarray, feather: int) -> np.ndarray:
     return torch.where(inside, w, torch.zeros(())).numpy().astype(np.float32)
 
 
-def paste_back(generated: Image.Image, original: Image.Image, repaint: np.ndarray, weights: np.ndarray | None = None) -> Image.Image:
+# How far into the mask an edit's colours are matched to the kept image, in pixels of the decoder's base image: the base
+# decides each region's colour at its own coarse scale, so a mismatch at the border spans several base pixels.
+HARMONY_BASE_PX = 4
+
+
+def membrane(diff: torch.Tensor, fixed: torch.Tensor, iters: int = 40) -> torch.Tensor:
+    """The smooth (harmonic) fill of `diff` (C, H, W) from the pixels where `fixed` (H, W bool): equal to `diff`
+    there, elsewhere the solution of Laplace's equation that meets it (Jacobi iterations from coarse to fine, each
+    level starting from the coarser one's answer; the image's edge is not a border)."""
+    known = fixed.to(diff.dtype)[None, None]  # (1, 1, H, W)
+    d = (diff * known[0])[None]  # (1, C, H, W)
+    sizes = [tuple(fixed.shape)]
+    while min(sizes[-1]) > 8:
+        sizes.append(((sizes[-1][0] + 1) // 2, (sizes[-1][1] + 1) // 2))
+    c = None
+    for size in reversed(sizes):
+        k = F.adaptive_avg_pool2d(known, size)
+        d_k = F.adaptive_avg_pool2d(d, size) / k.clamp(min=1e-6)  # the fixed pixels' mean in each coarse pixel
+        free = k == 0
+        x = d_k if c is None else torch.where(free, F.interpolate(c, size=size, mode="bilinear", align_corners=False), d_k)
+        for _ in range(iters):
+            p = F.pad(x, (1, 1, 1, 1), mode="replicate")
+            x = torch.where(free, (p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:]) / 4, d_k)
+        c = x
+    return c[0]
+
+
+def harmonise(gen: np.ndarray, orig: np.ndarray, repaint: np.ndarray, reach: int) -> np.ndarray:
+    """The generated pixels (H, W, 3) with their colours matched to the kept image's along the mask border:
+    gradient-domain blending (Perez et al. 2003, "Poisson image editing"). The result keeps the generated image's
+    gradients inside the mask but not the step across its border: the correction is the membrane that takes each
+    first pixel inside to its kept neighbours (the sampled image already equals the kept one outside, so the step
+    is all the mismatch there is). It fades out over `reach` px inside the mask, so the middle of the edit keeps
+    the colours the prompt asked for. Float32."""
+    g = gen.astype(np.float32)
+    inside = torch.from_numpy(np.ascontiguousarray(repaint))
+    if reach <= 0 or not inside.any() or inside.all():
+        return g
+    g_t = torch.from_numpy(g).permute(2, 0, 1)[:, None]  # (3, 1, H, W)
+    m = inside.float()[None, None]
+    cross = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])[None, None]
+    n_in = F.conv2d(m, cross, padding=1)[0]  # (1, H, W) neighbours inside the mask
+    g_in = F.conv2d(g_t * m, cross, padding=1)[:, 0] / n_in.clamp(min=1)  # (3, H, W) their mean generated colour
+    ring = ~inside & (n_in[0] > 0)  # kept pixels on the border
+    diff = torch.from_numpy(orig.astype(np.float32)).permute(2, 0, 1) - g_in
+    fade = 1 - torch.from_numpy(feather_weights(repaint, reach))  # 1 at the border, 0 from `reach` px in
+    return g + (membrane(diff, ring) * fade).permute(1, 2, 0).numpy()
+
+
+def paste_back(generated: Image.Image, original: Image.Image, repaint: np.ndarray, weights: np.ndarray | None = None,
+               reach: int = 0) -> Image.Image:
     """Map a square result back onto the original canvas; take only masked pixels from it, blended with the
-    original by `weights` (H, W) in [0, 1] if given (`feather_weights`), else wholesale."""
+    original by `weights` (H, W) in [0, 1] if given (`feather_weights`), else wholesale. With `reach`, the
+    result's colours are first matched to the original's along the border (`harmonise`)."""
     w, h = original.size
     side = max(w, h)
     gen = np.asarray(generated.resize((side, side), Image.Resampling.LANCZOS))
     left, top = (side - w) // 2, (side - h) // 2
     gen = gen[top : top + h, left : left + w]
     orig = np.asarray(original)
+    if reach > 0:
+        gen = harmonise(gen, orig, repaint, reach)
     if weights is None:
         out = np.where(repaint[..., None], gen, orig)
     else:
@@ -157,6 +210,7 @@ class _EditCanvas:
     image: Image.Image  # the input, RGB, its own size
     repaint: np.ndarray  # (H, W) bool, True = repaint
     weights: np.ndarray | None  # (H, W) how much of the result each repainted pixel takes (feathering), None: all
+    reach: int  # px inside the mask over which the result's colours are matched to the kept image's (`harmonise`), 0: none
     known_full: torch.Tensor  # (1, 3, S, S)
     keep_full: torch.Tensor  # (1, 1, S, S), 1 = known
     known: torch.Tensor  # (1, 3, s, s)
@@ -406,7 +460,7 @@ class Engine:
             x = self.decode_from_noise(z_i, states, mask, noise, steps, guidance, known=known, keep=keep, tick=tick, z_t=z_dec)
             x = self.run_upsamplers(x, noise, steps.upsampler, known=known_full, keep_full=keep_full, tick=tick)
             for (k, i), img, z in zip(chunk, self.to_images(x), z_i):
-                images[(k, i)] = img if canvases is None else paste_back(img, canvases[k].image, canvases[k].repaint, canvases[k].weights)
+                images[(k, i)] = img if canvases is None else paste_back(img, canvases[k].image, canvases[k].repaint, canvases[k].weights, canvases[k].reach)
                 embeddings[(k, i)] = z
         return images, warnings, embeddings
 
@@ -746,7 +800,9 @@ class Engine:
         if self.models.vae is not None:  # the known region as the decoder samples it: encoded (the pixels are pasted back)
             known = self.encode_latents(F.interpolate(known_full, size=(s * self.models.latent_factor,) * 2, mode="area"))
         weights = feather_weights(repaint, req.feather) if req.feather > 0 else None
-        return _EditCanvas(image, repaint, weights, known_full, keep_full, known, keep)
+        # The colour match scales with the input (4 base pixels: 32 px of a 256 px image); --feather 0 pastes as before.
+        reach = round(HARMONY_BASE_PX * max(image.size) / s) if req.feather > 0 and req.harmonise else 0
+        return _EditCanvas(image, repaint, weights, reach, known_full, keep_full, known, keep)
 
     def _text_dropped(self, B: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states and an all-False mask: 'no caption', as the decoder saw 50% of the time in training."""

@@ -538,6 +538,7 @@ class EditRequest(Request):
     prompt: str | None = None
     invert_mask: bool = False
     feather: int = DEFAULT_FEATHER
+    harmonise: bool = True  # match the result's colours to the kept image's along the border (recipes from before: False)
 
     def _validate_own(self, label):
         if self.mask is None and self.box is None:
@@ -548,6 +549,7 @@ class EditRequest(Request):
         return {"prompt": check_text(label("prompt"), self.prompt,
                                      hint='say what to paint in the masked area, e.g. unclip edit photo.png --mask m.png "a red hat"'),
                 "invert_mask": check_flag(label("invert_mask"), self.invert_mask),
+                "harmonise": check_flag(label("harmonise"), self.harmonise),
                 "feather": check_whole(label("feather"), self.feather, 0, MAX_FEATHER, hint=f"pixels; {DEFAULT_FEATHER} is the default"),
                 "box": None if self.box is None else check_box(label("box"), self.box)}
 
@@ -572,14 +574,15 @@ class EditRequest(Request):
         inputs = self._inputs
         mask = {"mask": source_name(self.mask, "mask")} if self.box is None else {"box": list(self.box)}
         return {"prompt": self.prompt, "input": source_name(self.image), **mask, "invert_mask": self.invert_mask,
-                "feather": self.feather,
+                "feather": self.feather, "harmonise": self.harmonise,
                 "mask_fraction": round(inputs.mask_fraction, 4) if inputs and inputs.mask_fraction is not None else None}
 
     @classmethod
     def _from_recipe_own(cls, r):
-        # Recipes from before feathering pasted with a hard edge: feather 0 remakes them.
+        # Recipes from before feathering pasted with a hard edge: feather 0 remakes them; from before harmonising, without it.
         box = r.get("box")
         return {"prompt": r.get("prompt"), "invert_mask": r.get("invert_mask", False), "feather": r.get("feather", 0),
+                "harmonise": r.get("harmonise", False),
                 "box": tuple(box) if isinstance(box, list) else box}
 
 

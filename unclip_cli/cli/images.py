@@ -432,7 +432,8 @@ def blend(
 A mask marks in white what to repaint (black is kept). A mask with transparency marks the \
 transparent area instead, as the DALL-E edits API does. --box marks a rectangle instead, as \
 fractions of the image (left,top,right,bottom). The results have the input's size; pixels outside \
-the mask are kept exactly, and the result blends into them over --feather pixels inside the mask.
+the mask are kept exactly; inside it, the result's colours are matched to theirs along the border \
+and it blends into them over --feather pixels.
 """)
 def edit(
     image: ImageArg = None,
@@ -444,7 +445,8 @@ def edit(
                                                     "of the image, e.g. 0,0.5,1,1 for the lower half.")] = None,
     feather: Annotated[Optional[int], typer.Option("--feather", metavar="PX", show_default=str(DEFAULT_FEATHER),
                                                    help="Blend the result into the kept image over this many pixels inside "
-                                                        "the mask (0: a hard edge). Unmasked pixels never change.")] = None,
+                                                        "the mask, its colours matched to the kept image's along the border "
+                                                        "(0: a hard edge, unmatched). Unmasked pixels never change.")] = None,
     invert_mask: Annotated[Optional[bool], typer.Option("--invert-mask", help="Repaint what the mask would keep.",
                                                         show_default=False)] = None,
     n: NOpt = None,
