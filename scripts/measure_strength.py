@@ -71,6 +71,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quality", default="fast")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--decoder-steps", type=int, default=None, help="override the quality's decoder steps")
+    ap.add_argument("--precision", default=None, help="fp32 or bf16 (default: the machine's, as `unclip` picks it)")
     ap.add_argument("--sheet", default=None, help="write a contact sheet (sources, then one row per value) here")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -89,10 +90,11 @@ def main(argv=None) -> None:
     rows, sheet_rows = {}, [sources]
     for v in values:
         if args.op == "vary":
-            reqs = [VaryRequest(image=im, strength=v, seed=args.seed, quality=args.quality, decoder_steps=args.decoder_steps) for im in sources]
+            reqs = [VaryRequest(image=im, strength=v, seed=args.seed, quality=args.quality, decoder_steps=args.decoder_steps,
+                                precision=args.precision) for im in sources]
         else:
             reqs = [NudgeRequest(image=im, to=args.to, amount=v, seed=args.seed, quality=args.quality,
-                                 decoder_steps=args.decoder_steps) for im in sources]
+                                 decoder_steps=args.decoder_steps, precision=args.precision) for im in sources]
         outs = [r.images[0] for r in engine.run_many(reqs, batch_size=len(reqs))]
         feat, top5 = judge(outs)
         rmse = [float(np.sqrt(((pixels(a) - pixels(b)) ** 2).mean())) for a, b in zip(sources, outs)]
@@ -106,6 +108,7 @@ def main(argv=None) -> None:
     ordered = [rows[v]["feature_distance"] for v in values]
     report = {
         "op": args.op, "to": args.to if args.op == "nudge" else None, "n": args.n, "quality": args.quality, "decoder_steps": args.decoder_steps, "seed": args.seed,
+        "precision": args.precision,
         "sources_recognisable_top5": float(np.mean([c in t for c, t in zip(concepts, src_top5)])),
         "by_value": {f"{v:g}": rows[v] for v in values},
         "feature_distance_monotone": bool(all(a <= b for a, b in zip(ordered, ordered[1:]))),
