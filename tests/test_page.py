@@ -8,8 +8,10 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -219,9 +221,7 @@ IN_BATCH_2 = LONG4[:3] + one_image([["prior", 10, 2, 4, 10, 10.2, 1.2], ["decode
 TEN = [["prior", 4, 1, 2, 4, 16.0, 4.0, 8], ["decoder", 10, 1, 2, 10, 20.0, 2.0, 8],
        ["prior", 4, 2, 2, 4, 4.0, 1.0, 2], ["decoder", 10, 2, 2, 10, 5.0, 0.5, 2]]
 ESTIMATES = [  # (this job's segments, seconds since its last step, the last job's segments, images) -> (seconds left, share done)
-    # Two steps into the first job's prior: what follows is unknown, so is the time left (the old page said "2 s").
-    (one_image([["prior", 4, 1, 2, 2, 2.0, 1.0]]), 0.25, None, None, None, None),
-    # The same with a last job: the rest of this prior, then decoder and upsampler, then the whole second batch, less the
+    # Two steps into the first job's prior with a last job: the rest of this prior, then decoder and upsampler, then the whole second batch, less the
     # half step already run: 2 + 5 + 2 + 11 - 0.5.
     (one_image([["prior", 4, 1, 2, 2, 2.0, 1.0]]), 0.5, LAST, 2, 19.5, 2.5 / 22),
     # The first job, in its second batch: its own first batch says what is left (5 decoder steps at 0.5, 2 upsampler at 1).
@@ -229,11 +229,8 @@ ESTIMATES = [  # (this job's segments, seconds since its last step, the last job
     # This job's decoder runs at 0.25 s a step where the last one's ran at 0.5: its own speed counts, the last job's for
     # the upsampler it has not reached.
     (one_image([["prior", 4, 1, 1, 4, 2.0, 0.5], ["decoder", 10, 1, 1, 4, 1.0, 0.25]]), 0.0, LAST, 1, 3.5, 3.0 / 6.5),
-    # A stage the last job did not run: estimating.
-    (one_image([["prior", 4, 1, 1, 4, 2.0, 0.5], ["decoder 2", 10, 1, 1, 4, 1.0, 0.25]]), 0.0, LAST, 1, None, None),
     # Vary inverts first, then decodes: the decoding not started yet is counted.
     (one_image([["invert", 10, 1, 1, 4, 2.0, 0.5]]), 0.1, VARY, 1, 8.9, 2.1 / 11),
-    (one_image([["invert", 10, 1, 1, 4, 2.0, 0.5]]), 0.1, None, 1, None, None),
     # Mix runs the prior once per text: a second prior where the last job had one.
     (one_image([["prior", 4, 1, 1, 4, 4.0, 1.0], ["prior", 4, 1, 1, 2, 2.0, 1.0]]), 0.0, LAST[:3], 1, 9.0, 6.0 / 15),
     # Cold first steps are not the pace: 3 upsampler steps at 1 s are left (the old page, which averaged the 4 s first step
@@ -257,6 +254,81 @@ def test_time_left_covers_the_whole_job_from_measured_step_times(page_at, segmen
     got = page_at.evaluate("([segments, since, last, n]) => estimate({segments, since_tick: since}, last, n)", [segments, since, last, n])
     assert got["left"] == (None if left is None else pytest.approx(left)), got
     assert got["fraction"] == (None if fraction is None else pytest.approx(fraction)), got
+    assert got["atLeast"] is False, got
+
+
+AT_LEAST = [  # where what follows is unknown: (segments, since, last, n) -> seconds left at least
+    # Two steps into the first job's prior (1 s a step): its 2 steps left, less the quarter step under way, and the second
+    # batch's prior at that pace: 1.75 + 4 (the page used to say "estimating…" to the end).
+    (one_image([["prior", 4, 1, 2, 2, 2.0, 1.0]]), 0.25, None, None, 5.75),
+    # A newcomer's first job, 8 images at best quality on a fresh server, at decoder step 46/50: 4 steps of 8 images at
+    # 0.125 s an image (the page said "estimating…" here).
+    ([["prior", 25, 1, 1, 25, 12.0, 1.2, 8], ["decoder", 50, 1, 1, 46, 47.0, 2.0, 8]], 0.0, None, 8, 4.0),
+    # A stage the last job did not run: the rest of it.
+    (one_image([["prior", 4, 1, 1, 4, 2.0, 0.5], ["decoder 2", 10, 1, 1, 4, 1.0, 0.25]]), 0.0, LAST, 1, 1.5),
+    # Vary's inversion with no job like it before: the decoding after it is unknown.
+    (one_image([["invert", 10, 1, 1, 4, 2.0, 0.5]]), 0.1, None, 1, 2.9),
+]
+
+
+@pytest.mark.parametrize("segments, since, last, n, left", AT_LEAST)
+def test_time_left_is_at_least_the_rest_of_what_this_job_has_run(page_at, segments, since, last, n, left):
+    got = page_at.evaluate("([segments, since, last, n]) => estimate({segments, since_tick: since}, last, n)", [segments, since, last, n])
+    assert got == {"left": pytest.approx(left), "fraction": None, "atLeast": True}, got
+
+
+class TimedEngine:
+    """The tiny engine after a prior of 20 steps, 0.2 s each, that waits at step 5 until the test opens the gate."""
+
+    def __init__(self, engine):
+        self.engine, self.gate, self.waiting = engine, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def run(self, request, callback=None):
+        for step in range(1, 21):
+            if step <= 5:
+                time.sleep(0.2)
+            callback(Tick("prior", step, 20, size=1))
+            while step == 5 and not self.gate.wait(0.05):
+                self.waiting.set()
+                callback()
+        return self.engine.run(request, callback)
+
+
+def test_a_fresh_browser_gets_the_time_left_from_the_servers_last_job(browser, tiny_engine):
+    """A first job on a fresh server says at least the rest of its own stage; a job like it sent from another browser
+    profile (no storage) afterwards gets the whole estimate from the step times the server measured."""
+    engine = TimedEngine(tiny_engine)
+    with running(create_app(engine, Settings(steps=STEPS))) as (url, _):
+        with httpx.Client(base_url=url, timeout=60, trust_env=False) as c:
+            assert c.get("/v1/unclip/timing", params={"op": "generate"}).json()["segments"] is None
+            assert c.get("/v1/unclip/timing", params={"op": "paint"}).status_code == 400
+            assert c.get("/v1/unclip/timing", params={"op": "generate", "quality": "ultra"}).status_code == 400
+        texts = []
+        for profile in range(2):
+            page, problems = watched_page(browser)  # a new context each time: a fresh profile, nothing stored
+            page.goto(url + "/")
+            page.fill("#gen-n", "1")
+            page.fill("#gen-prompt", "a red circle")
+            engine.gate.clear()
+            engine.waiting.clear()  # the last job is over: nothing sets it again
+            page.click("#gen-go")
+            assert engine.waiting.wait(30)
+            sync_api.expect(page.locator("#progress-text")).to_contain_text("prior step 5/20")
+            left = page.locator("#progress-left")
+            sync_api.expect(left).to_contain_text("at least" if profile == 0 else "about", timeout=10_000)
+            texts.append(left.text_content())
+            engine.gate.set()
+            sync_api.expect(page.locator(".run[data-op=generate] .card")).to_have_count(1, timeout=60_000)
+            assert not [k for k in page.evaluate("Object.keys(localStorage)") if "timing" in k]
+            assert not problems, problems
+            page.close()
+        assert re.fullmatch(r"· at least \d+ s left", texts[0]) and re.fullmatch(r"· about \d+ s left", texts[1]), texts
+        with httpx.Client(base_url=url, timeout=60, trust_env=False) as c:
+            kept = c.get("/v1/unclip/timing", params={"op": "generate", "quality": "standard", "n": "1"}).json()
+        assert kept["quality"] == "default" and kept["n"] == 1 and kept["segments"][0][:5] == ["prior", 20, 1, 1, 20], kept
 
 
 @pytest.fixture(scope="module")
@@ -312,7 +384,8 @@ def test_warnings_shown_as_text_with_the_run_and_kept(browser, tiny_engine):
 
 def test_work_in_progress_survives_a_reload(browser, tiny_engine):
     """The tab, prompts, options, the image sent to Edit and its painted mask come back after a reload, and the edit
-    runs from them at the quality chosen; the job's step times are kept for the next estimate; Clear history forgets it all."""
+    runs from them at the quality chosen; the server keeps the job's step times for the next estimate; Clear history forgets it
+    all."""
     with running(create_app(tiny_engine, Settings(steps=STEPS))) as (url, _):
         page, problems = watched_page(browser)
         page.goto(url + "/")
@@ -325,8 +398,8 @@ def test_work_in_progress_survives_a_reload(browser, tiny_engine):
         page.select_option("#gen-quality", "low")
         page.click("#gen-go")
         sync_api.expect(page.locator(".run[data-op=generate] .card")).to_have_count(1, timeout=60_000)
-        timing = page.evaluate("JSON.parse(localStorage.getItem('unclip-timing-v3')).generate[0]")
-        assert timing["quality"] == "low" and timing["n"] == 1 and [s[0] for s in timing["segments"]][:2] == ["prior", "decoder"]
+        timing = page.evaluate("fetch('/v1/unclip/timing?op=generate&quality=low&n=1').then((r) => r.json())")  # kept by the server
+        assert timing["quality"] == "fast" and timing["n"] == 1 and [s[0] for s in timing["segments"]][:2] == ["prior", "decoder"]
 
         page.get_by_role("button", name="Edit with seed 9").click()
         sync_api.expect(page.locator("#stage")).to_have_attribute("data-ready", "1")
@@ -673,7 +746,7 @@ def test_mix_from_history_and_compose_boxes_replay_with_from(browser, tiny_engin
         sync_api.expect(mixed).to_have_count(1, timeout=60_000)
         recipe = mixed.locator(".recipe").text_content()
         assert "weights 0.5, -0.25, 0.75" in recipe and "prompts a green star" in recipe, recipe
-        assert "inputs image 1, image 2" in recipe, recipe  # the server ignores file names; the run's title has them
+        assert "inputs unclip-generate-5.png, unclip-generate-6.png" in recipe, recipe  # the files' names, as the CLI's
         title = page.locator(".run[data-op=mix] h2").text_content()
         assert "0.5 × unclip-generate-5.png + -0.25 × unclip-generate-6.png + 0.75 × “a green star”" in title, title
 
@@ -719,4 +792,88 @@ def test_mix_from_history_and_compose_boxes_replay_with_from(browser, tiny_engin
         page.click("#compose-go")
         sync_api.expect(page.locator("#error")).to_have_text("Say what to draw in box 3.")
         assert not problems, problems
+        page.close()
+
+
+def test_a_large_photo_is_scaled_down_for_every_tool_and_named_in_its_warning(browser, tiny_weights, tmp_path):
+    """A photo over the server's pixel limit (which stays, for API clients) loads in every tool that takes an image,
+    scaled down in the browser to 1024 px on its longer side, its shape kept, and varies and edits without error; the
+    warning that it is far from the emoji names the file; every tool has a seed field."""
+    from unclip_cli.engine import Engine
+
+    weights = tmp_path / "set"
+    shutil.copytree(tiny_weights, weights)
+    shutil.copy(os.path.join(os.path.dirname(__file__), "..", "weights", "emoji", "domain.json"), weights)
+    engine = Engine.load(weights, device="cpu")
+    photo = tmp_path / "big photo.jpg"
+    y, x = np.mgrid[0:1700, 0:3000]
+    Image.fromarray(np.stack([x * 255 // 3000, y * 255 // 1700, np.full_like(x, 128)], -1).astype(np.uint8)).save(photo, quality=90)
+    with running(create_app(engine, Settings(steps=STEPS, max_pixels=2000 * 2000))) as (url, _):
+        with httpx.Client(base_url=url, timeout=60, trust_env=False) as c:  # as sent, the server refuses it
+            r = c.post("/v1/images/variations", files={"image": ("big photo.jpg", photo.read_bytes())})
+            assert r.status_code == 400 and "3000x1700" in r.json()["error"]["message"]
+        page, problems = watched_page(browser)
+        page.goto(url + "/")
+        for tab, field in [("Vary", "vary-file"), ("Blend", "blend-a-file"), ("Blend", "blend-b-file"), ("Nudge", "nudge-file"),
+                           ("Edit", "edit-file")]:
+            page.get_by_role("tab", name=tab).click()
+            page.set_input_files("#" + field, str(photo))
+            sync_api.expect(page.locator(f"#{field}-name")).to_have_text("loaded: big photo.jpg (3000×1700, sent as 1024×580)")
+        sync_api.expect(page.locator("#stage")).to_have_attribute("data-ready", "1")
+        assert page.evaluate("[maskCanvas.width, maskCanvas.height]") == [1024, 580]
+        page.get_by_role("tab", name="Mix").click()
+        page.set_input_files("#mix-file", str(photo))
+        sync_api.expect(page.locator("#mix-parts li")).to_have_count(1)
+        assert page.evaluate("createImageBitmap(mixParts[0].blob).then((b) => [b.width, b.height])") == [1024, 580]
+        for prefix in ("gen", "vary", "blend", "edit", "nudge", "mix", "compose"):
+            assert page.locator(f"#p-{'generate' if prefix == 'gen' else prefix} #{prefix}-seed").count() == 1, prefix
+
+        page.get_by_role("tab", name="Vary").click()
+        page.fill("#vary-n", "1")
+        page.fill("#vary-seed", "7")
+        page.click("#vary-go")
+        varied = page.locator(".run[data-op=vary]")
+        sync_api.expect(varied.locator(".card")).to_have_count(1, timeout=60_000)
+        sync_api.expect(varied.locator(".meta")).to_contain_text("seed 7")
+        sync_api.expect(varied.locator(".warnings li")).to_have_text(
+            "Warning: big photo.jpg is far from the emoji this model knows: expect abstract results")
+        assert page.locator("#error").text_content() == ""
+
+        page.get_by_role("tab", name="Edit").click()
+        paint(page, 0.3, 0.6)
+        page.fill("#edit-prompt", "a red heart")
+        page.fill("#edit-n", "1")
+        page.fill("#edit-seed", "9")
+        page.click("#edit-go")
+        edited = page.locator(".run[data-op=edit] .card")
+        sync_api.expect(edited).to_have_count(1, timeout=60_000)
+        sync_api.expect(edited.locator(".meta")).to_contain_text("seed 9")
+        assert decoded(blob_bytes(page, ".run[data-op=edit] .card img")).size == (1024, 580)
+        assert not problems, problems
+        page.close()
+
+
+def test_phone_header_on_one_line_and_no_canvas_readback_warning(browser, tiny_engine, tmp_path):
+    """At phone width the header keeps to one line; painting and undoing (a readback each) draw no warning from Chrome
+    about reading a canvas back often (the mask's context says it will)."""
+    source = tmp_path / "face.png"
+    Image.new("RGB", (64, 48), (250, 200, 40)).save(source)
+    with running(create_app(tiny_engine, Settings(steps=STEPS))) as (url, _):
+        page = browser.new_page(viewport={"width": 390, "height": 844})
+        said = []
+        page.on("console", lambda m: said.append(m.text))
+        page.goto(url + "/")
+        sync_api.expect(page.locator("#model")).to_contain_text(tiny_engine.name)
+        rows = [page.locator(sel).bounding_box() for sel in ("header h1", "#model", "header .api")]
+        middles = [b["y"] + b["height"] / 2 for b in rows]
+        assert max(middles) - min(middles) < 6 and all(b["height"] < 30 for b in rows[1:]), rows
+        page.get_by_role("tab", name="Edit").click()
+        page.set_input_files("#edit-file", str(source))
+        sync_api.expect(page.locator("#stage")).to_have_attribute("data-ready", "1")
+        for y in (0.2, 0.4, 0.6, 0.8):
+            paint(page, y, y)
+        for _ in range(3):
+            page.click("#mask-undo")
+        sync_api.expect(page.locator("#stage")).to_have_attribute("data-kept", "1")
+        assert not [t for t in said if "willReadFrequently" in t], said
         page.close()

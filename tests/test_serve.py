@@ -980,3 +980,16 @@ def test_mix_and_compose_endpoints_replay_the_cli(raw, tiny_engine, tmp_path):
     assert rec["objects"] == [["a red circle", [0, 0, 0.5, 0.5]], ["a star", [0.5, 0.5, 1, 1]]] and rec["method"] == "paste"
     error_of(raw.post("/v1/unclip/compose", json={"objects": [["a cat", [0.6, 0, 0.2, 1]]]}), 400, "objects")
     error_of(raw.post("/v1/unclip/compose", json={"prompt": "a cat", "method": "magic"}), 400, "method")
+
+
+@pytest.mark.parametrize("filename, named", [("cat.png", "cat.png"), ("C:\\photos\\猫 1.jpg", "猫 1.jpg"), ("a/b/c.png", "c.png"),
+                                             (None, "image"), ("", "image"), ("dir/", "image"), ("a\nb.png", "image"),
+                                             ("\x1b[2J.png", "image"), ("x\x9b2J.png", "image"), ("x" * 101, "image")])
+def test_an_upload_is_named_by_its_file_name_when_plain(filename, named):
+    """Warnings and recipes name an uploaded image by its file name as the CLI names a file; a name that is not plain
+    printable text of at most 100 characters leaves it "image"."""
+    from unclip_cli.requests import source_name
+    from unclip_cli.serve import api
+
+    data = api.upload(b"\x89PNG", filename)
+    assert data == b"\x89PNG" and source_name(data) == named and imageio._name(data, "image") == named

@@ -42,7 +42,10 @@ WHITE = (255, 255, 255)
 
 
 def _name(src, what: str) -> str:
-    """The short name of a source in notes: its file name, or `what` for bytes and PIL images."""
+    """The short name of a source in notes: its file name (an upload's too: requests.Upload), or `what` for bytes and PIL
+    images."""
+    if isinstance(src, bytes) and isinstance(getattr(src, "name", None), str):
+        return src.name
     return Path(src).name if isinstance(src, (str, Path)) else what
 
 

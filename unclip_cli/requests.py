@@ -198,10 +198,22 @@ def check_flag(label: str, value: Any) -> bool:
 ImageSource = Union[str, Path, bytes, Image.Image]
 
 
+class Upload(bytes):
+    """An uploaded image's bytes and the file name its client gave it (a plain name, checked by the server), so that
+    messages and recipes name it as they name a file of the command line."""
+
+    def __new__(cls, data: bytes, name: str = "image"):  # a default for pickle and copy, which restore the name after
+        self = super().__new__(cls, data)
+        self.name = name
+        return self
+
+
 def source_name(src: ImageSource | None, default: str = "image") -> str:
     """The name a source is known by in messages and recipes (a file name, never a whole path)."""
     if isinstance(src, (str, Path)):
         return Path(src).name
+    if isinstance(src, Upload):
+        return src.name
     return default
 
 

@@ -45,8 +45,8 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 
 from unclip_cli import imageio
 from unclip_cli.errors import InputError
-from unclip_cli.requests import (BlendRequest, ComposeRequest, EditRequest, GenerateRequest, MixRequest, NudgeRequest, Request, VaryRequest,
-                                 check_choice, check_whole, shown)
+from unclip_cli.requests import (BlendRequest, ComposeRequest, EditRequest, GenerateRequest, MixRequest, NudgeRequest, Request, Upload,
+                                 VaryRequest, check_choice, check_whole, shown)
 
 MAX_API_N = 10  # OpenAI's limit per request; a server policy, below the requests' own MAX_N
 UPSCALE_SIDES = (256, 512, 1024)  # the square sizes OpenAI clients ask for; made natively, then upscaled
@@ -391,6 +391,13 @@ def prepare(op: str, f: Fields, native: int, steps: dict, max_pixels: int, max_o
 
 
 # -- uploaded images: checks from the header, before decoding ------------------------------------------
+def upload(data: bytes, filename: str | None) -> bytes:
+    """An uploaded file's bytes, named (requests.Upload) as its client named it when that is a plain printable name of at
+    most 100 characters (its folders dropped), so that a warning says "photo.jpg is far from ..."; else unnamed."""
+    name = re.split(r"[\\/]", filename or "")[-1].strip()
+    return Upload(data, name) if name and len(name) <= 100 and name.isprintable() else data
+
+
 def _header(data: bytes) -> Image.Image | None:
     """The image's header (nothing decoded), or None when Pillow does not recognise it (the request's
     own decoding then says so)."""

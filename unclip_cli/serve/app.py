@@ -25,6 +25,10 @@ Routes (all under /v1 need the API key when one is set, as `Authorization: Beare
     GET  /v1/unclip/jobs/ID/answer  that kept answer, as the job's request had it (fetching it forgets it)
     DELETE /v1/unclip/jobs/ID       stop a job (queued or running; its request is answered 499 job_stopped), or forget
                                     its kept answer: {"status": "stopped", "forgotten" or "unknown" (nothing to do)}
+    GET  /v1/unclip/timing?op=OP&quality=Q&n=N  the step times this server measured in its last finished job of OP (of
+                                    that quality and image count if it ran one): {"quality", "n", "segments"}, segments
+                                    as the job status has them, or null before the first; the page's time left reads
+                                    the stages its job has not reached from them
     GET  /v1/unclip/concepts?q=Q    the concepts the set was trained on that match Q, as `unclip concepts Q --json`
                                     (&limit=N, default 20, 0: all)
     GET  /v1/images/files/NAME      an image of a `url` response (no key needed: NAME is a random id), kept an hour
@@ -208,7 +212,7 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
                 elif isinstance(value, str):
                     values[name] = value
                 else:
-                    files.setdefault(name, []).append(await value.read())
+                    files.setdefault(name, []).append(api.upload(await value.read(), value.filename))
         finally:
             await form.close()
         return api.Fields(values, files, form=True)
@@ -362,6 +366,20 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
         # Nothing to stop or forget (over, fetched, never sent, or the server restarted) is no error: the outcome is the same.
         return JSONResponse({"id": job_id, "status": "stopped" if stopped else "forgotten" if forgotten else "unknown"})
 
+    async def last_timing(request: Request) -> Response:
+        guard(request)
+        q = request.query_params
+        op, quality, n = q.get("op", ""), q.get("quality"), q.get("n")
+        if op not in api.PLANS:
+            raise api.ApiError(400, f"op must be one of {', '.join(api.PLANS)}, not {api.shown(op[:40])}", param="op", code="invalid_value")
+        if quality is not None and quality not in api.API_QUALITY:
+            raise api.ApiError(400, f"quality must be one of {', '.join(api.API_QUALITY)}, not {api.shown(quality[:40])}", param="quality",
+                               code="invalid_value")
+        if n is not None and not (n.isdigit() and len(n) <= 3):
+            raise api.ApiError(400, f"n must be a whole number, not {api.shown(n[:40])}", param="n", code="invalid_value")
+        found = worker.last_timing(op, api.API_QUALITY.get(quality), None if n is None else int(n))
+        return JSONResponse({"op": op, "quality": None, "n": None, "segments": None, **(found or {})})
+
     async def concepts(request: Request) -> Response:
         guard(request)
         from unclip_cli.domain import find_concepts
@@ -414,6 +432,7 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
         Route("/v1/unclip/jobs/{job}", endpoint(job_status), methods=["GET"]),
         Route("/v1/unclip/jobs/{job}", endpoint(stop_job), methods=["DELETE"]),
         Route("/v1/unclip/jobs/{job}/answer", endpoint(job_answer), methods=["GET"]),
+        Route("/v1/unclip/timing", endpoint(last_timing), methods=["GET"]),
         Route("/v1/unclip/concepts", endpoint(concepts), methods=["GET"]),
         Route("/v1/images/files/{name}", endpoint(image_file), methods=["GET"], name="image_file"),
     ]

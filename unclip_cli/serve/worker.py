@@ -27,6 +27,8 @@ from unclip_cli.progress import Tick
 
 log = logging.getLogger("unclip.serve")
 MAX_SEGMENTS = 2000  # measured stage runs kept per job (compose: 5 priors + 4 decoders + upsampler a batch, 10 batches: 110)
+TIMINGS_KEPT = 4  # finished jobs' step times kept per operation (the newest of each quality and image count), for `last_timing`
+TIMING_SEGMENTS = 256  # of each such job, its first stage runs: the first batch of every phase and every stage's pace
 
 
 class Cancelled(Exception):
@@ -133,6 +135,7 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._seconds_per_job = 5.0  # a running mean of job times, for Retry-After; a guess until the first job
+        self._timings: dict[str, list[dict]] = {}  # op -> its last finished jobs' {quality, n, segments}, newest first
         self.stopping = asyncio.Event()  # set on the event loop once `stop` is called: requests still being read give up
 
     # -- the event loop's side ---------------------------------------------------------------------
@@ -201,6 +204,24 @@ class Worker:
             progress = {"stage": t.stage, "step": t.step, "total": t.total, "batch": t.batch, "batches": t.batches} if t else {}
             return {"status": job.state, **progress, **(job.timing() if job.state == "running" else {})}
 
+    def last_timing(self, op: str, quality: str | None = None, n: int | None = None) -> dict | None:
+        """The step times this server measured in its last finished job of `op` ({quality, n, segments}), of the same
+        quality and image count if it ran one, else of the same quality, else any; None before the first. A page's
+        estimate of the time left reads the stages its own job has not reached from them."""
+        with self._cond:
+            kept = list(self._timings.get(op, ()))
+        return (next((t for t in kept if t["quality"] == quality and t["n"] == n), None)
+                or next((t for t in kept if t["quality"] == quality), None) or (kept[0] if kept else None))
+
+    def _keep_timing(self, job: Job) -> None:
+        op, quality, n = (getattr(job.request, k, None) for k in ("op", "quality", "count"))
+        if not isinstance(op, str) or not job.segments:
+            return
+        timing = {"quality": quality, "n": n, "segments": job.timing()["segments"][:TIMING_SEGMENTS]}
+        with self._cond:
+            others = [t for t in self._timings.get(op, ()) if (t["quality"], t["n"]) != (quality, n)]
+            self._timings[op] = [timing, *others][:TIMINGS_KEPT]
+
     def counts(self) -> dict:
         with self._cond:
             return {"running": int(self._running is not None), "queued": len(self._waiting), "max_queue": self.max_queue}
@@ -266,4 +287,6 @@ class Worker:
                 self._forget(job)
                 if not isinstance(outcome, Cancelled):
                     self._seconds_per_job = 0.7 * self._seconds_per_job + 0.3 * seconds
+            if not isinstance(outcome, Exception):  # a job cut short would say its later stages take no time
+                self._keep_timing(job)
             job.settle(outcome)
