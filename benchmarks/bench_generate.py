@@ -121,12 +121,15 @@ def time_stages(engine, quality: str, n: int, prompt: str, precision: str = "fp3
     """Seconds per stage of one in-process generate call, and each network's calls. The time since the
     previous progress event goes to the stage that reports it (so text encoding counts towards the
     prior's first step, and the upsampler's input interpolation towards its first step)."""
+    from unclip_cli.progress import Warnings
     from unclip_cli.requests import GenerateRequest
 
     spent: dict[str, float] = {}
     last = [time.perf_counter()]
 
     def cb(tick):
+        if isinstance(tick, Warnings):  # said before the first step: its time counts to the prior's first step
+            return
         now = time.perf_counter()
         key = stage_of(tick.stage)
         spent[key] = spent.get(key, 0.0) + now - last[0]

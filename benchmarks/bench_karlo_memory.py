@@ -38,6 +38,7 @@ def child(op: str, offload: str, weights: str) -> dict:
 
     from unclip_cli import checkpoint, modelset
     from unclip_cli.engine import Engine
+    from unclip_cli.progress import Tick
     from unclip_cli.requests import BlendRequest, EditRequest, GenerateRequest, NudgeRequest, VaryRequest
 
     loads: dict[str, float] = {}
@@ -65,7 +66,7 @@ def child(op: str, offload: str, weights: str) -> dict:
     }[op]()
     t0 = time.perf_counter()
     engine = Engine.load(weights, device="cpu", offload=offload)
-    engine.run(req, callback=lambda tick: ticks.append((tick.stage, tick.step, time.perf_counter())))
+    engine.run(req, callback=lambda e: isinstance(e, Tick) and ticks.append((e.stage, e.step, time.perf_counter())))  # not its Warnings
     total = time.perf_counter() - t0
     per_step: dict[str, list[float]] = {}
     last: dict[str, tuple[int, float]] = {}

@@ -262,6 +262,19 @@ def test_long_prompt_is_truncated_with_a_warning(w, tmp_path):
     assert len(Path(r.out.split()[0]).name) < 60
 
 
+def test_warnings_come_before_the_progress_bars(w, tmp_path, monkeypatch):
+    """A warning that depends on the request alone is said before sampling starts: above the first progress bar on a
+    terminal (stderr taken as one here, so the bars are drawn), and said once."""
+    from rich.console import Console
+
+    from unclip_cli.cli import images
+
+    monkeypatch.setattr(images, "_stderr_console", lambda: Console(stderr=True, force_terminal=True, width=120, highlight=False, soft_wrap=True))
+    r = ok("generate", " ".join(["apple"] * 200), "--out", tmp_path, *FAST, *w)
+    assert r.err.count("Warning: prompt truncated") == 1
+    assert r.err.index("Warning: prompt truncated") < r.err.index("prior") < r.err.index("upsampler"), r.err
+
+
 @pytest.mark.parametrize("key", ["cmyk", "g16", "pal", "exif"])
 def test_vary_accepts_odd_modes(w, tmp_path, pics, key):
     r = ok("vary", pics[key], "--seed", "1", "--out", tmp_path, *FAST, *w)

@@ -161,6 +161,9 @@ def test_note_names_the_closest_concepts_when_a_prompt_names_none(tiny_weights, 
     assert notes(loud, "cat") == [] and notes(loud, "猫脸") == []
     assert notes(loud, "a cat") == ["the prompt is not the name of a concept this model was trained on, so expect a loose "
                                     "match; the closest are cat, cat face (`unclip concepts` lists them)"]
+    seen = []  # the note is handed to the caller before the first step, once
+    loud.run(GenerateRequest(prompt="a cat", seed=0, **steps), callback=seen.append)
+    assert [type(e).__name__ for e in seen[:2]] == ["Warnings", "Tick"] and list(seen[0].lines) == notes(loud, "a cat")
     near = loud.nearest_concepts("a bicycle", 3)  # no word in common: the nearest by the set's CLIP
     assert len(near) == 3 and near[0][0] >= near[1][0] >= near[2][0]
     assert notes(loud, "a bicycle") == [f"the prompt is not the name of a concept this model was trained on, so expect a loose "

@@ -355,6 +355,23 @@ def test_a_long_prompt_warns(tiny_engine):
     assert any("truncated" in w for w in res.warnings)
 
 
+def test_warnings_reach_the_callback_before_the_first_step(tiny_engine):
+    """What a request warns of depends on it alone: handed to the callback once, before any Tick, as the same lines the
+    result carries (a cut prompt, nudge's cut --to, an edit's mask resized); a request with nothing to say sends none."""
+    from unclip_cli.progress import Tick, Warnings
+
+    long = " ".join(["cat"] * 40)
+    for r, says in ((req("generate", prompt=long, seed=0), "prompt truncated"), (req("nudge", to=long, seed=0), "prompt truncated"),
+                    (req("edit", mask=MASK.resize((W // 2, H // 2)), seed=0), "resized")):
+        seen = []
+        res = tiny_engine.run(r, callback=seen.append)
+        assert isinstance(seen[0], Warnings) and all(isinstance(e, Tick) for e in seen[1:]), seen[:2]
+        assert list(seen[0].lines) == res.warnings and seen[0].request == 0 and says in res.warnings[0]
+    seen = []
+    assert tiny_engine.run(req("generate", seed=0), callback=seen.append).warnings == []
+    assert seen and all(isinstance(e, Tick) for e in seen)
+
+
 @pytest.mark.parametrize("texts", [("a cat", "a cat"), ("a cat", "  a  cat ")])
 def test_nudge_with_the_same_text_both_sides_is_an_input_error(texts, tiny_engine):
     with pytest.raises(InputError):

@@ -498,6 +498,43 @@ class HeldEngine:
         return self.engine.run(request, callback)
 
 
+class HeldAtFirstStep(HeldEngine):
+    """The tiny engine held at its first sampler step, after what it hands the server before sampling (its warnings)."""
+
+    def run(self, request, callback=None):
+        def held(event):
+            callback(event)
+            if isinstance(event, Tick) and not self.gate.is_set():
+                self.started.set()
+                while not self.gate.wait(0.01):
+                    callback(event)
+
+        return self.engine.run(request, held)
+
+
+def test_a_jobs_warnings_show_while_it_runs(browser, tiny_engine):
+    """A warning the server knows before the first step (a cut prompt) is on the page while the job runs, then with the
+    run's images; the progress area's copy goes with the job."""
+    engine = HeldAtFirstStep(tiny_engine)
+    with running(create_app(engine, Settings(steps=STEPS))) as (url, _):
+        page, problems = watched_page(browser)
+        page.goto(url + "/")
+        page.evaluate("localStorage.clear()")
+        page.reload()
+        page.fill("#gen-n", "1")
+        page.fill("#gen-prompt", " ".join(["apple"] * 200))
+        page.click("#gen-go")
+        assert engine.started.wait(30)
+        sync_api.expect(page.locator("#job-warnings li")).to_have_count(1)
+        sync_api.expect(page.locator("#job-warnings li")).to_contain_text("Warning: prompt truncated to ")
+        assert page.locator(".run").count() == 0
+        engine.gate.set()
+        sync_api.expect(page.locator(".run[data-op=generate] .warnings li")).to_contain_text("Warning: prompt truncated to ", timeout=60_000)
+        sync_api.expect(page.locator("#job-warnings")).to_be_hidden()
+        assert problems == []
+        page.evaluate("localStorage.clear()")
+
+
 def test_a_reload_while_a_job_runs_follows_it_to_its_answer(browser, tiny_engine):
     """The page notes the job it sent; reloaded while the job runs, it shows the job's progress again and its images when
     done (the server ran it on and kept the answer). A job the server does not know (restarted) is said once; Stop

@@ -422,6 +422,38 @@ def test_progress_of_a_job(tiny_engine):
         t.join(60)
 
 
+class HeldAtFirstStep(HeldEngine):
+    """The tiny engine held at its first sampler step, after what it hands the server before sampling (its warnings)."""
+
+    def run(self, request, callback=None):
+        def held(event):
+            callback(event)
+            if isinstance(event, Tick) and not self.gate.is_set():
+                self.started.set()
+                while not self.gate.wait(0.01):
+                    callback(event)
+
+        return self.engine.run(request, held)
+
+
+def test_a_jobs_status_has_its_warnings_before_its_first_step(tiny_engine):
+    """What the job's answer will warn of (x-unclip-warnings) is in its status while it runs: the page shows it then."""
+    engine = HeldAtFirstStep(tiny_engine)
+    app = create_app(engine, Settings(steps=STEPS))
+    job, answer = "job-warned-0123456789", {}
+    with running(app) as (url, _), httpx.Client(base_url=url, timeout=60, trust_env=False) as c:
+        t = threading.Thread(target=lambda: answer.update(r=c.post(GEN, json={"prompt": " ".join(["apple"] * 200)},
+                                                                   headers={"x-unclip-job": job})), daemon=True)
+        t.start()
+        assert engine.started.wait(30)
+        status = c.get(f"/v1/unclip/jobs/{job}").json()
+        assert status["status"] == "running" and (status["stage"], status["step"]) == ("prior", 1)
+        assert len(status["warnings"]) == 1 and status["warnings"][0].startswith("prompt truncated to ")
+        engine.gate.set()
+        t.join(60)
+    assert answer["r"].status_code == 200 and json.loads(answer["r"].headers["x-unclip-warnings"]) == status["warnings"]
+
+
 def test_worker_times_each_run_of_a_stage(monkeypatch):
     """What the page estimates the time left from: each run of a stage in order (a stage runs again in each batch, and
     twice in one batch as mix's prior does for two texts), its steps and seconds, its first step's seconds apart, the

@@ -1,7 +1,8 @@
 """The unCLIP pipeline: load a model set, then run requests (generate, vary, blend, edit, nudge).
 
 The engine never prints and never exits: it returns images with the recipes that reproduce them,
-raises `UnclipError`s for a front end to report, and reports progress through a callback. It is the
+raises `UnclipError`s for a front end to report, and reports progress through a callback. What a request
+warns of is known from the request alone: the callback gets it (`progress.Warnings`) before any sampling. It is the
 only code that knows how the stages call each other; the CLI, `unclip eval` and any server hand it
 requests (`unclip_cli.requests`).
 
@@ -49,8 +50,8 @@ from unclip_cli.domain import concept_note, image_warning, load_concepts, load_d
 from unclip_cli.errors import InputError, UnclipError
 from unclip_cli.models.prior import pick_closest
 from unclip_cli.modelset import ModelSet, load_model_set
-from unclip_cli.progress import Callback, Tick
-from unclip_cli.requests import Request, Steps, source_name
+from unclip_cli.progress import Callback, Tick, Warnings
+from unclip_cli.requests import ComposeRequest, Request, Steps, source_name
 from unclip_cli.diffusion.policy import fused_denoiser
 from unclip_cli.layout import box_masks
 
@@ -345,14 +346,14 @@ class Engine:
         items = [(k, i) for k, r in enumerate(reqs) for i in range(r.count)]
         wanted = {(k, i) for k, r in enumerate(reqs) for i in r.wanted()}
         chunks = [c for c in (items[s : s + batch] for s in range(0, len(items), batch)) if wanted & set(c)]
+        # Warnings depend on the requests alone: said before the first step, not after minutes of sampling.
+        warned = [self._warnings(r) for r in reqs]
+        for k, lines in enumerate(warned):
+            if lines and callback is not None:
+                callback(Warnings(tuple(lines), k))
         with self._lock, self._precision(self.precision_of(reqs[0])), self._sized(reqs[0]):
-            images, warnings, z_i = getattr(self, f"_{reqs[0].op}")(reqs, chunks, batch, callback)
-        slow = []
-        if self.device.type == "cpu" and self.models.parameters >= CPU_WARN_PARAMETERS:
-            slow = [f"this model set has {self.models.parameters / 1e9:.1f} B parameters: on a CPU each image takes many "
-                    "minutes (a CUDA GPU with --device cuda takes seconds)"]
-        out = [Result([], [], list(dict.fromkeys(r.inputs().warnings + self._domain_warnings(r) + w + slow)))
-               for r, w in zip(reqs, warnings)]
+            images, z_i = getattr(self, f"_{reqs[0].op}")(reqs, chunks, batch, callback)
+        out = [Result([], [], lines) for lines in warned]
         for (k, i), img in images.items():
             if (k, i) in wanted:
                 out[k].images.append(img)
@@ -361,17 +362,25 @@ class Engine:
                     out[k].z_i.append(z_i[(k, i)])
         return out
 
-    def _domain_warnings(self, req: Request) -> list[str]:
-        """A line for each input image or text far from what the set was trained on (see unclip_cli/domain.py),
-        and for a prompt (nudge: its --to) that names none of the concepts the set lists, the closest ones."""
-        found = []
+    def _warnings(self, req: Request) -> list[str]:
+        """What a validated request warns of, before any sampling: its inputs' own (a mask resized), a line for each
+        input image or text far from what the set was trained on (see unclip_cli/domain.py), for a prompt (nudge: its
+        --to) that names none of the concepts the set lists the closest ones, a text longer than the CLIP reads, and a
+        set too large for the CPU."""
+        found = list(req.inputs().warnings)
         if self.domain is not None:
-            found = [image_warning(self.domain, source_name(src), im) for src, im in zip(req.sources(), req.inputs().images)]
+            found += [image_warning(self.domain, source_name(src), im) for src, im in zip(req.sources(), req.inputs().images)]
             found += [prompt_warning(self.domain, self.models.clip.model, what, text) for what, text in req.texts() if text]
         if self.concepts is not None:
             found += [concept_note(self.concepts, text, lambda t: self.nearest_concepts(t, 3), what, layout=req.op == "generate")
                       for what, text in req.texts()[:1] if text]
-        return [w for w in found if w]
+        texts = [t for _, t in req.texts() if t] + ([req.global_text()] if isinstance(req, ComposeRequest) else [])
+        if texts and self.models.clip.config.text and any(self.models.clip.model.tokenize(texts)[1]):
+            found.append(f"prompt truncated to {self.models.clip.config.context_length - 2} tokens")
+        if self.device.type == "cpu" and self.models.parameters >= CPU_WARN_PARAMETERS:
+            found.append(f"this model set has {self.models.parameters / 1e9:.1f} B parameters: on a CPU each image takes many "
+                         "minutes (a CUDA GPU with --device cuda takes seconds)")
+        return list(dict.fromkeys(w for w in found if w))
 
     @torch.no_grad()
     def nearest_concepts(self, text: str, k: int = 5) -> list[tuple[float, dict]]:
@@ -441,13 +450,10 @@ class Engine:
     def _from_text(self, reqs, chunks, callback, canvases):
         """Text-to-image and edit: CLIP text encoder -> prior -> decoder -> upsampler(s), batch by batch."""
         steps, guidance, prior_guidance = reqs[0].steps, reqs[0].guidance_scale, reqs[0].prior_guidance_scale
-        images, warnings, embeddings = {}, [[] for _ in reqs], {}
+        images, embeddings = {}, {}
         for b, chunk in enumerate(chunks):
             tick = _ticker(callback, b, len(chunks), len(chunk))
-            z_t, states, mask, truncated = self._encode_distinct([reqs[k].prompt for k, _ in chunk])
-            for (k, _), t in zip(chunk, truncated):
-                if t:
-                    warnings[k] = [self._truncation_warning()]
+            z_t, states, mask, _ = self._encode_distinct([reqs[k].prompt for k, _ in chunk])
             noise = Noise([reqs[k].item_seed(i) for k, i in chunk], self.device)
             z_i = self.run_prior(z_t, states, mask, noise, steps.prior, prior_guidance, tick)
             z_dec = z_t
@@ -462,7 +468,7 @@ class Engine:
             for (k, i), img, z in zip(chunk, self.to_images(x), z_i):
                 images[(k, i)] = img if canvases is None else paste_back(img, canvases[k].image, canvases[k].repaint, canvases[k].weights, canvases[k].reach)
                 embeddings[(k, i)] = z
-        return images, warnings, embeddings
+        return images, embeddings
 
     def _vary(self, reqs, chunks, batch, callback):
         """Variations (§3): decode (z_i, x_T) with DDIM eta = strength, x_T from DDIM inversion of the image.
@@ -518,7 +524,7 @@ class Engine:
             x = self.run_decoder(denoise, x_init, steps.decoder, sampler=sampler, eta=eta, noise=noise, start=t_init, tick=tick)
             x = self.run_upsamplers(x, noise, steps.upsampler, tick=tick)
             images.update(zip(chunk, self.to_images(x)))
-        return images, [[] for _ in reqs], {}
+        return images, {}
 
     def _blend(self, reqs, chunks, batch, callback):
         """Interpolation (§3): slerp the two images' z_i, and their DDIM-inverted x_T, so the end frames
@@ -544,7 +550,7 @@ class Engine:
             x = self.run_decoder(_by_rows(parts), xs, steps.decoder, sampler="ddim", eta=0.0, start=t_inv, tick=tick)
             x = self.run_upsamplers(x, Noise([reqs[k].item_seed(i) for k, i in chunk], self.device), steps.upsampler, tick=tick)
             images.update(zip(chunk, self.to_images(x)))
-        return images, [[] for _ in reqs], {}
+        return images, {}
 
     def _nudge(self, reqs, chunks, batch, callback):
         """Text diffs (§3): z = slerp(z_i, normalize(z_t(to) - z_t(from)), theta), decoded from the image's
@@ -555,16 +561,15 @@ class Engine:
         held-out emoji at 0.3); ramped, 0.05 at 0.1 and 5 of 8 at 0.3 (the model card has the table). As in `_vary`, the
         inversion stops at the set's decoder start (`invert_to_start`; old recipes: t = 999)."""
         steps, guidance = reqs[0].steps, reqs[0].guidance_scale
-        warnings, z_d = [], []
+        z_d = []
         for r in reqs:
-            z_to, _, _, cut_to = self.encode_text([r.to])
-            z_from, _, _, cut_from = self.encode_text([r.from_], allow_empty=True)
+            z_to = self.encode_text([r.to])[0]
+            z_from = self.encode_text([r.from_], allow_empty=True)[0]
             if (z_to - z_from).norm() < 1e-6:
                 raise InputError(f"{r.name('to')} and {r.name('from_')} have the same CLIP embedding, so there is no direction "
                                  "to move in",
                                  hint="use texts that differ in meaning")
             z_d.append(F.normalize(z_to - z_from, dim=-1))
-            warnings.append([self._truncation_warning()] if cut_to[0] or cut_from[0] else [])
         z_i, x0 = self.base_inputs([r.inputs().images[0] for r in reqs])
         ramp = reqs[0].guidance_ramp
         t_inv = self.sampling.decoder_t_start if reqs[0].invert_to_start else None
@@ -580,7 +585,7 @@ class Engine:
                                  eta=0.0, start=t_inv, tick=tick)
             x = self.run_upsamplers(x, Noise([reqs[k].item_seed(i) for k, i in chunk], self.device), steps.upsampler, tick=tick)
             images.update(zip(chunk, self.to_images(x)))
-        return images, warnings, {}
+        return images, {}
 
     def _mix(self, reqs, chunks, batch, callback):
         """A weighted mix of embeddings: each image's z_i and each text's (sampled by the prior with the image's own
@@ -590,16 +595,13 @@ class Engine:
         steps, guidance, prior_guidance = reqs[0].steps, reqs[0].guidance_scale, reqs[0].prior_guidance_scale
         z_img = [torch.cat([self.encode_image(im) for im in r.inputs().images]) if r.images else None for r in reqs]  # (M, D)
         raw = not self.models.clip.config.normalize
-        images, warnings, embeddings = {}, [[] for _ in reqs], {}
+        images, embeddings = {}, {}
         for b, chunk in enumerate(chunks):
             tick = _ticker(callback, b, len(chunks), len(chunk))
             noise = Noise([reqs[k].item_seed(i) for k, i in chunk], self.device)
             parts = [torch.stack([z_img[k][j] for k, _ in chunk]) for j in range(len(reqs[chunk[0][0]].images))]
             for j in range(len(reqs[chunk[0][0]].prompts)):
-                z_t, states, mask, truncated = self.encode_text([reqs[k].prompts[j] for k, _ in chunk])
-                for (k, _), cut in zip(chunk, truncated):
-                    if cut and self._truncation_warning() not in warnings[k]:
-                        warnings[k].append(self._truncation_warning())
+                z_t, states, mask, _ = self.encode_text([reqs[k].prompts[j] for k, _ in chunk])
                 parts.append(self.run_prior(z_t, states, mask, noise, steps.prior, prior_guidance, tick))
             z_parts = torch.stack(parts, dim=1).to(self.work_dtype)  # (B, M, D)
             w = torch.tensor([reqs[k].mix_weights() for k, _ in chunk], dtype=self.work_dtype, device=z_parts.device)  # (B, M)
@@ -615,27 +617,24 @@ class Engine:
             for (k, i), img, z_k in zip(chunk, self.to_images(x), z):
                 images[(k, i)] = img
                 embeddings[(k, i)] = z_k
-        return images, warnings, embeddings
+        return images, embeddings
 
     def _compose(self, reqs, chunks, batch, callback):
         """Objects where the user says (`ComposeRequest`): the global text and each object's phrase through the prior,
         then `_fuse` or `_paste` at the decoder's size; the upsamplers see only pixels, so the layout carries through."""
         steps, guidance, prior_guidance = reqs[0].steps, reqs[0].guidance_scale, reqs[0].prior_guidance_scale
-        images, warnings, embeddings = {}, [[] for _ in reqs], {}
+        images, embeddings = {}, {}
 
-        def encoded(texts, rows, noise, tick):
-            z_t, states, mask, truncated = self.encode_text(texts)
-            for k, cut in zip(rows, truncated):
-                if cut and self._truncation_warning() not in warnings[k]:
-                    warnings[k].append(self._truncation_warning())
+        def encoded(texts, noise, tick):
+            z_t, states, mask, _ = self.encode_text(texts)
             return self.run_prior(z_t, states, mask, noise, steps.prior, prior_guidance, tick), z_t, states, mask
 
         for b, chunk in enumerate(chunks):
             tick = _ticker(callback, b, len(chunks), len(chunk))
             rows = [k for k, _ in chunk]
             noise = Noise([reqs[k].item_seed(i) for k, i in chunk], self.device)
-            whole = encoded([reqs[k].global_text() for k in rows], rows, noise, tick)
-            objects = [(encoded([reqs[k].objects[j][0] for k in rows], rows, noise, tick),
+            whole = encoded([reqs[k].global_text() for k in rows], noise, tick)
+            objects = [(encoded([reqs[k].objects[j][0] for k in rows], noise, tick),
                         [m.to(self.device, self.work_dtype) for m in box_masks([reqs[k].objects[j][1] for k in rows], self.base_size,
                                                                                 soft=self.base_size / 16)])
                        for j in range(len(reqs[rows[0]].objects))]
@@ -645,7 +644,7 @@ class Engine:
             for (k, i), img, z in zip(chunk, self.to_images(x), whole[0]):
                 images[(k, i)] = img
                 embeddings[(k, i)] = z
-        return images, warnings, embeddings
+        return images, embeddings
 
     def _background(self, like: torch.Tensor) -> torch.Tensor | None:
         """The set's background for layouts: its training mean image where the decoder carries one (the emoji
@@ -706,9 +705,6 @@ class Engine:
                                 start=t_h, tick=tick)
 
     # -- shared pieces -------------------------------------------------------------------------------
-    def _truncation_warning(self) -> str:
-        return f"prompt truncated to {self.models.clip.config.context_length - 2} tokens"
-
     def _model_fn(self, stage, images_last: bool = False):
         """Wrap a stage's network so that it runs in the model's dtype (inputs and conditioning) and returns the
         work dtype. The network is looked up at each call, never held: with --offload, a denoiser kept by a caller

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from unclip_cli.errors import DataError
-from unclip_cli.progress import Callback, Tick
+from unclip_cli.progress import Callback, Tick, Warnings
 
 LANGS = ("en", "zh")
 
@@ -470,7 +470,8 @@ class _Counter:
         self.progress, self.section, self.total, self.done = progress, section, max(1, total), 0
 
     def cb(self, tick=None) -> None:
-        self.add(1)
+        if not isinstance(tick, Warnings):  # a step (the engine's warnings are no work done)
+            self.add(1)
 
     def add(self, k: int) -> None:
         self.done = min(self.total, self.done + k)

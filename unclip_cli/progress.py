@@ -1,5 +1,6 @@
 """Progress reports: the library (engine, evaluation, trainer) calls a callback with Ticks and never draws;
-front ends decide how to show them (`unclip_cli.cli.progress.Bars` on a terminal)."""
+front ends decide how to show them (`unclip_cli.cli.progress.Bars` on a terminal). The engine also hands the
+callback a run's `Warnings`, before its first Tick."""
 
 from __future__ import annotations
 
@@ -21,4 +22,15 @@ class Tick:
     size: int = 0
 
 
-Callback = Callable[[Tick], None] | None
+@dataclass(frozen=True)
+class Warnings:
+    """What a run warns of, all known from its request before any sampling (an image or text far from the set, words
+    it never saw, a cut prompt, a resized mask...): the engine sends it once, before the first Tick and only when there
+    is something to say, so that a front end shows it while the work goes on rather than after. `request`: which of
+    `Engine.run_many`'s requests (0 for `run`). The run's results carry the same lines."""
+
+    lines: tuple[str, ...]
+    request: int = 0
+
+
+Callback = Callable[[Tick | Warnings], None] | None

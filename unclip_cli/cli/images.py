@@ -181,15 +181,24 @@ class Job:
         return "-".join([stem, *self.tags, str(seed)])
 
     def run(self, req: Request):
-        """Load the engine and run the request under the progress bars; show its warnings."""
+        """Load the engine and run the request under the progress bars; show its warnings as soon as the engine
+        has them, before the first step (`progress.Warnings`)."""
         from unclip_cli.cli.progress import Bars, Estimate
+        from unclip_cli.progress import Warnings
 
         self.eng = self.engine(req)
         estimate = Estimate(self.note, min(req.count, req.effective_batch))
+
+        def show(event) -> None:
+            if isinstance(event, Warnings):
+                for w in event.lines:
+                    self.warn(w)
+            else:
+                bars(event)
+                estimate(event)
+
         with Bars(self.err, enabled=self.err.is_terminal and not self.c.quiet) as bars:
-            result = self.eng.run(req, callback=lambda tick: (bars(tick), estimate(tick)))
-        for w in result.warnings:
-            self.warn(w)
+            result = self.eng.run(req, callback=show)  # its warnings are the ones `show` was handed
         return result
 
     def write(self, write_fn: Callable) -> list[Path]:

@@ -21,7 +21,8 @@ Routes (all under /v1 need the API key when one is set, as `Authorization: Beare
                                     client can guess it; "unknown" before it is queued and once it is over; the job's
                                     answer carries its step times in x-unclip-timing). A job also sent with
                                     `x-unclip-keep: 1` runs on when its client goes away (the page was reloaded), and
-                                    its answer is kept too ("done") until fetched, deleted, or an hour has passed
+                                    its answer is kept too ("done") until fetched, deleted, or an hour has passed. A
+                                    running job's "warnings" (what x-unclip-warnings will say) are there before its first step
     GET  /v1/unclip/jobs/ID/answer  that kept answer, as the job's request had it (fetching it forgets it)
     DELETE /v1/unclip/jobs/ID       stop a job (queued or running; its request is answered 499 job_stopped), or forget
                                     its kept answer: {"status": "stopped", "forgotten" or "unknown" (nothing to do)}

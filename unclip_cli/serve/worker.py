@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from unclip_cli.progress import Tick
+from unclip_cli.progress import Tick, Warnings
 
 log = logging.getLogger("unclip.serve")
 MAX_SEGMENTS = 2000  # measured stage runs kept per job (compose: 5 priors + 4 decoders + upsampler a batch, 10 batches: 110)
@@ -58,6 +58,7 @@ class Job:
     id: str | None = None
     state: str = "queued"  # queued | running | done
     tick: Tick | None = None
+    warnings: tuple[str, ...] = ()  # what the engine warned of before sampling (its `Warnings`), shown by the status at once
     # The job's measured step times, for the page's estimate of the time left: one entry per run of a stage (a stage
     # starts again in each batch, and mix and compose run the prior once per text), in order, each
     # (stage, total, batch, batches, steps done, seconds, seconds of its first step, the batch's images or 0 if not said).
@@ -76,9 +77,11 @@ class Job:
             self.cancel_reason = reason
         self._cancel.set()
 
-    def check(self, tick: Tick | None = None) -> None:
-        """The engine's progress callback: records progress and raises Cancelled when the job must stop."""
-        if tick is not None:
+    def check(self, tick: Tick | Warnings | None = None) -> None:
+        """The engine's progress callback: records progress and warnings and raises Cancelled when the job must stop."""
+        if isinstance(tick, Warnings):
+            self.warnings = tuple(dict.fromkeys(self.warnings + tick.lines))
+        elif tick is not None:
             self.tick = tick
             self._measure(tick)
         if self._cancel.is_set():
@@ -202,7 +205,8 @@ class Worker:
                 return {"status": "queued", "position": next((i + 1 for i, j in enumerate(self._waiting) if j is job), 0)}
             t = job.tick
             progress = {"stage": t.stage, "step": t.step, "total": t.total, "batch": t.batch, "batches": t.batches} if t else {}
-            return {"status": job.state, **progress, **(job.timing() if job.state == "running" else {})}
+            warned = {"warnings": list(job.warnings)} if job.warnings else {}
+            return {"status": job.state, **progress, **warned, **(job.timing() if job.state == "running" else {})}
 
     def last_timing(self, op: str, quality: str | None = None, n: int | None = None) -> dict | None:
         """The step times this server measured in its last finished job of `op` ({quality, n, segments}), of the same
