@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -21,6 +22,7 @@ from unclip_cli import imageio
 from clirun import Res, cli
 from unclip_cli.cli import _register, app
 from unclip_cli.errors import InputError
+from unclip_cli.requests import DEFAULT_FEATHER, DEFAULT_PRIOR_GUIDANCE
 
 FAST = ["--prior-steps", "2", "--decoder-steps", "2", "--upsampler-steps", "2", "--device", "cpu"]
 runner = CliRunner()
@@ -211,7 +213,7 @@ def test_generate_writes_images_grid_and_recipe(w, tmp_path):
     out = tmp_path / "out"
     r = ok("generate", "a red apple", "-n", "2", "--seed", "7", "--out", out, *FAST, *w)
     paths = r.out.split()
-    assert [Path(p).name for p in paths] == ["a-red-apple-p2d2u2-7-0.png", "a-red-apple-p2d2u2-7-1.png", "a-red-apple-p2d2u2-7-grid.png"]
+    assert [Path(p).name for p in paths] == ["a-red-apple-tiny-p2d2u2-7-0.png", "a-red-apple-tiny-p2d2u2-7-1.png", "a-red-apple-tiny-p2d2u2-7-grid.png"]
     assert files(out) == sorted(Path(p).name for p in paths)  # nothing else, no temp files
     assert "Seed: 7" in r.err
     with Image.open(paths[1]) as im:
@@ -237,7 +239,7 @@ def test_never_overwrite_unless_force(w, tmp_path):
     first = ok("generate", "cat face", "--seed", "3", "--out", out, *FAST, *w).out.split()
     before = Path(first[0]).read_bytes()
     second = ok("generate", "cat face", "--seed", "3", "--out", out, *FAST, *w).out.split()
-    assert Path(first[0]).name == "cat-face-p2d2u2-3-0.png" and Path(second[0]).name == "cat-face-p2d2u2-3-0-run2.png"
+    assert Path(first[0]).name == "cat-face-tiny-p2d2u2-3-0.png" and Path(second[0]).name == "cat-face-tiny-p2d2u2-3-0-run2.png"
     assert Path(first[0]).read_bytes() == before
     forced = ok("generate", "cat face", "--seed", "3", "--out", out, "--force", "--no-metadata", *FAST, *w).out.split()
     assert forced[0] == first[0]
@@ -252,14 +254,14 @@ def test_json_output_parses(w, tmp_path):
     res = json.loads(r.out)
     assert res["command"] == "generate" and res["seed"] == 5
     assert [i["seed"] for i in res["images"]] == [5, 6]
-    assert Path(res["images"][0]["path"]).name == "猫-p2d2u2-5-0.png" and Path(res["grid"]).exists()
+    assert Path(res["images"][0]["path"]).name == "猫-tiny-p2d2u2-5-0.png" and Path(res["grid"]).exists()
     assert set(res["files"]) == {i["path"] for i in res["images"]} | {res["grid"]}
 
 
 def test_long_prompt_is_truncated_with_a_warning(w, tmp_path):
     r = ok("generate", " ".join(["apple"] * 200), "--out", tmp_path, *FAST, *w)
     assert "Warning: prompt truncated" in r.err
-    assert len(Path(r.out.split()[0]).name) < 60
+    assert len(Path(r.out.split()[0]).name) < 80  # 40 characters of the prompt, the settings, a hash of the rest, the seed
 
 
 def test_warnings_come_before_the_progress_bars(w, tmp_path, monkeypatch):
@@ -608,7 +610,7 @@ def test_nudge_from_is_a_recipe_and_the_old_text_spelling_still_works(w, tmp_pat
     assert len(res["warnings"]) == 1 and "--from-text 'a cat'" in res["warnings"][0] and "deprecated" in res["warnings"][0]
     assert "Warning: `nudge --from TEXT` is deprecated" in old.err
     assert np.array_equal(np.asarray(Image.open(res["images"][0]["path"])), np.asarray(Image.open(png)))
-    assert "unclip nudge IMAGE --from " in ok("info", png).out
+    assert "unclip nudge photo.png --from " in ok("info", png).out
 
 
 def test_info_is_short_and_card_prints_the_whole_card(tiny_weights, tmp_path):
@@ -663,7 +665,7 @@ def test_a_rerun_is_named_as_a_rerun(w, tmp_path):
     out = tmp_path / "o"
     made = ok("generate", "cat face", "-n", "2", "--seed", "42", "--out", out, *FAST, *w).out.split()
     names = [Path(ok("generate", "--from", made[0], "--out", out, "--device", "cpu", *w).out.split()[0]).name for _ in range(2)]
-    assert names == ["cat-face-p2d2u2-42-0-rerun.png", "cat-face-p2d2u2-42-0-rerun2.png"]
+    assert names == ["cat-face-tiny-p2d2u2-42-0-rerun.png", "cat-face-tiny-p2d2u2-42-0-rerun2.png"]
     assert np.array_equal(np.asarray(Image.open(out / names[1])), np.asarray(Image.open(made[0])))
 
 
@@ -673,11 +675,11 @@ def test_a_repeated_run_is_named_run2_and_its_grid_says_what_it_is(w, tmp_path):
     out = tmp_path / "o"
     runs = [ok("generate", "cat face", "-n", "2", "--seed", "42", "--out", out, *FAST, *w).out.split() for _ in range(3)]
     names = [[Path(p).name for p in run] for run in runs]
-    assert names[1] == ["cat-face-p2d2u2-42-0-run2.png", "cat-face-p2d2u2-42-1-run2.png", "cat-face-p2d2u2-42-grid-run2.png"]
-    assert names[2] == ["cat-face-p2d2u2-42-0-run3.png", "cat-face-p2d2u2-42-1-run3.png", "cat-face-p2d2u2-42-grid-run3.png"]
+    assert names[1] == ["cat-face-tiny-p2d2u2-42-0-run2.png", "cat-face-tiny-p2d2u2-42-1-run2.png", "cat-face-tiny-p2d2u2-42-grid-run2.png"]
+    assert names[2] == ["cat-face-tiny-p2d2u2-42-0-run3.png", "cat-face-tiny-p2d2u2-42-1-run3.png", "cat-face-tiny-p2d2u2-42-grid-run3.png"]
     assert np.array_equal(np.asarray(Image.open(runs[1][1])), np.asarray(Image.open(runs[0][1])))
     bigger = ok("generate", "cat face", "-n", "3", "--seed", "42", "--out", out, *FAST, *w).out.split()  # -2 is free, -0 is not
-    assert [Path(p).name for p in bigger] == [f"cat-face-p2d2u2-42-{i}-run4.png" for i in range(3)] + ["cat-face-p2d2u2-42-grid-run4.png"]
+    assert [Path(p).name for p in bigger] == [f"cat-face-tiny-p2d2u2-42-{i}-run4.png" for i in range(3)] + ["cat-face-tiny-p2d2u2-42-grid-run4.png"]
     grid = runs[0][2]
     assert "is a grid of the 2 images of one `unclip generate` run (seeds 42-43)" in ok("info", grid).out
     assert json.loads(ok("info", "--json", grid).out)["sheet"] == {"op": "generate", "seed": 42, "images": 2}
@@ -688,33 +690,133 @@ def test_a_repeated_run_is_named_run2_and_its_grid_says_what_it_is(w, tmp_path):
 
 
 def test_runs_with_other_settings_are_named_apart_and_only_a_repeat_is_run2(w, tmp_path):
-    """Names carry the settings given on the command line, so another guidance or quality is not taken for a repeat;
-    the same command again is -run2; a --from replay keeps the name of what it replays."""
+    """Names carry every setting that changes the pictures and is not the default, so another guidance or quality is
+    not taken for a repeat; the same pictures again are -run2; a --from run is named by the settings it replays."""
+    out = tmp_path / "o"
+
+    def names(*args, weights=w):
+        return [Path(p).name for p in ok("generate", "cat face", "--out", out, *args, "--device", "cpu", *weights).out.split()]
+
+    steps, seed = FAST[:6], ("--seed", "42")
+    assert names(*seed, *steps) == ["cat-face-tiny-p2d2u2-42-0.png"]  # tiny: the set's folder, not the shipped one
+    assert names(*seed, *steps, "-g", "5") == ["cat-face-tiny-p2d2u2-g5-42-0.png"]
+    assert names(*seed, *steps, "--guidance", "5", "--batch-size", "1") == ["cat-face-tiny-p2d2u2-g5-42-0-run2.png"]  # rounding only
+    assert names(*seed, "--quality", "fast", "--prior-guidance", "2.5") == ["cat-face-tiny-fast-pg2.5-42-0.png"]
+    assert names(*seed, "--quality", "fast", "--prior-guidance", str(DEFAULT_PRIOR_GUIDANCE)) == ["cat-face-tiny-fast-42-0.png"]
+    assert names(*seed, "--quality", "fast", "--decoder-steps", "3") == ["cat-face-tiny-fast-d3-42-0.png"]
+    assert names(*seed, "--quality", "default", *steps) == ["cat-face-tiny-p2d2u2-42-0-run2.png"]  # the default preset, named as none
+    replay = names("--from", out / "cat-face-tiny-fast-pg2.5-42-0.png")
+    assert replay == ["cat-face-tiny-fast-pg2.5-42-0-rerun.png"]
+    renamed = out / "Mine (1).png"  # a name unclip did not write: named by its recipe all the same
+    renamed.write_bytes((out / "cat-face-tiny-fast-pg2.5-42-0.png").read_bytes())
+    assert names("--from", renamed) == ["cat-face-tiny-fast-pg2.5-42-0-rerun2.png"]
+    # A new run from a recipe made at fast (-n) is named fast, and a default-quality run of its seed is not its repeat
+    assert names("--seed", "42", "-n", "2", "--quality", "fast")[1] == "cat-face-tiny-fast-42-1-run2.png"  # image 0 was made above
+    assert names("--from", out / "cat-face-tiny-fast-42-1-run2.png", "-n", "2") == \
+        ["cat-face-tiny-fast-43-0.png", "cat-face-tiny-fast-43-1.png", "cat-face-tiny-fast-43-grid.png"]
+    assert names("--seed", "43", *steps) == ["cat-face-tiny-p2d2u2-43-0.png"]
+    other = Path(w[1]).parent / "other-set"
+    if not other.exists():
+        shutil.copytree(w[1], other)
+    assert names(*seed, *steps, weights=["--weights", other]) == ["cat-face-other-set-p2d2u2-42-0.png"]
+
+
+def test_the_shipped_set_is_not_named(w, tmp_path, monkeypatch):
+    from unclip_cli.cli import options
+
+    monkeypatch.setattr(options, "shipped_weights_candidates", lambda: [Path(w[1])])
+    made = ok("generate", "cat face", "--seed", "4", "--out", tmp_path, *FAST).out.split()
+    assert [Path(p).name for p in made] == ["cat-face-p2d2u2-4-0.png"]
+
+
+def test_mix_compose_and_blend_names_say_their_settings(w, tmp_path, pics):
     out = tmp_path / "o"
 
     def names(*args):
-        return [Path(p).name for p in ok("generate", "cat face", "--seed", "42", "--out", out, *args, "--device", "cpu", *w).out.split()]
+        return [Path(p).name for p in ok(*args, "--seed", "1", "--out", out, *FAST, *w).out.split()]
 
-    steps = FAST[:6]
-    assert names(*steps) == ["cat-face-p2d2u2-42-0.png"]
-    assert names(*steps, "-g", "5") == ["cat-face-p2d2u2-g5-42-0.png"]
-    assert names(*steps, "--guidance", "5", "--batch-size", "1") == ["cat-face-p2d2u2-g5-42-0-run2.png"]  # rounding only
-    assert names("--quality", "fast", "--prior-guidance", "1.5") == ["cat-face-fast-pg1.5-42-0.png"]
-    assert names("--quality", "fast", "--decoder-steps", "3") == ["cat-face-fast-d3-42-0.png"]
-    assert names("--quality", "default", *steps) == ["cat-face-p2d2u2-42-0-run2.png"]  # the default preset, named as none
-    replay = ok("generate", "--from", out / "cat-face-fast-pg1.5-42-0.png", "--out", out, "--device", "cpu", *w).out.split()
-    assert [Path(p).name for p in replay] == ["cat-face-fast-pg1.5-42-0-rerun.png"]
-    renamed = out / "Mine (1).png"  # a name unclip did not write: the run's own name
-    renamed.write_bytes((out / "cat-face-fast-pg1.5-42-0.png").read_bytes())
-    again = ok("generate", "--from", renamed, "--out", out, "--device", "cpu", *w).out.split()
-    assert [Path(p).name for p in again] == ["cat-face-42-0-rerun.png"]
+    assert names("mix", "red heart", "cat face") == ["mix-red-heart-cat-face-tiny-p2d2u2-1-0.png"]
+    assert names("mix", "red heart", "cat face", "--mix-weights", "0.5,0.5") == ["mix-red-heart-cat-face-tiny-p2d2u2-1-0-run2.png"]
+    assert names("mix", "red heart", "cat face", "--mix-weights", "0.7,0.3") == ["mix-red-heart-cat-face-tiny-p2d2u2-w0.7,0.3-1-0.png"]
+    # mixing an earlier mix: its name cut to 12 characters (mix-red), "mix" once, and a hash for the rest of the name
+    (again,) = names("mix", out / "mix-red-heart-cat-face-tiny-p2d2u2-1-0.png", "sun")
+    assert again.startswith("mix-red-sun-tiny-p2d2u2-h") and again.endswith("-1-0.png") and len(again) == len("mix-red-sun-tiny-p2d2u2-h0000-1-0.png")
+    # --obj boxes are not in the name but in its hash: other boxes, another name
+    (boxes,) = names("compose", "--obj", "cat face:0,0,0.5,0.5", "--obj", "sun:0.5,0.5,1,1")
+    (moved,) = names("compose", "--obj", "cat face:0,0.5,0.5,1", "--obj", "sun:0.5,0,1,0.5")
+    assert boxes.startswith("compose-cat-face-sun-tiny-p2d2u2-h") and moved.startswith("compose-cat-face-sun-tiny-p2d2u2-h") and moved != boxes
+    blend = names("blend", pics["png"], pics["exif"], "--steps", "2", "--fps", "12")
+    assert blend[0] == "photo-rotated-blend-tiny-d2u2-2frames-12fps-1-0.png"
 
 
-def test_mix_of_an_earlier_mix_is_not_named_mix_mix(w, tmp_path):
-    first = ok("mix", "red heart", "cat face", "--seed", "1", "--out", tmp_path, *FAST, *w).out.split()[0]
-    assert Path(first).name == "mix-red-heart-cat-face-p2d2u2-1-0.png"
-    second = ok("mix", first, "sun", "--seed", "1", "--out", tmp_path, *FAST, *w).out.split()[0]
-    assert Path(second).name == "mix-red-sun-p2d2u2-1-0.png"  # the earlier mix's name, cut to 12 characters, once
+def test_edit_names_say_the_mask_box_and_inversion(w, tmp_path, pics):
+    """Three different edits of one image were named -3-0, -3-0-run2 and -3-0-run3: the region repainted is in the name."""
+    out = tmp_path / "o"
+
+    def edit(*args):
+        return [Path(p).name for p in ok("edit", pics["png"], "sun", "--seed", "3", "--out", out, *args, *FAST, *w).out.split()]
+
+    keep = tmp_path / "keep.png"
+    keep.write_bytes(pics["mask"].read_bytes())
+    inverted = edit("--mask", pics["mask"], "--invert-mask")
+    assert inverted == ["photo-sun-mask-inv-tiny-p2d2u2-3-0.png"]
+    assert edit("--mask", pics["mask"]) == ["photo-sun-mask-tiny-p2d2u2-3-0.png"]
+    assert edit("--box", "0,0,1,0.5") == ["photo-sun-box0,0,1,0.5-tiny-p2d2u2-3-0.png"]
+    assert edit("--mask", keep) == ["photo-sun-mask-keep-tiny-p2d2u2-3-0.png"]
+    assert edit("--mask", pics["mask"], "--feather", "0") == ["photo-sun-mask-tiny-p2d2u2-feather0-3-0.png"]
+    assert edit("--mask", pics["mask"], "--feather", str(DEFAULT_FEATHER)) == ["photo-sun-mask-tiny-p2d2u2-3-0-run2.png"]  # the default
+    assert edit("--mask", pics["mask"], "--invert-mask") == ["photo-sun-mask-inv-tiny-p2d2u2-3-0-run2.png"]
+    info = ok("info", out / inverted[0]).out
+    assert f"Rerun: unclip edit photo.png --mask mask.png --from {out / inverted[0]} --invert-mask" in info
+
+
+def test_vary_names_the_image_it_varies(w, tmp_path, pics):
+    """`vary bird.jpg --from cat-vary-….png` varies the bird: named from it, a run of its own; the recipe's own image is a
+    rerun; the default strength given is the same run."""
+    out = tmp_path / "o"
+    made = ok("vary", pics["png"], "-n", "2", "--strength", "0.3", "--seed", "5", "--out", out, *FAST, *w).out.split()
+    # (no prior steps in the name: vary has no prior)
+    assert Path(made[1]).name == "photo-vary-tiny-d2u2-strength0.3-5-1.png"
+    for run in ("", "-run2"):
+        other = ok("vary", pics["exif"], "--from", made[1], "--out", out, "--device", "cpu", *w)
+        assert [Path(p).name for p in other.out.split()] == [f"rotated-vary-tiny-d2u2-strength0.3-5-1{run}.png"]
+        assert "Warning: the recipe was made from photo.png, not rotated.jpg" in other.err
+    same = ok("vary", pics["png"], "--from", made[1], "--out", out, "--device", "cpu", *w).out.split()
+    assert [Path(p).name for p in same] == ["photo-vary-tiny-d2u2-strength0.3-5-1-rerun.png"]
+    plain = [ok("vary", pics["png"], *s, "--seed", "9", "--out", out, *FAST, *w).out.split()[0] for s in ([], ["--strength", "0.5"])]
+    assert [Path(p).name for p in plain] == ["photo-vary-tiny-d2u2-9-0.png", "photo-vary-tiny-d2u2-9-0-run2.png"]
+    assert "Rerun: unclip vary photo.png --from " in ok("info", made[1]).out
+
+
+def test_nudge_names_its_texts_and_info_shows_each_images_amount(w, tmp_path, pics):
+    """With -n the images step up to --amount: the name says how many, and `unclip info` each image's own amount (the
+    recipe's theta), nudge's text under --from-text's name and the input it records in the rerun line."""
+    out = tmp_path / "o"
+    made = ok("nudge", pics["png"], "--to", "dog face", "-n", "3", "--amount", "0.5", "--seed", "2", "--out", out, *FAST, *w).out.split()
+    stem = "photo-to-dog-face-tiny-d2u2-amount0.5-n3-2"
+    assert [Path(p).name for p in made] == [f"{stem}-{i}.png" for i in range(3)] + [f"{stem}-grid.png"]
+    one = ok("nudge", pics["png"], "--from-text", "cat face", "--to", "dog face", "--amount", "0.5", "--seed", "2", "--out", out,
+             *FAST, *w).out.split()
+    assert [Path(p).name for p in one] == ["photo-from-cat-face-to-dog-face-tiny-d2u2-amount0.5-2-0.png"]
+    first, last = ok("info", made[0]).out, ok("info", made[2]).out
+    assert "0.166667 (image 1 of 3; the run's images step up to 0.5: --amount 0.5 -n 3)" in first and "theta" not in first
+    assert "0.5 (image 3 of 3;" in last
+    assert any(line.split() == ["from_text"] for line in first.splitlines())
+    assert f"Rerun: unclip nudge photo.png --from {made[0]}" in first
+    assert any(line.split()[:2] == ["from_text", "cat"] for line in ok("info", one[0]).out.splitlines())
+
+
+def test_model_family_options_are_in_a_panel_of_their_own(w):
+    """--size and --noise-level apply only to Stable unCLIP sets: shown after the others, under a panel that says so."""
+    _register()
+    for cmd in ("generate", "vary", "mix", "edit"):
+        text = runner.invoke(app, [cmd, "--help"], env={"COLUMNS": "200"}).output
+        panel = text.index("Stable unCLIP sets only")
+        assert text.index("--size") > panel > text.index("--no-metadata"), cmd
+        if cmd in ("vary", "mix"):
+            assert text.index("--noise-level") > panel, cmd
+    vary = runner.invoke(app, ["vary", "--help"], env={"COLUMNS": "200"}).output
+    assert vary.index("--prompt") < vary.index("Stable unCLIP sets only") and "Stable unCLIP's prompt" not in vary
 
 
 def test_from_with_image_commands_says_which_inputs_to_give_again(w, tmp_path, pics):
@@ -752,7 +854,7 @@ def test_edit_box_marks_a_rectangle_and_reruns(w, tmp_path, pics):
     assert np.array_equal(out[:, :20], src[:, :20]) and not np.array_equal(out[:, 20:], src[:, 20:])
     again = ok("edit", pics["png"], "--from", res["images"][0]["path"], "--out", tmp_path, "--device", "cpu", *w).out.split()
     assert np.array_equal(np.asarray(Image.open(again[0])), out)
-    assert "Rerun: unclip edit IMAGE --from " in ok("info", res["images"][0]["path"]).out
+    assert "Rerun: unclip edit photo.png --from " in ok("info", res["images"][0]["path"]).out
     for box, match in [("0.5,0,1", "--box must be four numbers"), ("0.6,0,0.5,1", "left < right"), ("0,0,1,x", "separated by commas"),
                        ("0,0,1,1.5", "--box must be between 0 and 1")]:
         fails("edit", pics["png"], "--box", box, "x", "--out", tmp_path / "no", *FAST, *w, match=match)

@@ -16,22 +16,34 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from unclip_cli.cli.options import FitOpt, NOpt, RecipeOpt, image_command, resolve_weights
+from unclip_cli.cli.options import P_FAMILY, FitOpt, NOpt, RecipeOpt, image_command, resolve_weights
 from unclip_cli.errors import InputError
 from unclip_cli.requests import (DEFAULT_FEATHER, MAX_FRAMES, BlendRequest, ComposeRequest, EditRequest, GenerateRequest, MixRequest,
-                                 NudgeRequest, Request, VaryRequest, request_from_recipe)
+                                 NudgeRequest, Request, VaryRequest, request_from_recipe, source_name)
 
+DEFAULT_FPS = 6.0  # blend's animation
 INPUTS = {"generate": "", "vary": "IMAGE", "blend": "A B", "edit": "IMAGE --mask MASK", "nudge": "IMAGE", "mix": "IMAGE...", "compose": ""}
 
 
 def rerun_command(path: Path, recipe: dict) -> str:
-    """The command line that reruns a stored recipe (only known operations and flags; the path quoted)."""
+    """The command line that reruns a stored recipe (only known operations and flags; names quoted): the inputs it
+    records by their names (`unclip nudge cat.png --from …`), else as placeholders."""
+    from unclip_cli.requests import printable
+
     op = recipe.get("op")
     if op not in INPUTS:
         return "unclip info " + shlex.quote(str(path))
+    names = _recorded_names(recipe)
+    wanted = len(_INPUT_FIELDS.get(op, []))
+    # a mix of texts alone takes no image
+    inputs = [shlex.quote(n) for n in names] if op == "mix" or (names and len(names) == wanted) else INPUTS[op].split()
+    if op == "edit":
+        mask = recipe.get("mask")
+        inputs = inputs[:1]
+        if recipe.get("box") is None:  # a box is in the recipe; a mask file is not
+            inputs += ["--mask", shlex.quote(printable(mask)[:80]) if isinstance(mask, str) and mask else "MASK"]
     flags = " --invert-mask" if op == "edit" and recipe.get("invert_mask") is True else ""
-    inputs = "IMAGE" if op == "edit" and recipe.get("box") is not None else INPUTS[op]  # the box is in the recipe
-    return " ".join(p for p in ("unclip", op, inputs, "--from", shlex.quote(str(path))) if p) + flags
+    return " ".join(["unclip", op, *inputs, "--from", shlex.quote(str(path))]) + flags
 
 
 def _stderr_console():
@@ -51,25 +63,117 @@ def _emit(text: str) -> None:
         pass
 
 
-# Settings that change the pictures, shown in the file names when given on the command line, so that runs which differ
-# by them are named apart (`cat-face-g5-42-0.png` beside `cat-face-42-0.png`) and `-run2` is left to a run repeated as it
-# was. Batch size and precision change pixels only by rounding and are left out, as the recipe has them.
-# Steps given one by one make one tag, p20d10u5 for --prior-steps 20 --decoder-steps 10 --upsampler-steps 5.
-_NAME_TAGS = {"quality": "{}", "steps": "{}", "guidance": "g{}", "prior_guidance": "pg{}", "size": "{}px",
-              "strength": "strength{}", "amount": "amount{}", "frames": "{}frames", "fit": "{}", "noise_level": "noise{}",
-              "feather": "feather{}", "method": "{}"}
+# -- file names ---------------------------------------------------------------------------------------
+# A run's files are named by what they show: the subject (the input images' names, the texts), a tag for each setting
+# that changes the pixels and is not the default, then the first seed: `cat-sun-mask-inv-fast-3-0.png`. What a name
+# cannot say (a text cut short or not all in its slug, compose's boxes, an old recipe's sampling) adds a short hash of
+# it, `-h3f9c`. So two runs share a name only when they make the same pictures, and `-run2` marks a true repeat. Names
+# come from the request that ran, so a --from replay is named by the settings it replays. Batch size, precision and
+# device change pixels only by rounding and are left out; the recipe inside has them all.
+_SUBJECTS: dict[str, Callable[[Any], list]] = {
+    "generate": lambda r: [("text", r.prompt, 40)],
+    "vary": lambda r: [("file", r.image, 16), "vary", *([("text", r.prompt, 16)] if r.prompt else [])],
+    "blend": lambda r: [("file", r.image_a, 16), ("file", r.image_b, 16), "blend"],
+    "edit": lambda r: [("file", r.image, 16), ("text", r.prompt, 40)],
+    "nudge": lambda r: [("file", r.image, 16), *(["from", ("text", r.from_, 16)] if r.from_ else []), "to", ("text", r.to, 40)],
+    "mix": lambda r: ["mix", *[("file", p, 12) for p in r.images], *[("text", t, 16) for t in r.prompts]],
+    "compose": lambda r: ["compose", ("text", r.prompt or " ".join(p for p, _ in r.objects), 40)],
+}
+# Settings shown by value when they differ from the operation's default, in this order after the quality and steps
+_VALUE_TAGS = (("strength", "strength{}"), ("amount", "amount{}"), ("frames", "{}frames"), ("fit", "{}"), ("noise_level", "noise{}"),
+               ("feather", "feather{}"), ("method", "{}"))
+# Fields only old recipes change (how an earlier unclip sampled): named by the hash
+_OLD_WAYS = ("guidance_ramp", "fresh_at_one", "invert_to_start", "harmonise")
 
 
-def _name_tags(given: dict) -> list[str]:
-    """The file-name tags of the settings given, in _NAME_TAGS's order: ["fast", "g5"]."""
-    steps = "".join(f"{k[0]}{given[k]}" for k in ("prior_steps", "decoder_steps", "upsampler_steps") if given.get(k) is not None)
-    given = {**given, "steps": steps or None}
+def _fmt_number(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _subject(req: Request) -> tuple[str, list]:
+    """The subject's part of a name, at most 40 characters, and what of it the name does not say exactly: a text whose
+    slug leaves something out (CLIP reads texts lower-cased, spaces collapsed) and any part cut short."""
+    from unclip_cli.imageio import slugify
+
+    slugs, exact, whole = [], [], []
+    for part in _SUBJECTS[req.op](req):
+        if isinstance(part, str):
+            slugs.append(part)
+            continue
+        kind, value, limit = part
+        text = Path(value).stem if kind == "file" else value
+        slug, full = slugify(text, max_len=limit, fallback="image"), slugify(text, max_len=10_000, fallback="image")
+        said = slug == full and (kind == "file" or " ".join(text.split()).lower() == full.replace("-", " "))
+        slugs.append(slug)
+        whole.append(source_name(value) if kind == "file" else value)
+        exact.append(said)
+    if req.op == "mix" and len(slugs) > 1 and (slugs[1] == "mix" or slugs[1].startswith("mix-")):
+        slugs = slugs[1:]  # mixing an earlier mix (mix-...) is not mix-mix-...
+    stem = slugify(" ".join(slugs), max_len=40)
+    if stem != "-".join(slugs):  # cut short: the whole subject goes into the hash
+        return stem, whole
+    return stem, [w for w, ok in zip(whole, exact) if not ok]
+
+
+def run_name(req: Request, eng, shipped: bool, fps: float | None = None) -> str:
+    """The file stem of a run of `req` on the engine's set: subject, tags, first seed (see above). `shipped`: the set
+    is the shipped one (else its folder's name is a tag); `fps`: a blend's animation rate."""
+    import dataclasses
+    import hashlib
+
+    from unclip_cli.imageio import slugify
+
+    stem, unsaid = _subject(req)
+    unsaid = {"texts": unsaid} if unsaid else {}
+    sampling = eng.sampling
+    r, default = req.under(sampling), type(req)()
     tags = []
-    for key, form in _NAME_TAGS.items():
-        v = given.get(key)
-        if v is not None and not (key == "quality" and v == "default"):
-            tags.append(form.format(f"{v:g}" if isinstance(v, float) else v))
-    return tags
+    if req.op == "edit":  # the region repainted, then whether it was inverted: what the edit shows
+        if req.box is not None:
+            tags.append("box" + ",".join(_fmt_number(v) for v in req.box))
+        elif isinstance(req.mask, (str, Path)):
+            mask = slugify(Path(req.mask).stem, max_len=16, fallback="mask")
+            tags.append(mask if "mask" in mask else f"mask-{mask}")
+            if mask != slugify(Path(req.mask).stem, max_len=10_000, fallback="mask"):
+                unsaid["mask"] = source_name(req.mask)
+        if req.invert_mask:
+            tags.append("inv")
+    if not shipped:
+        tags.append(slugify(eng.name, max_len=24, fallback="model"))
+    if req.quality != "default":
+        tags.append(req.quality)
+    preset = dataclasses.replace(req, prior_steps=None, decoder_steps=None, upsampler_steps=None,
+                                 decoder_candidates=None).under(sampling).steps
+    stages = ("prior", "decoder", "upsampler", "decoder_candidates") if req.uses_prior else ("decoder", "upsampler")
+    tags.append("".join(f"{'c' if s == 'decoder_candidates' else s[0]}{getattr(r.steps, s)}" for s in stages
+                        if getattr(r.steps, s) != getattr(preset, s)))  # p20d10u5: the steps that are not the preset's
+    if r.guidance_scale != sampling.guidance:
+        tags.append(f"g{r.guidance_scale:g}")
+    if req.uses_prior and r.prior_guidance_scale != sampling.prior_guidance:
+        tags.append(f"pg{r.prior_guidance_scale:g}")
+    if req.size is not None and req.size != eng.models.image_size:
+        tags.append(f"{req.size}px")
+    for name, form in _VALUE_TAGS:
+        v = getattr(req, name, None)
+        if v is not None and v != (sampling.noise_level if name == "noise_level" else getattr(default, name)):
+            tags.append(form.format(_fmt_number(v)))
+        if name == "amount" and req.op == "nudge" and req.n > 1:
+            tags.append(f"n{req.n}")  # a nudge's images step up to its amount: image i's amount depends on how many
+    if req.op == "mix" and req.weights is not None and any(abs(w - 1 / req.parts) > 1e-9 for w in req.weights):
+        tags.append("w" + ",".join(_fmt_number(w) for w in req.weights))  # images' then texts', as the subject lists them
+    if fps is not None and fps != DEFAULT_FPS:
+        tags.append(f"{fps:g}fps")
+    if req.op == "compose":
+        from unclip_cli.layout import parse
+
+        if req.prompt is None or req.objects != [[p, list(b)] for p, b in parse(req.prompt)]:
+            unsaid["objects"] = req.objects  # boxes given with --obj
+        if req.background:
+            unsaid["background"] = req.background
+    unsaid.update({k: getattr(req, k) for k in _OLD_WAYS if hasattr(req, k) and getattr(req, k) != getattr(default, k)})
+    if unsaid:
+        tags.append("h" + hashlib.sha256(json.dumps(unsaid, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:4])
+    return "-".join([stem, *(t for t in tags if t), str(req.seed)])
 
 
 class Job:
@@ -81,9 +185,10 @@ class Job:
         self.warnings: list[str] = []
         self.recipe_model: tuple[Any, Any] | None = None
         self.recipe: dict | None = None  # the --from recipe, if any
-        self.replay = False  # --from replays the recipe's own images (no -n or --seed given): the files are named as reruns
-        self.tags: list[str] = []  # the settings given on the command line, as the file names show them
-        self.source: Path | None = None  # the --from PNG
+        self.replay = False  # --from replays the recipe's own images (no -n or --seed given)
+        self.recipe_req: Request | None = None  # the recipe's own request, with the inputs given here
+        self.same_inputs = False  # the inputs given here are the ones the recipe records (by name, size and mask)
+        self.rerun = False  # the files are named as reruns (`named` decides)
 
     def note(self, msg: str) -> None:
         if not self.c.quiet:
@@ -99,7 +204,6 @@ class Job:
         defaults; validated, inputs decoded and the output folder checked, all before any model work."""
         sampling = {k: v for k, v in self.c.sampling().items() if v is not None}
         given = {k: v for k, v in given.items() if v is not None}
-        self.tags = _name_tags({**sampling, **given})
         if recipe_path is None:
             req = cls(**sampling, **given)
         else:
@@ -115,8 +219,10 @@ class Job:
         for w in inputs.warnings:
             self.warn(w)
         if self.recipe is not None:
-            for w in _differences(self.recipe, req):
+            differences = _differences(self.recipe, req)
+            for w in differences:
                 self.warn(w)
+            self.same_inputs = not differences and _same_inputs(self.recipe, req)
         self.note(f"Seed: {req.seed}")
         return req
 
@@ -126,7 +232,6 @@ class Job:
         from unclip_cli.imageio import read_recipe
 
         recipe = read_recipe(path)
-        self.source = path
         if recipe.get("op") != cls.op:
             known = recipe.get("op") in INPUTS
             raise InputError(f"{path} was made by " + (f"`unclip {recipe['op']}`" if known else "an unknown operation")
@@ -135,7 +240,7 @@ class Job:
         _check_inputs(path, recipe, inputs)
         if "mask" in inputs:  # a mask given here replaces the recipe's box
             recipe = {**recipe, "box": None}
-        req = request_from_recipe(recipe, source=str(path), **inputs)
+        req = self.recipe_req = request_from_recipe(recipe, source=str(path), **inputs)
         if "n" in given or "seed" in sampling:
             # A new run from this image's settings: it starts at the image's own seed unless --seed says otherwise.
             req = dataclasses.replace(req, index=None, seed=req.item_seed(req.index or 0))
@@ -167,18 +272,20 @@ class Job:
                       "the result will differ")
         return eng
 
-    def named(self, stem: str, seed: int) -> str:
-        """A run's file stem: what it shows, the settings given (self.tags), its first seed: `cat-face-g5-42`. A --from
-        replay keeps the name of the run it replays (`cat-face-g5-42-0.png` -> `cat-face-g5-42-0-rerun.png`), whose
-        settings the recipe holds, when that file has an unclip name of this seed."""
-        import re
+    def named(self, req: Request, fps: float | None = None) -> str:
+        """The run's file stem (`run_name`: `cat-face-fast-42`), and whether its files are reruns: a --from replay of
+        the recipe's own images, inputs and settings is (`…-42-0-rerun.png`); one with another image or other settings
+        is a run of its own, named as one."""
+        from unclip_cli.errors import WeightsError
 
-        if self.replay and self.source is not None:
-            # The file name is the user's: taken only when it is one unclip could have written (letters, digits, . and -)
-            m = re.fullmatch(r"(\w[\w.-]{0,119}?)-(\d+)-(\d+)(?:-(?:re)?run\d*)?", self.source.stem)
-            if m and m.group(2) == str(seed):
-                stem = m.group(1)
-        return "-".join([stem, *self.tags, str(seed)])
+        try:
+            shipped = self.weights_dir.resolve() == resolve_weights(None).resolve()
+        except WeightsError:
+            shipped = False
+        stem = run_name(req, self.eng, shipped, fps)
+        self.rerun = (self.replay and self.same_inputs and self.recipe_req is not None
+                      and stem == run_name(self.recipe_req, self.eng, shipped, fps))
+        return stem
 
     def run(self, req: Request):
         """Load the engine and run the request under the progress bars; show its warnings as soon as the engine
@@ -203,10 +310,10 @@ class Job:
 
     def write(self, write_fn: Callable) -> list[Path]:
         """Write the outputs all-or-nothing; `write_fn(outs)` adds the files to an OutputSet, which names a repeated
-        run `-run2`, `-run3`... and a --from replay `-rerun`, `-rerun2`..., after each file's own name."""
+        run `-run2`, `-run3`... and a rerun (`named`) `-rerun`, `-rerun2`..., after each file's own name."""
         from unclip_cli.imageio import OutputSet
 
-        with OutputSet(self.c.out, force=self.c.force, metadata=not self.c.no_metadata, rerun=self.replay) as outs:
+        with OutputSet(self.c.out, force=self.c.force, metadata=not self.c.no_metadata, rerun=self.rerun) as outs:
             write_fn(outs)
         return outs.paths
 
@@ -215,10 +322,10 @@ class Job:
                    **payload, "files": [str(p) for p in paths], "warnings": self.warnings}
         _emit(json.dumps(payload, indent=2, ensure_ascii=False) + "\n" if self.c.json else "".join(f"{p}\n" for p in paths))
 
-    def images_with_grid(self, req: Request, stem: str) -> None:
+    def images_with_grid(self, req: Request) -> None:
         """Run the request; write one PNG per image (plus a grid when there are several) and report them."""
         result = self.run(req)
-        stem = self.named(stem, req.seed)
+        stem = self.named(req)
         planned: dict[str, list[Path]] = {"images": [], "grid": []}
 
         def write(outs) -> None:
@@ -227,7 +334,7 @@ class Job:
             for im, rec in zip(result.images, result.recipes):
                 if req.index is None:
                     planned["images"].append(outs.add_png(im, stem, index=True, recipe=rec))
-                else:  # a --from replay of one image keeps its own name (`…-42-3`), suffixed as a rerun
+                else:  # a --from replay of one image keeps its index (`…-42-3`), suffixed when it is a rerun
                     planned["images"].append(outs.add_png(im, f"{stem}-{rec['index']}", recipe=rec))
             if len(result.images) > 1:
                 planned["grid"].append(outs.add_png(grid(result.images), f"{stem}-grid", sheet=_sheet(req, result.images)))
@@ -311,16 +418,15 @@ def _differences(recipe: dict, req: Request) -> list[str]:
     return out
 
 
-def _stem(*parts: str, max_len: int = 40) -> str:
-    from unclip_cli.imageio import slugify
+def _same_inputs(recipe: dict, req: Request) -> bool:
+    """Whether a --from run's inputs have the names its recipe records (an edit's mask or box too)."""
+    from unclip_cli.requests import printable
 
-    return slugify(" ".join(p for p in parts if p), max_len=max_len)
-
-
-def _name_part(path: Path, max_len: int = 16) -> str:
-    from unclip_cli.imageio import slugify
-
-    return slugify(path.stem, max_len=max_len, fallback="image")
+    if [printable(source_name(s))[:80] for s in req.sources()] != _recorded_names(recipe):
+        return False
+    if req.op == "edit":
+        return recipe.get("box") == list(req.box) if req.box is not None else recipe.get("mask") == source_name(req.mask, "mask")
+    return True
 
 
 def _value(option):
@@ -333,9 +439,9 @@ def _value(option):
 # Optional on the command line so that `--from` without it is told which image to give (a recipe does not hold it)
 ImageArg = Annotated[Optional[Path], typer.Argument(metavar="IMAGE", help="The input image (any size and common format).", show_default=False)]
 NoiseLevelOpt = Annotated[Optional[int], typer.Option(
-    "--noise-level", metavar="0-999", show_default="the model's own",
-    help="Stable unCLIP: noise added to the image embedding before decoding (ComfyUI's noise_augmentation x 999); "
-         "higher strays further from the image.")]
+    "--noise-level", metavar="0-999", show_default="the model's own", rich_help_panel=P_FAMILY,
+    help="Noise added to the image embedding before decoding (ComfyUI's noise_augmentation x 999); higher strays further "
+         "from the image. Only for decoders that read a noised embedding.")]
 
 
 @image_command(epilog="""\
@@ -355,7 +461,7 @@ def generate(
     """Draw images from a text prompt (text → prior → decoder → upsampler)."""
     job = Job("generate", common)
     req = job.request(GenerateRequest, recipe, prompt=prompt, n=n)
-    job.images_with_grid(req, _stem(req.prompt))
+    job.images_with_grid(req)
 
 
 @image_command(epilog="""\
@@ -375,14 +481,15 @@ def vary(
     fit: FitOpt = None,
     noise_level: NoiseLevelOpt = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", show_default="none",
-                                                  help="A caption for the decoder as well as the image (Stable unCLIP's prompt).")] = None,
+                                                  help="A caption the decoder reads beside the image (Stable unCLIP's img2img "
+                                                       "prompt; the emoji set's decoder heeds it only slightly).")] = None,
     recipe: RecipeOpt = None,
     *, common,
 ) -> None:
     """Make variations that keep the gist of an image (its CLIP embedding, decoded again)."""
     job = Job("vary", common)
     req = job.request(VaryRequest, recipe, image=image, n=n, strength=strength, fit=_value(fit), noise_level=noise_level, prompt=prompt)
-    job.images_with_grid(req, _stem(_name_part(image), "vary", (req.prompt or "")[:16]))
+    job.images_with_grid(req)
 
 
 @image_command(epilog="""\
@@ -396,7 +503,7 @@ def blend(
     image_b: Annotated[Optional[Path], typer.Argument(metavar="B", help="The last image.", show_default=False)] = None,
     frames: Annotated[Optional[int], typer.Option("--steps", "--frames", "-k", show_default="5",
                                                   help=f"Frames from A to B, both included (2-{MAX_FRAMES}).")] = None,
-    fps: Annotated[float, typer.Option("--fps", help="Frames per second of the animation (0.1-100).")] = 6.0,
+    fps: Annotated[float, typer.Option("--fps", help="Frames per second of the animation (0.1-100).")] = DEFAULT_FPS,
     fit: FitOpt = None,
     recipe: RecipeOpt = None,
     *, common,
@@ -409,7 +516,7 @@ def blend(
     job = Job("blend", common)
     req = job.request(BlendRequest, recipe, image_a=image_a, image_b=image_b, frames=frames, fit=_value(fit))
     result = job.run(req)
-    stem = job.named(_stem(_name_part(image_a), _name_part(image_b), "blend"), req.seed)
+    stem = job.named(req, fps=fps)
     named: dict[str, Any] = {"frames": []}
     if not webp_supported():
         job.note("This Pillow has no WebP support: writing the GIF only")
@@ -448,7 +555,7 @@ def edit(
     image: ImageArg = None,
     prompt: Annotated[Optional[str], typer.Argument(metavar="PROMPT", help="What to paint in the masked area.", show_default=False)] = None,
     mask: Annotated[Optional[Path], typer.Option("--mask", "-m", metavar="MASK", show_default=False,
-                                                 help="White (or transparent) = repaint, black = keep (this or --box).")] = None,
+                                                 help="White (or transparent) = repaint, black = keep; the image's shape, any size (this or --box).")] = None,
     box: Annotated[Optional[str], typer.Option("--box", metavar="L,T,R,B", show_default=False,
                                                help="Repaint a rectangle instead of a mask: left,top,right,bottom as fractions "
                                                     "of the image, e.g. 0,0.5,1,1 for the lower half.")] = None,
@@ -468,7 +575,7 @@ def edit(
 
     req = job.request(EditRequest, recipe, image=image, mask=mask, box=None if box is None else check_box("--box", box),
                       prompt=prompt, invert_mask=invert_mask, n=n, feather=feather)
-    job.images_with_grid(req, _stem(_name_part(image), req.prompt))
+    job.images_with_grid(req)
 
 
 @image_command(epilog="""\
@@ -503,7 +610,7 @@ def nudge(
                  "as in the other commands)")
         from_text, recipe = str(recipe), None
     req = job.request(NudgeRequest, recipe, image=image, to=to_text, from_=from_text, amount=amount, n=n, fit=_value(fit))
-    job.images_with_grid(req, _stem(_name_part(image), "to", req.to))
+    job.images_with_grid(req)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -583,11 +690,7 @@ def mix(
         by_kind = dict(zip(order, w))
         w = [by_kind[("image", j)] for j in range(len(images))] + [by_kind[("text", j)] for j in range(len(prompts))]
     given = dict(images=images or None, prompts=prompts or None, weights=w, n=n, fit=_value(fit), noise_level=noise_level)
-    req = job.request(MixRequest, recipe, **given)
-    parts = [_name_part(p, 12) for p in req.images] + [t[:16] for t in req.prompts]
-    # "mix" once: mixing a file already named mix-... (an earlier mix) does not give mix-mix-...
-    first = _stem(parts[0]) if parts else ""
-    job.images_with_grid(req, _stem(*([] if first == "mix" or first.startswith("mix-") else ["mix"]), *parts, max_len=40))
+    job.images_with_grid(job.request(MixRequest, recipe, **given))
 
 
 def _objects(specs: list[str] | None) -> list | None:
@@ -636,4 +739,4 @@ def compose(
     """Put objects where you say: a sentence's layout, or boxes, one path per object."""
     job = Job("compose", common)
     req = job.request(ComposeRequest, recipe, prompt=prompt, objects=_objects(obj), background=background, method=method, n=n)
-    job.images_with_grid(req, _stem("compose", req.prompt or " ".join(p for p, _ in req.objects)))
+    job.images_with_grid(req)

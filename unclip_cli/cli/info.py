@@ -90,13 +90,42 @@ def _show_png(path: Path, as_json: bool) -> None:
         else:
             print(f"{path} has no stored recipe (it was not written by unclip, or was written with --no-metadata).")
         return
+    shown_as = _explained(recipe)
     keys = [k for k in RECIPE_ORDER if k in recipe] + sorted(k for k in recipe if k not in RECIPE_ORDER)
-    width = max(len(k) for k in keys)
+    keys = [k for k in keys if shown_as.get(k, "") is not None]
     op = recipe.get("op")
+    # nudge's text it turns from is the recipe's `from`, shown under its option's name: --from is the recipe PNG
+    labels = {k: "from_text" if op == "nudge" and k == "from" else _fmt(k) for k in keys}
+    width = max(len(label) for label in labels.values())
     print(f"{path}: made by `unclip {op}`" if op in INPUTS else f"{path}: a recipe of an unknown operation, {printable(shown(op))}")
     for k in keys:
-        print(f"  {_fmt(k):<{width}}  {_fmt(recipe[k])}")
+        print(f"  {labels[k]:<{width}}  {shown_as.get(k) or _fmt(recipe[k])}")
     print(f"Rerun: {rerun_command(path, recipe)}")
+
+
+def _explained(recipe: dict) -> dict[str, str | None]:
+    """Recipe fields shown otherwise than as stored (None: not shown). A nudge's `theta` is its image's own amount:
+    shown as the amount, with the run's (`amount`, which -n images step up to); a blend's, as the frame's place."""
+
+    def number(k):
+        v = recipe.get(k)
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+    def whole(k):
+        v = recipe.get(k)
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    op, theta = recipe.get("op"), number("theta")
+    if op == "nudge" and theta is not None and number("amount") is not None:
+        n, i = whole("n"), whole("index")
+        if n is None or i is None or not 0 <= i < n or n == 1:
+            return {"theta": None, "amount": f"{theta:g}"}
+        return {"theta": None, "amount": f"{theta:g} (image {i + 1} of {n}; the run's images step up to {number('amount'):g}: "
+                                          f"--amount {number('amount'):g} -n {n})"}
+    frame, frames = whole("frame"), whole("frames")
+    if op == "blend" and theta is not None and frame is not None and frames is not None and 0 <= frame < frames:
+        return {"theta": f"{theta:g} (frame {frame + 1} of {frames}'s place from A, 0, to B, 1)"}
+    return {}
 
 
 def card_summary(card: str) -> list[tuple[str, str]]:

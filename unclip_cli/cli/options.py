@@ -23,6 +23,9 @@ from unclip_cli.errors import WeightsError
 from unclip_cli.requests import DEFAULT_BATCH, DEFAULT_GUIDANCE, DEFAULT_PRIOR_GUIDANCE, MAX_N, PRECISIONS, QUALITY
 
 P_MODEL, P_SAMPLING, P_OUTPUT = "Model", "Sampling", "Output"
+# Options for one model family only, in a panel of their own shown last, so that what applies to the shipped emoji set
+# (and Karlo) comes first
+P_FAMILY = "Stable unCLIP sets only"
 
 Quality = Enum("Quality", {q: q for q in QUALITY}, type=str)
 DeviceChoice = Enum("DeviceChoice", {d: d for d in ("auto", "cpu", "cuda", "mps")}, type=str)
@@ -91,8 +94,10 @@ PriorGuidanceOpt = _sampling("--prior-guidance", float, "Prior classifier-free g
                              f"the model set's: {DEFAULT_PRIOR_GUIDANCE:g} for emoji, 4 for Karlo")
 BatchSizeOpt = _sampling("--batch-size", int, "Images per model call; lower it if memory runs out. Another batch size changes "
                          "pixels only by rounding; --from reruns the recorded one.", str(DEFAULT_BATCH))
-SizeOpt = _sampling("--size", int, "Output size in pixels, for a model set that decodes at several sizes (Stable unCLIP: "
-                   "512 as well as its native 768, at 0.4 of the FLOPs per step).", "the model set's")
+SizeOpt = Annotated[Optional[int], typer.Option("--size", show_default="the model set's", rich_help_panel=P_FAMILY,
+                                                help="Output size in pixels, for a set that decodes at several sizes (a latent "
+                                                     "decoder: Stable unCLIP at 512 as well as its native 768, at 0.4 of the "
+                                                     "FLOPs per step); the emoji and Karlo sets have one size.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder for the results (created if needed).", rich_help_panel=P_OUTPUT)]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite files of the same name instead of adding -run2, -run3... to this run's names.",
                                         rich_help_panel=P_OUTPUT)]
@@ -137,6 +142,11 @@ def _param(name: str, hints: dict, default, kind=inspect.Parameter.KEYWORD_ONLY)
 _COMMON = [_param(f.name, typing.get_type_hints(Common, include_extras=True), f.default) for f in dataclasses.fields(Common)]
 
 
+def _panel(param: inspect.Parameter) -> str | None:
+    """The help panel an Annotated option names, if any."""
+    return next((m.rich_help_panel for m in getattr(param.annotation, "__metadata__", ()) if hasattr(m, "rich_help_panel")), None)
+
+
 def image_command(**kwargs):
     """Register an image command whose function takes its own parameters plus `common: Common`; the common
     options are appended to its signature, so Typer shows them and each command lists only its own."""
@@ -150,8 +160,11 @@ def image_command(**kwargs):
             common = Common(**{f.name: values.pop(f.name if f.name != "json" else "json_") for f in dataclasses.fields(Common)})
             return fn(**values, common=common)
 
-        command.__signature__ = inspect.Signature(own + _COMMON)
-        command.__annotations__ = {p.name: p.annotation for p in own + _COMMON}
+        params = own + _COMMON
+        params = [p for p in params if _panel(p) != P_FAMILY] + [  # shown last
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params if _panel(p) == P_FAMILY]
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
         del command.__wrapped__  # Typer must read the new signature, not the wrapped function's
         return app.command(**kwargs)(command)
 
