@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from typer.testing import CliRunner
 
 from unclip_cli import imageio
@@ -747,6 +748,33 @@ def test_mix_compose_and_blend_names_say_their_settings(w, tmp_path, pics):
     assert boxes.startswith("compose-cat-face-sun-tiny-p2d2u2-h") and moved.startswith("compose-cat-face-sun-tiny-p2d2u2-h") and moved != boxes
     blend = names("blend", pics["png"], pics["exif"], "--steps", "2", "--fps", "12")
     assert blend[0] == "photo-rotated-blend-tiny-d2u2-2frames-12fps-1-0.png"
+    assert any(line.split()[:2] == ["theta", "1"] and line.endswith(" (frame 2 of 2's place: 0 is A, 1 is B)")
+               for line in ok("info", out / blend[1]).out.splitlines())
+
+
+def test_what_a_name_cannot_say_is_in_its_hash(w, tmp_path):
+    """A text that its slug does not say exactly (CLIP reads it lower-cased, spaces collapsed, but punctuation counts)
+    and a recipe of an older unclip (it sampled otherwise) get a short hash: named apart, not -run2."""
+    out = tmp_path / "o"
+
+    def name(*args):
+        return Path(ok("generate", *args, "--seed", "6", "--out", out, *FAST, *w).out.split()[0]).name
+
+    assert name("cat face") == "cat-face-tiny-p2d2u2-6-0.png"
+    assert name("CAT   face") == "cat-face-tiny-p2d2u2-6-0-run2.png"  # the same tokens: the same pictures
+    shouted = name("Cat face!")
+    assert shouted.startswith("cat-face-tiny-p2d2u2-h") and shouted.endswith("-6-0.png") and len(shouted) == len("cat-face-tiny-p2d2u2-h0000-6-0.png")
+    cat = tmp_path / "cat.png"  # (a longer name, cut to 16 characters in the name, would be hashed too)
+    cat.write_bytes((out / "cat-face-tiny-p2d2u2-6-0.png").read_bytes())
+    made = ok("vary", cat, "--seed", "1", "--out", out, *FAST, *w).out.split()[0]
+    with Image.open(made) as im:
+        recipe = json.loads(im.text[imageio.RECIPE_KEY])
+        info = PngInfo()
+        info.add_text(imageio.RECIPE_KEY, json.dumps({k: v for k, v in recipe.items() if k != "invert_to_start"}))
+        im.save(tmp_path / "old.png", pnginfo=info)  # a recipe from before the inversion stopped at the decoder's start
+    old = ok("vary", cat, "--from", tmp_path / "old.png", "--out", out, "--device", "cpu", *w).out.split()
+    assert Path(made).name == "cat-vary-tiny-d2u2-1-0.png"
+    assert Path(old[0]).name.startswith("cat-vary-tiny-d2u2-h") and Path(old[0]).name.endswith("-1-0-rerun.png")
 
 
 def test_edit_names_say_the_mask_box_and_inversion(w, tmp_path, pics):

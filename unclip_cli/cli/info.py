@@ -124,7 +124,7 @@ def _explained(recipe: dict) -> dict[str, str | None]:
                                           f"--amount {number('amount'):g} -n {n})"}
     frame, frames = whole("frame"), whole("frames")
     if op == "blend" and theta is not None and frame is not None and frames is not None and 0 <= frame < frames:
-        return {"theta": f"{theta:g} (frame {frame + 1} of {frames}'s place from A, 0, to B, 1)"}
+        return {"theta": f"{theta:g} (frame {frame + 1} of {frames}'s place: 0 is A, 1 is B)"}
     return {}
 
 
