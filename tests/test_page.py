@@ -221,6 +221,8 @@ IN_BATCH_2 = LONG4[:3] + one_image([["prior", 10, 2, 4, 10, 10.2, 1.2], ["decode
 TEN = [["prior", 4, 1, 2, 4, 16.0, 4.0, 8], ["decoder", 10, 1, 2, 10, 20.0, 2.0, 8],
        ["prior", 4, 2, 2, 4, 4.0, 1.0, 2], ["decoder", 10, 2, 2, 10, 5.0, 0.5, 2]]
 ESTIMATES = [  # (this job's segments, seconds since its last step, the last job's segments, images) -> (seconds left, share done)
+    # The first job's first step: no pace yet (a first step is slower than the rest), nothing known after: estimating.
+    (one_image([["prior", 4, 1, 2, 1, 1.0, 1.0]]), 0.25, None, None, None, None),
     # Two steps into the first job's prior with a last job: the rest of this prior, then decoder and upsampler, then the whole second batch, less the
     # half step already run: 2 + 5 + 2 + 11 - 0.5.
     (one_image([["prior", 4, 1, 2, 2, 2.0, 1.0]]), 0.5, LAST, 2, 19.5, 2.5 / 22),
