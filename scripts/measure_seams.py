@@ -67,14 +67,13 @@ def user_images(n: int, own: Path, corpus: Path) -> list[Image.Image]:
 
 
 def variants(gen: Image.Image, source: Image.Image, repaint: np.ndarray, feathers: list[int], reach: int) -> dict:
-    from unclip_cli.engine import feather_weights, paste_back
+    from unclip_cli.engine import paste_back
 
     out = {}
     for f in feathers:
-        w = feather_weights(repaint, f) if f else None
-        out[f"feather {f}"] = paste_back(gen, source, repaint, w)
+        out[f"feather {f}"] = paste_back(gen, source, repaint, f)
         if f:
-            out[f"feather {f}, harmonised"] = paste_back(gen, source, repaint, w, reach)
+            out[f"feather {f}, harmonised"] = paste_back(gen, source, repaint, f, reach)
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import zlib
@@ -888,6 +889,35 @@ def test_edit_box_marks_a_rectangle_and_reruns(w, tmp_path, pics):
         fails("edit", pics["png"], "--box", box, "x", "--out", tmp_path / "no", *FAST, *w, match=match)
     fails("edit", pics["png"], "--box", "0,0,1,0.5", "--mask", pics["mask"], "x", "--out", tmp_path / "no", *FAST, *w, match="not both")
     assert not (tmp_path / "no").exists()
+
+
+def test_a_mask_of_another_shape_is_refused_not_stretched(w, tmp_path, pics):
+    """A mask maps onto its image by scaling: one of the image's shape (to a pixel) is resized with a warning, one of
+    another shape would be stretched (a square mask on a wide photo) and is refused, naming both sizes and the fix,
+    before any model work and with nothing written."""
+    for size, shaped in (((21, 12), True), ((41, 24), True), ((20, 14), False), ((24, 24), False)):
+        path = tmp_path / f"m{size[0]}x{size[1]}.png"
+        Image.open(pics["mask"]).resize(size, Image.Resampling.NEAREST).save(path)
+        if shaped:
+            assert "resized the mask (same shape" in imageio.load_mask(path, (40, 24))[2][-1]
+        else:
+            with pytest.raises(InputError, match=f"is {size[0]}×{size[1]} but the image is 40×24: another shape"):
+                imageio.load_mask(path, (40, 24))
+    r = fails("edit", pics["png"], "--mask", tmp_path / "m24x24.png", "x", "--out", tmp_path / "no", *FAST, *w,
+              match="mask m24x24.png is 24×24 but the image is 40×24: another shape, so it would be stretched")
+    assert "make the mask 40×24 (or the same shape smaller, e.g. 24×14), or mark a rectangle with --box" in r.err
+    assert not (tmp_path / "no").exists()
+
+
+def test_outside_a_terminal_each_stage_says_when_it_ends(w, tmp_path):
+    """stderr not a terminal (a log, a pipe): no bars, but one line per stage with its time, once over all batches;
+    --quiet says none of it."""
+    r = ok("generate", "cat face", "-n", "3", "--batch-size", "2", "--seed", "1", "--out", tmp_path / "a", *FAST, *w)
+    lines = [ln for ln in r.err.splitlines() if " steps in " in ln]
+    assert [ln.split(":")[0] for ln in lines] == ["prior", "decoder", "upsampler"], r.err
+    assert all(re.fullmatch(r"\w+: 2 batches of \d+ steps in \d+\.\d s", ln) for ln in lines), lines
+    quiet = ok("generate", "cat face", "--seed", "1", "--quiet", "--out", tmp_path / "b", *FAST, *w)
+    assert " steps in " not in quiet.err and "Seed" not in quiet.err
 
 
 def test_edit_feather_blends_inside_the_mask_only(w, tmp_path, pics):

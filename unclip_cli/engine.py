@@ -161,18 +161,17 @@ def membrane(diff: torch.Tensor, fixed: torch.Tensor, iters: int = 40) -> torch.
     return c[0]
 
 
-def harmonise(gen: np.ndarray, orig: np.ndarray, repaint: np.ndarray, reach: int) -> np.ndarray:
-    """The generated pixels (H, W, 3) with their colours matched to the kept image's along the mask border:
-    gradient-domain blending (Perez et al. 2003, "Poisson image editing"). The result keeps the generated image's
+def colour_match(gen: np.ndarray, orig: np.ndarray, repaint: np.ndarray, reach: int) -> np.ndarray:
+    """What matches the generated pixels' (H, W, 3) colours to the kept image's along the mask border, to be added to
+    them: gradient-domain blending (Perez et al. 2003, "Poisson image editing"). The result keeps the generated image's
     gradients inside the mask but not the step across its border: the correction is the membrane that takes each
     first pixel inside to its kept neighbours (the sampled image already equals the kept one outside, so the step
     is all the mismatch there is). It fades out over `reach` px inside the mask, so the middle of the edit keeps
-    the colours the prompt asked for. Float32."""
-    g = gen.astype(np.float32)
+    the colours the prompt asked for. Float32, (H, W, 3); zeros where there is nothing to match."""
     inside = torch.from_numpy(np.ascontiguousarray(repaint))
     if reach <= 0 or not inside.any() or inside.all():
-        return g
-    g_t = torch.from_numpy(g).permute(2, 0, 1)[:, None]  # (3, 1, H, W)
+        return np.zeros(gen.shape, np.float32)
+    g_t = torch.from_numpy(gen.astype(np.float32)).permute(2, 0, 1)[:, None]  # (3, 1, H, W)
     m = inside.float()[None, None]
     cross = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])[None, None]
     n_in = F.conv2d(m, cross, padding=1)[0]  # (1, H, W) neighbours inside the mask
@@ -180,28 +179,76 @@ def harmonise(gen: np.ndarray, orig: np.ndarray, repaint: np.ndarray, reach: int
     ring = ~inside & (n_in[0] > 0)  # kept pixels on the border
     diff = torch.from_numpy(orig.astype(np.float32)).permute(2, 0, 1) - g_in
     fade = 1 - torch.from_numpy(feather_weights(repaint, reach))  # 1 at the border, 0 from `reach` px in
-    return g + (membrane(diff, ring) * fade).permute(1, 2, 0).numpy()
+    return (membrane(diff, ring) * fade).permute(1, 2, 0).numpy()
 
 
-def paste_back(generated: Image.Image, original: Image.Image, repaint: np.ndarray, weights: np.ndarray | None = None,
+def harmonise(gen: np.ndarray, orig: np.ndarray, repaint: np.ndarray, reach: int) -> np.ndarray:
+    """The generated pixels (H, W, 3) with their colours matched to the kept image's along the border (`colour_match`). Float32."""
+    return gen.astype(np.float32) + colour_match(gen, orig, repaint, reach)
+
+
+# Outputs up to this side (or the result's) are colour-matched at their own pixels; larger ones at the result's: the
+# exact solve's cost grows as the side cubed (its reach grows with the side), 10 minutes at 20 MP.
+EXACT_PASTE_SIDE = 512
+
+
+def paste_back(generated: Image.Image, original: Image.Image, repaint: np.ndarray, feather: int = 0,
                reach: int = 0) -> Image.Image:
     """Map a square result back onto the original canvas; take only masked pixels from it, blended with the
-    original by `weights` (H, W) in [0, 1] if given (`feather_weights`), else wholesale. With `reach`, the
-    result's colours are first matched to the original's along the border (`harmonise`)."""
+    original over a band `feather` px wide inside the mask (`feather_weights`), else wholesale. With `reach`, the
+    result's colours are first matched to the original's along the border (`colour_match`).
+
+    An output much larger than the result (a photo) costs little more than the result: the colour match is solved at
+    the result's own pixels, where its detail is (the correction is smooth, so it is upsampled), and only the mask's
+    bounding box is resampled and feathered at the output's size."""
     w, h = original.size
-    side = max(w, h)
-    gen = np.asarray(generated.resize((side, side), Image.Resampling.LANCZOS))
+    side, S = max(w, h), generated.size[0]
     left, top = (side - w) // 2, (side - h) // 2
-    gen = gen[top : top + h, left : left + w]
     orig = np.asarray(original)
-    if reach > 0:
-        gen = harmonise(gen, orig, repaint, reach)
-    if weights is None:
-        out = np.where(repaint[..., None], gen, orig)
+    if not repaint.any():
+        return original.copy()
+    rows, cols = np.flatnonzero(repaint.any(1)), np.flatnonzero(repaint.any(0))
+    # One kept pixel around the mask: feathering measures the way to the nearest one (the image's edge is no border).
+    y0, y1, x0, x1 = max(0, rows[0] - 1), min(h, rows[-1] + 2), max(0, cols[0] - 1), min(w, cols[-1] + 2)
+    if side <= max(S, EXACT_PASTE_SIDE):  # matched at every output pixel, as always (under a second at 512 px)
+        full = np.asarray(generated.resize((side, side), Image.Resampling.LANCZOS))[top : top + h, left : left + w]
+        gen = full[y0:y1, x0:x1]
+        if reach > 0:
+            gen = gen.astype(np.float32) + colour_match(full, orig, repaint, reach)[y0:y1, x0:x1]
     else:
-        mixed = np.rint(weights[..., None] * gen.astype(np.float32) + (1 - weights[..., None]) * orig.astype(np.float32))
-        out = np.where(repaint[..., None], mixed.clip(0, 255), orig)  # unmasked pixels: the input's, bit for bit
-    return Image.fromarray(out.astype(np.uint8), "RGB")
+        k = S / side  # result pixels per output pixel
+        gen = np.asarray(generated.resize((x1 - x0, y1 - y0), Image.Resampling.LANCZOS,
+                                          box=((left + x0) * k, (top + y0) * k, (left + x1) * k, (top + y1) * k)))
+        if reach > 0:
+            gen = gen.astype(np.float32) + _colour_match_upsampled(generated, original, repaint, reach, (y0, y1, x0, x1))
+    box, kept = repaint[y0:y1, x0:x1, None], orig[y0:y1, x0:x1]
+    if feather <= 0:
+        part = np.where(box, gen, kept)
+    else:
+        weights = feather_weights(repaint[y0:y1, x0:x1], feather)[..., None]
+        mixed = np.rint(weights * gen.astype(np.float32) + (1 - weights) * kept.astype(np.float32))
+        part = np.where(box, mixed.clip(0, 255), kept)  # unmasked pixels: the input's, bit for bit
+    out = orig.copy()
+    out[y0:y1, x0:x1] = part.astype(np.uint8)
+    return Image.fromarray(out, "RGB")
+
+
+def _colour_match_upsampled(generated: Image.Image, original: Image.Image, repaint: np.ndarray, reach: int, bbox) -> np.ndarray:
+    """`colour_match` for an output larger than the result, within `bbox` (y0, y1, x0, x1) at the output's size:
+    solved in the output's frame scaled to the result's pixels (`reach` scaled alike), then upsampled (bilinear: the
+    correction is a membrane, smooth but for its fade)."""
+    w, h = original.size
+    side, S = max(w, h), generated.size[0]
+    left, top, f = (side - w) // 2, (side - h) // 2, S / side
+    ws, hs = max(1, round(w * f)), max(1, round(h * f))
+    gen = np.asarray(generated.resize((ws, hs), Image.Resampling.LANCZOS, box=(left * f, top * f, (left + w) * f, (top + h) * f)))
+    orig = np.asarray(original.resize((ws, hs), Image.Resampling.BICUBIC, reducing_gap=3.0))
+    small = np.asarray(Image.fromarray(repaint.astype(np.uint8) * 255, "L").resize((ws, hs), Image.Resampling.BOX)) >= 128
+    corr = colour_match(gen, orig, small, max(1, round(reach * f)))  # (hs, ws, 3)
+    y0, y1, x0, x1 = bbox
+    at = (x0 * ws / w, y0 * hs / h, x1 * ws / w, y1 * hs / h)
+    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(corr[..., c]), "F").resize(
+        (x1 - x0, y1 - y0), Image.Resampling.BILINEAR, box=at)) for c in range(3)], -1)
 
 
 @dataclass
@@ -210,8 +257,8 @@ class _EditCanvas:
 
     image: Image.Image  # the input, RGB, its own size
     repaint: np.ndarray  # (H, W) bool, True = repaint
-    weights: np.ndarray | None  # (H, W) how much of the result each repainted pixel takes (feathering), None: all
-    reach: int  # px inside the mask over which the result's colours are matched to the kept image's (`harmonise`), 0: none
+    feather: int  # px inside the mask over which the result fades in (`feather_weights`), 0: pasted wholesale
+    reach: int  # px inside the mask over which the result's colours are matched to the kept image's (`colour_match`), 0: none
     known_full: torch.Tensor  # (1, 3, S, S)
     keep_full: torch.Tensor  # (1, 1, S, S), 1 = known
     known: torch.Tensor  # (1, 3, s, s)
@@ -466,7 +513,7 @@ class Engine:
             x = self.decode_from_noise(z_i, states, mask, noise, steps, guidance, known=known, keep=keep, tick=tick, z_t=z_dec)
             x = self.run_upsamplers(x, noise, steps.upsampler, known=known_full, keep_full=keep_full, tick=tick)
             for (k, i), img, z in zip(chunk, self.to_images(x), z_i):
-                images[(k, i)] = img if canvases is None else paste_back(img, canvases[k].image, canvases[k].repaint, canvases[k].weights, canvases[k].reach)
+                images[(k, i)] = img if canvases is None else paste_back(img, canvases[k].image, canvases[k].repaint, canvases[k].feather, canvases[k].reach)
                 embeddings[(k, i)] = z
         return images, embeddings
 
@@ -795,10 +842,9 @@ class Engine:
         keep = (F.interpolate(keep_full, size=(s, s), mode="area") > 0.999).float()  # known only if fully unmasked
         if self.models.vae is not None:  # the known region as the decoder samples it: encoded (the pixels are pasted back)
             known = self.encode_latents(F.interpolate(known_full, size=(s * self.models.latent_factor,) * 2, mode="area"))
-        weights = feather_weights(repaint, req.feather) if req.feather > 0 else None
         # The colour match scales with the input (4 base pixels: 32 px of a 256 px image); --feather 0 pastes as before.
         reach = round(HARMONY_BASE_PX * max(image.size) / s) if req.feather > 0 and req.harmonise else 0
-        return _EditCanvas(image, repaint, weights, reach, known_full, keep_full, known, keep)
+        return _EditCanvas(image, repaint, req.feather, reach, known_full, keep_full, known, keep)
 
     def _text_dropped(self, B: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states and an all-False mask: 'no caption', as the decoder saw 50% of the time in training."""

@@ -208,7 +208,8 @@ def load_mask(src, size: tuple[int, int], invert: bool = False) -> tuple[Image.I
 
     White marks what to repaint. A mask with real transparency (some pixels see-through) marks the
     transparent area instead, as the DALL-E edits API does. `invert` swaps the two. A mask of another
-    size is resized (nearest neighbour) with a note. An empty or full mask is an InputError.
+    size but the image's shape is resized (nearest neighbour) with a note; one of another shape, an empty
+    or a full mask is an InputError.
     """
     name = f"mask {Path(src).name}" if isinstance(src, (str, Path)) else "mask"
     im, notes = _upright(_open(src, "mask"), name)
@@ -233,10 +234,18 @@ def load_mask(src, size: tuple[int, int], invert: bool = False) -> tuple[Image.I
         how = "everything but " + how
     mask = Image.fromarray(repaint.astype(np.uint8) * 255, "L")
     if mask.size != tuple(size):
-        notes.append(
-            f"{name} is {mask.size[0]}×{mask.size[1]} but the image is {size[0]}×{size[1]}: "
-            "resized the mask (nearest neighbour)"
-        )
+        (mw, mh), (w, h) = mask.size, size
+        # A mask of the image's shape (to a pixel of rounding) maps onto it by scaling; any other would be stretched
+        # over the image (or, in the model's padded square, fall partly outside it): neither is what it marked.
+        if abs(mw * h - mh * w) > max(w, h):
+            long = max(mw, mh)
+            like = (long, max(1, round(long * h / w))) if w >= h else (max(1, round(long * w / h)), long)
+            raise InputError(
+                f"{name} is {mw}×{mh} but the image is {w}×{h}: another shape, so it would be stretched",
+                hint=f"make the mask {w}×{h} (or the same shape smaller, e.g. {like[0]}×{like[1]}), "
+                "or mark a rectangle with --box LEFT,TOP,RIGHT,BOTTOM",
+            )
+        notes.append(f"{name} is {mw}×{mh} but the image is {w}×{h}: resized the mask (same shape, nearest neighbour)")
         mask = mask.resize(tuple(size), Image.Resampling.NEAREST)
     m = np.asarray(mask) > 127
     fraction = float(m.mean())
@@ -378,10 +387,19 @@ def read_sheet(text: dict[str, str]) -> dict | None:
     return sheet if ok else None
 
 
+LARGE_PNG_PIXELS = 4_000_000
+
+
+def _png_level(image: Image.Image) -> int:
+    """zlib's level for a PNG: the usual 6, but 1 above LARGE_PNG_PIXELS (an edit of a photo: at 20 MP 4 s instead of
+    21 s on the 2-core machine, for 29 MB instead of 26 MB)."""
+    return 1 if image.width * image.height > LARGE_PNG_PIXELS else 6
+
+
 def png_bytes(image: Image.Image, recipe: dict | None = None) -> bytes:
     """A PNG in memory carrying the recipe as every output file does (`unclip info` reads it, `--from` reruns it)."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=_png_info(recipe))
+    image.save(buf, format="PNG", pnginfo=_png_info(recipe), compress_level=_png_level(image))
     return buf.getvalue()
 
 
@@ -640,7 +658,8 @@ class OutputSet:
                 sheet: dict | None = None) -> Path:
         """An image (its recipe stored), or with `sheet` a grid or strip of a run's images (what it shows stored)."""
         info = _png_info(recipe, sheet) if self.metadata else None
-        return self._stage(stem, ".png", index, lambda f: image.save(f, format="PNG", pnginfo=info))
+        level = _png_level(image)
+        return self._stage(stem, ".png", index, lambda f: image.save(f, format="PNG", pnginfo=info, compress_level=level))
 
     def add_gif(self, frames: Sequence[Image.Image], stem: str, fps: float = 6.0) -> Path:
         return self._stage(stem, ".gif", False, lambda f: save_gif(frames, f, fps))

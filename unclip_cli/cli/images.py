@@ -304,7 +304,7 @@ class Job:
                 bars(event)
                 estimate(event)
 
-        with Bars(self.err, enabled=self.err.is_terminal and not self.c.quiet) as bars:
+        with Bars(self.err, enabled=not self.c.quiet) as bars:  # bars on a terminal, a line per stage elsewhere
             result = self.eng.run(req, callback=show)  # its warnings are the ones `show` was handed
         return result
 

@@ -6,14 +6,22 @@ from unclip_cli.progress import Tick
 
 
 class Bars:
-    """Progress bars for the Ticks of a run, drawn only when `enabled` (stderr is a terminal and --quiet is
-    off). A stage that runs once per batch fills one bar over all its batches."""
+    """Progress for the Ticks of a run, shown only when `enabled` (--quiet is off): rich bars when stderr is a
+    terminal, one per stage (a stage that runs once per batch fills one bar over all its batches); elsewhere (a log
+    file, a pipe, a CI job) one line per stage when it ends, with its measured time, so a long run is never silent."""
 
-    def __init__(self, console, enabled: bool):
+    def __init__(self, console, enabled: bool, clock=None):
+        import time
+
         self.console, self.enabled, self.progress, self.tasks = console, enabled, None, {}
+        self.lines = enabled and not console.is_terminal
+        self.clock = clock or time.monotonic
+        self.spent: dict[str, float] = {}  # seconds per stage: the time since the previous Tick goes to this one's stage
+        self.last = 0.0
 
     def __enter__(self) -> "Bars":
-        if self.enabled:
+        self.last = self.clock()
+        if self.enabled and not self.lines:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
             self.progress = Progress(TextColumn("{task.description:>11}"), BarColumn(), MofNCompleteColumn(),
@@ -27,6 +35,14 @@ class Bars:
             self.progress.stop()
 
     def __call__(self, tick: Tick) -> None:
+        if self.lines:
+            now = self.clock()
+            self.spent[tick.stage] = self.spent.get(tick.stage, 0.0) + now - self.last
+            self.last = now
+            if tick.batch == tick.batches and tick.step == tick.total:
+                steps = f"{tick.batches} batches of {tick.total} steps" if tick.batches > 1 else f"{tick.total} steps"
+                self.console.print(f"{tick.stage}: {steps} in {self.spent[tick.stage]:.1f} s", markup=False, highlight=False)
+            return
         if self.progress is None:
             return
         total = tick.total * tick.batches
