@@ -855,10 +855,11 @@ def test_from_with_image_commands_says_which_inputs_to_give_again(w, tmp_path, p
     r = fails("edit", "--from", png, "--out", out, *w, match="made from 1 image (photo.png): give it and its mask again")
     assert f"unclip edit photo.png --mask mask.png --from {png}" in r.err and "not the images" in r.err
     fails("edit", pics["png"], "--from", png, "--out", out, *w, match="give the mask again")
-    # another image and another mask: warned, and the rerun still runs
-    other = tmp_path / "other.png"
+    # another image and another mask (of its shape: another would be refused): warned, and the rerun still runs
+    other, other_mask = tmp_path / "other.png", tmp_path / "mask_rgba.png"
     _noise(24, 24, 5).save(other)
-    r = ok("edit", other, "--mask", pics["mask_rgba"], "--from", png, "--out", out, "--device", "cpu", *w)
+    Image.open(pics["mask_rgba"]).resize((24, 24), Image.Resampling.NEAREST).save(other_mask)
+    r = ok("edit", other, "--mask", other_mask, "--from", png, "--out", out, "--device", "cpu", *w)
     assert "Warning: the recipe was made from photo.png, not other.png" in r.err
     assert "Warning: the recipe's image was 40×24, this one is 24×24" in r.err and "Warning: the mask marks" in r.err
     same = ok("edit", pics["png"], "--mask", pics["mask"], "--from", png, "--out", out, "--device", "cpu", *w)
