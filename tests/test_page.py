@@ -25,7 +25,7 @@ httpx = pytest.importorskip("httpx", reason="the test extra is not installed: pi
 from unclip_cli.progress import Tick  # noqa: E402
 from unclip_cli.serve.app import Settings, create_app  # noqa: E402
 from unclip_cli.serve.server import running  # noqa: E402
-from unclip_cli.serve.worker import Cancelled  # noqa: E402
+from held import HeldAtFirstStep, HeldEngine  # noqa: E402
 
 STEPS = {"prior_steps": 2, "decoder_steps": 2, "upsampler_steps": 1}
 
@@ -478,42 +478,6 @@ def test_mix_texts_and_compose_boxes_survive_a_reload(page_at):
     page.evaluate("localStorage.clear()")
 
 
-class HeldEngine:
-    """The tiny engine behind a gate: a job reports decoder steps until the test opens the gate, then runs for real."""
-
-    def __init__(self, engine):
-        self.engine, self.gate, self.started, self.cancelled = engine, threading.Event(), threading.Event(), threading.Event()
-        self.stopped: list[str] = []
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def run(self, request, callback=None):
-        self.started.set()
-        try:
-            while not self.gate.wait(0.01):
-                callback(Tick("decoder", 1, 2))
-        except Cancelled as c:
-            self.stopped.append(c.reason)
-            self.cancelled.set()
-            raise
-        return self.engine.run(request, callback)
-
-
-class HeldAtFirstStep(HeldEngine):
-    """The tiny engine held at its first sampler step, after what it hands the server before sampling (its warnings)."""
-
-    def run(self, request, callback=None):
-        def held(event):
-            callback(event)
-            if isinstance(event, Tick) and not self.gate.is_set():
-                self.started.set()
-                while not self.gate.wait(0.01):
-                    callback(event)
-
-        return self.engine.run(request, held)
-
-
 def test_a_jobs_warnings_show_while_it_runs(browser, tiny_engine):
     """A warning the server knows before the first step (a cut prompt) is on the page while the job runs, then with the
     run's images; the progress area's copy goes with the job."""
@@ -590,7 +554,7 @@ def test_a_reload_while_a_job_runs_follows_it_to_its_answer(browser, tiny_engine
         sync_api.expect(page.locator("#progress-text")).to_contain_text("decoder step 1/2")
         page.click("#stop")
         sync_api.expect(page.locator("#error")).to_have_text("Stopped.")  # at once; the server stops the job as the page asks
-        assert engine.cancelled.wait(30) and engine.stopped == ["stopped"]
+        assert engine.stopped.wait(30) and engine.reasons == ["stopped"]
         assert page.evaluate("localStorage.getItem('unclip-jobs-v1')") is None
         assert not problems, problems
         page.close()

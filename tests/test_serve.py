@@ -36,8 +36,8 @@ from unclip_cli.progress import Tick  # noqa: E402
 from unclip_cli.requests import request_from_recipe  # noqa: E402
 from unclip_cli.serve.app import Settings, create_app  # noqa: E402
 from unclip_cli.serve.server import running  # noqa: E402
+from held import HeldAtFirstStep, HeldEngine  # noqa: E402
 from unclip_cli.serve.store import ImageStore  # noqa: E402
-from unclip_cli.serve.worker import Cancelled  # noqa: E402
 
 KEY = "test-key"
 STEPS = {"prior_steps": 2, "decoder_steps": 2, "upsampler_steps": 1}  # the server's own step counts: every request is fast
@@ -345,97 +345,6 @@ def test_image_store_expires_and_bounds_memory():
 
 # ======================================================================================================
 # The queue, deadlines, disconnects, faults and stopping, with an engine the test holds
-class HeldEngine:
-    """The tiny engine behind a gate: a job reports sampler steps until the test opens the gate (then it
-    runs for real) or the server cancels it (the Cancelled raised by the callback is recorded)."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        self.gate, self.started, self.stopped = threading.Event(), threading.Event(), threading.Event()
-        self.reasons: list[str] = []
-        self.runs = 0
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def run(self, request, callback=None):
-        self.runs += 1
-        self.started.set()
-        try:
-            while not self.gate.wait(0.01):  # one "sampler step" every 10 ms
-                callback(Tick("decoder", 1, 2))
-        except Cancelled as c:
-            self.reasons.append(c.reason)
-            self.stopped.set()
-            raise
-        return self.engine.run(request, callback)
-
-
-def test_five_clients_against_max_queue_2(tiny_engine):
-    engine = HeldEngine(tiny_engine)
-    app = create_app(engine, Settings(max_queue=2, steps=STEPS))
-    with running(app) as (url, _):
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
-        outcomes: list = []
-        answered = threading.Condition()
-
-        def one(i: int) -> None:
-            try:
-                out = client.images.generate(prompt=f"prompt {i}", response_format="b64_json")
-            except openai.APIStatusError as e:
-                out = e
-            with answered:
-                outcomes.append(out)
-                answered.notify_all()
-
-        threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(5)]
-        threads[0].start()
-        assert engine.started.wait(30)  # the first job runs (held): the next two wait, the last two are refused
-        for t in threads[1:]:
-            t.start()
-        with answered:
-            assert answered.wait_for(lambda: len(outcomes) == 2, timeout=30)
-        for e in outcomes:
-            assert isinstance(e, openai.APIStatusError) and e.status_code == 503 and e.code == "server_busy"
-            assert int(e.response.headers["retry-after"]) >= 1
-        assert client.models.list().data[0].id == tiny_engine.name  # answers while the job runs
-        assert app.state.worker.counts() == {"running": 1, "queued": 2, "max_queue": 2}
-        engine.gate.set()
-        for t in threads:
-            t.join(60)
-            assert not t.is_alive()
-    done = [o for o in outcomes if not isinstance(o, Exception)]
-    assert len(outcomes) == 5 and len(done) == 3 and all(len(d.data) == 1 for d in done)
-
-
-def test_progress_of_a_job(tiny_engine):
-    engine = HeldEngine(tiny_engine)
-    app = create_app(engine, Settings(steps=STEPS))
-    with running(app) as (url, _), httpx.Client(base_url=url, timeout=60, trust_env=False) as c:
-        t = threading.Thread(target=c.post, args=(GEN,), kwargs={"json": {"prompt": "x"}, "headers": {"x-unclip-job": "job-0123456789abcdef"}},
-                             daemon=True)
-        t.start()
-        assert engine.started.wait(30)
-        status = c.get("/v1/unclip/jobs/job-0123456789abcdef").json()
-        assert status["status"] == "running" and status["running"] == 1
-        engine.gate.set()
-        t.join(60)
-
-
-class HeldAtFirstStep(HeldEngine):
-    """The tiny engine held at its first sampler step, after what it hands the server before sampling (its warnings)."""
-
-    def run(self, request, callback=None):
-        def held(event):
-            callback(event)
-            if isinstance(event, Tick) and not self.gate.is_set():
-                self.started.set()
-                while not self.gate.wait(0.01):
-                    callback(event)
-
-        return self.engine.run(request, held)
-
-
 def test_a_jobs_status_has_its_warnings_before_its_first_step(tiny_engine):
     """What the job's answer will warn of (x-unclip-warnings) is in its status while it runs: the page shows it then."""
     engine = HeldAtFirstStep(tiny_engine)
