@@ -30,12 +30,17 @@ from held import HeldAtFirstStep, HeldEngine  # noqa: E402
 STEPS = {"prior_steps": 2, "decoder_steps": 2, "upsampler_steps": 1}
 
 
-def watched_page(browser):
-    """A new desktop-sized page, and the list its script errors and console errors are collected in."""
+def watched_page(browser, fresh_at: str | None = None):
+    """A new desktop-sized page, and the list its script errors and console errors are collected in; with `fresh_at`,
+    opened at that server's page with nothing stored from an earlier test."""
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     problems = []
     page.on("pageerror", lambda e: problems.append(str(e)))
     page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    if fresh_at:
+        page.goto(fresh_at + "/")
+        page.evaluate("localStorage.clear()")
+        page.reload()
     return page, problems
 
 
@@ -483,10 +488,7 @@ def test_a_jobs_warnings_show_while_it_runs(browser, tiny_engine):
     run's images; the progress area's copy goes with the job."""
     engine = HeldAtFirstStep(tiny_engine)
     with running(create_app(engine, Settings(steps=STEPS))) as (url, _):
-        page, problems = watched_page(browser)
-        page.goto(url + "/")
-        page.evaluate("localStorage.clear()")
-        page.reload()
+        page, problems = watched_page(browser, fresh_at=url)
         page.fill("#gen-n", "1")
         page.fill("#gen-prompt", " ".join(["apple"] * 200))
         page.click("#gen-go")
@@ -507,10 +509,7 @@ def test_a_reload_while_a_job_runs_follows_it_to_its_answer(browser, tiny_engine
     stops the job on the server too."""
     engine = HeldEngine(tiny_engine)
     with running(create_app(engine, Settings(steps=STEPS))) as (url, _):
-        page, problems = watched_page(browser)
-        page.goto(url + "/")
-        page.evaluate("localStorage.clear()")
-        page.reload()
+        page, problems = watched_page(browser, fresh_at=url)
         page.fill("#gen-n", "1")
         page.fill("#gen-seed", "4")
         page.fill("#gen-prompt", "a red circle")
@@ -575,10 +574,7 @@ def test_undo_and_redo_survive_a_reload(browser, tiny_engine, tmp_path):
     source = tmp_path / "face.png"
     Image.new("RGB", (64, 48), (250, 200, 40)).save(source)
     with running(create_app(tiny_engine, Settings(steps=STEPS))) as (url, _):
-        page, problems = watched_page(browser)
-        page.goto(url + "/")
-        page.evaluate("localStorage.clear()")
-        page.reload()
+        page, problems = watched_page(browser, fresh_at=url)
         page.get_by_role("tab", name="Edit").click()
         page.set_input_files("#edit-file", str(source))
         sync_api.expect(page.locator("#stage")).to_have_attribute("data-ready", "1")
@@ -644,10 +640,7 @@ def test_the_concept_note_leads_to_the_pages_concept_search(browser, tiny_weight
 
     engine = Engine.load(tiny_set(tiny_weights, tmp_path, note=True), device="cpu")
     with running(create_app(engine, Settings(steps=STEPS))) as (url, _):
-        page, problems = watched_page(browser)
-        page.goto(url + "/")
-        page.evaluate("localStorage.clear()")
-        page.reload()
+        page, problems = watched_page(browser, fresh_at=url)
         page.fill("#gen-n", "1")
         page.fill("#gen-prompt", "a sleeping cat")
         page.click("#gen-go")
@@ -724,10 +717,7 @@ def test_mix_from_history_and_compose_boxes_replay_with_from(browser, tiny_engin
     from clirun import cli
 
     with running(create_app(tiny_engine, Settings(steps=STEPS))) as (url, _):
-        page, problems = watched_page(browser)
-        page.goto(url + "/")
-        page.evaluate("localStorage.clear()")
-        page.reload()
+        page, problems = watched_page(browser, fresh_at=url)
         page.fill("#gen-n", "2")
         page.fill("#gen-seed", "5")
         page.fill("#gen-prompt", "a red circle")
