@@ -44,6 +44,14 @@ def watched_page(browser, fresh_at: str | None = None):
     return page, problems
 
 
+def send_generate(page, prompt: str, n: int, seed: int) -> None:
+    """Fill the Generate form and send it, as a user does with the mouse."""
+    page.fill("#gen-n", str(n))
+    page.fill("#gen-seed", str(seed))
+    page.fill("#gen-prompt", prompt)
+    page.click("#gen-go")
+
+
 def chromium() -> str | None:
     """A Chromium to drive: $UNCLIP_CHROMIUM, else Debian's `chromium` (Playwright downloads nothing)."""
     for cand in (os.environ.get("UNCLIP_CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium"):
@@ -149,10 +157,7 @@ def test_undo_redo_feather_and_history_across_reloads(browser, tiny_engine):
         page.evaluate("localStorage.clear()")
         page.reload()
         sync_api.expect(page.locator("#history")).to_be_hidden()
-        page.fill("#gen-n", "1")
-        page.fill("#gen-seed", "9")
-        page.fill("#gen-prompt", "a red circle")
-        page.click("#gen-go")
+        send_generate(page, "a red circle", n=1, seed=9)
         sync_api.expect(page.locator(".run[data-op=generate] .card")).to_have_count(1, timeout=60_000)
         page.get_by_role("button", name="Edit with seed 9").click()
         sync_api.expect(page.locator("#stage")).to_have_attribute("data-ready", "1")
@@ -510,10 +515,7 @@ def test_a_reload_while_a_job_runs_follows_it_to_its_answer(browser, tiny_engine
     engine = HeldEngine(tiny_engine)
     with running(create_app(engine, Settings(steps=STEPS))) as (url, _):
         page, problems = watched_page(browser, fresh_at=url)
-        page.fill("#gen-n", "1")
-        page.fill("#gen-seed", "4")
-        page.fill("#gen-prompt", "a red circle")
-        page.click("#gen-go")
+        send_generate(page, "a red circle", n=1, seed=4)
         assert engine.started.wait(30)
         sync_api.expect(page.locator("#progress-text")).to_contain_text("decoder step 1/2")
         job = page.evaluate("JSON.parse(localStorage.getItem('unclip-jobs-v1'))")[0]
@@ -718,10 +720,7 @@ def test_mix_from_history_and_compose_boxes_replay_with_from(browser, tiny_engin
 
     with running(create_app(tiny_engine, Settings(steps=STEPS))) as (url, _):
         page, problems = watched_page(browser, fresh_at=url)
-        page.fill("#gen-n", "2")
-        page.fill("#gen-seed", "5")
-        page.fill("#gen-prompt", "a red circle")
-        page.click("#gen-go")
+        send_generate(page, "a red circle", n=2, seed=5)
         sync_api.expect(page.locator(".run[data-op=generate] .card")).to_have_count(2, timeout=60_000)
         sources = {}
         for seed in (5, 6):
