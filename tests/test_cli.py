@@ -36,10 +36,10 @@ def ok(*args: str, **kw) -> Res:
     return r
 
 
-def fails(*args: str, match: str, **kw) -> Res:
-    """The command fails with one `Error:` line (plus a hint), exit 1, and no traceback."""
+def fails(*args: str, match: str, code: int = 1, **kw) -> Res:
+    """The command fails with one `Error:` line (plus a hint), exit 1 (2: a usage mistake), and no traceback."""
     r = cli(*args, **kw)
-    assert r.code == 1, (r.code, r.out, r.err)
+    assert r.code == code, (r.code, r.out, r.err)
     errors = [line for line in r.err.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and match in errors[0], r.err
     assert "Traceback" not in r.err
@@ -380,7 +380,12 @@ def test_info_names_the_precision_the_commands_run(tiny_weights, tmp_path, monke
     assert f"on cpu ({precision})" in r.err
 
 
-# -- errors: one line, exit 1, nothing written -------------------------------------------------------
+# -- errors: one line, exit 1 (2: a usage mistake), nothing written --------------------------------------
+# What the command line cannot say wrong: a problem with a file (an image, a mask, a recipe), exit 1; the rest exit 2
+FILE_PROBLEMS = ("truncated or corrupt", "is not an image file", "decompression bomb", "does not exist", "truncated",
+                 "marks nothing to repaint", "marks the whole image", "holds no unclip recipe")
+
+
 @pytest.mark.parametrize(
     "args, match",
     [
@@ -412,10 +417,11 @@ def test_bad_input(w, tmp_path, pics, args, match):
     out = tmp_path / "out"
     names = {**{k: str(v) for k, v in pics.items()}, "missing": str(tmp_path / "missing.png")}
     args = [a.format(**names) for a in args]
+    code = 1 if match in FILE_PROBLEMS else 2
     if args[0] == "info":
-        r = fails(*args, match=match)
+        r = fails(*args, match=match, code=code)
     else:  # the options under test come last, so they win over the shared ones
-        r = fails(args[0], *FAST, *w, "--out", out, *args[1:], match=match)
+        r = fails(args[0], *FAST, *w, "--out", out, *args[1:], match=match, code=code)
     assert r.out == "" and not out.exists()
 
 
@@ -612,7 +618,7 @@ def test_nudge_from_is_a_recipe_and_the_old_text_spelling_still_works(w, tmp_pat
     assert len(res["warnings"]) == 1 and "--from-text 'a cat'" in res["warnings"][0] and "deprecated" in res["warnings"][0]
     assert "Warning: `nudge --from TEXT` is deprecated" in old.err
     assert np.array_equal(np.asarray(Image.open(res["images"][0]["path"])), np.asarray(Image.open(png)))
-    assert "unclip nudge photo.png --from " in ok("info", png).out
+    assert "unclip nudge IMAGE --from " in ok("info", png).out
 
 
 def test_info_is_short_and_card_prints_the_whole_card(tiny_weights, tmp_path):
@@ -748,7 +754,7 @@ def test_mix_compose_and_blend_names_say_their_settings(w, tmp_path, pics):
     (moved,) = names("compose", "--obj", "cat face:0,0.5,0.5,1", "--obj", "sun:0.5,0,1,0.5")
     assert boxes.startswith("compose-cat-face-sun-tiny-p2d2u2-h") and moved.startswith("compose-cat-face-sun-tiny-p2d2u2-h") and moved != boxes
     blend = names("blend", pics["png"], pics["exif"], "--steps", "2", "--fps", "12")
-    assert blend[0] == "photo-rotated-blend-tiny-d2u2-2frames-12fps-1-0.png"
+    assert blend[0] == "photo-rotated-blend-tiny-d2u2-steps2-12fps-1-0.png"  # named by its option, --steps
     assert any(line.split()[:2] == ["theta", "1"] and line.endswith(" (frame 2 of 2's place: 0 is A, 1 is B)")
                for line in ok("info", out / blend[1]).out.splitlines())
 
@@ -796,7 +802,8 @@ def test_edit_names_say_the_mask_box_and_inversion(w, tmp_path, pics):
     assert edit("--mask", pics["mask"], "--feather", str(DEFAULT_FEATHER)) == ["photo-sun-mask-tiny-p2d2u2-3-0-run2.png"]  # the default
     assert edit("--mask", pics["mask"], "--invert-mask") == ["photo-sun-mask-inv-tiny-p2d2u2-3-0-run2.png"]
     info = ok("info", out / inverted[0]).out
-    assert f"Rerun: unclip edit photo.png --mask mask.png --from {out / inverted[0]} --invert-mask" in info
+    assert (f"Rerun: unclip edit IMAGE --mask MASK --from {out / inverted[0]} --invert-mask (IMAGE: the image named photo.png, MASK: "
+            "the mask named mask.png, wherever they are now)") in info
 
 
 def test_vary_names_the_image_it_varies(w, tmp_path, pics):
@@ -814,7 +821,7 @@ def test_vary_names_the_image_it_varies(w, tmp_path, pics):
     assert [Path(p).name for p in same] == ["photo-vary-tiny-d2u2-strength0.3-5-1-rerun.png"]
     plain = [ok("vary", pics["png"], *s, "--seed", "9", "--out", out, *FAST, *w).out.split()[0] for s in ([], ["--strength", "0.5"])]
     assert [Path(p).name for p in plain] == ["photo-vary-tiny-d2u2-9-0.png", "photo-vary-tiny-d2u2-9-0-run2.png"]
-    assert "Rerun: unclip vary photo.png --from " in ok("info", made[1]).out
+    assert "Rerun: unclip vary IMAGE --from " in ok("info", made[1]).out
 
 
 def test_nudge_names_its_texts_and_info_shows_each_images_amount(w, tmp_path, pics):
@@ -831,7 +838,7 @@ def test_nudge_names_its_texts_and_info_shows_each_images_amount(w, tmp_path, pi
     assert "0.166667 (image 1 of 3; the run's images step up to 0.5: --amount 0.5 -n 3)" in first and "theta" not in first
     assert "0.5 (image 3 of 3;" in last
     assert any(line.split() == ["from_text"] for line in first.splitlines())
-    assert f"Rerun: unclip nudge photo.png --from {made[0]}" in first
+    assert f"Rerun: unclip nudge IMAGE --from {made[0]} (IMAGE: the image named photo.png, wherever it is now)" in first
     assert any(line.split()[:2] == ["from_text", "cat"] for line in ok("info", one[0]).out.splitlines())
 
 
@@ -852,9 +859,11 @@ def test_from_with_image_commands_says_which_inputs_to_give_again(w, tmp_path, p
     out = tmp_path / "o"
     made = json.loads(ok("edit", pics["png"], "--mask", pics["mask"], "a hat", "--seed", "3", "--json", "--out", out, *FAST, *w).out)
     png = made["images"][0]["path"]
-    r = fails("edit", "--from", png, "--out", out, *w, match="made from 1 image (photo.png): give it and its mask again")
-    assert f"unclip edit photo.png --mask mask.png --from {png}" in r.err and "not the images" in r.err
-    fails("edit", pics["png"], "--from", png, "--out", out, *w, match="give the mask again")
+    r = fails("edit", "--from", png, "--out", out, *w, match="made from 1 image (photo.png): give it and its mask again", code=2)
+    # neither is beside the recipe nor in the current folder: placeholders, said in words (the recipe has only names)
+    assert (f"unclip edit IMAGE --mask MASK --from {png} (IMAGE: the image named photo.png, MASK: the mask named mask.png, "
+            "wherever they are now)") in r.err and "not the images" in r.err
+    fails("edit", pics["png"], "--from", png, "--out", out, *w, match="give the mask again", code=2)
     # another image and another mask (of its shape: another would be refused): warned, and the rerun still runs
     other, other_mask = tmp_path / "other.png", tmp_path / "mask_rgba.png"
     _noise(24, 24, 5).save(other)
@@ -866,12 +875,75 @@ def test_from_with_image_commands_says_which_inputs_to_give_again(w, tmp_path, p
     assert "Warning" not in same.err
 
     mixed = json.loads(ok("mix", pics["png"], other, "--seed", "1", "--json", "--out", out, *FAST, *w).out)["images"][0]["path"]
-    fails("mix", "--from", mixed, "--out", out, *w, match="made from 2 images (photo.png, other.png): give them again")
-    fails("mix", other, "--from", mixed, "--out", out, *w, match="made from 2 images (photo.png, other.png), not 1: give the same")
+    r = fails("mix", "--from", mixed, "--out", out, *w, match="made from 2 images (photo.png, other.png): give them again", code=2)
+    assert (f"unclip mix IMAGE1 IMAGE2 --from {mixed} (IMAGE1: the image named photo.png, IMAGE2: the image named other.png, "
+            "wherever they are now)") in r.err
+    fails("mix", other, "--from", mixed, "--out", out, *w, match="made from 2 images (photo.png, other.png), not 1: give the same", code=2)
     varied = ok("vary", pics["png"], "--seed", "1", "--out", out, *FAST, *w).out.split()[0]
-    r = fails("vary", "--from", varied, "--out", out, *w, match="made from 1 image (photo.png): give it again")
-    assert f"unclip vary photo.png --from {varied}" in r.err
+    r = fails("vary", "--from", varied, "--out", out, *w, match="made from 1 image (photo.png): give it again", code=2)
+    assert f"unclip vary IMAGE --from {varied} (IMAGE: the image named photo.png, wherever it is now)" in r.err
     fails("blend", "--from", varied, "--out", out, *w, match="was made by `unclip vary`")
+
+
+def test_from_hints_name_inputs_by_a_path_that_works_when_pasted(w, tmp_path, pics, monkeypatch):
+    """A recipe keeps only its inputs' names (`cat.png`), so a hint that gives one as it is fails when pasted anywhere
+    else: the file of that name beside the recipe, else in the current folder, is named by its path; else the
+    placeholder, said in words. A name that is no plain file name (recipe text is untrusted) is never looked up and
+    is shown escaped."""
+    out = tmp_path / "o"
+    varied = ok("vary", pics["png"], "--seed", "1", "--out", out, *FAST, *w).out.split()[0]
+    shutil.copy(pics["png"], out / "photo.png")  # beside the recipe, as when the input was an earlier output
+    r = fails("vary", "--from", varied, "--out", out, *w, match="give it again", code=2)
+    assert f"as in: unclip vary {out / 'photo.png'} --from {varied}\n" in r.err
+    assert "Rerun: unclip vary " + str(out / "photo.png") + f" --from {varied}\n" in ok("info", varied).out
+    (out / "photo.png").unlink()
+    monkeypatch.chdir(pics["png"].parent)  # in the current folder
+    assert f"as in: unclip vary photo.png --from {varied}\n" in fails("vary", "--from", varied, "--out", out, *w, match="again", code=2).err
+    ok("vary", "photo.png", "--from", varied, "--out", out, "--device", "cpu", *w)  # the hint's command, pasted, runs
+    # a blend's two inputs, one of them found; and a recipe whose names are no file names
+    blended = ok("blend", pics["png"], tmp_path / "o" / Path(varied).name, "--steps", "2", "--seed", "1", "--out", out, *FAST, *w).out.split()[0]
+    r = fails("blend", "--from", blended, "--out", out, *w, match="give them again", code=2)
+    assert f"as in: unclip blend photo.png {varied} --from {blended}\n" in r.err
+    for name, said in (("../photo.png", "../photo.png"), ("photo\x1b[2J.png", "photo\\x1b[2J.png")):
+        recipe = imageio.read_recipe(Path(varied))
+        info = PngInfo()
+        info.add_text(imageio.RECIPE_KEY, json.dumps({**recipe, "input": name}))
+        crafted = tmp_path / "crafted.png"
+        Image.open(varied).save(crafted, pnginfo=info)
+        r = fails("vary", "--from", crafted, "--out", out, *w, match="give it again", code=2)
+        assert f"unclip vary IMAGE --from {crafted} (IMAGE: the image named {said}, wherever it is now)" in r.err
+        assert "\x1b" not in r.err
+
+
+def test_usage_mistakes_exit_2_and_say_what_is_missing(w, tmp_path, pics):
+    """As the README says: a mistake in the command line exits 2 (one line and a hint, as every error), a problem with
+    a file 1. Blend given one image says B is missing."""
+    out = tmp_path / "no"
+    r = fails("blend", pics["png"], "--out", out, *FAST, *w, match="blend takes 2 images, A and B: B is missing", code=2)
+    assert "Hint: e.g. unclip blend a.png b.png" in r.err
+    fails("vary", "--out", out, *FAST, *w, match="vary takes an image: IMAGE is missing", code=2)
+    for args, match in ((["edit", pics["png"], "--box", "0,0,1", "x"], "--box must be four numbers"),
+                        (["vary", pics["png"], "--strength", "2"], "--strength must be between 0 and 1"),
+                        (["generate", "x", "-n", "100"], "-n must be between 1 and 64"),
+                        (["blend", pics["png"], pics["png"], "--fps", "0"], "--fps must be from 0.1 to 100")):
+        fails(*args, "--out", out, *FAST, *w, match=match, code=2)
+    fails("vary", tmp_path / "missing.png", "--out", out, *FAST, *w, match="does not exist")  # a file: 1
+    assert not out.exists()
+
+
+def test_help_lists_what_applies(w):
+    """vary, blend and nudge never run the prior: its options are hidden (and still accepted); mix runs it for texts
+    only, and its help says so. The top-level help names every image command."""
+    from unclip_cli.cli import HELP
+    from unclip_cli.cli.images import INPUTS
+
+    _register()
+    assert all(op in HELP for op in INPUTS)
+    assert all(op in runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output for op in INPUTS)
+    for cmd in ("vary", "blend", "nudge", "mix", "generate", "edit", "compose"):
+        text = " ".join(runner.invoke(app, [cmd, "--help"], env={"COLUMNS": "200"}).output.split())
+        assert ("--prior-steps" in text and "--prior-guidance" in text) == (cmd not in ("vary", "blend", "nudge")), cmd
+        assert ("Used only when texts are mixed" in text) == (cmd == "mix"), cmd
 
 
 def test_edit_box_marks_a_rectangle_and_reruns(w, tmp_path, pics):
@@ -884,11 +956,12 @@ def test_edit_box_marks_a_rectangle_and_reruns(w, tmp_path, pics):
     assert np.array_equal(out[:, :20], src[:, :20]) and not np.array_equal(out[:, 20:], src[:, 20:])
     again = ok("edit", pics["png"], "--from", res["images"][0]["path"], "--out", tmp_path, "--device", "cpu", *w).out.split()
     assert np.array_equal(np.asarray(Image.open(again[0])), out)
-    assert "Rerun: unclip edit photo.png --from " in ok("info", res["images"][0]["path"]).out
+    assert "Rerun: unclip edit IMAGE --from " in ok("info", res["images"][0]["path"]).out
     for box, match in [("0.5,0,1", "--box must be four numbers"), ("0.6,0,0.5,1", "left < right"), ("0,0,1,x", "separated by commas"),
                        ("0,0,1,1.5", "--box must be between 0 and 1")]:
-        fails("edit", pics["png"], "--box", box, "x", "--out", tmp_path / "no", *FAST, *w, match=match)
-    fails("edit", pics["png"], "--box", "0,0,1,0.5", "--mask", pics["mask"], "x", "--out", tmp_path / "no", *FAST, *w, match="not both")
+        fails("edit", pics["png"], "--box", box, "x", "--out", tmp_path / "no", *FAST, *w, match=match, code=2)
+    fails("edit", pics["png"], "--box", "0,0,1,0.5", "--mask", pics["mask"], "x", "--out", tmp_path / "no", *FAST, *w, match="not both",
+          code=2)
     assert not (tmp_path / "no").exists()
 
 
@@ -940,7 +1013,7 @@ def test_edit_feather_blends_inside_the_mask_only(w, tmp_path, pics):
     # matches over 2 px only; tests/test_engine.py checks the match itself).
     assert step.min() > 15 and moved.sum() < 0.7 * 0.259 * step.sum()
     fails("edit", pics["png"], "--mask", pics["mask"], "x", "--feather", "-1", "--out", tmp_path / "no", *FAST, *w,
-          match="--feather must be between 0 and 256")
+          match="--feather must be between 0 and 256", code=2)
 
 
 def test_the_console_script_ends_at_once_with_all_its_output():

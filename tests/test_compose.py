@@ -102,12 +102,17 @@ def test_cli_compose_with_boxes_and_a_rerun(tiny_weights, tmp_path):
     assert r.code == 0, r.err
     image = json.loads(r.out)["images"][0]
     assert image["recipe"]["objects"] == [["a red circle", [0, 0, 0.5, 0.5]], ["a green star", [0.5, 0.5, 1, 1]]]
+    # each stage's line (stderr is no terminal here) says which part it drew: the whole, or which object
+    stages = [line.split(": ")[0] for line in r.err.splitlines() if " steps in " in line]
+    assert stages == ["prior, the whole picture", "prior, object 1 of 2 (a red circle)", "prior, object 2 of 2 (a green star)",
+                      "decoder, object 1 of 2 (a red circle)", "decoder, object 2 of 2 (a green star)",
+                      "decoder, the whole picture, harmonised", "upsampler, the whole picture"], r.err
     again = cli("compose", "--from", image["path"], "--weights", tiny_weights, "--out", tmp_path)
     assert again.code == 0, again.err
     assert np.array_equal(np.asarray(Image.open(image["path"])), np.asarray(Image.open(again.out.strip().splitlines()[0])))
     assert cli("compose", "--obj", "no box here", *args).code == 2
     bad = cli("compose", "--obj", "cat:0,0,2,1", *args)
-    assert bad.code == 1 and "--obj 1's box" in bad.err
+    assert bad.code == 2 and "--obj 1's box" in bad.err  # a usage mistake
 
 
 def _bench_compose():

@@ -168,6 +168,38 @@ def test_note_names_the_closest_concepts_when_a_prompt_names_none(tiny_weights, 
     assert len(near) == 3 and near[0][0] >= near[1][0] >= near[2][0]
     assert notes(loud, "a bicycle") == [f"the prompt is not the name of a concept this model was trained on, so expect a loose "
                                         f"match; the closest are {', '.join(c['en'] for _, c in near)} (`unclip concepts` lists them)"]
+    # a prompt with no words is far, as `unclip concepts` says it (test_concepts_says_when_the_nearest_by_meaning_are_far)
+    near = ", ".join(c["en"] for _, c in loud.nearest_concepts("12345", 3))
+    assert notes(loud, "12345") == [f"the prompt is not the name of a concept this model was trained on, and none is close in meaning "
+                                    f"(it has no words): the model is unlikely to draw it; the nearest anyway are {near} "
+                                    "(`unclip concepts` lists them)"]
+
+
+def test_a_prompt_with_a_word_never_seen_is_told_as_unclip_concepts_tells_it(monkeypatch):
+    """The prompt note and `unclip concepts` say a far prompt in the same words (`domain.far_reason`); the unknown-words
+    warning is as strong (of the everyday prompts with such a word that were checked, none was drawn). When the note
+    says it, the warning, which would repeat it, is left out."""
+    from unclip_cli.engine import Engine
+    from unclip_cli.requests import GenerateRequest
+
+    concepts = domain.load_concepts(SHIPPED)
+    checked, far = concepts.facts["checked"], json.loads((SHIPPED / domain.CONCEPTS_FILE).read_text(encoding="utf-8"))["meaning"]["facts"]
+    assert all(not checked.get(p) for p in far["everyday"]["which"])  # every one checked drew 0 of 4 (one was not checked)
+    note = domain.concept_note(concepts, "xylophonist", lambda t: [(0.5, concepts.entries[0])], unknown=["xylophonist"])
+    assert note.startswith("the prompt is not the name of a concept this model was trained on, and none is close in meaning "
+                           "(this model never saw 'xylophonist' in training): the model is unlikely to draw it; the nearest anyway")
+    assert cli("concepts", "xylophonist").out.startswith("No concept is named 'xylophonist', and none is close in meaning "
+                                                        "(this model never saw 'xylophonist' in training): the model is unlikely")
+    engine = Engine.load(SHIPPED, device="cpu")
+    monkeypatch.setattr(engine, "run_prior", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))  # the warnings alone
+    for prompt, lines in (("xylophonist", [note.split("; the nearest")[0]]),
+                          ("a vintage car", ["the prompt has words this model never saw in training (vintage): the model is unlikely "
+                                             "to draw them", "the prompt is not the name of a concept this model was trained on, so "
+                                             "expect a loose match"])):
+        seen = []
+        with pytest.raises(KeyboardInterrupt):
+            engine.run(GenerateRequest(prompt=prompt, seed=0, prior_steps=1, decoder_steps=1, upsampler_steps=1), callback=seen.append)
+        assert [w.split("; the c")[0].split("; the n")[0] for w in seen[0].lines] == lines
 
 
 @pytest.mark.parametrize("text", ["{", '{"concepts": 3}', '{"concepts": [{"en": "x"}]}', '{"concepts": [], "note": {"rule": "cosine"}}'])

@@ -643,7 +643,7 @@ def test_text_that_is_not_utf8_is_refused_before_the_model_runs(tiny_weights, tm
     """A shell passes bytes that are not UTF-8 as lone surrogates: refused like any bad text, not after a whole run."""
     argv = [os.fsdecode(a) if isinstance(a, bytes) else a.format(photo=pics["photo"]) for a in args]
     r = run_proc(*argv, "--out", tmp_path / "o", *FAST, "--weights", tiny_weights)
-    line = fails(r, ("prompt", "--to"), "unicode")
+    line = fails(r, ("prompt", "--to"), "unicode", code=2)  # text given on the command line: a usage mistake
     assert "Seed" not in r.err and not (tmp_path / "o").exists(), (line, r.err)
 
 

@@ -93,4 +93,4 @@ def test_cli_mix_reads_files_as_images_and_the_rest_as_texts(tiny_weights, pictu
     missing = cli("mix", tmp_path / "a.png", tmp_path / "nope.png", *args)
     assert missing.code == 1 and "nope.png does not exist" in missing.err
     assert cli("mix", tmp_path / "a.png", "a cat", "--mix-weights", "1,x", *args).code == 2
-    assert cli("mix", tmp_path / "a.png", *args).code == 1  # one part is not a mix
+    assert cli("mix", tmp_path / "a.png", *args).code == 2  # one part is not a mix: a usage mistake

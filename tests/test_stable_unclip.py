@@ -247,7 +247,7 @@ def test_vary_noise_level_from_the_cli_is_recorded_and_replays(su_set, tmp_path)
     path = json.loads(again.out)["images"][0]["path"]
     assert read_recipe(path)["noise_level"] == 300 and np.array_equal(pixels(path), pixels(made["l300"]))
     bad = run("bad", "--noise-level", 1000)
-    assert bad.code == 1 and "--noise-level must be between 0 and 999" in bad.err
+    assert bad.code == 2 and "--noise-level must be between 0 and 999" in bad.err  # a usage mistake
 
 
 def test_a_noise_level_is_refused_where_the_decoder_takes_none(tiny_weights, tmp_path):

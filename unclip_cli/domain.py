@@ -266,7 +266,9 @@ def prompt_warning(domain: Domain, clip, what: str, text: str) -> str | None:
     if not unknown:
         return None
     shown = ", ".join(dict.fromkeys(unknown[:3]))
-    return f"{what} has words this model never saw in training ({shown}): expect a loose match"
+    # As strong as `unclip concepts` says it (`far_in_meaning`): of the everyday prompts with such a word that the
+    # independent classifier checked, none was drawn in more than 0 of 4 images (concepts.json, note.facts.checked)
+    return f"{what} has words this model never saw in training ({shown}): the model is unlikely to draw them"
 
 
 # -- the concepts a set was trained on ----------------------------------------------------------------
@@ -449,14 +451,32 @@ def far_in_meaning(text: str, unknown: list[str]) -> bool:
     return bool(unknown) or not any(c.isalpha() for c in text)
 
 
-def concept_note(concepts: ConceptList, text: str, nearest=None, what: str = "the prompt", layout: bool = False) -> str | None:
+FAR = "none is close in meaning"  # how the prompt note and `unclip concepts` say it
+
+
+def far_reason(text: str, unknown: list[str]) -> str | None:
+    """Why even the nearest concepts by meaning are far from a text (`far_in_meaning`), in the words `unclip concepts`
+    and the prompt note both use; None when they are not."""
+    from unclip_cli.requests import printable
+
+    if not far_in_meaning(text, unknown):
+        return None
+    if unknown:
+        return f"this model never saw {', '.join(repr(printable(w)) for w in dict.fromkeys(unknown[:3]))} in training"
+    return "it has no words"
+
+
+def concept_note(concepts: ConceptList, text: str, nearest=None, what: str = "the prompt", layout: bool = False,
+                 unknown: list[str] | None = None) -> str | None:
     """The note for a text that is no concept's name (`ConceptList.named`): the closest by shared words, else (with
-    `nearest`, a function of the text giving (cosine, entry) pairs) by the set's CLIP. None when the text names a
+    `nearest`, a function of the text giving (cosine, entry) pairs) by the set's CLIP, saying, as `unclip concepts`
+    does, when even those are far (`far_reason`, given the text's `unknown` words). None when the text names a
     concept or the set has no note. With `layout` (a prompt of `generate`), a text that `unclip compose` reads as
     several objects ("two cats", "a cat to the left of a heart") is pointed there."""
     if not concepts.note or concepts.named(text) is not None:
         return None
-    closest = concepts.closest(text, 3) or ([c for _, c in nearest(text)] if nearest else [])
+    by_words = concepts.closest(text, 3)
+    closest = by_words or ([c for _, c in nearest(text)] if nearest else [])
     names = ", ".join(dict.fromkeys(printable_name(c["en"]) for c in closest[:3]))
     several = ""
     if layout:
@@ -464,6 +484,13 @@ def concept_note(concepts: ConceptList, text: str, nearest=None, what: str = "th
 
         if len(parse(text)) > 1:
             several = "; for several objects or where they go, try `unclip compose`"
+    # far as `unclip concepts` finds it: no name or keyword holds the text, none shares a word with it, and it has a
+    # word this model never saw or no word at all
+    why = None if by_words or unknown is None or search_concepts(concepts.entries, text) else far_reason(text, unknown)
+    if why:
+        return (f"{what} is not the name of a concept this model was trained on, and {FAR} ({why}): the model "
+                "is unlikely to draw it" + (f"; the nearest anyway are {names}" if names else "") + " (`unclip concepts` lists them)"
+                + several)
     return (f"{what} is not the name of a concept this model was trained on, so expect a loose match"
             + (f"; the closest are {names}" if names else "") + " (`unclip concepts` lists them)" + several)
 

@@ -46,7 +46,7 @@ from unclip_cli.diffusion.policy import DECODER_T_START, decoder_denoiser, noise
 from unclip_cli.diffusion.recipe import DEFAULT as DEFAULT_RECIPE
 from unclip_cli.diffusion.samplers import SAMPLERS, ddim_invert, sample_ddim, sample_repaint, slerp
 from unclip_cli.diffusion.schedule import spaced_timesteps
-from unclip_cli.domain import concept_note, image_warning, load_concepts, load_domain, prompt_warning, unknown_words
+from unclip_cli.domain import FAR, concept_note, image_warning, load_concepts, load_domain, prompt_warning, unknown_words
 from unclip_cli.errors import InputError, UnclipError
 from unclip_cli.models.prior import pick_closest
 from unclip_cli.modelset import ModelSet, load_model_set
@@ -415,12 +415,16 @@ class Engine:
         --to) that names none of the concepts the set lists the closest ones, a text longer than the CLIP reads, and a
         set too large for the CPU."""
         found = list(req.inputs().warnings)
+        notes = {}  # the first text's note, which says it all when it finds the text far (its unknown words included)
+        if self.concepts is not None:
+            notes = {text: concept_note(self.concepts, text, lambda t: self.nearest_concepts(t, 3), what, layout=req.op == "generate",
+                                        unknown=self.unknown_words(text))
+                     for what, text in req.texts()[:1] if text}
         if self.domain is not None:
             found += [image_warning(self.domain, source_name(src), im) for src, im in zip(req.sources(), req.inputs().images)]
-            found += [prompt_warning(self.domain, self.models.clip.model, what, text) for what, text in req.texts() if text]
-        if self.concepts is not None:
-            found += [concept_note(self.concepts, text, lambda t: self.nearest_concepts(t, 3), what, layout=req.op == "generate")
-                      for what, text in req.texts()[:1] if text]
+            found += [prompt_warning(self.domain, self.models.clip.model, what, text) for what, text in req.texts()
+                      if text and FAR not in (notes.get(text) or "")]
+        found += notes.values()
         texts = [t for _, t in req.texts() if t] + ([req.global_text()] if isinstance(req, ComposeRequest) else [])
         if texts and self.models.clip.config.text and any(self.models.clip.model.tokenize(texts)[1]):
             found.append(f"prompt truncated to {self.models.clip.config.context_length - 2} tokens")
@@ -680,14 +684,20 @@ class Engine:
             tick = _ticker(callback, b, len(chunks), len(chunk))
             rows = [k for k, _ in chunk]
             noise = Noise([reqs[k].item_seed(i) for k, i in chunk], self.device)
-            whole = encoded([reqs[k].global_text() for k in rows], noise, tick)
-            objects = [(encoded([reqs[k].objects[j][0] for k in rows], noise, tick),
+            # Each stage runs once per object and once for the whole: its Ticks say which (`Tick.part`)
+            count = len(reqs[rows[0]].objects)
+            parts = [f"object {j + 1} of {count}" + (f" ({phrases[0]})" if len(phrases) == 1 else "")
+                     for j in range(count) for phrases in [list(dict.fromkeys(reqs[k].objects[j][0] for k in rows))]]
+            whole = encoded([reqs[k].global_text() for k in rows], noise, _part(tick, "the whole picture"))
+            objects = [(encoded([reqs[k].objects[j][0] for k in rows], noise, _part(tick, parts[j])),
                         [m.to(self.device, self.work_dtype) for m in box_masks([reqs[k].objects[j][1] for k in rows], self.base_size,
                                                                                 soft=self.base_size / 16)])
-                       for j in range(len(reqs[rows[0]].objects))]
-            compose = self._fuse if reqs[0].method == "fuse" else self._paste
-            x = compose(whole, objects, noise, steps, guidance, tick)
-            x = self.run_upsamplers(x, noise, steps.upsampler, tick=tick)
+                       for j in range(count)]
+            if reqs[0].method == "fuse":
+                x = self._fuse(whole, objects, noise, steps, guidance, _part(tick, "the whole picture, objects fused in"))
+            else:
+                x = self._paste(whole, objects, noise, steps, guidance, tick, parts)
+            x = self.run_upsamplers(x, noise, steps.upsampler, tick=_part(tick, "the whole picture"))
             for (k, i), img, z in zip(chunk, self.to_images(x), whole[0]):
                 images[(k, i)] = img
                 embeddings[(k, i)] = z
@@ -730,17 +740,18 @@ class Engine:
         return self.run_decoder(fused_denoiser(stage.diffusion, paths), x_T, steps.decoder, noise=noise,
                                 start=self.sampling.decoder_t_start, tick=tick)
 
-    def _paste(self, whole, objects, noise: Noise, steps: Steps, guidance: float, tick):
+    def _paste(self, whole, objects, noise: Noise, steps: Steps, guidance: float, tick, parts: list[str]):
         """Paste and harmonise, the baseline: each object drawn alone, shrunk into its box on the set's background,
-        then the whole canvas noised to COMPOSE_HARMONISE_T and denoised with the global text (SDEdit, Meng et al. 2022)."""
+        then the whole canvas noised to COMPOSE_HARMONISE_T and denoised with the global text (SDEdit, Meng et al. 2022).
+        `parts`: each object's name in the progress Ticks."""
         stage, s = self.models.decoder, self.base_size
         z_g, g_t, g_states, g_mask = whole
         one = dataclasses.replace(steps, decoder_candidates=1)
         white = torch.ones(len(z_g), 3, s, s, device=self.device, dtype=self.work_dtype)
         bg = self._background(white)
         canvas = (white if bg is None else bg).clone()
-        for (z_o, o_t, o_states, o_mask), (hard, _) in objects:
-            x_o = self.decode_from_noise(z_o, o_states, o_mask, noise, one, guidance, tick=tick, z_t=o_t)
+        for ((z_o, o_t, o_states, o_mask), (hard, _)), part in zip(objects, parts):
+            x_o = self.decode_from_noise(z_o, o_states, o_mask, noise, one, guidance, tick=_part(tick, part), z_t=o_t)
             for b in range(len(x_o)):
                 ys, xs = hard[b, 0].nonzero(as_tuple=True)
                 y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
@@ -749,7 +760,7 @@ class Engine:
         t_h = min(COMPOSE_HARMONISE_T, stage.diffusion.num_timesteps - 1)
         x_t = stage.diffusion.q_sample(canvas, torch.full((len(canvas),), t_h), noise(3, s, s).to(canvas))
         return self.run_decoder(self.decoder_denoiser(z_g, guidance, g_states, g_mask, z_t=g_t), x_t, steps.decoder, noise=noise,
-                                start=t_h, tick=tick)
+                                start=t_h, tick=_part(tick, "the whole picture, harmonised"))
 
     # -- shared pieces -------------------------------------------------------------------------------
     def _model_fn(self, stage, images_last: bool = False):
@@ -1145,7 +1156,12 @@ def _ticker(callback: Callback, b: int, batches: int, size: int = 0):
     the time left scales a smaller last batch by it)."""
     if callback is None:
         return None
-    return lambda stage, i, n: callback(Tick(stage, i, n, b + 1, batches, size=size))
+    return lambda stage, i, n, part="": callback(Tick(stage, i, n, b + 1, batches, size=size, part=part))
+
+
+def _part(tick, part: str):
+    """A per-batch callback whose Ticks say which part of the picture they draw (compose's objects), or None."""
+    return None if tick is None else (lambda stage, i, n: tick(stage, i, n, part))
 
 
 def _stage(tick, stage: str):

@@ -19,3 +19,8 @@ class InputError(UnclipError):
 
 class DataError(UnclipError):
     """A corpus could not be built or read."""
+
+
+class UsageError(InputError):
+    """A mistake in the command line itself (an option's value out of range, an argument missing): the CLI exits 2,
+    as for the mistakes its parser finds, where a problem with a file or the model exits 1."""

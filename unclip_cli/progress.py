@@ -11,7 +11,8 @@ from typing import Callable
 @dataclass(frozen=True)
 class Tick:
     """Step `step` of `total` in `stage`, in batch `batch` of `batches` (of `size` images; 0: not said); `note` is a
-    short status (a loss)."""
+    short status (a loss); `part`: which part of the picture the stage draws when it runs for several (compose's
+    objects: "object 1 of 2 (cat face)", "the whole picture"), else ""."""
 
     stage: str
     step: int
@@ -20,6 +21,7 @@ class Tick:
     batches: int = 1
     note: str = ""
     size: int = 0
+    part: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """The `unclip` command: a thin Typer layer over `unclip_cli.engine`.
 
 Each command group lives in its own module and registers itself on `app` here. Known errors become one
-line `Error: ...` (plus a hint) on stderr with exit code 1; usage errors keep Typer's exit code 2;
-Ctrl-C exits 130. Set UNCLIP_DEBUG=1 to see tracebacks.
+line `Error: ...` (plus a hint) on stderr with exit code 1; usage errors (Typer's own, and `UsageError`: an option's
+value out of range, an argument missing) exit 2; Ctrl-C exits 130. Set UNCLIP_DEBUG=1 to see tracebacks.
 """
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ import warnings
 
 import typer
 
+# Names every image command (cli/images.py's INPUTS; a test checks that they agree)
+HELP = "Creative image operations with unCLIP (the DALL-E 2 architecture): generate, vary, blend, edit, nudge, mix, compose."
+
 app = typer.Typer(
     name="unclip",
-    help="Creative image operations with unCLIP (the DALL-E 2 architecture): generate, vary, blend, edit, nudge.",
+    help=HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -102,7 +105,8 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(version: bool = typer.Option(False, "--version", "-V", is_eager=True, callback=_version,
                                        help="Print the version and exit.")) -> None:
-    """Creative image operations with unCLIP (the DALL-E 2 architecture): generate, vary, blend, edit, nudge."""
+    # no docstring: it would replace the app's help (HELP) in `unclip --help`
+    return None
 
 
 def _register() -> None:
@@ -127,7 +131,7 @@ def _advice(e: BaseException) -> tuple[str, str] | None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and map errors to exit codes."""
-    from unclip_cli.errors import UnclipError
+    from unclip_cli.errors import UnclipError, UsageError
 
     if argv is None:  # the console script, before torch is imported: how its threads wait (cli/load.py)
         from unclip_cli.cli.load import choose_wait_policy, keep_freed_memory
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Error: {e}", file=sys.stderr)
         if e.hint:
             print(f"Hint: {e.hint}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, UsageError) else 1)
     except SystemExit:
         raise
     except Exception as e:

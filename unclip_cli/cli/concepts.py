@@ -40,7 +40,7 @@ def concepts(
 ) -> None:
     """List the concepts the model was trained on (what it can draw), or search them: by name and keyword,
     else by meaning (the model's CLIP)."""
-    from unclip_cli.domain import find_concepts, load_concepts
+    from unclip_cli.domain import FAR, far_reason, find_concepts, load_concepts
 
     if limit < 0:
         raise InputError(f"--limit must be 0 or more, not {limit}")
@@ -64,9 +64,8 @@ def concepts(
     if not q:
         print(f"{len(listed.entries)} concepts in {Path(root).name}; showing {len(shown)} (--limit 0 shows all):")
     elif res.get("far"):
-        why = (f"this model never saw {', '.join(repr(printable(w)) for w in dict.fromkeys(unknown[:3]))} in training" if unknown
-               else "it has no words")
-        print(f"No concept is named {printable(q)!r}, and none is close in meaning ({why}): the model is unlikely to draw it. "
+        why = far_reason(q, unknown)  # in the words of generate's note
+        print(f"No concept is named {printable(q)!r}, and {FAR} ({why}): the model is unlikely to draw it. "
               "The nearest anyway:")
     elif how != "name":
         print(f"No concept is named {printable(q)!r}; the nearest by {'meaning' if how == 'meaning' else 'shared words'}:")

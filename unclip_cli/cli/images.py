@@ -17,33 +17,65 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from unclip_cli.cli.options import P_FAMILY, FitOpt, NOpt, RecipeOpt, image_command, resolve_weights
-from unclip_cli.errors import InputError
+from unclip_cli.errors import InputError, UsageError
 from unclip_cli.requests import (DEFAULT_FEATHER, MAX_FRAMES, BlendRequest, ComposeRequest, EditRequest, GenerateRequest, MixRequest,
-                                 NudgeRequest, Request, VaryRequest, request_from_recipe, source_name)
+                                 NudgeRequest, Request, VaryRequest, printable, request_from_recipe, source_name)
 
 DEFAULT_FPS = 6.0  # blend's animation
 INPUTS = {"generate": "", "vary": "IMAGE", "blend": "A B", "edit": "IMAGE --mask MASK", "nudge": "IMAGE", "mix": "IMAGE...", "compose": ""}
 
 
 def rerun_command(path: Path, recipe: dict) -> str:
-    """The command line that reruns a stored recipe (only known operations and flags; names quoted): the inputs it
-    records by their names (`unclip nudge cat.png --from …`), else as placeholders."""
-    from unclip_cli.requests import printable
-
+    """The command line that reruns a stored recipe (only known operations and flags; names quoted), with its inputs
+    where they can be found (`_paste_inputs`), else as placeholders said in words after it."""
     op = recipe.get("op")
     if op not in INPUTS:
         return "unclip info " + shlex.quote(str(path))
-    names = _recorded_names(recipe)
-    wanted = len(_INPUT_FIELDS.get(op, []))
-    # a mix of texts alone takes no image
-    inputs = [shlex.quote(n) for n in names] if op == "mix" or (names and len(names) == wanted) else INPUTS[op].split()
-    if op == "edit":
-        mask = recipe.get("mask")
-        inputs = inputs[:1]
-        if recipe.get("box") is None:  # a box is in the recipe; a mask file is not
-            inputs += ["--mask", shlex.quote(printable(mask)[:80]) if isinstance(mask, str) and mask else "MASK"]
+    need_mask = op == "edit" and recipe.get("box") is None  # a box is in the recipe; a mask file is not
+    inputs, unsaid = _paste_inputs(path, recipe, need_mask)
     flags = " --invert-mask" if op == "edit" and recipe.get("invert_mask") is True else ""
-    return " ".join(["unclip", op, *inputs, "--from", shlex.quote(str(path))]) + flags
+    return " ".join(["unclip", op, *inputs, "--from", shlex.quote(str(path))]) + flags + unsaid
+
+
+def _located(name: str, recipe_path: Path) -> str | None:
+    """Where an input a recipe names is now, found cheaply and safely: a file of that name beside the recipe's PNG, else
+    in the current folder; None if neither (or the name, untrusted text, is no plain file name)."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0") or name != printable(name):
+        return None
+    for where in (recipe_path.parent / name, Path(name)):
+        try:
+            if where.is_file():
+                return str(where)
+        except (OSError, ValueError):  # a name too long for the file system
+            pass
+    return None
+
+
+def _paste_inputs(path: Path, recipe: dict, need_mask: bool) -> tuple[list[str], str]:
+    """The input arguments of a command that reruns `path`'s recipe, ready to paste: a recipe records only its inputs'
+    file names (`cat.png`, not where it was), so each is the file of that name beside the recipe or in the current
+    folder (`_located`), else a placeholder (IMAGE, A, B, MASK) that the returned note says in words: ` (IMAGE: the
+    image named cat.png, wherever it is now)`."""
+    op = recipe["op"]
+    names = _recorded_names(recipe)
+    if op == "mix":  # a mix of texts alone takes no image
+        holders = [f"IMAGE{j + 1}" for j in range(len(names))] if len(names) > 1 else ["IMAGE"] * len(names)
+    else:
+        holders = INPUTS[op].split()[:len(_INPUT_FIELDS.get(op, []))]
+        names = names if len(names) == len(holders) else [None] * len(holders)
+    pairs = list(zip(names, holders))
+    if need_mask:
+        mask = recipe.get("mask")
+        pairs.append((printable(mask)[:80] if isinstance(mask, str) and mask else None, "MASK"))
+    args, unsaid = [], []
+    for name, holder in pairs:
+        found = _located(name, path) if name else None
+        args.append(shlex.quote(found) if found else holder)
+        if not found and name:
+            unsaid.append(f"{holder}: the {'mask' if holder == 'MASK' else 'image'} named {name}")
+    if need_mask:
+        args[-1:] = ["--mask", args[-1]]
+    return args, f" ({', '.join(unsaid)}, wherever {'they are' if len(unsaid) > 1 else 'it is'} now)" if unsaid else ""
 
 
 def _stderr_console():
@@ -79,8 +111,9 @@ _SUBJECTS: dict[str, Callable[[Any], list]] = {
     "mix": lambda r: ["mix", *[("file", p, 12) for p in r.images], *[("text", t, 16) for t in r.prompts]],
     "compose": lambda r: ["compose", ("text", r.prompt or " ".join(p for p, _ in r.objects), 40)],
 }
-# Settings shown by value when they differ from the operation's default, in this order after the quality and steps
-_VALUE_TAGS = (("strength", "strength{}"), ("amount", "amount{}"), ("frames", "{}frames"), ("fit", "{}"), ("noise_level", "noise{}"),
+# Settings shown by value when they differ from the operation's default, in this order after the quality and steps; each
+# named by its option (blend's frames by --steps)
+_VALUE_TAGS = (("strength", "strength{}"), ("amount", "amount{}"), ("frames", "steps{}"), ("fit", "{}"), ("noise_level", "noise{}"),
                ("feather", "feather{}"), ("method", "{}"))
 # Fields only old recipes change (how an earlier unclip sampled): named by the hash
 _OLD_WAYS = ("guidance_ramp", "fresh_at_one", "invert_to_start", "harmonise")
@@ -205,10 +238,14 @@ class Job:
         sampling = {k: v for k, v in self.c.sampling().items() if v is not None}
         given = {k: v for k, v in given.items() if v is not None}
         if recipe_path is None:
+            _check_arguments(cls.op, given)
             req = cls(**sampling, **given)
         else:
             req = self._from_recipe(cls, recipe_path, sampling, given)
-        req = req.validated()
+        try:  # the recipe's own fields were checked as they were read: what fails here was given on the command line
+            req = req.validated()
+        except InputError as e:
+            raise UsageError(str(e), hint=e.hint) from None
         from unclip_cli.imageio import check_out_dir
 
         check_out_dir(self.c.out)
@@ -366,9 +403,8 @@ def _recorded_names(recipe: dict) -> list[str]:
 
 def _check_inputs(path: Path, recipe: dict, inputs: dict) -> None:
     """A --from rerun of an operation on images needs those images given again: a recipe names them, it does not
-    hold them. One line saying which, instead of a usage error about an argument or a count of none."""
-    from unclip_cli.requests import printable
-
+    hold them. One line saying which, and a command to paste (`_paste_inputs`), instead of a usage error about an
+    argument or a count of none."""
     op = recipe["op"]
     fields = _INPUT_FIELDS.get(op)
     if not fields:
@@ -380,16 +416,33 @@ def _check_inputs(path: Path, recipe: dict, inputs: dict) -> None:
     if given == wanted and not need_mask:
         return
     what = f"{wanted} image{'s' if wanted != 1 else ''}" + (f" ({', '.join(names)})" if names else "") if wanted else "no image"
-    command = " ".join(["unclip", op, *(shlex.quote(n) for n in names or ["IMAGE"] * wanted),
-                        *(["--mask", shlex.quote(printable(str(recipe.get("mask") or "MASK"))[:80])] if need_mask else []), "--from", shlex.quote(str(path))])
+    args, unsaid = _paste_inputs(path, recipe, need_mask)
+    command = " ".join(["unclip", op, *args, "--from", shlex.quote(str(path))]) + unsaid
     if given and given != wanted:
         problem = f"made from {what}, not {given}: give the same"
     elif given < wanted:
         problem = f"made from {what}: give {'them' if wanted > 1 else 'it'}" + (" and its mask" if need_mask else "") + " again"
     else:
         problem = f"made from {what} and a mask ({printable(str(recipe.get('mask') or 'mask'))[:80]}): give the mask again"
-    raise InputError(f"{path} is a recipe of `unclip {op}` {problem}, as in: {command}",
+    raise UsageError(f"{path} is a recipe of `unclip {op}` {problem}, as in: {command}",
                      hint="a recipe records its inputs' names" + (" and the image's size" if op == "edit" else "") + ", not the images")
+
+
+# The image arguments of each command, as its usage line names them, and a command line that gives them
+_ARGUMENTS = {"vary": ([("image", "IMAGE")], "unclip vary cat.png"), "nudge": ([("image", "IMAGE")], 'unclip nudge cat.png --to "dog face"'),
+              "edit": ([("image", "IMAGE")], 'unclip edit cat.png --box 0,0,1,0.4 "red heart"'),
+              "blend": ([("image_a", "A"), ("image_b", "B")], "unclip blend a.png b.png")}
+
+
+def _check_arguments(op: str, given: dict) -> None:
+    """Without --from, an image command needs its image arguments: one line naming the one missing (blend's B, not
+    "the image"), with a command that gives them all."""
+    arguments, example = _ARGUMENTS.get(op, ([], ""))
+    missing = [name for field, name in arguments if given.get(field) is None]
+    if missing:
+        what = " and ".join(missing) + (" are" if len(missing) > 1 else " is")
+        whole = f"{op} takes {len(arguments)} images, A and B: " if len(arguments) > 1 else f"{op} takes an image: "
+        raise UsageError(f"{whole}{what} missing", hint=f"e.g. {example}; or --from PNG to rerun a recipe of `unclip {op}`")
 
 
 def _differences(recipe: dict, req: Request) -> list[str]:
@@ -464,7 +517,7 @@ def generate(
     job.images_with_grid(req)
 
 
-@image_command(epilog="""\
+@image_command(prior=None, epilog="""\
 [b]Examples[/b]
 
   unclip vary painting.jpg
@@ -492,7 +545,7 @@ def vary(
     job.images_with_grid(req)
 
 
-@image_command(epilog="""\
+@image_command(prior=None, epilog="""\
 [b]Examples[/b]
 
   unclip blend a.png b.png --steps 5
@@ -512,7 +565,7 @@ def blend(
     from unclip_cli.imageio import strip, webp_supported
 
     if not 0.1 <= fps <= 100:
-        raise InputError(f"--fps must be from 0.1 to 100, not {fps:g}")
+        raise UsageError(f"--fps must be from 0.1 to 100, not {fps:g}")
     job = Job("blend", common)
     req = job.request(BlendRequest, recipe, image_a=image_a, image_b=image_b, frames=frames, fit=_value(fit))
     result = job.run(req)
@@ -571,14 +624,12 @@ def edit(
 ) -> None:
     """Repaint only the masked part of an image from a prompt; the rest stays pixel-for-pixel."""
     job = Job("edit", common)
-    from unclip_cli.requests import check_box
-
-    req = job.request(EditRequest, recipe, image=image, mask=mask, box=None if box is None else check_box("--box", box),
-                      prompt=prompt, invert_mask=invert_mask, n=n, feather=feather)
+    # the request reads --box's text as four numbers, checking it with the other options
+    req = job.request(EditRequest, recipe, image=image, mask=mask, box=box, prompt=prompt, invert_mask=invert_mask, n=n, feather=feather)
     job.images_with_grid(req)
 
 
-@image_command(epilog="""\
+@image_command(prior=None, epilog="""\
 [b]Examples[/b]
 
   unclip nudge cat.png --to "dog face"
@@ -640,7 +691,7 @@ def _untyped():
     return Untyped()
 
 
-@image_command(epilog="""\
+@image_command(prior="texts are mixed (the prior draws their embeddings)", epilog="""\
 [b]Examples[/b]
 
   unclip mix cat.png heart.png                       [dim]# half of each[/dim]

@@ -147,20 +147,37 @@ def _panel(param: inspect.Parameter) -> str | None:
     return next((m.rich_help_panel for m in getattr(param.annotation, "__metadata__", ()) if hasattr(m, "rich_help_panel")), None)
 
 
-def image_command(**kwargs):
+def _prior_option(param: inspect.Parameter, prior: str | None) -> inspect.Parameter:
+    """--prior-steps or --prior-guidance as a command that runs the prior only sometimes shows it: its help says when
+    (`prior`), or, for one that never does (None), hidden and still accepted, so that command lines written for
+    every command (a script's shared step flags) keep working."""
+    import copy
+
+    kind, info = typing.get_args(param.annotation)[:2]
+    info = copy.copy(info)
+    if prior is None:
+        info.hidden = True
+    else:
+        info.help = f"{info.help} Used only when {prior}."
+    return param.replace(annotation=Annotated[kind, info])
+
+
+def image_command(prior: str | None = "", **kwargs):
     """Register an image command whose function takes its own parameters plus `common: Common`; the common
-    options are appended to its signature, so Typer shows them and each command lists only its own."""
+    options are appended to its signature, so Typer shows them and each command lists only its own. `prior`: when
+    the command runs the prior, for the help of its options: "" always, None never (they are hidden), else the case."""
 
     def register(fn):
         hints = typing.get_type_hints(fn, include_extras=True)  # resolved in the command's module
         own = [_param(p.name, hints, p.default, p.kind) for p in inspect.signature(fn).parameters.values() if p.name != "common"]
+        common = [_prior_option(p, prior) if prior != "" and p.name in ("prior_steps", "prior_guidance") else p for p in _COMMON]
 
         @functools.wraps(fn)
         def command(**values):
             common = Common(**{f.name: values.pop(f.name if f.name != "json" else "json_") for f in dataclasses.fields(Common)})
             return fn(**values, common=common)
 
-        params = own + _COMMON
+        params = own + common
         params = [p for p in params if _panel(p) != P_FAMILY] + [  # shown last
             p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params if _panel(p) == P_FAMILY]
         command.__signature__ = inspect.Signature(params)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from unclip_cli.progress import Tick
+from unclip_cli.requests import printable
 
 
 class Bars:
@@ -16,7 +17,7 @@ class Bars:
         self.console, self.enabled, self.progress, self.tasks = console, enabled, None, {}
         self.lines = enabled and not console.is_terminal
         self.clock = clock or time.monotonic
-        self.spent: dict[str, float] = {}  # seconds per stage: the time since the previous Tick goes to this one's stage
+        self.spent: dict[str, float] = {}  # seconds per stage (and part): the time since the previous Tick goes to this one's
         self.last = 0.0
 
     def __enter__(self) -> "Bars":
@@ -35,21 +36,25 @@ class Bars:
             self.progress.stop()
 
     def __call__(self, tick: Tick) -> None:
+        # A stage that runs for several parts of the picture (compose's objects) is one bar or line per part, named by it
+        name = tick.stage + (f", {printable(tick.part)}" if tick.part else "")
         if self.lines:
             now = self.clock()
-            self.spent[tick.stage] = self.spent.get(tick.stage, 0.0) + now - self.last
+            self.spent[name] = self.spent.get(name, 0.0) + now - self.last
             self.last = now
             if tick.batch == tick.batches and tick.step == tick.total:
                 steps = f"{tick.batches} batches of {tick.total} steps" if tick.batches > 1 else f"{tick.total} steps"
-                self.console.print(f"{tick.stage}: {steps} in {self.spent[tick.stage]:.1f} s", markup=False, highlight=False)
+                self.console.print(f"{name}: {steps} in {self.spent[name]:.1f} s", markup=False, highlight=False)
             return
         if self.progress is None:
             return
         total = tick.total * tick.batches
-        if tick.stage not in self.tasks:
-            self.tasks[tick.stage] = self.progress.add_task(tick.stage, total=total, note="")
+        if name not in self.tasks:
+            from rich.markup import escape  # the bar's description is read as markup; a phrase is the user's text
+
+            self.tasks[name] = self.progress.add_task(escape(name), total=total, note="")
         done = (tick.batch - 1) * tick.total + tick.step
-        self.progress.update(self.tasks[tick.stage], completed=min(done, total), total=total, note=tick.note)
+        self.progress.update(self.tasks[name], completed=min(done, total), total=total, note=tick.note)
 
 
 class Estimate:

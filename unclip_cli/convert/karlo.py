@@ -266,7 +266,7 @@ def diffusion_config(folder: Folder, part: str, variance: tuple[str, ...]) -> tu
 
 
 def check_tokenizer(folder: Path) -> None:
-    """unclip tokenizes with open_clip's bundled copy of CLIP's BPE: the folder's vocabulary and merges
+    """unclip tokenizes with its own copy of CLIP's BPE: the folder's vocabulary and merges
     (vocab.json and merges.txt, or a tokenizers-format tokenizer.json) must be that one."""
     from unclip_cli.models.clip import bpe_tokenizer
 
@@ -287,10 +287,10 @@ def check_tokenizer(folder: Path) -> None:
     tok = bpe_tokenizer()
     if vocab != {HF_SPECIAL.get(k, k): v for k, v in tok.encoder.items()}:
         fail(f"{folder}: a vocabulary of {len(vocab):,} tokens that is not CLIP's BPE vocabulary",
-              hint="unclip reads CLIP's own 49,408-token BPE vocabulary (open_clip bundles it)")
+              hint="unclip reads CLIP's own 49,408-token BPE vocabulary")
     ranks = tok.bpe_ranks
     if len(merges) != len(ranks) or any(ranks.get(tuple(m)) != i for i, m in enumerate(merges)):
-        fail(f"{folder}: not CLIP's BPE merges", hint="unclip reads CLIP's own BPE merges (open_clip bundles them)")
+        fail(f"{folder}: not CLIP's BPE merges", hint="unclip reads CLIP's own BPE merges")
 
 
 # -- name maps: ours <- theirs ----------------------------------------------------------------------------

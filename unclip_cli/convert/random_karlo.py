@@ -1,7 +1,7 @@
 """Random-weight Karlo pipelines built with diffusers' and transformers' own classes, saved in diffusers'
 folder layout: what the parity tests convert (`build("tiny")`), and pipelines built from the hub's own config files
 (`hub_configs`, full size or `reduce`d) that the real-layout tests convert and the benchmarks time. Needs diffusers and transformers; no download: the tokenizer
-is written from open_clip's bundled BPE vocabulary.
+is written from the BPE vocabulary unclip ships (CLIP's).
 
     pipe, var = build("tiny", seed=0)                 # in memory: UnCLIPPipeline, UnCLIPImageVariationPipeline
     src, var_dir = save(pipe, var, tmp / "karlo")     # the folders `unclip convert karlo` reads
@@ -27,14 +27,14 @@ SIZES = {
 
 
 def hf_vocab(encoder: dict) -> dict:
-    """open_clip's vocabulary under the names Hugging Face's CLIP tokenizers give the two special tokens."""
+    """CLIP's vocabulary under the names Hugging Face's CLIP tokenizers give the two special tokens."""
     from unclip_cli.convert.karlo import HF_SPECIAL
 
     return {HF_SPECIAL.get(k, k): v for k, v in encoder.items()}
 
 
 def _bpe_files(folder: Path) -> tuple[Path, Path]:
-    """vocab.json and merges.txt of CLIP's BPE, from open_clip's bundled copy (what Hugging Face's CLIP tokenizers hold)."""
+    """vocab.json and merges.txt of CLIP's BPE, from the copy unclip ships (what Hugging Face's CLIP tokenizers hold)."""
     from unclip_cli.models.clip import bpe_tokenizer
 
     tok = bpe_tokenizer()

@@ -1,7 +1,7 @@
 """Random-weight Stable unCLIP pipelines built with diffusers' and transformers' own classes, saved in diffusers'
 folder layout: what the parity tests convert (`build("tiny")`), and pipelines from the hub's config files
 (`hub_configs`, `reduce`d) that the real-layout tests convert and the benchmark times. No download: the tokenizer
-is written from open_clip's bundled BPE vocabulary; Karlo's prior comes from `random_karlo`.
+is written from the BPE vocabulary unclip ships; Karlo's prior comes from `random_karlo`.
 
     img2img, karlo_pipe = build("tiny", seed=0)
     src = save(img2img, tmp / "sd-unclip")                 # the folder `unclip convert stable-unclip` reads

@@ -3,13 +3,14 @@
 The towers are written out here instead of imported: importing open_clip pulls in torchvision and timm
 (~2.3 s on the 2-core machine), more than sampling `generate --quality fast` takes. Parameter names,
 shapes and arithmetic match open_clip's `CLIP` built with the same config (tests/test_models.py checks
-both on the same weights), so checkpoints move between the two unchanged. open_clip still supplies the
-BPE merges (the file it bundles; `BPE` here tokenizes with them as its tokenizer does, in a third of the start-up
-time) and, in training, `ClipLoss`.
+both on the same weights), so checkpoints move between the two unchanged. CLIP's BPE merges ship with this
+module (bpe_merges.txt.gz, the head of the file open_clip bundles; `BPE` here tokenizes with them as its tokenizer
+does, in a third of the start-up time), so running a model needs neither open_clip nor the torchvision and timm it
+requires; training imports open_clip's `ClipLoss`.
 
 On top of the towers this module adds what the unCLIP stack needs:
 
-- a compact vocabulary: open_clip's bundled BPE tokenizer (49,408 tokens) is kept, but its ids go through
+- a compact vocabulary: CLIP's BPE tokenizer (49,408 tokens) is kept, but its ids go through
   `token_map` into a small embedding table sized to the corpus (the emoji captions use a few thousand
   tokens; a full table would be most of the shipped megabytes and never trained). `fit_vocab` assigns
   the corpus' tokens their own rows; unseen tokens share one "unknown" row.
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import html
-import importlib.util
 import math
 import re
 from collections import Counter, OrderedDict
@@ -93,11 +93,8 @@ def _fix_text(text: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def bpe_tokenizer() -> "BPE":
-    """CLIP's BPE tokenizer over the merges open_clip bundles (no download), built once per process."""
-    package = importlib.util.find_spec("open_clip")  # finds the package without importing it (~2.3 s)
-    if package is None or not package.submodule_search_locations:
-        raise ImportError("open_clip_torch is not installed: pip install open_clip_torch")
-    return BPE(Path(next(iter(package.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz")
+    """CLIP's BPE tokenizer over the merges shipped beside this module (no download), built once per process."""
+    return BPE(Path(__file__).with_name("bpe_merges.txt.gz"))
 
 
 class BPE:
@@ -121,7 +118,7 @@ class BPE:
                 head += unzip.decompress(chunk)
         merges = head.decode("utf-8").split("\n")[1 : self.MERGES + 1]  # line 0 is a version header
         if len(merges) != self.MERGES:
-            raise ImportError(f"{path}: not CLIP's BPE merges (open_clip_torch's install is damaged)")
+            raise ImportError(f"{path}: not CLIP's BPE merges (unclip's install is damaged)")
         self.ranks = {m: i for i, m in enumerate(merges)}  # "a b" -> rank
         self.byte_char, order = _byte_chars()
         chars = [self.byte_char[b] for b in order]

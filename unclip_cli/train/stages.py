@@ -164,6 +164,16 @@ class Task:
         raise NotImplementedError(f"the {self.kind} stage reads its data from the host")
 
 
+def clip_loss(**kwargs):
+    """open_clip's ClipLoss. open_clip_torch (with torchvision and timm) is a training extra, not needed to sample."""
+    try:
+        from open_clip.loss import ClipLoss
+    except ImportError as e:
+        raise UnclipError(f"training CLIP uses open_clip's ClipLoss, which needs open_clip_torch ({e.name} is missing)",
+                          hint="pip install 'unclip-cli[train]' (from a checkout: .venv/bin/pip install -e '.[train]')") from e
+    return ClipLoss(**kwargs)
+
+
 class ClipTask(Task):
     kind = "clip"
 
@@ -181,14 +191,10 @@ class ClipTask(Task):
         self.tokens, _ = self.model.tokenize(unique)
         self.caption_rows = [[row[c] for c in cs] for cs in self.captions]
         self.extra = {"vocab_tokens": self.kept_tokens}
-        from open_clip.loss import ClipLoss
-
-        self.loss_fn = ClipLoss()
+        self.loss_fn = clip_loss()
 
     def configure_distributed(self, rank: int, world_size: int) -> None:
-        from open_clip.loss import ClipLoss
-
-        self.loss_fn = ClipLoss(gather_with_grad=True, rank=rank, world_size=world_size)
+        self.loss_fn = clip_loss(gather_with_grad=True, rank=rank, world_size=world_size)
 
     def loss(self, idx, gen):
         images = to_unit(self.cache.images[np.sort(idx)]).to(self.device)
