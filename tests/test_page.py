@@ -97,6 +97,7 @@ def test_generate_paint_edit_keeps_unmasked_pixels(browser, tiny_engine, tmp_pat
         page.on("request", lambda r: requested.append(r.url))
         page.goto(url + "/")
         sync_api.expect(page.locator("#model")).to_contain_text(tiny_engine.name)
+        sync_api.expect(page.locator("#p-generate .keys")).to_be_visible()  # hidden at phone width
 
         # Generate, from the keyboard.
         page.fill("#gen-n", "1")
@@ -108,7 +109,8 @@ def test_generate_paint_edit_keeps_unmasked_pixels(browser, tiny_engine, tmp_pat
         sync_api.expect(made.locator(".meta")).to_contain_text("seed 5")
         recipe = made.locator(".recipe").text_content()  # the recipe, read from the PNG's text chunk
         assert "op generate" in recipe and "prompt a red circle" in recipe and "seed 5" in recipe
-        assert made.locator("a[download]").get_attribute("download") == "unclip-generate-5.png"
+        # named as the CLI names the run (x-unclip-names): prompt, the tiny set, the server's steps, first seed, index
+        assert re.fullmatch(r"a-red-circle-tiny-[a-z0-9-]+-5-0\.png", made.locator("a[download]").get_attribute("download"))
         source = decoded(blob_bytes(page, ".run[data-op=generate] .card img"))
 
         # Send it to the editor and paint over part of it.
@@ -289,6 +291,25 @@ def test_time_left_is_at_least_the_rest_of_what_this_job_has_run(page_at, segmen
     assert got == {"left": pytest.approx(left), "fraction": None, "atLeast": True}, got
 
 
+LEFT_TEXTS = [  # (segments, since, last, n) -> what the time-left line says
+    (one_image([["prior", 4, 1, 2, 1, 1.0, 1.0]]), 0.25, None, None, "· estimating time left…"),  # nothing has a pace yet
+    (one_image([["prior", 4, 1, 2, 2, 2.0, 1.0]]), 0.25, None, None, "· at least 6 s left"),
+    (one_image([["prior", 4, 1, 2, 2, 2.0, 1.0]]), 0.5, LAST, 2, "· about 20 s left"),
+    # A newcomer's first job of 4 images on a fresh server at decoder step 46/50 (0.05 s an image a step): 0.8 s of timed
+    # steps left and the upsamplers not timed; then an upsampler's first step. The page went back to "estimating…" here.
+    ([["prior", 25, 1, 1, 25, 3.0, 0.2, 4], ["decoder", 50, 1, 1, 46, 9.2, 0.2, 4]], 0.0, None, 4, "· the rest is not timed yet"),
+    ([["prior", 25, 1, 1, 25, 3.0, 0.2, 4], ["decoder", 50, 1, 1, 50, 10.0, 0.2, 4], ["upsampler 1", 4, 1, 1, 1, 0.3, 0.3, 4]], 0.1,
+     None, 4, "· the rest is not timed yet"),
+]
+
+
+@pytest.mark.parametrize("segments, since, last, n, text", LEFT_TEXTS)
+def test_the_time_left_line_goes_back_to_estimating_only_before_any_pace(page_at, segments, since, last, n, text):
+    got = page_at.evaluate("([segments, since, last, n]) => leftText(estimate({segments, since_tick: since}, last, n), segments)",
+                           [segments, since, last, n])
+    assert got == text
+
+
 class TimedEngine:
     """The tiny engine after a prior of 20 steps, 0.2 s each, that waits at step 5 until the test opens the gate."""
 
@@ -379,7 +400,7 @@ def test_warnings_shown_as_text_with_the_run_and_kept(browser, tiny_engine):
 
         page.route("**/v1/images/variations", with_warning)
         page.get_by_role("button", name="Vary with seed 3").click()
-        sync_api.expect(page.locator("#vary-file-name")).to_have_text("loaded: unclip-generate-3.png")
+        sync_api.expect(page.locator("#vary-file-name")).to_have_text(re.compile(r"loaded: word-word-[a-z0-9-]+-3-0\.png"))
         page.fill("#vary-n", "1")
         page.click("#vary-go")
         varied = page.locator(".run[data-op=vary]")
@@ -415,7 +436,7 @@ def test_work_in_progress_survives_a_reload(browser, tiny_engine):
 
         page.get_by_role("button", name="Edit with seed 9").click()
         sync_api.expect(page.locator("#stage")).to_have_attribute("data-ready", "1")
-        sync_api.expect(page.locator("#edit-file-name")).to_have_text("loaded: unclip-generate-9.png")
+        sync_api.expect(page.locator("#edit-file-name")).to_have_text(re.compile(r"loaded: cat-face-tiny-[a-z0-9-]*fast[a-z0-9-]*-9-0\.png"))
         box = page.locator("#edit-mask").bounding_box()
         page.mouse.move(box["x"] + 0.2 * box["width"], box["y"] + 0.3 * box["height"])
         page.mouse.down()
@@ -434,7 +455,7 @@ def test_work_in_progress_survives_a_reload(browser, tiny_engine):
         assert page.get_attribute("#tab-edit", "aria-selected") == "true"
         sync_api.expect(page.locator("#stage")).to_have_attribute("data-ready", "1")
         assert mask_alpha(page) == painted
-        sync_api.expect(page.locator("#edit-file-name")).to_have_text("loaded: unclip-generate-9.png")
+        sync_api.expect(page.locator("#edit-file-name")).to_have_text(re.compile(r"loaded: cat-face-tiny-[a-z0-9-]*fast[a-z0-9-]*-9-0\.png"))
         assert page.input_value("#edit-prompt") == "red heart" and page.input_value("#edit-quality") == "high"
         assert page.locator("#edit-feather-out").text_content() == "5" and page.input_value("#edit-n") == "1"
         assert page.input_value("#gen-prompt") == "cat face" and page.input_value("#gen-quality") == "low"
@@ -458,6 +479,40 @@ def test_work_in_progress_survives_a_reload(browser, tiny_engine):
         assert page.get_attribute("#stage", "data-ready") is None and page.locator("#edit-file-name").text_content() == "no image yet"
         assert not problems, problems
         page.close()
+
+
+def recipe_png(colour, recipe: dict) -> str:
+    """A small PNG carrying `recipe` as unclip writes it (the `unclip` text chunk), in base64."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info, buf = PngInfo(), io.BytesIO()
+    info.add_text("unclip", json.dumps(recipe))
+    Image.new("RGB", (8, 8), colour).save(buf, format="PNG", pnginfo=info)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_a_blend_plays_its_frames_and_recipes_show_what_applied(page_at):
+    """A blend's run shows its frames in turn (a click pauses them), each image is named as the server named it, and a
+    recipe lists the sampler of the stages that ran only (a vary's recipe also names the prior's)."""
+    recipe = {"op": "blend", "seed": 4, "steps": {"decoder": 40, "upsampler": 4}, "guidance": 3, "prior_guidance": 4,
+              "sampler": {"decoder": "ddim", "prior": "dpmpp_2m", "upsampler": "ddim from t=400"}}
+    images = [recipe_png(c, {**recipe, "frame": i}) for i, c in enumerate(["red", "green", "blue"])]
+    names = ["a-b-blend-4-0.png", "a-b-blend-4-1.png", "../bad\\name.png"]
+    page_at.evaluate("([images, names]) => addRun({op: 'blend', title: 'a → b', seconds: 1, mask: null, images, names})", [images, names])
+    try:
+        run = page_at.locator(".run[data-op=blend]")
+        assert run.locator(".card a[download]").evaluate_all("els => els.map((e) => e.download)") == [*names[:2], "unclip-blend-4-2.png"]
+        anim = run.locator(".anim")
+        for frame in ("1", "2", "0"):
+            sync_api.expect(anim).to_have_attribute("data-frame", frame, timeout=10_000)
+        anim.get_by_role("button", name="Pause the animation").click()
+        paused = anim.get_attribute("data-frame")
+        page_at.wait_for_timeout(500)
+        assert anim.get_attribute("data-frame") == paused and anim.locator(".meta").text_content().startswith(f"frame {int(paused) + 1}/3")
+        shown = run.locator(".recipe").first.text_content()
+        assert "sampler decoder ddim, upsampler ddim from t=400" in shown and "prior" not in shown, shown
+    finally:
+        page_at.evaluate("document.querySelectorAll('.run').forEach((r) => r.remove())")
 
 
 def test_mix_texts_and_compose_boxes_survive_a_reload(page_at):
@@ -722,6 +777,8 @@ def test_mix_from_history_and_compose_boxes_replay_with_from(browser, tiny_engin
         page, problems = watched_page(browser, fresh_at=url)
         send_generate(page, "a red circle", n=2, seed=5)
         sync_api.expect(page.locator(".run[data-op=generate] .card")).to_have_count(2, timeout=60_000)
+        names = page.locator(".run[data-op=generate] .card a[download]").evaluate_all("els => els.map((e) => e.download)")
+        assert names[0].startswith("a-red-circle-") and names[0].endswith("-5-0.png") and names[1] == names[0][:-5] + "1.png", names
         sources = {}
         for seed in (5, 6):
             page.get_by_role("button", name=f"Mix with seed {seed}").click()
@@ -738,9 +795,9 @@ def test_mix_from_history_and_compose_boxes_replay_with_from(browser, tiny_engin
         sync_api.expect(mixed).to_have_count(1, timeout=60_000)
         recipe = mixed.locator(".recipe").text_content()
         assert "weights 0.5, -0.25, 0.75" in recipe and "prompts a green star" in recipe, recipe
-        assert "inputs unclip-generate-5.png, unclip-generate-6.png" in recipe, recipe  # the files' names, as the CLI's
+        assert f"inputs {names[0]}, {names[1]}" in recipe, recipe  # the files' names, as the CLI's
         title = page.locator(".run[data-op=mix] h2").text_content()
-        assert "0.5 × unclip-generate-5.png + -0.25 × unclip-generate-6.png + 0.75 × “a green star”" in title, title
+        assert f"0.5 × {names[0]} + -0.25 × {names[1]} + 0.75 × “a green star”" in title, title
 
         page.get_by_role("tab", name="Compose").click()
         canvas = page.locator("#layout-canvas").bounding_box()
@@ -766,9 +823,9 @@ def test_mix_from_history_and_compose_boxes_replay_with_from(browser, tiny_engin
         assert abs(l - 0.05) < 0.02 and abs(t - 0.25) < 0.02 and abs(r - 0.45) < 0.02 and abs(b - 0.75) < 0.02, first
 
         # Rerun both from the PNGs the page shows, with the CLI.
-        for seed, data in sources.items():
-            (tmp_path / f"unclip-generate-{seed}.png").write_bytes(data)
-        for op, inputs in (("mix", [tmp_path / "unclip-generate-5.png", tmp_path / "unclip-generate-6.png"]), ("compose", [])):
+        for name, data in zip(names, sources.values()):
+            (tmp_path / name).write_bytes(data)
+        for op, inputs in (("mix", [tmp_path / names[0], tmp_path / names[1]]), ("compose", [])):
             made = tmp_path / f"{op}.png"
             made.write_bytes(blob_bytes(page, f".run[data-op={op}] .card img"))
             again = cli(op, *inputs, "--from", made, "--weights", tiny_weights, "--out", tmp_path / "again")
@@ -813,6 +870,10 @@ def test_a_large_photo_is_scaled_down_for_every_tool_and_named_in_its_warning(br
             sync_api.expect(page.locator(f"#{field}-name")).to_have_text("loaded: big photo.jpg (3000×1700, sent as 1024×580)")
         sync_api.expect(page.locator("#stage")).to_have_attribute("data-ready", "1")
         assert page.evaluate("[maskCanvas.width, maskCanvas.height]") == [1024, 580]
+        # Each tool says at once that the photo is far from the emoji (the server's own test), not when its job starts.
+        for field in ("vary-file", "blend-a-file", "blend-b-file", "nudge-file", "edit-file"):
+            sync_api.expect(page.locator(f"#{field}-warnings li")).to_have_text(
+                "Warning: big photo.jpg is far from the emoji this model knows: expect abstract results")
         page.get_by_role("tab", name="Mix").click()
         page.set_input_files("#mix-file", str(photo))
         sync_api.expect(page.locator("#mix-parts li")).to_have_count(1)
@@ -859,6 +920,7 @@ def test_phone_header_on_one_line_and_no_canvas_readback_warning(browser, tiny_e
         rows = [page.locator(sel).bounding_box() for sel in ("header h1", "#model", "header .api")]
         middles = [b["y"] + b["height"] / 2 for b in rows]
         assert max(middles) - min(middles) < 6 and all(b["height"] < 30 for b in rows[1:]), rows
+        sync_api.expect(page.locator("#p-generate .keys")).to_be_hidden()  # no Ctrl or Esc on a phone
         page.get_by_role("tab", name="Edit").click()
         page.set_input_files("#edit-file", str(source))
         sync_api.expect(page.locator("#stage")).to_have_attribute("data-ready", "1")

@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -229,13 +230,19 @@ def test_warnings_come_in_a_header(raw):
 
 # ======================================================================================================
 # Raw requests: our own endpoints, multipart by hand, and malformed input
-def test_blend_and_nudge(raw, tmp_path):
+def test_blend_and_nudge(raw, tiny_engine, tmp_path):
     a, b = png(picture(4, (16, 16))), png(picture(5, (16, 16)))
     r = raw.post("/v1/unclip/blend", files=[("image[]", ("a", a)), ("image[]", ("b", b))],
                  data={"frames": "3", "seed": "11", "response_format": "b64_json"})
     assert r.status_code == 200, r.text
     frames = [recipe_of(base64.b64decode(d["b64_json"]), tmp_path, f"f{i}.png") for i, d in enumerate(r.json()["data"])]
     assert [f["frame"] for f in frames] == [0, 1, 2] and all(f["seed"] == 11 for f in frames)
+    # the files are named as the CLI names this run (its inputs by their file names, the tiny set's name, the server's steps)
+    from unclip_cli.cli.images import run_name
+
+    stem = run_name(request_from_recipe(frames[0], image_a="a", image_b="b"), tiny_engine, False)
+    assert stem.startswith("a-b-blend-tiny-") and stem.endswith("-11"), stem
+    assert json.loads(r.headers["x-unclip-names"]) == [f"{stem}-{i}.png" for i in range(3)]
     r = raw.post("/v1/unclip/nudge", files={"image": ("a", a)},
                  data={"to": "a blue square", "from": "a red circle", "amount": "0.4", "n": "2", "response_format": "b64_json"})
     assert r.status_code == 200, r.text
@@ -504,6 +511,27 @@ def test_a_kept_job_can_be_stopped_by_its_id(tiny_engine):
         _until(lambda: c.get("/v1/unclip/jobs/page-forget-0123456789").json()["status"] == "done")
         assert c.delete("/v1/unclip/jobs/page-forget-0123456789").json()["status"] == "forgotten"
         assert c.get("/v1/unclip/jobs/page-forget-0123456789/answer").status_code == 404
+
+
+def test_check_says_what_a_job_would_warn_of_an_image(tiny_weights, tmp_path):
+    """POST /v1/unclip/check: the engine's own test of an image far from the set (the page asks as an image is loaded,
+    not when the job starts), by the upload's name; a model's own output passes; no image or not an image is a 400."""
+    from unclip_cli.engine import Engine
+
+    weights = tmp_path / "set"
+    shutil.copytree(tiny_weights, weights)
+    shutil.copy(Path(__file__).parent.parent / "weights" / "emoji" / "domain.json", weights)
+    y, x = np.mgrid[0:120, 0:200]
+    photo = Image.fromarray(np.stack([x * 255 // 200, y * 255 // 120, np.full_like(x, 128)], -1).astype(np.uint8))
+    emoji = Image.new("RGB", (64, 64), (255, 255, 255))
+    ImageDraw.Draw(emoji).ellipse((12, 12, 52, 52), fill=(250, 200, 40))
+    with running(create_app(Engine.load(weights, device="cpu"), Settings(steps=STEPS))) as (url, _), \
+            httpx.Client(base_url=url, timeout=60, trust_env=False) as c:
+        r = c.post("/v1/unclip/check", files={"image": ("my photo.png", png(photo))})
+        assert r.json() == {"warnings": ["my photo.png is far from the emoji this model knows: expect abstract results"]}, r.text
+        assert c.post("/v1/unclip/check", files={"image": ("face.png", png(emoji))}).json() == {"warnings": []}
+        error_of(c.post("/v1/unclip/check", files={"mask": ("m.png", png(emoji))}), 400, param="image", code="missing_image")
+        error_of(c.post("/v1/unclip/check", files={"image": ("x.png", b"not an image")}), 400, param="image")
 
 
 def test_concepts_are_searched_as_the_cli_does(tiny_engine, tiny_weights, tmp_path):

@@ -11,7 +11,7 @@ import typer
 from unclip_cli.cli import app
 from unclip_cli.cli.options import (DecoderStepsOpt, DeviceChoice, DeviceOpt, PrecisionOpt, PriorStepsOpt, QuietOpt,
                                     UpsamplerStepsOpt, WeightsOpt, resolve_weights)
-from unclip_cli.errors import InputError
+from unclip_cli.errors import InputError, WeightsError
 
 LogLevel = Enum("LogLevel", {v: v for v in ("warning", "info", "debug")}, type=str)
 
@@ -86,11 +86,16 @@ def serve(
     GenerateRequest(prompt="x", **steps).validated()  # the step options are checked as every command checks them
 
     weights_dir = resolve_weights(weights)
+    try:  # the shipped set's files are named without its name, as the CLI's are
+        shipped = weights_dir.resolve() == resolve_weights(None).resolve()
+    except WeightsError:
+        shipped = False
     engine = Engine.load(weights_dir, device=device.value, precision=precision.value if precision else "auto")
     sock = bind(host, port)
     loopback = is_loopback(sock)
     settings = Settings(api_key=api_key.strip() if api_key else None, max_queue=max_queue, timeout=timeout,
-                        max_body_bytes=int(max_upload_mb * 2**20), steps=steps, allowed_hosts=loopback_names(sock) if loopback else None)
+                        max_body_bytes=int(max_upload_mb * 2**20), steps=steps, allowed_hosts=loopback_names(sock) if loopback else None,
+                        shipped=shipped)
     level = "warning" if quiet else log_level.value
     server = make_server(create_app(engine, settings), log_level=level, access_log=level != "warning")
     if level == "info":  # the page polls a job's progress about twice a second: one line per request, not per poll

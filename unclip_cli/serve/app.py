@@ -30,6 +30,8 @@ Routes (all under /v1 need the API key when one is set, as `Authorization: Beare
                                     that quality and image count if it ran one): {"quality", "n", "segments"}, segments
                                     as the job status has them, or null before the first; the page's time left reads
                                     the stages its job has not reached from them
+    POST /v1/unclip/check           multipart: image: {"warnings": [...]}, what a job with that image would warn of it (an image
+                                    far from what the set was trained on), as the engine says it; the page asks when one is loaded
     GET  /v1/unclip/concepts?q=Q    the concepts the set was trained on that match Q, as `unclip concepts Q --json`
                                     (&limit=N, default 20, 0: all)
     GET  /v1/images/files/NAME      an image of a `url` response (no key needed: NAME is a random id), kept an hour
@@ -73,7 +75,7 @@ DRAIN_BYTES = 16 * 2**20  # of a body over the limit, read (and dropped) before 
 MAX_FIELD_BYTES = 64 * 2**10  # a text field of a form (a prompt is at most 4,000 characters)
 TIMING_HEADER_SEGMENTS = 256  # stage runs in x-unclip-timing (about 30 bytes each)
 KEPT_BYTES = 64 * 2**20  # answers of `x-unclip-keep` jobs, kept until fetched or deleted (the oldest dropped beyond this)
-ANSWER_HEADERS = ("x-unclip-warnings", "x-unclip-timing", "x-unclip-seed", "retry-after", "x-should-retry")  # kept with an answer
+ANSWER_HEADERS = ("x-unclip-warnings", "x-unclip-names", "x-unclip-timing", "x-unclip-seed", "retry-after", "x-should-retry")  # kept with an answer
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")  # 16 random characters of these are 96 bits: not guessable
 # A Host header: a name or an IPv4 address, or an IPv6 address in brackets, then an optional port. Nothing else
 # (userinfo such as "127.0.0.1:1@evil.example", paths, spaces) may pass the host check.
@@ -103,6 +105,7 @@ class Settings:
     store_bytes: int = 256 * 2**20  # images kept for url responses, at most
     steps: dict = field(default_factory=dict)  # prior_steps / decoder_steps / upsampler_steps overriding every request's quality
     allowed_hosts: tuple[str, ...] | None = None  # Host header names answered (None: any); a loopback bind answers loopback names only
+    shipped: bool = False  # the engine's set is the shipped one: file names (x-unclip-names) leave its name out, as the CLI's do
 
 
 def create_app(engine, settings: Settings | None = None) -> Starlette:
@@ -294,10 +297,10 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
             keeping[job_id] = "finishing"
         files = str(request.url_for("image_file", name="-"))[:-1]
 
-        def respond() -> bytes:  # encoding images and base64 takes a while: not on the event loop
+        def respond() -> tuple[bytes, list[str]]:  # encoding images and base64 takes a while: not on the event loop
             encoded = api.encode(result.images, result.recipes, planned.output)
             body = api.images_response(encoded, planned.output, lambda e: files + store.put(e.data, e.content_type, e.extension))
-            return json.dumps(body).encode()
+            return json.dumps(body).encode(), _file_names(planned.request, engine, settings.shipped, result.recipes, planned.output)
 
         headers = {api.NATIVE_SIZE_HEADER: f"{native}x{native}", "x-unclip-seed": str(planned.request.seed)}
         if result.warnings:
@@ -306,7 +309,9 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
             # first TIMING_HEADER_SEGMENTS stage runs (a few KB), which hold the first batch of every phase and every stage's speed
             segments = job.timing()["segments"][:TIMING_HEADER_SEGMENTS]
             headers["x-unclip-timing"] = json.dumps(segments, ensure_ascii=True, separators=(",", ":"))
-        return Response(await anyio.to_thread.run_sync(respond, limiter=limiter), media_type="application/json", headers=headers)
+        body, names = await anyio.to_thread.run_sync(respond, limiter=limiter)
+        headers["x-unclip-names"] = json.dumps(names, ensure_ascii=True)
+        return Response(body, media_type="application/json", headers=headers)
 
     def busy(b: Busy | None) -> None:
         if b is None:
@@ -381,6 +386,30 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
         found = worker.last_timing(op, api.API_QUALITY.get(quality), None if n is None else int(n))
         return JSONResponse({"op": op, "quality": None, "n": None, "segments": None, **(found or {})})
 
+    async def check_image(request: Request) -> Response:
+        """What a job with this image would warn of it, before any job: the engine's own test (`domain.image_warning`)."""
+        guard(request)
+        fields = await form_fields(request)
+        if not fields.files.get("image"):
+            raise api.ApiError(400, "send the image to check as the file part `image`", param="image", code="missing_image")
+
+        def check() -> list[str]:
+            from unclip_cli.domain import image_warning
+            from unclip_cli.requests import source_name
+
+            req = api.prepare("vary", api.Fields({}, {"image": fields.files["image"][:1]}, form=True), native, settings.steps,
+                              settings.max_pixels).request
+            domain = getattr(engine, "domain", None)
+            found = list(req.inputs().warnings) + ([image_warning(domain, source_name(src), im)
+                                                    for src, im in zip(req.sources(), req.inputs().images)] if domain else [])
+            return list(dict.fromkeys(w for w in found if w))
+
+        try:
+            warnings = await anyio.to_thread.run_sync(check, limiter=limiter)
+        except InputError as e:
+            raise api.input_error(e, ["image"]) from None
+        return JSONResponse({"warnings": warnings})
+
     async def concepts(request: Request) -> Response:
         guard(request)
         from unclip_cli.domain import find_concepts
@@ -434,6 +463,7 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
         Route("/v1/unclip/jobs/{job}", endpoint(stop_job), methods=["DELETE"]),
         Route("/v1/unclip/jobs/{job}/answer", endpoint(job_answer), methods=["GET"]),
         Route("/v1/unclip/timing", endpoint(last_timing), methods=["GET"]),
+        Route("/v1/unclip/check", endpoint(check_image), methods=["POST"]),
         Route("/v1/unclip/concepts", endpoint(concepts), methods=["GET"]),
         Route("/v1/images/files/{name}", endpoint(image_file), methods=["GET"], name="image_file"),
     ]
@@ -495,6 +525,26 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def _file_names(req, engine, shipped: bool, recipes: list[dict], output: api.Output) -> list[str]:
+    """The names the CLI would give a run's files (`run_name`: `cat-face-42-0.png`), each image's index from its recipe;
+    an upload is named by its file name, as the CLI names an input by its path (blocking: it may decode the inputs)."""
+    import dataclasses
+
+    from unclip_cli.cli.images import run_name
+    from unclip_cli.requests import source_name
+
+    named = {f: source_name(getattr(req, f)) for f in ("image", "image_a", "image_b", "mask")
+             if isinstance(getattr(req, f, None), bytes)}
+    if isinstance(getattr(req, "images", None), list):
+        named["images"] = [source_name(p) if isinstance(p, bytes) else p for p in req.images]
+    by_name = dataclasses.replace(req, **named)
+    by_name._inputs = req.inputs()  # the images as decoded go along, as Request's own copies carry them (an edit's default
+    # feather is named by its image's size)
+    stem = run_name(by_name, engine, shipped)
+    ext = {"jpeg": "jpg"}.get(output.format, output.format)
+    return [f"{stem}-{r.get('index', i) if isinstance(r.get('index'), int) else i}.{ext}" for i, r in enumerate(recipes)]
 
 
 def _hostname(host: str) -> str | None:
