@@ -534,6 +534,17 @@ def test_check_says_what_a_job_would_warn_of_an_image(tiny_weights, tmp_path):
         error_of(c.post("/v1/unclip/check", files={"image": ("x.png", b"not an image")}), 400, param="image")
 
 
+def test_layout_reads_a_sentence_as_compose_does(raw):
+    """GET /v1/unclip/layout: where `unclip compose` puts a sentence's objects (the page previews them as it is typed)."""
+    from unclip_cli.layout import parse
+
+    for sentence in ("cat face left of red heart", "two stars", "a rocket"):
+        got = raw.get("/v1/unclip/layout", params={"prompt": sentence}).json()
+        assert got == {"objects": [{"prompt": p, "box": list(b)} for p, b in parse(sentence)]}, got
+    assert [o["prompt"] for o in raw.get("/v1/unclip/layout", params={"prompt": "two stars"}).json()["objects"]] == ["star", "star"]
+    error_of(raw.get("/v1/unclip/layout", params={"prompt": " "}), 400, param="prompt")
+
+
 def test_concepts_are_searched_as_the_cli_does(tiny_engine, tiny_weights, tmp_path):
     """GET /v1/unclip/concepts answers what `unclip concepts Q --json` prints, by the same function."""
     from test_concepts import tiny_set

@@ -32,6 +32,8 @@ Routes (all under /v1 need the API key when one is set, as `Authorization: Beare
                                     the stages its job has not reached from them
     POST /v1/unclip/check           multipart: image: {"warnings": [...]}, what a job with that image would warn of it (an image
                                     far from what the set was trained on), as the engine says it; the page asks when one is loaded
+    GET  /v1/unclip/layout?prompt=P where compose puts the objects of the sentence P: {"objects": [{"prompt", "box"}]}, as
+                                    `unclip compose P` reads it (the page previews them while the sentence is typed)
     GET  /v1/unclip/concepts?q=Q    the concepts the set was trained on that match Q, as `unclip concepts Q --json`
                                     (&limit=N, default 20, 0: all)
     GET  /v1/images/files/NAME      an image of a `url` response (no key needed: NAME is a random id), kept an hour
@@ -410,6 +412,17 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
             raise api.input_error(e, ["image"]) from None
         return JSONResponse({"warnings": warnings})
 
+    async def layout(request: Request) -> Response:
+        guard(request)
+        from unclip_cli.layout import parse
+        from unclip_cli.requests import check_text
+
+        try:
+            prompt = check_text("prompt", request.query_params.get("prompt", ""))
+        except InputError as e:
+            raise api.input_error(e, ["prompt"]) from None
+        return JSONResponse({"objects": [{"prompt": phrase, "box": list(box)} for phrase, box in parse(prompt)]})
+
     async def concepts(request: Request) -> Response:
         guard(request)
         from unclip_cli.domain import find_concepts
@@ -464,6 +477,7 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
         Route("/v1/unclip/jobs/{job}/answer", endpoint(job_answer), methods=["GET"]),
         Route("/v1/unclip/timing", endpoint(last_timing), methods=["GET"]),
         Route("/v1/unclip/check", endpoint(check_image), methods=["POST"]),
+        Route("/v1/unclip/layout", endpoint(layout), methods=["GET"]),
         Route("/v1/unclip/concepts", endpoint(concepts), methods=["GET"]),
         Route("/v1/images/files/{name}", endpoint(image_file), methods=["GET"], name="image_file"),
     ]
