@@ -534,6 +534,14 @@ def test_check_says_what_a_job_would_warn_of_an_image(tiny_weights, tmp_path):
         error_of(c.post("/v1/unclip/check", files={"image": ("x.png", b"not an image")}), 400, param="image")
 
 
+def test_a_fault_in_naming_loses_no_images(raw, monkeypatch):
+    import unclip_cli.cli.images as images
+
+    monkeypatch.setattr(images, "run_name", lambda *a, **k: 1 / 0)
+    r = raw.post(GEN, json={"prompt": "a red circle", "n": 1, "response_format": "b64_json"})
+    assert r.status_code == 200 and len(r.json()["data"]) == 1 and json.loads(r.headers["x-unclip-names"]) == [], r.text
+
+
 def test_layout_reads_a_sentence_as_compose_does(raw):
     """GET /v1/unclip/layout: where `unclip compose` puts a sentence's objects (the page previews them as it is typed)."""
     from unclip_cli.layout import parse

@@ -302,7 +302,12 @@ def create_app(engine, settings: Settings | None = None) -> Starlette:
         def respond() -> tuple[bytes, list[str]]:  # encoding images and base64 takes a while: not on the event loop
             encoded = api.encode(result.images, result.recipes, planned.output)
             body = api.images_response(encoded, planned.output, lambda e: files + store.put(e.data, e.content_type, e.extension))
-            return json.dumps(body).encode(), _file_names(planned.request, engine, settings.shipped, result.recipes, planned.output)
+            try:
+                names = _file_names(planned.request, engine, settings.shipped, result.recipes, planned.output)
+            except Exception:  # a fault in naming must not lose a finished job's images: they go without names
+                log.error("could not name the images of %s", op, exc_info=True)
+                names = []
+            return json.dumps(body).encode(), names
 
         headers = {api.NATIVE_SIZE_HEADER: f"{native}x{native}", "x-unclip-seed": str(planned.request.seed)}
         if result.warnings:
