@@ -355,6 +355,19 @@ def test_a_fresh_browser_gets_the_time_left_from_the_servers_last_job(browser, t
             texts.append(left.text_content())
             engine.gate.set()
             sync_api.expect(page.locator(".run[data-op=generate] .card")).to_have_count(1, timeout=60_000)
+            if profile == 1:  # another job sent as soon as the answer is in: its line is its own, never the last job's
+                page.evaluate("""() => { window.lines = []; new MutationObserver(() => lines.push($("#progress-text").textContent))
+                                         .observe($("#progress-text"), { childList: true, characterData: true, subtree: true }); }""")
+                engine.gate.clear()
+                engine.waiting.clear()
+                page.click("#gen-go")
+                assert engine.waiting.wait(30)
+                sync_api.expect(page.locator("#progress-text")).to_contain_text("prior step 5/20")
+                page.wait_for_timeout(1000)  # the last job's poll came every 400 ms, and said "starting…" of it
+                lines = page.evaluate("lines")
+                assert "starting…" not in lines[lines.index("prior step 5/20"):], lines
+                engine.gate.set()
+                sync_api.expect(page.locator(".run[data-op=generate] .card")).to_have_count(2, timeout=60_000)
             assert not [k for k in page.evaluate("Object.keys(localStorage)") if "timing" in k]
             assert not problems, problems
             page.close()
