@@ -38,8 +38,9 @@ def held_out_tiles(size: int | None = None) -> list[Image.Image]:
     return tiles if size is None else [t.resize((size, size), Image.Resampling.LANCZOS) for t in tiles]
 
 
-def user_masks(size: int = 256) -> list[Image.Image]:
-    """A rectangle as --box makes it, a circle, and a blob drawn with a soft brush (as a paint program saves it)."""
+def user_masks(size: int = 256, kinds: str = "box,circle,blob") -> list[Image.Image]:
+    """A rectangle as --box makes it, a circle, a blob drawn with a soft brush (as a paint program saves it), and a
+    wide ellipse at the top (a newcomer's edit of 2026-12-05, which the new object filled)."""
     from PIL import ImageDraw, ImageFilter
 
     from unclip_cli import imageio
@@ -51,7 +52,11 @@ def user_masks(size: int = 256) -> list[Image.Image]:
            for a in np.linspace(0, 2 * np.pi, 13)[:-1]]
     blob = Image.new("L", (size, size), 0)
     ImageDraw.Draw(blob).polygon(pts, fill=255)
-    return [imageio.box_mask((0.3, 0.45, 0.8, 0.9), (size, size)), circle, blob.filter(ImageFilter.GaussianBlur(3))]
+    ellipse = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(ellipse).ellipse([round(v * size / 256) for v in (64, 20, 192, 120)], fill=255)
+    made = {"box": imageio.box_mask((0.3, 0.45, 0.8, 0.9), (size, size)), "circle": circle,
+            "blob": blob.filter(ImageFilter.GaussianBlur(3)), "ellipse": ellipse}
+    return [made[k] for k in kinds.split(",")]
 
 
 def user_images(n: int, own: Path, corpus: Path) -> list[Image.Image]:
@@ -77,6 +82,26 @@ def variants(gen: Image.Image, source: Image.Image, repaint: np.ndarray, feather
     return out
 
 
+def prompt_scores(engine, crops: dict[str, list], prompts: list[str]) -> dict:
+    """Each variant's mask crops (the mask's bounding box, as `unclip eval` crops): the sampling CLIP's cosine to the
+    prompt, and the share whose prompt concept (by its English name) the independent classifier puts in its top 5."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from measure_strength import Yardstick
+
+    from unclip_cli.domain import load_concepts
+    from unclip_cli.engine import square
+    from unclip_cli.evaluate import cosine_rows, embed_images, embed_texts
+
+    code = {c["en"]: c["concept"] for c in load_concepts(REPO / "weights" / "emoji").entries}
+    judge, z_t = Yardstick(), embed_texts(engine, prompts)
+    clip, top5 = {}, {}
+    for name, ims in crops.items():
+        clip[name] = float(cosine_rows(embed_images(engine, ims), z_t).mean())
+        top5[name] = float(np.mean([code.get(p) in t for p, t in zip(prompts, judge([square(im).resize((64, 64), Image.Resampling.LANCZOS) for im in ims])[1])]))
+    return {"prompt_clip_in_mask": clip, "prompt_in_classifier_top5": top5,
+            "prompts_with_a_concept": sum(p in code for p in prompts)}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default=str(REPO / "weights" / "emoji"))
@@ -88,6 +113,10 @@ def main(argv=None) -> None:
     ap.add_argument("--quality", default="fast")
     ap.add_argument("--guidance", type=float, default=None, help="the decoder's guidance (default: the set's)")
     ap.add_argument("--feathers", default="0,8,16")
+    ap.add_argument("--masks", default="box,circle,blob", help="--set user: the masks, cycled (box, circle, blob, ellipse)")
+    ap.add_argument("--scores", action="store_true",
+                    help="also each variant's prompt score in the mask: the sampling CLIP's cosine (as `unclip eval`) and "
+                         "whether the independent classifier has the prompt's concept in its top 5")
     ap.add_argument("--check", type=int, default=2, help="edits also run through the engine with its defaults")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--save", default=None, help="a folder for each edit's source and variants")
@@ -100,8 +129,8 @@ def main(argv=None) -> None:
 
     import unclip_cli.engine as engine_module
     from unclip_cli.engine import HARMONY_BASE_PX, Engine
-    from unclip_cli.evaluate import SEAM_RADIUS, center_mask, pixels_changed_outside, seam_score
-    from unclip_cli.requests import EditRequest
+    from unclip_cli.evaluate import SEAM_RADIUS, center_mask, mask_box, pixels_changed_outside, seam_score
+    from unclip_cli.requests import EditRequest, default_feather
 
     t0 = time.time()
     engine = Engine.load(args.weights, device="cpu")
@@ -109,7 +138,7 @@ def main(argv=None) -> None:
         sources = held_out_tiles(args.size)[: args.n]
         masks = [Image.fromarray(center_mask(args.size).astype(np.uint8) * 255, "L")]
     else:
-        sources, masks = user_images(args.n, Path(args.own), Path(args.corpus)), user_masks()
+        sources, masks = user_images(args.n, Path(args.own), Path(args.corpus)), user_masks(kinds=args.masks)
     masks = [masks[j % len(masks)] for j in range(len(sources))]
     repaints = [np.asarray(m) >= 128 for m in masks]
     reach = round(HARMONY_BASE_PX * sources[0].size[0] / engine.base_size)
@@ -129,32 +158,36 @@ def main(argv=None) -> None:
         engine.run_many(reqs[s : s + args.batch], batch_size=args.batch)
         print(f"{len(generated)}/{len(reqs)} edits, {time.time() - t0:.0f} s", file=sys.stderr)
     # The engine's own default run equals the default derived from its generated squares.
-    few = [dataclasses.replace(r, feather=EditRequest.feather) for r in reqs[: args.check]]
+    few = [dataclasses.replace(r, feather=None) for r in reqs[: args.check]]  # the default, scaled to the image
     again = [r.images[0] for r in engine.run_many(few, batch_size=len(few))] if few else []
     generated, again_gen = generated[: len(reqs)], generated[len(reqs) :]
     engine_module.paste_back = paste_back
     scores: dict[str, list] = {"source": [seam_score(im, r) for im, r in zip(sources, repaints)]}
+    crops: dict[str, list] = {"source": [im.crop(mask_box(r)) for im, r in zip(sources, repaints)]}
     for j, (gen, im, rep) in enumerate(zip(generated, sources, repaints)):
         for name, out in variants(gen, im, rep, feathers, reach).items():
             assert pixels_changed_outside(np.asarray(im), np.asarray(out), rep) == 0
             scores.setdefault(name, []).append(seam_score(out, rep))
+            crops.setdefault(name, []).append(out.crop(mask_box(rep)))
             if args.save:
                 Path(args.save).mkdir(parents=True, exist_ok=True)
                 out.save(Path(args.save) / f"{j:02d}-{name.replace(' ', '').replace(',', '-')}.png")
         if args.save:
             im.save(Path(args.save) / f"{j:02d}-source.png")
-    default = f"feather {EditRequest.feather}, harmonised"
-    checked = all(np.array_equal(np.asarray(a), np.asarray(variants(g, im, rep, [EditRequest.feather], reach)[default]))
+    px = default_feather(sources[0].size)
+    default = f"feather {px}, harmonised"
+    checked = all(np.array_equal(np.asarray(a), np.asarray(variants(g, im, rep, [px], reach)[default]))
                   for a, g, im, rep in zip(again, again_gen, sources, repaints))
     base = np.array(scores["feather 0"])
     report = {
         "what": "seam score (gradient energy within %d px of the mask border / elsewhere) of %s edits" % (
-            SEAM_RADIUS, "centre-square" if args.set == "eval" else "user-drawn (box, circle, blob)"),
+            SEAM_RADIUS, "centre-square" if args.set == "eval" else f"user-drawn ({args.masks.replace(',', ', ')})"),
         "set": args.set, "n": len(sources), "size": sources[0].size[0], "quality": args.quality, "guidance": args.guidance, "harmonise_reach_px": reach,
         "mean": {k: float(np.mean(v)) for k, v in scores.items()},
         "median": {k: float(np.median(v)) for k, v in scores.items()},
         "edits_lowered_from_feather_0": {k: float(np.mean(np.array(v) < base)) for k, v in scores.items() if k.startswith("feather ") and k != "feather 0"},
         "engine_default_identical_to_derived": checked if few else None,
+        **(prompt_scores(engine, crops, [r.prompt for r in reqs]) if args.scores else {}),
         "seconds": round(time.time() - t0, 1), "threads": torch.get_num_threads(),
         "command": "python scripts/measure_seams.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }

@@ -799,7 +799,9 @@ def test_edit_names_say_the_mask_box_and_inversion(w, tmp_path, pics):
     assert edit("--box", "0,0,1,0.5") == ["photo-sun-box0,0,1,0.5-tiny-p2d2u2-3-0.png"]
     assert edit("--mask", keep) == ["photo-sun-mask-keep-tiny-p2d2u2-3-0.png"]
     assert edit("--mask", pics["mask"], "--feather", "0") == ["photo-sun-mask-tiny-p2d2u2-feather0-3-0.png"]
-    assert edit("--mask", pics["mask"], "--feather", str(DEFAULT_FEATHER)) == ["photo-sun-mask-tiny-p2d2u2-3-0-run2.png"]  # the default
+    # The default feather scales with the image (1 px of this 40 px one): given in pixels, it is a repeat; 8 is not
+    assert edit("--mask", pics["mask"], "--feather", "1") == ["photo-sun-mask-tiny-p2d2u2-3-0-run2.png"]
+    assert edit("--mask", pics["mask"], "--feather", str(DEFAULT_FEATHER)) == ["photo-sun-mask-tiny-p2d2u2-feather8-3-0.png"]
     assert edit("--mask", pics["mask"], "--invert-mask") == ["photo-sun-mask-inv-tiny-p2d2u2-3-0-run2.png"]
     info = ok("info", out / inverted[0]).out
     assert (f"Rerun: unclip edit IMAGE --mask MASK --from {out / inverted[0]} --invert-mask (IMAGE: the image named photo.png, MASK: "

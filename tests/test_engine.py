@@ -325,6 +325,30 @@ def test_edit_harmonises_by_default_and_old_recipes_do_not(tiny_engine):
     assert tiny_engine.run(EditRequest(**kw)).recipes[0]["harmonise"] is True
 
 
+def test_edit_feather_default_scales_with_the_image_and_replays_as_recorded(tiny_engine):
+    """The default feather is 8 px per 256 px of the image's long side (a fixed 8 px was a third of one model pixel
+    across a 6028 px photo and left the enlarged edit's edge showing); the recipe records the pixels that ran, so a
+    replay pastes the same, and a recipe's explicit 8 (an older default) stays 8."""
+    from unclip_cli.requests import default_feather, request_from_recipe
+
+    assert [default_feather(s) for s in [(256, 256), (40, 24), (6028, 3391), (192, 384), (12000, 800)]] == [8, 1, 188, 12, 256]
+    img = _picture(5).resize((384, 240))
+    mask = Image.new("L", img.size, 0)
+    ImageDraw.Draw(mask).ellipse((100, 40, 300, 200), fill=255)
+    repaint = np.asarray(mask) >= 128
+    kw = dict(image=img, mask=mask, prompt="red heart", seed=6, prior_steps=3, decoder_steps=3, upsampler_steps=2)
+    default = tiny_engine.run(EditRequest(**kw))
+    assert default.recipes[0]["feather"] == 12
+    scaled, eight = (tiny_engine.run(EditRequest(**kw, feather=f)).images[0] for f in (12, 8))
+    assert np.array_equal(_arr(default.images[0]), _arr(scaled))
+    assert (_arr(eight) != _arr(scaled)).any(-1)[repaint].any()  # the wider band: other pixels inside the mask
+    assert np.array_equal(_arr(eight)[~repaint], _arr(img)[~repaint])
+    again = tiny_engine.run(request_from_recipe(default.recipes[0], image=img, mask=mask).validated())
+    assert np.array_equal(_arr(again.images[0]), _arr(default.images[0]))
+    old = {**default.recipes[0], "feather": 8}
+    assert np.array_equal(_arr(tiny_engine.run(request_from_recipe(old, image=img, mask=mask).validated()).images[0]), _arr(eight))
+
+
 def test_edit_accepts_an_rgba_image_and_keeps_its_rgb(tiny_engine):
     rgba = IMG_A.convert("RGBA")
     res = tiny_engine.run(EditRequest(image=rgba, mask=MASK, prompt="a green star", seed=1, prior_steps=3, decoder_steps=3, upsampler_steps=2))

@@ -186,7 +186,8 @@ def test_undo_redo_feather_and_history_across_reloads(browser, tiny_engine):
         page.keyboard.press("Control+z")
         assert mask_alpha(page) == both
 
-        # The feather slider reaches the recipe.
+        # The feather slider starts at auto (nothing sent: the server scales its default to the image); set, it reaches the recipe.
+        assert page.locator("#edit-feather-out").text_content() == "auto"
         page.locator("#edit-feather").fill("3")
         page.fill("#edit-prompt", "a green star")
         page.fill("#edit-n", "1")

@@ -854,8 +854,9 @@ class Engine:
         if self.models.vae is not None:  # the known region as the decoder samples it: encoded (the pixels are pasted back)
             known = self.encode_latents(F.interpolate(known_full, size=(s * self.models.latent_factor,) * 2, mode="area"))
         # The colour match scales with the input (4 base pixels: 32 px of a 256 px image); --feather 0 pastes as before.
-        reach = round(HARMONY_BASE_PX * max(image.size) / s) if req.feather > 0 and req.harmonise else 0
-        return _EditCanvas(image, repaint, req.feather, reach, known_full, keep_full, known, keep)
+        feather = req.feather_px  # the default scales with the image (requests.default_feather)
+        reach = round(HARMONY_BASE_PX * max(image.size) / s) if feather > 0 and req.harmonise else 0
+        return _EditCanvas(image, repaint, feather, reach, known_full, keep_full, known, keep)
 
     def _text_dropped(self, B: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token states and an all-False mask: 'no caption', as the decoder saw 50% of the time in training."""

@@ -185,7 +185,7 @@ def pixels_changed_outside(before: np.ndarray, after: np.ndarray, repaint: np.nd
     return int((changed & ~np.asarray(repaint, dtype=bool)).sum())
 
 
-SEAM_RADIUS = 8  # px either side of a mask border that count as the seam (the CLI's default --feather)
+SEAM_RADIUS = 8  # px either side of a mask border that count as the seam (the default --feather at 256 px)
 
 
 def seam_score(image, repaint: np.ndarray, radius: int = SEAM_RADIUS) -> float | None:
@@ -832,7 +832,7 @@ def _edit_section(ctx: _Context) -> dict:
         "pixels_changed_outside_mask": int(sum(changed)), "images_with_changes_outside": int(sum(c > 0 for c in changed)),
         "prompt_score_in_mask_before": float(before.mean()), "prompt_score_in_mask_after": float(after.mean()),
         "improved_fraction": float((after > before).mean()), "n": len(src), "mask_fraction": float(repaint.mean()),
-        "feather": reqs[0].feather, "seam_score": _mean(seam), "seam_score_of_sources": _mean(seam_source), "seam_radius": SEAM_RADIUS,
+        "feather": reqs[0].feather_px, "seam_score": _mean(seam), "seam_score_of_sources": _mean(seam_source), "seam_radius": SEAM_RADIUS,
     }}
 
 

@@ -50,9 +50,21 @@ DEFAULT_STRENGTH = 0.5
 DEFAULT_AMOUNT = 0.3
 DEFAULT_FRAMES = 5
 # Edits blend the result into the kept image over a band this wide *inside* the mask (in the output's
-# pixels), so unmasked pixels stay exactly as they were. 0 pastes with a hard edge.
+# pixels), so unmasked pixels stay exactly as they were. 0 pastes with a hard edge. By default the band scales with
+# the image, DEFAULT_FEATHER px of every FEATHER_SIDE px of its long side (`default_feather`), so an edit looks the
+# same at every size: a fixed 8 px was a third of one of the model's 256 px across a 6028 px photo, whose enlarged
+# edit then showed its edge. An explicit --feather stays in the output's pixels.
 DEFAULT_FEATHER = 8
+FEATHER_SIDE = 256
 MAX_FEATHER = 256
+
+
+def default_feather(size: tuple[int, int]) -> int:
+    """The feather an edit of an image of `size` (w, h) gets when none is given: at least 1 px (0 would be the hard,
+    unmatched paste), at most MAX_FEATHER (from 8192 px on), so that its recipe replays as a --feather would."""
+    return min(MAX_FEATHER, max(1, round(DEFAULT_FEATHER * max(size) / FEATHER_SIDE)))
+
+
 FITS = ("crop", "pad")
 # Noise augmentation of the image embedding (decoders that take a noised z_i, Stable unCLIP's): the DDPM level it is
 # noised to, 0 (none) to 999 (ComfyUI's noise_augmentation x 999); None: the set's own (Stable unCLIP's: 0)
@@ -549,7 +561,7 @@ class EditRequest(Request):
     box: tuple[float, float, float, float] | None = None  # instead of a mask: left, top, right, bottom as fractions of the image
     prompt: str | None = None
     invert_mask: bool = False
-    feather: int = DEFAULT_FEATHER
+    feather: int | None = None  # px; None: the default, scaled to the image (`default_feather`), resolved once it is known
     harmonise: bool = True  # match the result's colours to the kept image's along the border (recipes from before: False)
 
     def _validate_own(self, label):
@@ -562,7 +574,9 @@ class EditRequest(Request):
                                      hint='say what to paint in the masked area, e.g. unclip edit photo.png --mask m.png "a red hat"'),
                 "invert_mask": check_flag(label("invert_mask"), self.invert_mask),
                 "harmonise": check_flag(label("harmonise"), self.harmonise),
-                "feather": check_whole(label("feather"), self.feather, 0, MAX_FEATHER, hint=f"pixels; {DEFAULT_FEATHER} is the default"),
+                "feather": None if self.feather is None else check_whole(
+                    label("feather"), self.feather, 0, MAX_FEATHER,
+                    hint=f"pixels of the result; the default is {DEFAULT_FEATHER} per {FEATHER_SIDE} px of the image's long side"),
                 "box": None if self.box is None else check_box(label("box"), self.box)}
 
     def _load_inputs(self):
@@ -582,16 +596,27 @@ class EditRequest(Request):
     def texts(self):
         return [("the prompt", self.prompt)]
 
+    @property
+    def scaled_feather(self) -> int:
+        """The default feather for this request's image, in its pixels (`default_feather`)."""
+        return default_feather(self.inputs().images[0].size)
+
+    @property
+    def feather_px(self) -> int:
+        """The feather that runs, in the output's pixels: as given, or the default for the image's size."""
+        return self.scaled_feather if self.feather is None else self.feather
+
     def _recipe_own(self, i):
         inputs = self._inputs
         mask = {"mask": source_name(self.mask, "mask")} if self.box is None else {"box": list(self.box)}
         return {"prompt": self.prompt, "input": source_name(self.image), **mask, "invert_mask": self.invert_mask,
-                "feather": self.feather, "harmonise": self.harmonise,
+                "feather": self.feather_px, "harmonise": self.harmonise,
                 "mask_fraction": round(inputs.mask_fraction, 4) if inputs and inputs.mask_fraction is not None else None}
 
     @classmethod
     def _from_recipe_own(cls, r):
         # Recipes from before feathering pasted with a hard edge: feather 0 remakes them; from before harmonising, without it.
+        # A recipe's feather is the one that ran, in pixels (the scaled default too): a replay pastes as it did.
         box = r.get("box")
         return {"prompt": r.get("prompt"), "invert_mask": r.get("invert_mask", False), "feather": r.get("feather", 0),
                 "harmonise": r.get("harmonise", False),

@@ -18,7 +18,7 @@ import typer
 
 from unclip_cli.cli.options import P_FAMILY, FitOpt, NOpt, RecipeOpt, image_command, resolve_weights
 from unclip_cli.errors import InputError, UsageError
-from unclip_cli.requests import (DEFAULT_FEATHER, MAX_FRAMES, BlendRequest, ComposeRequest, EditRequest, GenerateRequest, MixRequest,
+from unclip_cli.requests import (DEFAULT_FEATHER, FEATHER_SIDE, MAX_FRAMES, BlendRequest, ComposeRequest, EditRequest, GenerateRequest, MixRequest,
                                  NudgeRequest, Request, VaryRequest, printable, request_from_recipe, source_name)
 
 DEFAULT_FPS = 6.0  # blend's animation
@@ -188,6 +188,8 @@ def run_name(req: Request, eng, shipped: bool, fps: float | None = None) -> str:
         tags.append(f"{req.size}px")
     for name, form in _VALUE_TAGS:
         v = getattr(req, name, None)
+        if name == "feather" and v is not None and v == req.scaled_feather:  # the default's pixels, the default's name
+            continue
         if v is not None and v != (sampling.noise_level if name == "noise_level" else getattr(default, name)):
             tags.append(form.format(_fmt_number(v)))
         if name == "amount" and req.op == "nudge" and req.n > 1:
@@ -612,10 +614,12 @@ def edit(
     box: Annotated[Optional[str], typer.Option("--box", metavar="L,T,R,B", show_default=False,
                                                help="Repaint a rectangle instead of a mask: left,top,right,bottom as fractions "
                                                     "of the image, e.g. 0,0.5,1,1 for the lower half.")] = None,
-    feather: Annotated[Optional[int], typer.Option("--feather", metavar="PX", show_default=str(DEFAULT_FEATHER),
+    feather: Annotated[Optional[int], typer.Option("--feather", metavar="PX",
+                                                   show_default=f"{DEFAULT_FEATHER} per {FEATHER_SIDE} px of the image's long side",
                                                    help="Blend the result into the kept image over this many pixels inside "
                                                         "the mask, its colours matched to the kept image's along the border "
-                                                        "(0: a hard edge, unmatched). Unmasked pixels never change.")] = None,
+                                                        "(0: a hard edge, unmatched). Unmasked pixels never change. The "
+                                                        "default scales with the image, so a photo's edit looks as a small one's.")] = None,
     invert_mask: Annotated[Optional[bool], typer.Option("--invert-mask", help="Repaint what the mask would keep.",
                                                         show_default=False)] = None,
     n: NOpt = None,

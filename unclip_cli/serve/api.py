@@ -20,7 +20,7 @@ server's own policy or the API's vocabulary:
 | `strength` (variations, extension) | as `unclip vary --strength` |
 | `noise_level` (variations and mix, extension) | as `unclip vary --noise-level` (Stable unCLIP sets: 0-999) |
 | `prompt` (variations, extension) | as `unclip vary --prompt`: a caption for the decoder as well as the image |
-| `feather` (edits, extension) | as `unclip edit --feather` (pixels, default 8) |
+| `feather` (edits, extension) | as `unclip edit --feather` (pixels; default 8 per 256 px of the image's long side) |
 
 A request returns at most `max_output_pixels` (n × the pixels of each image; 4096² by default): an edit keeps
 its upload's size, so ten edits of a large image are refused with a 400 naming `n` rather than filling memory.
