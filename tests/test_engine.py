@@ -325,6 +325,40 @@ def test_edit_harmonises_by_default_and_old_recipes_do_not(tiny_engine):
     assert tiny_engine.run(EditRequest(**kw)).recipes[0]["harmonise"] is True
 
 
+def test_feather_weights_are_the_alternating_square_and_cross_distance():
+    """feather_weights shifts boolean masks (a photo's default feather is ~190 steps over megapixels); its weights are
+    those of the max-pooling it replaced, bit for bit, so older recipes paste as they were made: a thin mask, one
+    touching the image's edge, a blob and a mask too thin for the band."""
+    import torch
+    import torch.nn.functional as F
+
+    from unclip_cli.engine import feather_weights
+
+    def pooled(repaint, feather):  # the max-pooled definition, as it was
+        inside = torch.from_numpy(repaint)
+        reached, dist = (~inside).float()[None, None], torch.full(inside.shape, float(feather + 1))
+        for k in range(1, feather + 1):
+            if k % 2:
+                reached = F.max_pool2d(reached, 3, 1, 1)
+            else:
+                reached = torch.maximum(F.max_pool2d(reached, (1, 3), 1, (0, 1)), F.max_pool2d(reached, (3, 1), 1, (1, 0)))
+            dist = torch.where((reached[0, 0] > 0) & inside & (dist > feather), torch.tensor(float(k)), dist)
+        depth = float(dist[inside].max())
+        band = feather if depth > feather else max(1.0, (depth - 1) // 2)
+        t = (dist / (band + 1)).clamp(max=1.0)
+        return torch.where(inside, t * t * (3 - 2 * t), torch.zeros(())).numpy()
+
+    rng = np.random.default_rng(3)
+    blob = Image.new("L", (57, 41), 0)
+    ImageDraw.Draw(blob).ellipse((-6, 5, 40, 46), fill=255)
+    strip = np.zeros((30, 40), bool)
+    strip[:, 12:15] = True
+    masks = [np.asarray(blob) >= 128, strip, rng.random((23, 31)) < 0.7, np.asarray(MASK) >= 128]
+    for repaint in masks:
+        for feather in (1, 2, 3, 8, 21):
+            assert np.array_equal(feather_weights(repaint, feather), pooled(repaint, feather)), feather
+
+
 def test_edit_feather_default_scales_with_the_image_and_replays_as_recorded(tiny_engine):
     """The default feather is 8 px per 256 px of the image's long side (a fixed 8 px was a third of one model pixel
     across a 6028 px photo and left the enlarged edit's edge showing); the recipe records the pixels that ran, so a

@@ -116,17 +116,30 @@ def feather_weights(repaint: np.ndarray, feather: int) -> np.ndarray:
     unmasked pixels stay exactly the input's. Distances alternate square and cross steps (an octagonal
     approximation of Euclidean distance); a mask too thin for the band gets a band of about half its depth,
     so its centre still shows the generated image. The image's edge is not a border."""
-    inside = torch.from_numpy(np.ascontiguousarray(repaint))
-    if feather <= 0 or not inside.any() or inside.all():
-        return inside.numpy().astype(np.float32)
-    reached = (~inside).float()[None, None]
-    dist = torch.full(inside.shape, float(feather + 1))
+    inside_np = np.ascontiguousarray(repaint, dtype=bool)
+    inside = torch.from_numpy(inside_np)
+    if feather <= 0 or not inside_np.any() or inside_np.all():
+        return inside_np.astype(np.float32)
+    # Boolean shifts, not max-pooling: the default feather of a large photo takes ~190 steps over megapixels (20x faster)
+    reached, missed = ~inside_np, np.zeros(inside_np.shape, np.int32)  # a pixel's distance: 1 + the steps that missed it
     for k in range(1, feather + 1):
-        if k % 2:
-            reached = F.max_pool2d(reached, 3, 1, 1)
-        else:
-            reached = torch.maximum(F.max_pool2d(reached, (1, 3), 1, (0, 1)), F.max_pool2d(reached, (3, 1), 1, (1, 0)))
-        dist = torch.where((reached[0, 0] > 0) & inside & (dist > feather), torch.tensor(float(k)), dist)
+        grown = reached.copy()
+        if k % 2:  # square: left and right, then up and down of that
+            grown[:, 1:] |= reached[:, :-1]
+            grown[:, :-1] |= reached[:, 1:]
+            row = grown.copy()
+            grown[1:] |= row[:-1]
+            grown[:-1] |= row[1:]
+        else:  # cross: the four neighbours
+            grown[1:] |= reached[:-1]
+            grown[:-1] |= reached[1:]
+            grown[:, 1:] |= reached[:, :-1]
+            grown[:, :-1] |= reached[:, 1:]
+        reached = grown
+        missed += ~reached
+        if reached.all():  # the later steps miss nothing
+            break
+    dist = torch.from_numpy((1 + missed).astype(np.float32))  # feather + 1 where no step reached
     depth = float(dist[inside].max())
     band = feather if depth > feather else max(1.0, (depth - 1) // 2)
     t = (dist / (band + 1)).clamp(max=1.0)
