@@ -3,13 +3,14 @@ kept image along the border (`engine.harmonise`, the default since 2026-12-05).
 
     python scripts/measure_seams.py [--n 32] [--size 128] [--quality fast] [--out seams.json]
     python scripts/measure_seams.py --set user --n 12 --quality fast
+    python scripts/measure_seams.py --set user --n 8 --masks ellipse,circle,blob,box --feathers 0,4,6,8 --scores
 
 --set eval (the default) makes edits as `unclip eval`'s edit section does: the centre square (half the side) of the
 held-out emoji of tests/data/held-out-emoji.png (64 px tiles, resized to --size with Lanczos), repainted from emoji
 names cycled over the edits. --set user makes them as a user would at the model's 256 px: the model's own outputs
 (--own, a folder of generated PNGs: scripts/make_domain_set.py's generated/) and held-out emoji of the corpus at 256 px
 (--corpus, its val-000000.tar), alternately, with a rectangle (`--box 0.3,0.45,0.8,0.9`), a circle and a hand-drawn
-blob with a soft edge, cycled. Each edit is sampled once; the engine's generated square is kept (a wrapper around
+blob with a soft edge, cycled (--masks: also the wide ellipse of a newcomer's edit, which the new object filled). Each edit is sampled once; the engine's generated square is kept (a wrapper around
 `engine.paste_back`) and every variant is pasted from it with the engine's own functions; the first --check edits are
 also run through the engine with its defaults, which must give the same pixels as the derived default.
 """
