@@ -1,5 +1,5 @@
 """Which prompts the model draws recognisably (issue 24, item 2: the README's examples): for each prompt, -n 4
-at --quality default, seed 0, and how many of the 4 images have the prompt's concept in the independent
+at --quality default, seed 0 (--seed), and how many of the 4 images have the prompt's concept in the independent
 classifier's top 5 (the concept whose English or Chinese name is the prompt, from concepts.json; or, for a prompt
 written PROMPT=NAME|NAME, any of the concepts so named: what an everyday prompt means).
 
@@ -24,6 +24,7 @@ def main(argv=None) -> None:
     ap.add_argument("prompts", nargs="+")
     ap.add_argument("--quality", default="default")
     ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0, help="the first image's seed (a README command's own --seed)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
 
@@ -43,10 +44,10 @@ def main(argv=None) -> None:
         codes = [c["concept"] for c in concepts if c["en"] in names or c["zh"] in names]
         if meant and len(codes) < len(names):
             sys.exit(f"{arg}: not every name is a concept's English or Chinese name")
-        images = engine.run(GenerateRequest(prompt=p, n=args.n, seed=0, quality=args.quality)).images
+        images = engine.run(GenerateRequest(prompt=p, n=args.n, seed=args.seed, quality=args.quality)).images
         _, top5 = judge(images)
         hits = sum(any(c in t for c in codes) for t in top5) if codes else None
-        out[p] = {"concepts": codes, "in_top5": hits, "of": args.n}
+        out[p] = {"concepts": codes, "in_top5": hits, "of": args.n, "seed": args.seed, "quality": args.quality}
         print(p, out[p], file=sys.stderr, flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(out, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")

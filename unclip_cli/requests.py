@@ -654,7 +654,7 @@ class NudgeRequest(Request):
             raise InputError(f"{label('to')} and {label('from_')} are the same text, so there is no direction to move in",
                              hint="use texts that differ in meaning")
         return {"to": to, "from_": from_,
-                "amount": check_number(label("amount"), self.amount, 0, 1, above=True, hint="0.25-0.5 is typical"),
+                "amount": check_number(label("amount"), self.amount, 0, 1, above=True, hint="with the emoji model 0.2-0.4 keeps the image's layout"),
                 **_fit_field(self, label)}
 
     def _load_inputs(self):

@@ -641,7 +641,11 @@ def edit(
   unclip nudge cat.png --from outputs/cat-to-dog-face-7-0.png  [dim]# rerun a recipe[/dim]
 
 The image's CLIP embedding is turned toward the difference between the two texts (the paper's \
-"text diffs"); a larger --amount moves further.
+"text diffs"); a larger --amount moves further. With the emoji model the target seldom appears \
+(measured with an independent classifier, scripts/measure_nudge.py): up to 0.4 the image keeps its \
+layout and changes a little, but no source became its target there (cat face to dog face or tiger face, \
+purple heart to green heart); from 0.7 the source is lost, and a target of another shape (cat face to \
+red heart) replaces the image instead of turning it.
 """)
 def nudge(
     image: ImageArg = None,
@@ -650,7 +654,8 @@ def nudge(
     from_text: Annotated[Optional[str], typer.Option("--from-text", metavar="TEXT", show_default=False,
                                                      help="What the image shows now (a better anchor than nothing).")] = None,
     amount: Annotated[Optional[float], typer.Option("--amount", "-a", show_default="0.3",
-                                                    help="How far to turn, 0-1 (0.25-0.5 is typical); with -n, the images step up to it.")] = None,
+                                                    help="How far to turn, 0-1 (with the emoji model 0.2-0.4 keeps the image's layout; "
+                                                         "from 0.7 it is lost); with -n, the images step up to it.")] = None,
     n: NOpt = None,
     fit: FitOpt = None,
     recipe: RecipeOpt = None,
