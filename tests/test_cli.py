@@ -981,8 +981,17 @@ def test_a_mask_of_another_shape_is_refused_not_stretched(w, tmp_path, pics):
                 imageio.load_mask(path, (40, 24))
     r = fails("edit", pics["png"], "--mask", tmp_path / "m24x24.png", "x", "--out", tmp_path / "no", *FAST, *w,
               match="mask m24x24.png is 24×24 but the image is 40×24: another shape, so it would be stretched")
-    assert "make the mask 40×24 (or the same shape smaller, e.g. 24×14), or mark a rectangle with --box" in r.err
+    assert "make the mask 40×24 (or the same shape smaller, e.g. 20×12), or mark a rectangle with --box" in r.err
     assert not (tmp_path / "no").exists()
+    # The example is smaller than the image, of the image's shape, even for a mask larger than the image (a 300×100
+    # mask on a 256×256 image once suggested 300×300); a large photo's is at most 1024 px long.
+    for mask_size, image_size, like in (((300, 100), (256, 256), "128×128"), ((100, 300), (4224, 3168), "528×396"),
+                                        ((9000, 10), (40, 24), "20×12"), ((5, 50), (6028, 3391), "754×424")):
+        path = tmp_path / "odd.png"
+        Image.open(pics["mask"]).resize(mask_size, Image.Resampling.NEAREST).save(path)
+        with pytest.raises(InputError) as e:
+            imageio.load_mask(path, image_size)
+        assert f"make the mask {image_size[0]}×{image_size[1]} (or the same shape smaller, e.g. {like})" in e.value.hint
 
 
 def test_outside_a_terminal_each_stage_says_when_it_ends(w, tmp_path):

@@ -238,8 +238,12 @@ def load_mask(src, size: tuple[int, int], invert: bool = False) -> tuple[Image.I
         # A mask of the image's shape (to a pixel of rounding) maps onto it by scaling; any other would be stretched
         # over the image (or, in the model's padded square, fall partly outside it): neither is what it marked.
         if abs(mw * h - mh * w) > max(w, h):
-            long = max(mw, mh)
-            like = (long, max(1, round(long * h / w))) if w >= h else (max(1, round(long * w / h)), long)
+            # The example is the image's shape made smaller (halved, then halved again while over 1024 px), never
+            # from the mask's own size, which may be larger than the image.
+            scale = 2
+            while max(w, h) / scale > 1024:
+                scale *= 2
+            like = (max(1, round(w / scale)), max(1, round(h / scale)))
             raise InputError(
                 f"{name} is {mw}×{mh} but the image is {w}×{h}: another shape, so it would be stretched",
                 hint=f"make the mask {w}×{h} (or the same shape smaller, e.g. {like[0]}×{like[1]}), "
