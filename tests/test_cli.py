@@ -844,6 +844,19 @@ def test_nudge_names_its_texts_and_info_shows_each_images_amount(w, tmp_path, pi
     assert any(line.split()[:2] == ["from_text", "cat"] for line in ok("info", one[0]).out.splitlines())
 
 
+def test_info_lists_only_the_samplers_of_the_stages_that_ran(w, tmp_path, pics):
+    """A vary runs no prior, yet its recipe records the prior's sampler too: info lists the samplers of the stages its
+    steps name (the page's rule), a generate's the prior's as well; --json gives the recipe as stored."""
+    vary = ok("vary", pics["png"], "--seed", "1", "--out", tmp_path / "o", *FAST, *w).out.split()[0]
+    recipe = json.loads(ok("info", vary, "--json").out)["recipe"]
+    assert "prior" in recipe["sampler"] and "prior" not in recipe["steps"]
+    sampler = [line.split(None, 1)[1] for line in ok("info", vary).out.splitlines() if line.split()[:1] == ["sampler"]]
+    assert sampler == [", ".join(f"{k} {v}" for k, v in recipe["sampler"].items() if k != "prior")], sampler
+    made = ok("generate", "cat face", "--seed", "1", "--out", tmp_path / "o", *FAST, *w).out.split()[0]
+    assert any(line.split()[:1] == ["sampler"] and f"prior {recipe['sampler']['prior']}" in line
+               for line in ok("info", made).out.splitlines())
+
+
 def test_model_family_options_are_in_a_panel_of_their_own(w):
     """--size and --noise-level apply only to Stable unCLIP sets: shown after the others, under a panel that says so."""
     _register()

@@ -104,8 +104,28 @@ def _show_png(path: Path, as_json: bool) -> None:
 
 
 def _explained(recipe: dict) -> dict[str, str | None]:
-    """Recipe fields shown otherwise than as stored (None: not shown). A nudge's `theta` is its image's own amount:
-    shown as the amount, with the run's (`amount`, which -n images step up to); a blend's, as the frame's place."""
+    """Recipe fields shown otherwise than as stored (None: not shown): the settings of the stages that ran
+    (`_ran_only`), and `theta` as `_theta` says."""
+    return {**_ran_only(recipe), **_theta(recipe)}
+
+
+def _ran_only(recipe: dict) -> dict[str, str | None]:
+    """Only the settings of the stages that ran, as the recipe's `steps` lists them (the page's recipes follow the same
+    rule): a vary's recipe also names the prior's sampler, and vary runs no prior. A recipe without `steps` as a
+    table of stages is shown as stored."""
+    ran, sampler = recipe.get("steps"), recipe.get("sampler")
+    if not isinstance(ran, dict):
+        return {}
+    out: dict[str, str | None] = {} if "prior" in ran else {"prior_guidance": None}
+    if isinstance(sampler, dict):
+        used = {stage: v for stage, v in sampler.items() if stage in ran}
+        out["sampler"] = _fmt(used) if used else None
+    return out
+
+
+def _theta(recipe: dict) -> dict[str, str | None]:
+    """A nudge's `theta` is its image's own amount: shown as the amount, with the run's (`amount`, which -n images
+    step up to); a blend's, as the frame's place."""
 
     def number(k):
         v = recipe.get(k)
