@@ -499,12 +499,27 @@ def _png_file(d: Path, seed: int = 0) -> Path:
 
 
 # -- a newcomer's first hour (issue 24): the small things ---------------------------------------------
-def test_version():
+def test_version(tmp_path, monkeypatch):
+    """--version names the tool's version and the shipped model set's (its folder and its card's title, as `unclip
+    info` shows them: "emoji v0.3.1"), one line, without loading the set; a copy that ships none says so."""
     from unclip_cli import __version__
+    from unclip_cli.cli import options
+    from unclip_cli.cli.info import model_version
 
+    shipped = options.resolve_weights(None)
+    version = model_version((shipped / "MODEL_CARD.md").read_text(encoding="utf-8"))
+    assert version and re.fullmatch(r"v\d+(\.\d+)+", version)
     for flag in ("--version", "-V"):
         r = ok(flag)
-        assert r.out.strip() == f"unclip {__version__}"
+        assert r.out == f"unclip {__version__} · shipped model set {shipped.name} {version}\n"
+    monkeypatch.setattr(options, "shipped_weights_candidates", lambda: [tmp_path / "none"])
+    assert ok("--version").out == f"unclip {__version__} · no model set shipped\n"
+    made = tmp_path / "set"  # a card without a version in its title: the name alone
+    made.mkdir()
+    (made / "decoder.safetensors").write_bytes(b"")
+    (made / "MODEL_CARD.md").write_text("# a model\n\nv9.9 is not in the title\n", encoding="utf-8")
+    monkeypatch.setattr(options, "shipped_weights_candidates", lambda: [made])
+    assert ok("--version").out == f"unclip {__version__} · shipped model set set\n"
 
 
 def _footer_is_filled(text: str, start: str, width: int) -> bool:

@@ -97,14 +97,17 @@ _plain_labels()
 def _version(value: bool) -> None:
     if value:
         from unclip_cli import __version__
+        from unclip_cli.cli.info import shipped_set
 
-        print(f"unclip {__version__}")
+        # the tool's version and the model set's (`unclip info` shows both): they differ and are often confused
+        shipped = shipped_set()
+        print(f"unclip {__version__} · " + (f"shipped model set {shipped}" if shipped else "no model set shipped"))
         raise typer.Exit(0)
 
 
 @app.callback()
 def _main(version: bool = typer.Option(False, "--version", "-V", is_eager=True, callback=_version,
-                                       help="Print the version and exit.")) -> None:
+                                       help="Print the versions of unclip and its shipped model set.")) -> None:
     # no docstring: it would replace the app's help (HELP) in `unclip --help`
     return None
 

@@ -207,6 +207,24 @@ def model_version(card: str | None) -> str | None:
     return f"v{m.group(1)}" if m else None
 
 
+def shipped_set() -> str | None:
+    """The shipped model set as `unclip info` names it ("emoji v0.3.1": its folder's name and its card's version), read
+    from its folder without loading it (for --version, which must stay fast); None when this copy ships none."""
+    from unclip_cli.errors import WeightsError
+
+    try:
+        root = resolve_weights(None)
+    except WeightsError:
+        return None
+    try:
+        with open(root / "MODEL_CARD.md", encoding="utf-8", errors="replace") as f:
+            title = f.readline(1000)
+    except OSError:
+        title = ""
+    version = model_version(title)
+    return printable(root.name) + (f" {version}" if version else "")
+
+
 def _show_model(weights: Optional[Path], as_json: bool, whole_card: bool = False) -> None:
     import shutil
     import textwrap
