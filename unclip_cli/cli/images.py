@@ -626,7 +626,8 @@ def edit(
     recipe: RecipeOpt = None,
     *, common,
 ) -> None:
-    """Repaint only the masked part of an image from a prompt; the rest stays pixel-for-pixel."""
+    """Repaint only the masked part of an image from a prompt; the rest stays pixel-for-pixel. With the emoji model
+    it seldom draws the prompt recognisably in the mask (measured in the model card)."""
     job = Job("edit", common)
     # the request reads --box's text as four numbers, checking it with the other options
     req = job.request(EditRequest, recipe, image=image, mask=mask, box=box, prompt=prompt, invert_mask=invert_mask, n=n, feather=feather)
