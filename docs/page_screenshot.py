@@ -47,7 +47,7 @@ def main() -> None:
         cards = page.locator(".run[data-op=generate] .card")
         expect(cards).to_have_count(4, timeout=300_000)
 
-        cards.nth(1).get_by_role("button", name="Edit with seed 1").click()
+        cards.nth(1).locator(".acts button", has_text="Edit").click()  # its aria-label names the image
         expect(page.locator("#stage")).to_have_attribute("data-ready", "1")
         box = page.locator("#edit-mask").bounding_box()
         at = lambda fx, fy: (box["x"] + fx * box["width"], box["y"] + fy * box["height"])  # noqa: E731
