@@ -155,9 +155,10 @@ def test_prompt_warning_names_the_words_the_model_never_saw(shipped):
     from unclip_cli.modelset import load_model_set
 
     clip = load_model_set(WEIGHTS).clip.model
+    warning = lambda text: domain.prompt_warning("the prompt", domain.unknown_words(clip, text, shipped.chars))  # noqa: E731
     for prompt in ("cat face", "red heart", "猫", "an emoji of a smiling face with sunglasses"):
-        assert domain.prompt_warning(shipped, clip, "the prompt", prompt) is None, prompt
-    w = domain.prompt_warning(shipped, clip, "the prompt", "a photograph of a busy street in Tokyo at night")
+        assert warning(prompt) is None, prompt
+    w = warning("a photograph of a busy street in Tokyo at night")
     assert w is not None and "(photograph, busy, street)" in w and w.startswith("the prompt has words this model never saw")
 
 

@@ -261,8 +261,8 @@ def image_warning(domain: Domain, name: str, image: Image.Image) -> str | None:
     return f"{name} is far from the {domain.subject} this model knows: expect abstract results"
 
 
-def prompt_warning(domain: Domain, clip, what: str, text: str) -> str | None:
-    unknown = unknown_words(clip, text, domain.chars)
+def prompt_warning(what: str, unknown: list[str]) -> str | None:
+    """The warning for a text with words the set's CLIP never saw (`unknown_words`, computed once per text)."""
     if not unknown:
         return None
     shown = ", ".join(dict.fromkeys(unknown[:3]))

@@ -428,14 +428,15 @@ class Engine:
         --to) that names none of the concepts the set lists the closest ones, a text longer than the CLIP reads, and a
         set too large for the CPU."""
         found = list(req.inputs().warnings)
+        unknown = {text: self.unknown_words(text) for _, text in req.texts() if text}  # tokenized once, for both below
         notes = {}  # the first text's note, which says it all when it finds the text far (its unknown words included)
         if self.concepts is not None:
             notes = {text: concept_note(self.concepts, text, lambda t: self.nearest_concepts(t, 3), what, layout=req.op == "generate",
-                                        unknown=self.unknown_words(text))
+                                        unknown=unknown[text])
                      for what, text in req.texts()[:1] if text}
         if self.domain is not None:
             found += [image_warning(self.domain, source_name(src), im) for src, im in zip(req.sources(), req.inputs().images)]
-            found += [prompt_warning(self.domain, self.models.clip.model, what, text) for what, text in req.texts()
+            found += [prompt_warning(what, unknown[text]) for what, text in req.texts()
                       if text and FAR not in (notes.get(text) or "")]
         found += notes.values()
         texts = [t for _, t in req.texts() if t] + ([req.global_text()] if isinstance(req, ComposeRequest) else [])
