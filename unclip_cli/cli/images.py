@@ -430,16 +430,17 @@ def _check_inputs(path: Path, recipe: dict, inputs: dict) -> None:
                      hint="a recipe records its inputs' names" + (" and the image's size" if op == "edit" else "") + ", not the images")
 
 
-# The image arguments of each command, as its usage line names them, and a command line that gives them
-_ARGUMENTS = {"vary": ([("image", "IMAGE")], "unclip vary cat.png"), "nudge": ([("image", "IMAGE")], 'unclip nudge cat.png --to "dog face"'),
-              "edit": ([("image", "IMAGE")], 'unclip edit cat.png --box 0,0,1,0.4 "red heart"'),
-              "blend": ([("image_a", "A"), ("image_b", "B")], "unclip blend a.png b.png")}
+# A command line that gives each command's image arguments (mix takes any number: its own check counts them)
+_EXAMPLES = {"vary": "unclip vary cat.png", "nudge": 'unclip nudge cat.png --to "dog face"',
+             "edit": 'unclip edit cat.png --box 0,0,1,0.4 "red heart"', "blend": "unclip blend a.png b.png"}
 
 
 def _check_arguments(op: str, given: dict) -> None:
     """Without --from, an image command needs its image arguments: one line naming the one missing (blend's B, not
     "the image"), with a command that gives them all."""
-    arguments, example = _ARGUMENTS.get(op, ([], ""))
+    if op not in _EXAMPLES:
+        return
+    arguments, example = list(zip(_INPUT_FIELDS[op], INPUTS[op].split())), _EXAMPLES[op]  # (field, usage line's name)
     missing = [name for field, name in arguments if given.get(field) is None]
     if missing:
         what = " and ".join(missing) + (" are" if len(missing) > 1 else " is")
