@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,29 @@ def test_round_trip_is_exact(kind, models, saved):
 
 def test_load_without_kind_reads_it_from_the_file(saved):
     assert checkpoint.load(saved["prior"]).kind == "prior"
+
+
+def test_a_shell_skips_initialisation_in_its_own_thread_only():
+    # _build runs no nn.init function (they compute nothing on meta tensors but cost a third of building); a model
+    # built meanwhile on another thread, and any built afterwards, is initialised as usual.
+    torch.manual_seed(0)
+    expected = torch.nn.Linear(3, 3).weight.detach().clone()
+    other = {}
+
+    def build_elsewhere():
+        torch.manual_seed(0)
+        other["weight"] = torch.nn.Linear(3, 3).weight.detach().clone()
+
+    with checkpoint._no_init():
+        untouched = torch.zeros(4)
+        torch.nn.init.normal_(untouched)
+        thread = threading.Thread(target=build_elsewhere)
+        thread.start()
+        thread.join()
+    assert torch.equal(untouched, torch.zeros(4))
+    assert torch.equal(other["weight"], expected)
+    torch.manual_seed(0)
+    assert torch.equal(torch.nn.Linear(3, 3).weight, expected)
 
 
 def test_fp16_save_loads_as_rounded_fp32(models, tmp_path):

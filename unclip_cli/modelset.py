@@ -23,8 +23,8 @@ a stage is first used (`Stage.model`), so `unclip info` on a multi-gigabyte set 
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
-import unicodedata
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -322,7 +322,10 @@ def _read_card(path: Path) -> str | None:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as e:
         return f"({path.name} could not be read: {e.strerror or e})"
-    return "".join(c for c in text if c in "\n\t" or unicodedata.category(c) != "Cc")
+    return _CONTROL.sub("", text)
+
+
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # Unicode's control characters (Cc) but tab and newline
 
 
 def build_models(preset: dict, seed: int = 0, uid_prefix: str | None = None) -> dict[str, tuple[torch.nn.Module, object, DiffusionConfig | None, dict]]:
