@@ -131,6 +131,43 @@ def test_a_prompt_names_a_concept_only_by_its_name():
     assert listed.closest("a lighthouse") == []
 
 
+def test_closest_on_the_shipped_list_is_the_full_index_it_replaced():
+    """`closest` tokenizes only the entries whose text holds a prompt's words; ranked as by an index of every entry's
+    words (what it built before, most of a cold prompt's cost), for prompts of each kind, asked again as well."""
+    import numpy as np
+    listed = domain.load_concepts(SHIPPED)
+    entries, words_of, index, counts = listed.entries, [], {}, {}
+    for i, c in enumerate(entries):  # name words (a skin tone's taken off) and other keyword words; rarity counts both
+        raw = domain._name_words(c["en"]) | domain._name_words(c["zh"])
+        keys = set().union(*map(domain._name_words, c["keywords_en"] + c["keywords_zh"]))
+        names = domain._name_words(domain._TONE.sub("", c["en"])) | domain._name_words(domain._TONE.sub("", c["zh"]))
+        words_of.append((names, keys - names))
+        for w in raw | keys:
+            counts[w] = counts.get(w, 0) + 1
+        for w in names | keys:
+            index.setdefault(w, []).append(i)
+    idf = {w: float(np.log(1 + len(entries) / m)) for w, m in counts.items()}
+
+    def reference(text: str) -> list[dict]:  # all that share a word, best first
+        words, scored = domain._name_words(domain.names_of(text)[-1]) - domain._STOP, []
+        for i in sorted(set().union(*(index.get(w, ()) for w in words))):
+            names, keys = words_of[i]
+            score = sum(idf.get(w, 0.0) for w in words & names) + 0.5 * sum(idf.get(w, 0.0) for w in words & keys)
+            scored += [(-score, len(entries[i]["en"]), entries[i]["en"], entries[i])] if score > 0 else []
+        return [c for *_, c in sorted(scored, key=lambda r: r[:3])]
+
+    prompts = ["an emoji of a red apple", "a cat sleeping on a sofa", "two cats", "dogs and puppies", "glasses", "grass",
+               "buses", "racing cars in Noto style", "I love you", "party", "thumbs up with dark skin tone", "skin tone",
+               "a woman with medium-light skin tone", "light", "Mx Claus", "OK hand", "1st place", "e", "x", "flag: japan",
+               "一只可爱的小猫", "红色的苹果", "Noto风格的火箭表情符号", "较浅肤色", "圣诞奶奶（中等-深肤色）", "竖起大拇指",
+               "🍎", "a 🐱 emoji", "café", "ΟΔΟΣ", "xyzzy plugh", "the of a", "", "   "]
+    for text in prompts:
+        ranked = reference(text)
+        assert listed.closest(text) == ranked[:3] and listed.closest(text, len(entries)) == ranked, text
+    fresh = domain.load_concepts(SHIPPED)
+    assert fresh.closest(prompts[0]) == reference(prompts[0])[:3] and len(fresh._words) < 100  # only those tokenized
+
+
 def test_concepts_command(tiny_weights, tmp_path):
     ws = tiny_set(tiny_weights, tmp_path)
     r = cli("concepts", "cat", "--weights", ws)
