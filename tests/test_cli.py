@@ -1066,3 +1066,30 @@ def test_the_console_script_ends_at_once_with_all_its_output():
     assert done.returncode == 0 and done.stdout == cli("concepts", "--limit", "0").out and len(done.stdout) > 65536  # over a pipe's buffer
     failed = run("concepts", "--limit", "-1")
     assert failed.returncode != 0 and failed.stderr
+
+
+def test_each_command_is_registered_by_the_module_the_console_imports_for_it():
+    """cli.COMMANDS, which the console script uses to import only the module of the command it runs, names every
+    command and group `app` has, each with the module that defines it (its functions'), and nothing else."""
+    from unclip_cli.cli import COMMANDS
+
+    _register()
+    found = {c.name or c.callback.__name__.replace("_", "-"): {c.callback.__module__} for c in app.registered_commands}
+    found |= {g.name: {c.callback.__module__ for c in g.typer_instance.registered_commands} for g in app.registered_groups}
+    assert found == {name: {f"unclip_cli.cli.{module}"} for name, module in COMMANDS.items()}
+
+
+def test_the_console_script_imports_only_the_command_it_runs():
+    """`unclip generate ...` imports the image commands' module and none of the others (issue 25), and a usage
+    mistake inside the command reads as it does with every command registered."""
+    import subprocess
+    import sys
+
+    from unclip_cli.cli import COMMAND_MODULES
+
+    code = ("import sys; from unclip_cli import cli; sys.argv[1:] = ['generate', 'x', '--bogus']\n"
+            "try: cli.main()\n"
+            "finally: print(*(m.split('.')[-1] for m in sys.modules if m.startswith('unclip_cli.cli.')))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr == cli("generate", "x", "--bogus").err and "--bogus" in run.stderr
+    assert set(run.stdout.split()) & set(COMMAND_MODULES) == {"images"}
