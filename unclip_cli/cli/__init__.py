@@ -7,6 +7,7 @@ value out of range, an argument missing) exit 2; Ctrl-C exits 130. Set UNCLIP_DE
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import warnings
@@ -146,12 +147,18 @@ def main(argv: list[str] | None = None) -> None:
     if argv is None:  # the console script, before torch is imported: how its threads wait (cli/load.py)
         from unclip_cli.cli.load import choose_wait_policy, keep_freed_memory
 
+        # Python's cycle collector runs while torch is imported and walks every object made so far, three times in full
+        # (0.1 s each with torch loaded, on the 2-core machine), and finds only leftovers of the imports. It is paused
+        # while the command's modules are imported, and what they made is then kept out of its later passes (issue 25).
+        gc.disable()
         choose_wait_policy()
         keep_freed_memory()
         # It runs one command: when the first argument names it, only its module is imported and only its commands
         # built (0.05-0.1 s less, issue 25). Anything else (--help, --version, a misspelt name that Typer suggests
         # another for) needs them all, as does a program or test that passes argv.
         _register(sys.argv[1] if len(sys.argv) > 1 else None)
+        gc.freeze()
+        gc.enable()
     else:
         _register()
     for stream in (sys.stdout, sys.stderr):
