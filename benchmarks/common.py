@@ -122,13 +122,41 @@ def command_line() -> str:
     return shlex.join(["python", *sys.argv])
 
 
+def _cpu_seconds() -> tuple[float, float, float] | None:
+    """(CPU-seconds the whole machine has been busy, its CPU-seconds in all, this process's own with the children it
+    waited for), from /proc/stat and os.times; None where there is no /proc/stat."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            jiffies = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    hz, t = os.sysconf("SC_CLK_TCK"), os.times()
+    idle = jiffies[3] + jiffies[4]  # idle and iowait
+    return (sum(jiffies) - idle) / hz, sum(jiffies) / hz, t.user + t.system + t.children_user + t.children_system
+
+
+_AT_IMPORT = _cpu_seconds()  # every benchmark imports this module first
+# The share of the machine's CPU time used by other processes above which a run is marked busy. Measured on the 2-core
+# machine: 0.1% during a 20-minute bench_generate run with nothing else started and 0.2% over 20 s idle; 47% beside
+# one process spinning a core (whose 1-minute load average still said 0.7); 2.5% beside one busy 5% of a core.
+OTHERS_BUSY = 0.05
+
+
 def load_note(start: tuple[float, float, float]) -> str:
-    """The 1-minute load average at the start and end of a run: other work on the machine skews timings."""
-    end = os.getloadavg()
-    cores = machine_info()["cores"] or 1
-    busy = max(start[0], end[0]) > 0.5 * cores
-    return (f"- Load average (1 min) at start / end: {start[0]:.1f} / {end[0]:.1f} on {cores} cores"
-            + (" — **the machine was busy with other work; timings are pessimistic and noisy**" if busy else ""))
+    """How much other work ran beside the benchmark, which skews timings: the CPU time that processes other than this
+    one and its children used since it started, as a share of the machine's, and the 1-minute load averages at the
+    start and end. The load average counts the benchmark's own threads (an idle 2-core machine ends a bf16 run at
+    1.7) and the minute before it started, so it alone marked every run busy; the share does not."""
+    end, cores = os.getloadavg(), machine_info()["cores"] or 1
+    line = f"- Load average (1 min) at start / end: {start[0]:.1f} / {end[0]:.1f} on {cores} cores"
+    now = _cpu_seconds()
+    if _AT_IMPORT is None or now is None:
+        return line + (" — **the machine was busy with other work; timings are pessimistic and noisy**"
+                       if max(start[0], end[0]) > 0.5 * cores else "")
+    busy, total, own = (b - a for a, b in zip(_AT_IMPORT, now))
+    share = max(0.0, busy - own) / total if total > 0 else 0.0
+    return (line + f"; other processes used {100 * share:.1f}% of the machine's CPU time during the run"
+            + (" — **the machine was busy with other work; timings are pessimistic and noisy**" if share > OTHERS_BUSY else ""))
 
 
 def machine_lines(peak: dict | None = None) -> list[str]:
