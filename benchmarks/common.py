@@ -150,13 +150,14 @@ def load_note(start: tuple[float, float, float]) -> str:
     end, cores = os.getloadavg(), machine_info()["cores"] or 1
     line = f"- Load average (1 min) at start / end: {start[0]:.1f} / {end[0]:.1f} on {cores} cores"
     now = _cpu_seconds()
-    if _AT_IMPORT is None or now is None:
-        return line + (" — **the machine was busy with other work; timings are pessimistic and noisy**"
-                       if max(start[0], end[0]) > 0.5 * cores else "")
-    busy, total, own = (b - a for a, b in zip(_AT_IMPORT, now))
-    share = max(0.0, busy - own) / total if total > 0 else 0.0
-    return (line + f"; other processes used {100 * share:.1f}% of the machine's CPU time during the run"
-            + (" — **the machine was busy with other work; timings are pessimistic and noisy**" if share > OTHERS_BUSY else ""))
+    if _AT_IMPORT is None or now is None:  # no /proc/stat: the load average is all there is
+        busy = max(start[0], end[0]) > 0.5 * cores
+    else:
+        used, total, own = (b - a for a, b in zip(_AT_IMPORT, now))
+        share = max(0.0, used - own) / total if total > 0 else 0.0
+        line += f"; other processes used {100 * share:.1f}% of the machine's CPU time during the run"
+        busy = share > OTHERS_BUSY
+    return line + (" — **the machine was busy with other work; timings are pessimistic and noisy**" if busy else "")
 
 
 def machine_lines(peak: dict | None = None) -> list[str]:
